@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   registers the bundled sample pair with the bundled plan on CPU (writes out/demo/)
+#   make test   runs the test suite (fast default; `make test-slow` adds the slow training tests)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.msode-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench cpp-demo analytic-plan clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0 CPU: on these machines pip takes it from local disk (other versions download GBs)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,export,plots,train]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/msode register data/sample/moving_t1.nii.gz data/sample/fixed_t1.nii.gz \
+		-o out/demo --device cpu --preview
+	$(PY) scripts/check_demo.py out/demo data/sample/truth.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m msode_sdk.bench --device cpu --json out/bench.json
+
+# Rebuild the bundled analytic plan (SSD gradient-descent stand-in networks).
+analytic-plan: $(STAMP)
+	$(PY) scripts/build_analytic_plan.py sdk/msode_sdk/models/analytic_ssd.plan
+
+clean:
+	rm -rf out build cpp_demo/build .pytest_cache

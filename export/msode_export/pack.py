@@ -1,0 +1,150 @@
+"""Turn per-scale networks into a `.plan` bundle (DESIGN section 2).
+
+Each network ``f(warped, fixed, t)`` of each (stage, level) is written as TorchScript
+(``networks/<stage>_L<l>.ts``) and ONNX (``networks/<stage>_L<l>.onnx``, opset >= 17, dynamic batch,
+no grid sampling inside: networks only). The integrator schedule, model grid, normalisation and
+provenance go into the manifest.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from msode_sdk.plan import load_plan, make_manifest, write_plan
+from msode_sdk.transforms import Grid
+
+__all__ = ["LevelSolver", "StageDef", "PAPER_SCHEDULES", "export_torchscript", "export_onnx", "build_plan",
+           "level_grids"]
+
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class LevelSolver:
+    """Solver of one level: ``euler``/``heun`` with ``step_size``, or ``adaptive_heun`` with ``tol``."""
+
+    solver: str
+    step_size: float | None = None
+    tol: float | None = None
+    max_steps: int = 1000
+
+
+@dataclass
+class StageDef:
+    """A stage to pack: its transform, parameters, and one :class:`LevelSolver` per level (coarse first)."""
+
+    name: str
+    transform: str
+    schedule: Sequence[LevelSolver]
+    params: dict = field(default_factory=dict)
+
+
+# The paper's schedules (A = adaptive Heun with tolerance, F = Euler with fixed step).
+PAPER_SCHEDULES: dict[str, tuple[LevelSolver, ...]] = {
+    "rigid": (LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3), LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3),
+              LevelSolver("euler", 0.1)),
+    "bspline": (LevelSolver("euler", 0.2), LevelSolver("euler", 0.2), LevelSolver("euler", 0.25)),
+    "dense": (LevelSolver("euler", 0.2), LevelSolver("euler", 0.2), LevelSolver("euler", 0.5)),
+}
+
+
+def level_grids(model_grid: Grid, levels: int) -> list[Grid]:
+    """Pyramid grids, coarse (level 1) to fine (level ``levels`` = the model grid), factor 2."""
+    return [model_grid.downsampled(2 ** (levels - l)) for l in range(1, levels + 1)]
+
+
+def _example_inputs(grid: Grid, batch: int = 1):
+    shape = (batch, 1, *grid.shape_dhw)
+    return torch.rand(shape), torch.rand(shape), torch.zeros(batch)
+
+
+def export_torchscript(module: nn.Module) -> bytes:
+    """``torch.jit.script`` (falls back to tracing only for modules that cannot be scripted)."""
+    module = module.eval()
+    try:
+        scripted = torch.jit.script(module)
+    except Exception as exc:  # pragma: no cover - depends on the module
+        warnings.warn(f"torch.jit.script failed ({exc}); tracing instead")
+        raise
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    return buf.getvalue()
+
+
+def export_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET) -> bytes:
+    """ONNX with inputs ``warped``, ``fixed`` ``(N, 1, D, H, W)`` and ``t`` ``(N,)``, output ``velocity``;
+    dynamic batch. Checked with ``onnx.checker`` when onnx is installed."""
+    module = module.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, _example_inputs(grid), buf, opset_version=opset, dynamo=False,
+            input_names=["warped", "fixed", "t"], output_names=["velocity"],
+            dynamic_axes={"warped": {0: "N"}, "fixed": {0: "N"}, "t": {0: "N"}, "velocity": {0: "N"}},
+        )
+    data = buf.getvalue()
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover
+        return data
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    if "GridSample" in ops:
+        raise ValueError("ONNX networks must not contain GridSample (TensorRT has no 3-D grid sample)")
+    return data
+
+
+def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
+               networks: Mapping[tuple[str, int], nn.Module], formats: Sequence[str] = ("torchscript", "onnx"),
+               analytic: bool = False, centre: str = "fov", normalization: dict | None = None,
+               modalities: Sequence[str] = (), metrics: dict | None = None, training: dict | None = None,
+               description: str = "", extra_members: Mapping[str, bytes] | None = None) -> Path:
+    """Export every network and write a validated plan at ``path``; returns the path.
+
+    ``networks[(stage_name, level)]`` for level 1 (coarse) .. L (fine); level ``l`` integrates over
+    ``[l - 1, l]`` (the paper's L = T).
+    """
+    members: dict[str, bytes] = dict(extra_members or {})
+    stage_dicts = []
+    for st in stages:
+        n_levels = len(st.schedule)
+        grids = level_grids(model_grid, n_levels)
+        scales = []
+        for lv, (sched, grid) in enumerate(zip(st.schedule, grids), start=1):
+            net = networks[(st.name, lv)]
+            nets = {}
+            if "torchscript" in formats:
+                nets["torchscript"] = f"networks/{st.name}_L{lv}.ts"
+                members[nets["torchscript"]] = export_torchscript(net)
+            if "onnx" in formats:
+                nets["onnx"] = f"networks/{st.name}_L{lv}.onnx"
+                members[nets["onnx"]] = export_onnx(net, grid)
+            scale = {"level": lv, "shape_xyz": list(grid.shape_xyz), "spacing_xyz_mm": list(grid.spacing_xyz),
+                     "solver": sched.solver, "t0": float(lv - 1), "t1": float(lv), "networks": nets,
+                     "max_steps": sched.max_steps}
+            if sched.step_size is not None:
+                scale["step_size"] = sched.step_size
+            if sched.tol is not None:
+                scale["tol"] = sched.tol
+            scales.append(scale)
+        stage_dicts.append({"name": st.name, "transform": st.transform, "params": dict(st.params), "scales": scales})
+    manifest = make_manifest(
+        name,
+        {"shape_xyz": list(model_grid.shape_xyz), "spacing_xyz_mm": list(model_grid.spacing_xyz),
+         "orientation": "RAS", "centre": centre},
+        stage_dicts,
+        description=description, analytic=bool(analytic),
+        normalization=normalization or {"method": "percentile", "low": 0.5, "high": 99.5},
+        modalities=list(modalities), metrics=metrics or {}, training=training or {},
+    )
+    write_plan(path, manifest, members)
+    load_plan(path)  # round-trip check: what we wrote must load
+    return Path(path)

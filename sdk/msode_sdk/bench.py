@@ -1,0 +1,201 @@
+"""Latency benchmark: ``python -m msode_sdk.bench [--plan P] [--device D] [--backend B ...] [--json F]``.
+
+Measures, over ``--repeats`` runs after ``--warmup`` runs, on a synthetic textured pair with a known
+rigid motion on the plan's model grid:
+
+* ``model-grid``: :meth:`Registrar.register_model_grid` with the inputs already on the device
+  (the number the GPU targets refer to), per stage and whole;
+* ``end-to-end``: :meth:`Registrar.register` from in-memory arrays (validation, resampling to the
+  model grid, the stages, world-space outputs on a 1 mm fixed grid);
+* ``warp``: one rigid warp of a model-grid volume through the dispatching warp (kernel when one is
+  registered for the device) and through the PyTorch reference.
+
+Reports p50 / p95 / max in ms, NFE, peak RSS (CPU) and peak GPU memory. Benchmarks measure; they
+assert nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .registrar import Registrar, bundled_plans
+from .transforms import Grid, RigidTransform, TransformChain
+from .warp import registered_kernels, warp_chain, warp_chain_reference
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    def pct(p):
+        k = (len(xs) - 1) * p
+        lo, hi = int(np.floor(k)), int(np.ceil(k))
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    return {"p50_ms": pct(0.5) * 1e3, "p95_ms": pct(0.95) * 1e3, "max_ms": xs[-1] * 1e3, "n": len(xs)}
+
+
+def synthetic_pair(grid: Grid, seed: int = 0):
+    """A smooth textured ellipsoid and its copy moved by a 10 degree / 5 mm rigid motion, both
+    ``(1, 1, D, H, W)`` on ``grid`` with intensities in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    pts = grid.points()
+    half = torch.tensor(grid.extent_xyz) / 2
+    r = ((pts / (0.8 * half)) ** 2).sum(-1)
+    noise = torch.rand((1, 1, *grid.shape_dhw), generator=g)
+    for _ in range(3):
+        noise = torch.nn.functional.avg_pool3d(noise, 5, stride=1, padding=2, count_include_pad=False)
+    noise = (noise - noise.min()) / (noise.max() - noise.min())
+    fixed = torch.where(r < 1, 0.3 + 0.7 * noise, torch.zeros_like(noise))
+    theta = torch.tensor([[0.1, -0.05, 0.17, 5.0, -3.0, 2.0]])
+    moving = warp_chain(fixed, grid, TransformChain([RigidTransform(theta)]), grid)
+    return moving.contiguous(), fixed.contiguous()
+
+
+def _time(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def bench_backend(plan: str, device: str, backend: str, repeats: int, warmup: int, end_to_end: bool) -> dict:
+    reg = Registrar.load(plan, device=device, backend=backend)
+    dev = reg.device
+    grid = reg.model_grid
+    moving, fixed = synthetic_pair(grid)
+    moving, fixed = moving.to(dev), fixed.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    stage_times: dict[str, list[float]] = {}
+    nfe: dict[str, int] = {}
+
+    def run_model_grid():
+        res = reg.register_model_grid(moving, fixed)
+        for st in res.stages:
+            stage_times.setdefault(st.name, []).append(st.seconds)
+            nfe[st.name] = st.nfe
+        return res
+
+    whole, _ = _time(run_model_grid, dev, warmup, repeats)
+    for k in stage_times:
+        stage_times[k] = stage_times[k][warmup:]
+    out = {
+        "plan": reg.name, "analytic_plan": reg.plan.manifest.analytic, "backend": reg.backend.name,
+        "providers": reg.backend.providers(), "device": str(dev),
+        "model_grid_xyz": list(grid.shape_xyz), "spacing_mm": list(grid.spacing_xyz),
+        "model_grid": {"whole": _percentiles(whole), **{k: _percentiles(v) for k, v in stage_times.items()}},
+        "nfe": nfe,
+    }
+    if end_to_end:
+        # arrays on a 1 mm grid covering the model grid's field of view, as a scanner would hand them over
+        mov_np = _upsample_to_1mm(moving, grid)
+        fix_np = _upsample_to_1mm(fixed, grid)
+        aff = np.diag([1.0, 1.0, 1.0, 1.0])
+        aff[:3, 3] = -(np.asarray(mov_np.shape) - 1) / 2.0
+        e2e, res = _time(lambda: reg.register((mov_np, aff), (fix_np, aff)), dev, max(1, warmup // 2), max(2, repeats // 4))
+        out["end_to_end"] = {"whole": _percentiles(e2e), "input_shape_xyz": list(fix_np.shape),
+                             **{k: _percentiles([v]) for k, v in res.timings.items() if k != "total"}}
+    if dev.type == "cuda":
+        out["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return out
+
+
+def _upsample_to_1mm(vol: torch.Tensor, grid: Grid) -> np.ndarray:
+    size = tuple(int(round(n * s)) for n, s in zip(grid.shape_dhw, grid.spacing_xyz[::-1]))
+    up = torch.nn.functional.interpolate(vol.float().cpu(), size=size, mode="trilinear", align_corners=True)
+    return up[0, 0].permute(2, 1, 0).contiguous().numpy()
+
+
+def bench_warp(grid: Grid, device: torch.device, repeats: int, warmup: int) -> dict:
+    vol = torch.rand(1, 1, *grid.shape_dhw, device=device)
+    chain = TransformChain([RigidTransform(torch.tensor([[0.1, 0.2, -0.1, 3.0, 1.0, -2.0]], device=device))])
+    disp, _ = _time(lambda: warp_chain(vol, grid, chain, grid), device, warmup, repeats)
+    ref, _ = _time(lambda: warp_chain_reference(vol, grid, chain, grid), device, warmup, repeats)
+    kernel = any(k == (device.type, ("rigid",)) for k in registered_kernels())
+    return {"shape_xyz": list(grid.shape_xyz), "dispatch": _percentiles(disp), "reference": _percentiles(ref),
+            "dispatch_is_kernel": kernel}
+
+
+def _fmt(p: dict) -> str:
+    return f"{p['p50_ms']:10.2f} {p['p95_ms']:10.2f} {p['max_ms']:10.2f}"
+
+
+def print_table(results: dict, file=sys.stdout) -> None:
+    print(f"msode bench  torch {results['torch']}  {results['machine']}", file=file)
+    print(f"{'backend':<12} {'device':<8} {'what':<22} {'p50 ms':>10} {'p95 ms':>10} {'max ms':>10}  NFE", file=file)
+    for r in results["runs"]:
+        if "error" in r:
+            print(f"{r['backend']:<12} {r['device']:<8} unavailable: {r['error']}", file=file)
+            continue
+        for k, p in r["model_grid"].items():
+            nfe = r["nfe"].get(k, sum(r["nfe"].values()) if k == "whole" else "")
+            print(f"{r['backend']:<12} {r['device']:<8} {'model-grid ' + k:<22} {_fmt(p)}  {nfe}", file=file)
+        for k, p in r.get("end_to_end", {}).items():
+            if isinstance(p, dict):
+                print(f"{r['backend']:<12} {r['device']:<8} {'end-to-end ' + k:<22} {_fmt(p)}", file=file)
+        if "peak_gpu_mem_mib" in r:
+            print(f"{'':<12} {'':<8} peak GPU memory {r['peak_gpu_mem_mib']:.0f} MiB", file=file)
+    w = results.get("warp")
+    if w:
+        print(f"warp rigid {w['shape_xyz']}: dispatch ({'kernel' if w['dispatch_is_kernel'] else 'reference'}) "
+              f"{w['dispatch']['p50_ms']:.2f} ms p50, reference (affine points + grid_sample) {w['reference']['p50_ms']:.2f} ms p50",
+              file=file)
+    print(f"peak RSS {results['peak_rss_mib']:.0f} MiB", file=file)
+    if any(r.get("analytic_plan") for r in results["runs"]):
+        print("note: ANALYTIC plan (SSD gradient descent stand-in networks), not a trained model", file=file)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m msode_sdk.bench", description=__doc__.split("\n\n")[0])
+    default = "rigid_bspline.plan" if "rigid_bspline.plan" in bundled_plans() else (bundled_plans() or ["rigid_bspline.plan"])[0]
+    ap.add_argument("--plan", default=default)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", action="append", help="repeatable; default: every backend usable here")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-end-to-end", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    args = ap.parse_args(argv)
+    from .backends import available_backends
+    from .registrar import _resolve_device
+    device = _resolve_device(args.device)
+    backends = args.backend or [b for b, why in available_backends(device).items() if why is None]
+    results = {"torch": torch.__version__, "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
+               + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU"),
+               "runs": []}
+    for b in backends:
+        try:
+            results["runs"].append(bench_backend(args.plan, str(device), b, args.repeats, args.warmup, not args.no_end_to_end))
+        except Exception as exc:  # report and continue with the other backends
+            results["runs"].append({"backend": b, "device": str(device), "error": str(exc).splitlines()[0]})
+    ok = [r for r in results["runs"] if "error" not in r]
+    if ok:
+        grid = Grid(tuple(ok[0]["model_grid_xyz"]), tuple(ok[0]["spacing_mm"]))
+        results["warp"] = bench_warp(grid, device, args.repeats, args.warmup)
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

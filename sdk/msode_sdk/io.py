@@ -1,0 +1,320 @@
+"""Image I/O and world geometry: NIfTI <-> model grid, world coordinates, ITK/ANTs transform files.
+
+World coordinates are RAS mm, as nibabel gives them (NIfTI sform/qform). NIfTI arrays are ``(X, Y, Z)``
+in voxel index order; torch tensors are ``(N, C, D, H, W)`` with ``D = Z`` — :func:`array_to_tensor`
+and :func:`tensor_to_array` are the one place where that conversion happens. ITK and ANTs work in LPS
+mm: ``lps = diag(-1, -1, 1) @ ras``, so x and y change sign in files written for them.
+
+The model grid of a plan is an axis-aligned RAS grid (``shape_xyz``, ``spacing_xyz_mm``) centred on
+each image's field-of-view centre (or intensity centre of mass), so the model frame's point ``x`` (mm,
+centre-relative) is the world point ``centre + x``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .transforms import Grid
+
+__all__ = [
+    "Image",
+    "load_image",
+    "array_to_tensor",
+    "tensor_to_array",
+    "image_centre",
+    "resample_to_model_grid",
+    "normalise_intensity",
+    "sample_image_at_world",
+    "world_points",
+    "ras_to_lps_matrix",
+    "write_itk_affine",
+    "read_itk_affine",
+    "displacement_nifti",
+]
+
+# Limits that catch absurd or hostile inputs before they cost memory or time.
+MAX_VOXELS = 1024 ** 3 // 2          # half a billion voxels (2 GiB of float32)
+MAX_DIM = 4096
+SPACING_RANGE_MM = (1e-3, 100.0)
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Image:
+    """A validated 3-D scalar image: ``array`` ``(X, Y, Z)`` float32 and its voxel-to-RAS ``affine``."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    name: str = "image"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel sizes in mm along the array axes (column norms of the affine)."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def to_nifti(self) -> nib.Nifti1Image:
+        img = nib.Nifti1Image(self.array.astype(np.float32, copy=False), self.affine)
+        img.set_qform(self.affine, code=1)
+        img.set_sform(self.affine, code=1)
+        return img
+
+
+def _validate_affine(affine, name: str) -> np.ndarray:
+    try:
+        a = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: affine is not numeric") from None
+    if a.shape != (4, 4):
+        raise InputError(f"{name}: affine must be 4x4, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{name}: affine has NaN or Inf entries")
+    if not np.allclose(a[3], [0, 0, 0, 1], atol=1e-6):
+        raise InputError(f"{name}: affine's last row must be [0, 0, 0, 1], got {a[3].tolist()}")
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    lo, hi = SPACING_RANGE_MM
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise InputError(f"{name}: voxel spacing {np.round(spacing, 6).tolist()} mm is outside [{lo}, {hi}] mm")
+    # Singular or nearly so (e.g. two parallel axes): condition of the direction part.
+    cond = np.linalg.cond(a[:3, :3] / spacing)
+    if not np.isfinite(cond) or cond > 1e6:
+        raise InputError(f"{name}: affine is singular or degenerate (condition number {cond:.3g})")
+    return a
+
+
+def _validate_array(arr, name: str) -> np.ndarray:
+    arr = np.asanyarray(arr)
+    if arr.dtype.kind == "c":
+        raise InputError(f"{name}: complex images are not supported (dtype {arr.dtype})")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name}: image data must be numeric, got dtype {arr.dtype}")
+    # Accept trailing singleton dimensions (X, Y, Z, 1), as many tools write them.
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise InputError(f"{name}: expected a 3-D image, got {arr.ndim}-D with shape {tuple(arr.shape)}")
+    if min(arr.shape) < 2:
+        raise InputError(f"{name}: every axis needs at least 2 voxels, got shape {tuple(arr.shape)}")
+    if max(arr.shape) > MAX_DIM or arr.size > MAX_VOXELS:
+        raise InputError(f"{name}: image of shape {tuple(arr.shape)} is larger than supported "
+                         f"({MAX_DIM} voxels per axis, {MAX_VOXELS} in all)")
+    out = np.asarray(arr, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        raise InputError(f"{name}: image has {int((~finite).sum())} NaN/Inf voxels")
+    lo, hi = float(out.min()), float(out.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        raise InputError(f"{name}: image is constant (all voxels = {lo:g}); nothing to register")
+    return np.ascontiguousarray(out)
+
+
+def load_image(obj, name: str = "image") -> Image:
+    """Load and validate one input.
+
+    ``obj``: a path to a NIfTI file (``.nii``/``.nii.gz``), a nibabel spatial image, an :class:`Image`,
+    or a tuple ``(array (X, Y, Z), affine 4x4 voxel->RAS mm)``. Raises :class:`InputError` naming
+    the problem.
+    """
+    if isinstance(obj, Image):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        if not path.exists():
+            raise InputError(f"{name}: file not found: {path}")
+        if path.is_dir():
+            raise InputError(f"{name}: {path} is a directory, expected a NIfTI file")
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:
+            raise InputError(f"{name}: cannot read {path} as NIfTI: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(f"{name}: {path} is a {type(img).__name__}, expected NIfTI")
+        return _from_nibabel(img, f"{name} ({path.name})")
+    if isinstance(obj, nib.spatialimages.SpatialImage):
+        return _from_nibabel(obj, name)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        arr, affine = obj
+        return Image(_validate_array(arr, name), _validate_affine(affine, name), name)
+    raise InputError(f"{name}: expected a path, a nibabel image or (array, affine), got {type(obj).__name__}")
+
+
+def _from_nibabel(img, name: str) -> Image:
+    affine = img.affine
+    if affine is None:
+        raise InputError(f"{name}: image has no affine")
+    try:
+        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter
+    except Exception as exc:  # truncated gzip, short file, bad header sizes
+        raise InputError(f"{name}: cannot read voxel data: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return Image(_validate_array(data, name), _validate_affine(affine, name), name)
+
+
+# ---------------------------------------------------------------------------------- layout helpers
+
+
+def array_to_tensor(arr: np.ndarray, device=None) -> torch.Tensor:
+    """``(X, Y, Z)`` array -> ``(1, 1, D, H, W)`` float32 tensor (``D = Z``)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 1, 0))).to(device)[None, None]
+
+
+def tensor_to_array(t: torch.Tensor) -> np.ndarray:
+    """``(D, H, W)`` or ``(1, 1, D, H, W)`` (or ``(.., 3, D, H, W)`` vector) tensor -> ``(X, Y, Z[, 3])`` array."""
+    t = t.detach().cpu()
+    if t.ndim == 5:
+        t = t[0]
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 3:
+        return t.permute(2, 1, 0).numpy()
+    if t.ndim == 4:  # (3, D, H, W) vectors
+        return t.permute(3, 2, 1, 0).numpy()
+    raise ValueError(f"unexpected tensor shape {tuple(t.shape)}")
+
+
+def world_points(shape_xyz, affine: np.ndarray, dtype=torch.float32, device=None) -> torch.Tensor:
+    """RAS mm coordinates of every voxel of an image, ``(Z, Y, X, 3)`` tensor in ``(x, y, z)`` order."""
+    a = torch.as_tensor(affine, dtype=torch.float64)
+    i, j, k = (torch.arange(n, dtype=torch.float64) for n in shape_xyz)
+    kk, jj, ii = torch.meshgrid(k, j, i, indexing="ij")
+    ijk = torch.stack((ii, jj, kk), -1)
+    pts = ijk @ a[:3, :3].T + a[:3, 3]
+    return pts.to(dtype=dtype, device=device)
+
+
+def image_centre(img: Image, mode: str = "fov") -> np.ndarray:
+    """RAS mm centre of an image: field-of-view centre (``fov``) or intensity centre of mass (``com``)
+    of the voxels above the 2nd percentile."""
+    if mode == "fov":
+        c = (np.asarray(img.shape, dtype=np.float64) - 1.0) / 2.0
+        return img.affine[:3, :3] @ c + img.affine[:3, 3]
+    if mode == "com":
+        arr = img.array
+        w = np.clip(arr - np.percentile(arr, 2.0), 0, None).astype(np.float64)
+        total = w.sum()
+        if total <= 0:
+            return image_centre(img, "fov")
+        idx = [np.arange(n, dtype=np.float64) for n in arr.shape]
+        c = np.array([
+            (w.sum(axis=(1, 2)) * idx[0]).sum(),
+            (w.sum(axis=(0, 2)) * idx[1]).sum(),
+            (w.sum(axis=(0, 1)) * idx[2]).sum(),
+        ]) / total
+        return img.affine[:3, :3] @ c + img.affine[:3, 3]
+    raise InputError(f"unknown centre mode {mode!r}; valid: ['com', 'fov']")
+
+
+def _gaussian_blur_axes(vol: torch.Tensor, sigmas_dhw) -> torch.Tensor:
+    """Separable Gaussian blur of ``(1, 1, D, H, W)`` with per-axis sigma in voxels (0 = none)."""
+    for axis, sigma in enumerate(sigmas_dhw):
+        if sigma < 0.3:
+            continue
+        radius = int(math.ceil(3.0 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=vol.dtype, device=vol.device)
+        k = torch.exp(-0.5 * (x / sigma) ** 2)
+        k = k / k.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        vol = F.conv3d(F.pad(vol, pad, mode="replicate"), k.reshape(shape))
+    return vol
+
+
+def sample_image_at_world(img_tensor: torch.Tensor, affine: np.ndarray, points_ras: torch.Tensor,
+                          padding: str = "zeros") -> torch.Tensor:
+    """Trilinear samples of an image ``(N, C, Z, Y, X)`` (voxel->RAS ``affine``) at RAS points
+    ``(..., 3)`` -> ``(N, C, *points.shape[:-1])``; zero outside (``padding='zeros'``)."""
+    inv = torch.as_tensor(np.linalg.inv(affine), dtype=torch.float64, device=points_ras.device)
+    shape_xyz = img_tensor.shape[-1], img_tensor.shape[-2], img_tensor.shape[-3]
+    vox = points_ras.to(torch.float64) @ inv[:3, :3].T + inv[:3, 3]
+    half = torch.tensor([(n - 1) / 2.0 for n in shape_xyz], dtype=torch.float64, device=vox.device)
+    g = (vox / half - 1.0).to(img_tensor.dtype)
+    lead = points_ras.shape[:-1]
+    g = g.reshape(1, 1, 1, -1, 3).expand(img_tensor.shape[0], -1, -1, -1, -1)
+    out = F.grid_sample(img_tensor, g, mode="bilinear", padding_mode=padding, align_corners=True)
+    return out.reshape(img_tensor.shape[0], img_tensor.shape[1], *lead)
+
+
+def resample_to_model_grid(img: Image, grid: Grid, centre_ras: np.ndarray, device=None) -> torch.Tensor:
+    """Resample an image onto the axis-aligned RAS model ``grid`` centred at ``centre_ras``:
+    ``(1, 1, D, H, W)`` float32. Higher-resolution inputs are Gaussian-smoothed first (anti-aliasing,
+    sigma = 0.5 * sqrt(r^2 - 1) source voxels for a resolution ratio r along each source axis)."""
+    vol = array_to_tensor(img.array, device)
+    ratio = np.min(grid.spacing_xyz) / img.spacing  # per source axis x, y, z
+    sig_xyz = 0.5 * np.sqrt(np.clip(ratio ** 2 - 1.0, 0.0, None))
+    vol = _gaussian_blur_axes(vol, (sig_xyz[2], sig_xyz[1], sig_xyz[0]))
+    pts = grid.points(torch.float64, device) + torch.as_tensor(centre_ras, dtype=torch.float64, device=device)
+    return sample_image_at_world(vol, img.affine, pts).float()
+
+
+def normalise_intensity(vol: torch.Tensor, low_pct: float, high_pct: float, reference: np.ndarray | None = None) -> torch.Tensor:
+    """Map intensities so that the ``low_pct``/``high_pct`` percentiles (of ``reference`` when given,
+    e.g. the native image, else of ``vol``) become 0 and 1, clipped to ``[0, 1]``."""
+    src = reference if reference is not None else vol.detach().cpu().numpy()
+    lo, hi = np.percentile(src, [low_pct, high_pct])
+    if not hi > lo:  # very sparse images: fall back to the full range
+        lo, hi = float(np.min(src)), float(np.max(src))
+    if not hi > lo:
+        raise InputError("image has no intensity range to normalise")
+    return ((vol - float(lo)) / float(hi - lo)).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ transforms to files
+
+
+def ras_to_lps_matrix(matrix_ras: np.ndarray) -> np.ndarray:
+    """A 4x4 point map in RAS mm -> the same map in LPS mm (what ITK/ANTs use)."""
+    return _RAS_TO_LPS @ np.asarray(matrix_ras, dtype=np.float64) @ _RAS_TO_LPS
+
+
+def write_itk_affine(path, matrix_ras: np.ndarray) -> None:
+    """Write a 4x4 RAS fixed->moving point map as an ITK text transform (``.tfm``, LPS), readable by
+    ITK, SimpleITK (``ReadTransform``) and ANTs (``antsApplyTransforms -t file.tfm``)."""
+    m = ras_to_lps_matrix(matrix_ras)
+    params = " ".join(f"{v:.17g}" for v in [*m[:3, :3].ravel(), *m[:3, 3]])
+    text = ("#Insight Transform File V1.0\n#Transform 0\n"
+            "Transform: AffineTransform_double_3_3\n"
+            f"Parameters: {params}\nFixedParameters: 0 0 0\n")
+    Path(path).write_text(text)
+
+
+def read_itk_affine(path) -> np.ndarray:
+    """Read an ``AffineTransform_double_3_3`` ITK text file back as a 4x4 RAS matrix."""
+    params = fixed = None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("Parameters:"):
+            params = [float(v) for v in line.split(":", 1)[1].split()]
+        elif line.startswith("FixedParameters:"):
+            fixed = [float(v) for v in line.split(":", 1)[1].split()]
+    if params is None or len(params) != 12:
+        raise InputError(f"{path}: not a 3-D affine ITK transform file")
+    m = np.eye(4)
+    m[:3, :3] = np.reshape(params[:9], (3, 3))
+    c = np.asarray(fixed or [0, 0, 0], dtype=np.float64)
+    m[:3, 3] = np.asarray(params[9:]) + c - m[:3, :3] @ c  # ITK: T(x) = A (x - c) + t + c
+    return _RAS_TO_LPS @ m @ _RAS_TO_LPS
+
+
+def displacement_nifti(disp_ras_xyz3: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A displacement field ``(X, Y, Z, 3)`` RAS mm on the grid ``affine`` -> the ITK/ANTs NIfTI:
+    shape ``(X, Y, Z, 1, 3)``, intent 1007 (vector), vectors in LPS mm."""
+    d = np.asarray(disp_ras_xyz3, dtype=np.float32).copy()
+    d[..., 0] *= -1.0
+    d[..., 1] *= -1.0
+    img = nib.Nifti1Image(d[:, :, :, None, :], affine)
+    img.header.set_intent(1007, (), name="msode_disp")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img

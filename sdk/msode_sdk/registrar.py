@@ -1,0 +1,394 @@
+"""`Registrar`: load a `.plan`, register image pairs, return results in world coordinates.
+
+Pipeline of :meth:`Registrar.register` (see DESIGN sections 3-4):
+
+1. validate both inputs (:mod:`msode_sdk.io`), resample each onto the plan's model grid (axis-aligned
+   RAS, centred on the image's FOV centre or centre of mass) and normalise intensities to [0, 1];
+2. run the plan's stages (e.g. rigid then B-spline), each a multi-scale ODE over the pyramid whose
+   vector field is the stage's per-level network applied to ``(moving o phi, fixed, t)``;
+3. map the resulting chain back to world space on the fixed image's native grid: warped image,
+   4x4 rigid/affine matrix (RAS), total displacement field (ITK/ANTs convention, LPS).
+
+Thread safety: a Registrar holds only read-only state after loading (plan bytes, loaded networks);
+:meth:`register` allocates everything it writes, so one Registrar may serve several threads. Backends
+whose sessions are not re-entrant serialise their calls internally.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from . import io as _io
+from .backends import BACKENDS, get_backend
+from .errors import BackendUnavailable, InputError, PlanError
+from .integrate import LevelSchedule, SegmentStats, get_solver, integrate_multiscale
+from .plan import Plan, load_plan
+from .transforms import Grid, TransformChain, initial_state, make_transform
+from .warp import sample_points, warp_chain
+
+__all__ = ["Registrar", "RegistrationResult", "ModelGridResult", "StageReport", "bundled_plans", "resolve_plan_path"]
+
+_log = logging.getLogger("msode_sdk")
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def bundled_plans() -> list[str]:
+    """File names of the plans shipped inside the package."""
+    return sorted(p.name for p in MODELS_DIR.glob("*.plan"))
+
+
+def resolve_plan_path(plan: str | os.PathLike) -> Path:
+    """A path that exists, or the name of a bundled plan (with or without ``.plan``)."""
+    p = Path(plan)
+    if p.exists():
+        return p
+    name = p.name if p.name.endswith(".plan") else p.name + ".plan"
+    if str(p) in (p.name, p.name.removesuffix(".plan")) and (MODELS_DIR / name).exists():
+        return MODELS_DIR / name
+    raise PlanError(f"plan {str(plan)!r} is neither a file nor a bundled plan; bundled: {bundled_plans()}")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        spec = str(device)
+    else:
+        spec = str(device).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise InputError(f"unsupported device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {spec!r} requested but CUDA is not available (torch {torch.__version__})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendUnavailable(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+# Preference order of backend="auto". On CPU the TorchScript backend is the default: it was
+# measured faster than ONNX Runtime's CPU provider on these networks (see README, "Backends").
+_AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("torch", "onnxruntime")}
+
+
+def _pick_backend(name: str, device: torch.device, plan: Plan):
+    if name != "auto":
+        return get_backend(name, device)
+    formats = {fmt for st in plan.manifest.stages for sc in st.scales for fmt in sc.networks}
+    reasons = []
+    for cand in _AUTO_ORDER[device.type]:
+        cls = BACKENDS.get(cand)
+        if cls is None:
+            continue
+        if not set(cls.formats) & formats:
+            reasons.append(f"{cand}: plan has no {'/'.join(cls.formats)} networks")
+            continue
+        why = cls.unavailable_reason(device)
+        if why:
+            reasons.append(f"{cand}: {why}")
+            continue
+        _log.info("backend auto -> %s on %s%s", cand, device, f" (skipped {'; '.join(reasons)})" if reasons else "")
+        return cls(device)
+    raise BackendUnavailable(f"no backend can run plan {plan.manifest.name!r} on {device}: {'; '.join(reasons)}")
+
+
+@dataclass
+class StageReport:
+    """What one stage did: per-level solver statistics and its wall time."""
+
+    name: str
+    transform: str
+    levels: list[SegmentStats]
+    seconds: float
+
+    @property
+    def nfe(self) -> int:
+        return sum(s.nfe for s in self.levels)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "transform": self.transform, "seconds": self.seconds, "nfe": self.nfe,
+            "levels": [{"solver": s.solver, "t0": s.t0, "t1": s.t1, "nfe": s.nfe, "steps": s.steps,
+                        "rejected": s.rejected, "truncated": s.truncated} for s in self.levels],
+        }
+
+
+@dataclass
+class ModelGridResult:
+    """Registration on the model grid: the chain (fixed model frame -> moving model frame, mm,
+    centre-relative) and the warped moving image ``(N, 1, D, H, W)``."""
+
+    chain: TransformChain
+    warped: torch.Tensor
+    stages: list[StageReport]
+
+    def displacement(self, grid: Grid) -> torch.Tensor:
+        """Total displacement on ``grid`` ``(N, 3, D, H, W)``, mm, model frame (RAS axes)."""
+        return self.chain.displacement(grid, self.warped.shape[0], torch.float32, self.warped.device)
+
+
+@dataclass
+class RegistrationResult:
+    """World-space result of :meth:`Registrar.register`.
+
+    * ``warped``: moving resampled into the fixed image's grid (nibabel, original intensities).
+    * ``matrix``: 4x4 RAS mm map of the rigid/affine part, fixed point -> moving point.
+    * ``displacement``: total map on the fixed grid, ``(X, Y, Z, 1, 3)``, intent 1007, LPS mm
+      (ITK/ANTs): fixed point ``p`` maps to moving point ``p + d(p)``.
+    * ``timings``: seconds per step (``load``, each stage, ``output``, ``total``).
+    """
+
+    warped: nib.Nifti1Image
+    matrix: np.ndarray
+    displacement: nib.Nifti1Image
+    timings: dict[str, float]
+    stages: list[StageReport]
+    plan_name: str
+    backend: str
+    providers: list[str]
+    device: str
+    analytic_plan: bool
+    model_grid: ModelGridResult | None = field(default=None, repr=False)
+    fixed_image: _io.Image | None = field(default=None, repr=False)
+    moving_image: _io.Image | None = field(default=None, repr=False)
+
+    @property
+    def nfe(self) -> dict[str, int]:
+        return {s.name: s.nfe for s in self.stages}
+
+    def report(self) -> dict:
+        return {
+            "plan": self.plan_name, "analytic_plan": self.analytic_plan, "backend": self.backend,
+            "providers": self.providers, "device": self.device, "timings_s": self.timings,
+            "nfe": self.nfe, "stages": [s.to_dict() for s in self.stages],
+            "matrix_ras": np.asarray(self.matrix).tolist(),
+            "conventions": {"matrix": "RAS mm, fixed point -> moving point",
+                            "displacement": "LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)",
+                            "transform.tfm": "ITK AffineTransform, LPS, fixed -> moving (rigid part)"},
+        }
+
+    def save(self, out_dir, preview: bool = False) -> dict[str, Path]:
+        """Write ``warped.nii.gz``, ``transform.tfm``, ``displacement.nii.gz``, ``report.json`` (and
+        ``preview.png`` if asked) into ``out_dir``. Files are written to temporary names and renamed,
+        so a failure leaves no partial outputs."""
+        if preview:
+            from ._preview import _require_matplotlib
+            _require_matplotlib()  # fail before writing anything
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"output path {out} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        targets = {"warped": out / "warped.nii.gz", "transform": out / "transform.tfm",
+                   "displacement": out / "displacement.nii.gz", "report": out / "report.json"}
+        if preview:
+            targets["preview"] = out / "preview.png"
+        tmp = {k: v.with_name(f".{v.name}.part{os.getpid()}" + "".join(v.suffixes)) for k, v in targets.items()}
+        try:
+            nib.save(self.warped, str(tmp["warped"]))
+            _io.write_itk_affine(tmp["transform"], self.matrix)
+            nib.save(self.displacement, str(tmp["displacement"]))
+            tmp["report"].write_text(json.dumps(self.report(), indent=2))
+            if preview:
+                from ._preview import write_preview
+                write_preview(tmp["preview"], self)
+            for k in targets:
+                os.replace(tmp[k], targets[k])
+        finally:
+            for p in tmp.values():
+                if p.exists():
+                    p.unlink()
+        return targets
+
+
+class Registrar:
+    """A loaded plan bound to a device and a network backend. See module docstring."""
+
+    def __init__(self, plan: Plan, device: str | torch.device = "auto", backend: str = "auto"):
+        self.plan = plan
+        self.device = _resolve_device(device)
+        self.backend = _pick_backend(backend, self.device, plan)
+        m = plan.manifest
+        self.model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
+        self._networks = {}
+        for st in m.stages:
+            for sc in st.scales:
+                self._networks[(st.name, sc.level)] = self.backend.load_network(plan, sc.networks)
+        if m.analytic:
+            _log.warning("plan %r is ANALYTIC: its 'networks' are SSD gradient descent, not trained models "
+                         "(mono-modal only)", m.name)
+
+    @classmethod
+    def load(cls, plan: str | os.PathLike = "rigid_bspline.plan", device: str = "auto", backend: str = "auto") -> "Registrar":
+        """Load a plan by path or bundled name; ``device``: auto | cpu | cuda[:n];
+        ``backend``: auto | torch | onnxruntime | tensorrt."""
+        return cls(load_plan(resolve_plan_path(plan)), device=device, backend=backend)
+
+    @property
+    def name(self) -> str:
+        return self.plan.manifest.name
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.plan.manifest.stages]
+
+    def _select_stages(self, stages: Sequence[str] | None):
+        all_stages = self.plan.manifest.stages
+        if stages is None:
+            return list(all_stages)
+        stages = list(stages)
+        unknown = [s for s in stages if s not in self.stage_names]
+        if unknown or not stages:
+            raise InputError(f"unknown stage(s) {unknown or stages}; this plan has {self.stage_names}")
+        return [s for s in all_stages if s.name in stages]
+
+    # ------------------------------------------------------------------ model-grid engine (tensors)
+
+    def register_model_grid(self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None) -> ModelGridResult:
+        """Register tensors already on the model grid: ``moving``, ``fixed`` ``(N, 1, D, H, W)`` float32,
+        intensities normalised to [0, 1], both centred on their own image centre. Returns the chain
+        (fixed model frame -> moving model frame, mm) and the warped moving tensor."""
+        grid = self.model_grid
+        expect = (1, *grid.shape_dhw)
+        for name, t in (("moving", moving), ("fixed", fixed)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 5 or tuple(t.shape[1:]) != expect:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(f"{name}: expected a (N, {', '.join(map(str, expect))}) tensor on the model grid, got {shape}")
+        if moving.shape[0] != fixed.shape[0]:
+            raise InputError(f"moving and fixed batch sizes differ: {moving.shape[0]} vs {fixed.shape[0]}")
+        moving = moving.to(self.device, torch.float32)
+        fixed = fixed.to(self.device, torch.float32)
+        n = moving.shape[0]
+        pyramids: dict[Grid, tuple[torch.Tensor, torch.Tensor]] = {grid: (moving, fixed)}
+        chain = TransformChain()
+        reports = []
+        with torch.inference_mode():
+            for st in self._select_stages(stages):
+                t_start = time.perf_counter()
+                levels = []
+                for sc in st.scales:
+                    lg = Grid(sc.shape_xyz, sc.spacing_xyz_mm)
+                    if lg not in pyramids:
+                        pyramids[lg] = tuple(self._downsample(v, grid, lg) for v in (moving, fixed))
+                    solver = get_solver(sc.solver, step_size=sc.step_size, tol=sc.tol, max_steps=sc.max_steps)
+                    levels.append(LevelSchedule(lg, solver, sc.t0, sc.t1))
+
+                def make_field(i, st=st, levels=levels, prior=chain):
+                    lg = levels[i].grid
+                    mov_l, fix_l = pyramids[lg]
+                    net = self._networks[(st.name, st.scales[i].level)]
+
+                    def f(t, state):
+                        tr = make_transform(st.transform, state, st.params, grid, lg)
+                        warped = warp_chain(mov_l, lg, prior.then(tr), lg)
+                        v = net(warped, fix_l, t)
+                        if v.shape != state.shape:
+                            raise PlanError(f"network {net.member} returned shape {tuple(v.shape)}, "
+                                            f"expected {tuple(state.shape)} for a {st.transform} state")
+                        return v.to(state.dtype)
+                    return f
+
+                y0 = initial_state(st.transform, st.params, grid, levels[0].grid, n, torch.float32, self.device)
+                y, seg_stats = integrate_multiscale(st.transform, levels, make_field, y0)
+                if not bool(torch.isfinite(y).all()):
+                    raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
+                chain = chain.then(make_transform(st.transform, y, st.params, grid, levels[-1].grid))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                reports.append(StageReport(st.name, st.transform, seg_stats, time.perf_counter() - t_start))
+                _log.info("stage %s done: %.1f ms, NFE %d", st.name, reports[-1].seconds * 1000, reports[-1].nfe)
+            warped = warp_chain(moving, grid, chain, grid)
+        return ModelGridResult(chain, warped, reports)
+
+    @staticmethod
+    def _downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid) -> torch.Tensor:
+        """Pyramid level by repeated factor-2 steps; each step samples the finer level at the coarser
+        voxel centres (mm-exact; for even sizes this is 2x2x2 averaging)."""
+        cur_grid, cur = grid, vol
+        while cur_grid.spacing_xyz[0] * 1.5 < level_grid.spacing_xyz[0]:
+            nxt = cur_grid.downsampled(2)
+            pts = nxt.points(cur.dtype, cur.device)
+            cur = sample_points(cur, cur_grid, pts.unsqueeze(0).expand(cur.shape[0], *pts.shape))
+            cur_grid = nxt
+        if cur_grid != level_grid:
+            pts = level_grid.points(cur.dtype, cur.device)
+            cur = sample_points(cur, cur_grid, pts.unsqueeze(0).expand(cur.shape[0], *pts.shape))
+        return cur
+
+    # ------------------------------------------------------------------------------ world space
+
+    def prepare(self, image, name: str) -> tuple[_io.Image, np.ndarray, torch.Tensor]:
+        """Validate an input and put it on the model grid: ``(image, centre RAS, tensor (1,1,D,H,W))``."""
+        img = _io.load_image(image, name)
+        m = self.plan.manifest
+        centre = _io.image_centre(img, m.model_grid.centre)
+        vol = _io.resample_to_model_grid(img, self.model_grid, centre, self.device)
+        flat = img.array.reshape(-1)
+        sample = flat[:: max(1, flat.size // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
+        norm = m.normalization
+        vol = _io.normalise_intensity(vol, norm["low"], norm["high"], reference=sample)
+        if float(vol.max()) <= 0.0:
+            raise InputError(f"{name}: no image content inside the model grid around its centre")
+        return img, centre, vol
+
+    def register(self, moving, fixed, stages: Sequence[str] | None = None) -> RegistrationResult:
+        """Register ``moving`` onto ``fixed``.
+
+        Each input: a NIfTI path, a nibabel image, or ``(array (X, Y, Z), affine 4x4 voxel->RAS mm)``.
+        ``stages``: a subset of the plan's stage names (default: all, in plan order).
+        """
+        t0 = time.perf_counter()
+        mov_img, c_m, mov = self.prepare(moving, "moving")
+        fix_img, c_f, fix = self.prepare(fixed, "fixed")
+        t1 = time.perf_counter()
+        res = self.register_model_grid(mov, fix, stages)
+        t2 = time.perf_counter()
+        warped, matrix, disp = self._to_world(res.chain, mov_img, c_m, fix_img, c_f)
+        t3 = time.perf_counter()
+        timings = {"load": t1 - t0, **{s.name: s.seconds for s in res.stages}, "output": t3 - t2, "total": t3 - t0}
+        return RegistrationResult(
+            warped=warped, matrix=matrix, displacement=disp, timings=timings, stages=res.stages,
+            plan_name=self.name, backend=self.backend.name, providers=self.backend.providers(),
+            device=str(self.device), analytic_plan=self.plan.manifest.analytic, model_grid=res,
+            fixed_image=fix_img, moving_image=mov_img,
+        )
+
+    def _to_world(self, chain: TransformChain, mov_img, c_m, fix_img, c_f):
+        """World outputs on the fixed native grid (see RegistrationResult)."""
+        dev = self.device
+        pts = _io.world_points(fix_img.shape, fix_img.affine, torch.float64, dev)  # (Z, Y, X, 3) RAS
+        c_f_t = torch.as_tensor(c_f, dtype=torch.float64, device=dev)
+        c_m_t = torch.as_tensor(c_m, dtype=torch.float64, device=dev)
+        with torch.inference_mode():
+            x = (pts - c_f_t).to(torch.float32)[None]
+            # B-spline stages are evaluated through exact samples on a grid at half the model spacing
+            # (max error ~0.02 mm for 8 mm-std coefficients on a 20 mm lattice) rather than the 64-term sum
+            # at every native voxel (10x slower).
+            fast = chain.densified(tuple(s / 2.0 for s in self.model_grid.spacing_xyz))
+            q = fast.map_points(x)[0].to(torch.float64) + c_m_t  # moving world points
+            mov_t = _io.array_to_tensor(mov_img.array, dev)
+            warped = _io.sample_image_at_world(mov_t, mov_img.affine, q)[0, 0]
+            disp = (q - pts).to(torch.float32)
+        warped_img = nib.Nifti1Image(warped.permute(2, 1, 0).cpu().numpy().astype(np.float32), fix_img.affine)
+        warped_img.set_qform(fix_img.affine, code=1)
+        warped_img.set_sform(fix_img.affine, code=1)
+        disp_img = _io.displacement_nifti(disp.permute(2, 1, 0, 3).cpu().numpy(), fix_img.affine)
+        a = chain.affine_part()
+        a_model = np.eye(4) if a is None else a[0].detach().cpu().double().numpy()
+        t_m, t_f = np.eye(4), np.eye(4)
+        t_m[:3, 3] = c_m
+        t_f[:3, 3] = -np.asarray(c_f)
+        matrix = t_m @ a_model @ t_f
+        return warped_img, matrix, disp_img

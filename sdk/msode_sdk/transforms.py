@@ -1,0 +1,440 @@
+"""Spatial transforms of the model space: rigid (6 dof), cubic B-spline FFD, dense displacement.
+
+Conventions (one place for all of them):
+
+* A :class:`Grid` is an axis-aligned RAS voxel grid of shape ``(X, Y, Z)`` and spacing in mm. Its
+  tensors are laid out ``(N, C, D, H, W)`` with ``D = Z``, ``H = Y``, ``W = X``.
+* Points are mm, in RAS axes, **relative to the grid centre** (the centre of the voxel lattice), and
+  their last dimension is ordered ``(x, y, z)``. Vector fields are ``(N, 3, D, H, W)`` with channel
+  0 = x, 1 = y, 2 = z, in mm.
+* Every transform maps a point of the *fixed* model frame to a point of the *moving* model frame
+  (the pull-back convention of ITK and of image warping: ``warped(x) = moving(phi(x))``).
+* A :class:`TransformChain` ``[T1, T2, ..., Tk]`` (stages in registration order, e.g. rigid then
+  B-spline) maps ``x -> T1(T2(...Tk(x)))``: the later, finer stage acts first on the fixed side.
+  For rigid-then-deformable this is ``phi(x) = R (x + u(x)) + t``.
+* Rigid parameters ``theta = (rx, ry, rz, tx, ty, tz)``: rotations in radians about the x, y, z axes
+  through the grid centre, composed as ``R = Rz @ Ry @ Rx``, translations in mm:
+  ``phi(x) = R x + t``.
+* B-spline: control points on a regular lattice of spacing ``control_spacing`` (mm, per axis x, y, z)
+  centred on the grid, ``ceil(extent / spacing) + 3`` points per axis so every point of the grid has
+  its full 4x4x4 support; coefficients are displacements in mm, tensor ``(N, 3, cz, cy, cx)``;
+  ``u(x) = sum_k c_k B3((x - p_k) / s)`` with the uniform cubic B-spline kernel ``B3``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+__all__ = [
+    "Grid",
+    "BSplineLattice",
+    "Transform",
+    "RigidTransform",
+    "BSplineTransform",
+    "DenseTransform",
+    "TransformChain",
+    "rigid_matrix",
+    "matrix_to_rigid",
+    "bspline_kernel",
+    "TRANSFORM_KINDS",
+    "make_transform",
+    "initial_state",
+    "carry_state",
+]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Axis-aligned voxel grid; ``shape_xyz`` voxels of ``spacing_xyz`` mm, centred on the origin."""
+
+    shape_xyz: tuple[int, int, int]
+    spacing_xyz: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape_xyz", tuple(int(v) for v in self.shape_xyz))
+        object.__setattr__(self, "spacing_xyz", tuple(float(v) for v in self.spacing_xyz))
+
+    @property
+    def shape_dhw(self) -> tuple[int, int, int]:
+        """Tensor spatial shape ``(D, H, W) = (Z, Y, X)``."""
+        x, y, z = self.shape_xyz
+        return (z, y, x)
+
+    @property
+    def extent_xyz(self) -> tuple[float, float, float]:
+        """Distance in mm between the first and last voxel centres along x, y, z."""
+        return tuple((n - 1) * s for n, s in zip(self.shape_xyz, self.spacing_xyz))
+
+    def downsampled(self, factor: int) -> "Grid":
+        """The grid of a pyramid level ``factor`` times coarser (shape // factor, spacing * factor)."""
+        return Grid(
+            tuple(max(n // factor, 1) for n in self.shape_xyz),
+            tuple(s * factor for s in self.spacing_xyz),
+        )
+
+    def axis_coords(self, axis: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """Centre-relative mm coordinates of the voxel centres along axis 0=x, 1=y, 2=z."""
+        n, s = self.shape_xyz[axis], self.spacing_xyz[axis]
+        return (torch.arange(n, dtype=dtype, device=device) - (n - 1) / 2.0) * s
+
+    def points(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        """All voxel centres as a ``(D, H, W, 3)`` tensor of ``(x, y, z)`` mm."""
+        xs, ys, zs = (self.axis_coords(a, dtype, device) for a in range(3))
+        z, y, x = torch.meshgrid(zs, ys, xs, indexing="ij")
+        return torch.stack((x, y, z), dim=-1)
+
+    def normalise(self, points: torch.Tensor) -> torch.Tensor:
+        """mm points -> ``grid_sample`` coordinates (align_corners=True, -1/+1 = first/last voxel)."""
+        half = torch.tensor(
+            [max(e, 1e-12) / 2.0 for e in self.extent_xyz], dtype=points.dtype, device=points.device
+        )
+        return points / half
+
+
+# --------------------------------------------------------------------------------------------- rigid
+
+
+def rigid_matrix(theta: torch.Tensor) -> torch.Tensor:
+    """``(N, 6)`` rigid parameters ``(rx, ry, rz [rad], tx, ty, tz [mm])`` -> ``(N, 4, 4)`` matrices.
+
+    ``R = Rz @ Ry @ Rx``; the matrix maps centre-relative fixed-frame mm points to moving-frame ones.
+    """
+    if theta.ndim != 2 or theta.shape[-1] != 6:
+        raise InputError(f"rigid parameters must be (N, 6), got {tuple(theta.shape)}")
+    rx, ry, rz = theta[:, 0], theta[:, 1], theta[:, 2]
+    cx, sx = torch.cos(rx), torch.sin(rx)
+    cy, sy = torch.cos(ry), torch.sin(ry)
+    cz, sz = torch.cos(rz), torch.sin(rz)
+    one, zero = torch.ones_like(rx), torch.zeros_like(rx)
+    # Rz @ Ry @ Rx written out, row by row.
+    r00 = cz * cy
+    r01 = cz * sy * sx - sz * cx
+    r02 = cz * sy * cx + sz * sx
+    r10 = sz * cy
+    r11 = sz * sy * sx + cz * cx
+    r12 = sz * sy * cx - cz * sx
+    r20 = -sy
+    r21 = cy * sx
+    r22 = cy * cx
+    rows = [
+        torch.stack((r00, r01, r02, theta[:, 3]), -1),
+        torch.stack((r10, r11, r12, theta[:, 4]), -1),
+        torch.stack((r20, r21, r22, theta[:, 5]), -1),
+        torch.stack((zero, zero, zero, one), -1),
+    ]
+    return torch.stack(rows, dim=-2)
+
+
+def matrix_to_rigid(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rigid_matrix` for proper rotations: ``(N, 4, 4)`` -> ``(N, 6)``.
+
+    Angles come back in ``rx, rz in (-pi, pi]``, ``ry in [-pi/2, pi/2]``.
+    """
+    r = matrix[:, :3, :3]
+    ry = torch.asin(torch.clamp(-r[:, 2, 0], -1.0, 1.0))
+    rx = torch.atan2(r[:, 2, 1], r[:, 2, 2])
+    rz = torch.atan2(r[:, 1, 0], r[:, 0, 0])
+    return torch.cat((torch.stack((rx, ry, rz), -1), matrix[:, :3, 3]), dim=-1)
+
+
+def apply_matrix(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Apply ``(N, 4, 4)`` to points ``(N, ..., 3)``."""
+    n = points.shape[0]
+    flat = points.reshape(n, -1, 3)
+    out = flat @ matrix[:, :3, :3].transpose(1, 2) + matrix[:, None, :3, 3]
+    return out.reshape(points.shape)
+
+
+# ------------------------------------------------------------------------------------------ B-spline
+
+
+def bspline_kernel(u: torch.Tensor) -> torch.Tensor:
+    """Uniform cubic B-spline ``B3(u)``, support ``|u| < 2``, partition of unity."""
+    a = u.abs()
+    inner = 2.0 / 3.0 - a * a + 0.5 * a * a * a
+    outer = (2.0 - a).clamp(min=0.0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
+
+
+@dataclass(frozen=True)
+class BSplineLattice:
+    """Control lattice of a cubic B-spline FFD over ``grid`` with ``control_spacing`` mm (x, y, z)."""
+
+    grid: Grid
+    control_spacing: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        cs = tuple(float(v) for v in self.control_spacing)
+        if len(cs) != 3 or not all(math.isfinite(v) and v > 0 for v in cs):
+            raise InputError(f"B-spline control spacing must be 3 positive mm values, got {cs}")
+        object.__setattr__(self, "control_spacing", cs)
+
+    @property
+    def shape_xyz(self) -> tuple[int, int, int]:
+        return tuple(
+            int(math.ceil(e / s - 1e-9)) + 3 for e, s in zip(self.grid.extent_xyz, self.control_spacing)
+        )
+
+    @property
+    def coeff_shape(self) -> tuple[int, int, int, int]:
+        """Coefficient tensor shape without batch: ``(3, cz, cy, cx)``."""
+        cx, cy, cz = self.shape_xyz
+        return (3, cz, cy, cx)
+
+    def control_coords(self, axis: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """Centre-relative mm positions of the control points along axis 0=x, 1=y, 2=z."""
+        n, s = self.shape_xyz[axis], self.control_spacing[axis]
+        return (torch.arange(n, dtype=dtype, device=device) - (n - 1) / 2.0) * s
+
+    def basis_matrix(self, coords: torch.Tensor, axis: int) -> torch.Tensor:
+        """``(len(coords), n_ctrl)`` matrix of ``B3((coords_i - p_k) / s)`` along one axis."""
+        p = self.control_coords(axis, coords.dtype, coords.device)
+        return bspline_kernel((coords[:, None] - p[None, :]) / self.control_spacing[axis])
+
+    def displacement_on(self, coeffs: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Exact FFD displacement ``(N, 3, D, H, W)`` mm on every voxel of ``grid`` (separable sum)."""
+        bx, by, bz = (self.basis_matrix(grid.axis_coords(a, coeffs.dtype, coeffs.device), a) for a in range(3))
+        # coeffs (N, 3, cz, cy, cx) -> contract x, then y, then z with the 1-D basis matrices.
+        out = torch.einsum("ncklm,xm->ncklx", coeffs, bx)
+        out = torch.einsum("ncklx,yl->nckyx", out, by)
+        out = torch.einsum("nckyx,zk->nczyx", out, bz)
+        return out
+
+    def displacement_at(self, coeffs: torch.Tensor, points: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+        """Exact FFD displacement at arbitrary points ``(N, ..., 3)`` mm -> ``(N, ..., 3)`` mm.
+
+        Points outside the lattice support get zero displacement (the kernel vanishes there).
+        """
+        n = points.shape[0]
+        flat = points.reshape(n, -1, 3)
+        out = torch.empty_like(flat)
+        cx, cy, cz = self.shape_xyz
+        coeff_flat = coeffs.reshape(n, 3, -1)  # index = (k*cy + l)*cx + m
+        for start in range(0, flat.shape[1], chunk):
+            pts = flat[:, start : start + chunk]
+            # Per axis: index of the first of the 4 supporting control points, and their weights.
+            idx, wts = [], []
+            for a, nc in enumerate((cx, cy, cz)):
+                u = pts[..., a] / self.control_spacing[a] + (nc - 1) / 2.0
+                base = torch.floor(u) - 1
+                offs = torch.arange(4, dtype=pts.dtype, device=pts.device)
+                k = base[..., None] + offs  # (N, P, 4)
+                w = bspline_kernel(u[..., None] - k)
+                valid = (k >= 0) & (k <= nc - 1)
+                wts.append(torch.where(valid, w, torch.zeros_like(w)))
+                idx.append(k.clamp(0, nc - 1).long())
+            acc = torch.zeros(n, 3, pts.shape[1], dtype=pts.dtype, device=pts.device)
+            for i in range(4):
+                for j in range(4):
+                    wzy = wts[2][..., i] * wts[1][..., j]
+                    lin_zy = (idx[2][..., i] * cy + idx[1][..., j]) * cx
+                    for m in range(4):
+                        lin = (lin_zy + idx[0][..., m])[:, None, :].expand(n, 3, -1)
+                        acc += torch.gather(coeff_flat, 2, lin) * (wzy * wts[0][..., m])[:, None, :]
+            out[:, start : start + chunk] = acc.transpose(1, 2)
+        return out.reshape(points.shape)
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+
+class Transform:
+    """A batch of maps from fixed-frame mm points to moving-frame mm points."""
+
+    kind: str = ""
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def map_grid(self, grid: Grid) -> torch.Tensor:
+        """``phi`` at every voxel of ``grid``: ``(N, D, H, W, 3)`` mm."""
+        pts = grid.points(self.dtype, self.device)
+        return self.map_points(pts.unsqueeze(0).expand(self.batch, *pts.shape))
+
+    @property
+    def batch(self) -> int:
+        return self.state.shape[0]
+
+    @property
+    def dtype(self):
+        return self.state.dtype
+
+    @property
+    def device(self):
+        return self.state.device
+
+
+class RigidTransform(Transform):
+    """``phi(x) = R x + t``; ``state`` is ``(N, 6)`` = ``(rx, ry, rz, tx, ty, tz)``."""
+
+    kind = "rigid"
+
+    def __init__(self, theta: torch.Tensor):
+        self.state = theta
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return rigid_matrix(self.state)
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        return apply_matrix(self.matrix, points)
+
+
+class BSplineTransform(Transform):
+    """``phi(x) = x + u(x)``; ``state`` is ``(N, 3, cz, cy, cx)`` control displacements in mm."""
+
+    kind = "bspline"
+
+    def __init__(self, coeffs: torch.Tensor, lattice: BSplineLattice):
+        if tuple(coeffs.shape[1:]) != lattice.coeff_shape:
+            raise InputError(f"B-spline coefficients {tuple(coeffs.shape)} do not match lattice {lattice.coeff_shape}")
+        self.state = coeffs
+        self.lattice = lattice
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        return points + self.lattice.displacement_at(self.state, points)
+
+    def map_grid(self, grid: Grid) -> torch.Tensor:
+        disp = self.lattice.displacement_on(self.state, grid)  # exact, separable
+        return grid.points(self.dtype, self.device) + disp.permute(0, 2, 3, 4, 1)
+
+    def densified(self, spacing_xyz) -> "DenseTransform":
+        """The same FFD sampled exactly on a grid of ``spacing_xyz`` mm that covers the lattice's whole
+        support (the field is zero on and beyond its border), for fast evaluation at many arbitrary
+        points: trilinear between nodes, so the error is O(spacing^2 * |u''|) (measured: max 0.02 mm on a
+        1 mm grid, 0.09 mm on a 2 mm grid, for N(0, 8 mm^2) coefficients on a 20 mm lattice)."""
+        half = [((n - 1) / 2.0 + 2.0) * cs for n, cs in zip(self.lattice.shape_xyz, self.lattice.control_spacing)]
+        shape = tuple(int(math.ceil(2 * h / s)) + 1 for h, s in zip(half, spacing_xyz))
+        support = Grid(shape, tuple(float(s) for s in spacing_xyz))
+        return DenseTransform(self.lattice.displacement_on(self.state, support), support)
+
+
+class DenseTransform(Transform):
+    """``phi(x) = x + d(x)``; ``state`` is ``(N, 3, D, H, W)`` mm sampled on ``grid``.
+
+    Between voxels ``d`` is trilinear; outside the grid it is extended by its border values.
+    """
+
+    kind = "dense"
+
+    def __init__(self, field: torch.Tensor, grid: Grid):
+        if tuple(field.shape[1:]) != (3, *grid.shape_dhw):
+            raise InputError(f"dense field {tuple(field.shape)} does not match grid {grid.shape_dhw}")
+        self.state = field
+        self.grid = grid
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        n = points.shape[0]
+        flat = points.reshape(n, 1, 1, -1, 3)
+        d = F.grid_sample(self.state, self.grid.normalise(flat), mode="bilinear", padding_mode="border", align_corners=True)
+        return points + d.reshape(n, 3, -1).transpose(1, 2).reshape(points.shape)
+
+    def map_grid(self, grid: Grid) -> torch.Tensor:
+        if grid == self.grid:
+            return grid.points(self.dtype, self.device) + self.state.permute(0, 2, 3, 4, 1)
+        return super().map_grid(grid)
+
+
+class TransformChain:
+    """Stages in registration order; ``phi = T1 o T2 o ... o Tk`` (see module docstring)."""
+
+    def __init__(self, transforms: Sequence[Transform] = ()):
+        self.transforms = list(transforms)
+
+    def then(self, transform: Transform) -> "TransformChain":
+        """A new chain with ``transform`` appended as the next (finer) stage."""
+        return TransformChain([*self.transforms, transform])
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        for t in reversed(self.transforms):
+            points = t.map_points(points)
+        return points
+
+    def map_grid(self, grid: Grid, batch: int = 1, dtype=torch.float32, device=None) -> torch.Tensor:
+        """``phi`` at every voxel of ``grid``: ``(N, D, H, W, 3)`` mm. The innermost stage uses its
+        exact grid evaluation (separable B-spline, dense field as stored)."""
+        if not self.transforms:
+            pts = grid.points(dtype, device)
+            return pts.unsqueeze(0).expand(batch, *pts.shape)
+        points = self.transforms[-1].map_grid(grid)
+        for t in reversed(self.transforms[:-1]):
+            points = t.map_points(points)
+        return points
+
+    def displacement(self, grid: Grid, batch: int = 1, dtype=torch.float32, device=None) -> torch.Tensor:
+        """``phi(x) - x`` on ``grid`` as ``(N, 3, D, H, W)`` mm."""
+        phi = self.map_grid(grid, batch, dtype, device)
+        return (phi - grid.points(phi.dtype, phi.device)).permute(0, 4, 1, 2, 3)
+
+    def densified(self, spacing_xyz) -> "TransformChain":
+        """This chain with B-spline stages replaced by their :meth:`BSplineTransform.densified` fields:
+        the fast way to evaluate ``phi`` at millions of arbitrary points (e.g. a native image grid)."""
+        return TransformChain([t.densified(spacing_xyz) if isinstance(t, BSplineTransform) else t
+                               for t in self.transforms])
+
+    def affine_part(self) -> torch.Tensor | None:
+        """Product of the rigid stages' matrices ``(N, 4, 4)`` (None without rigid stages)."""
+        mats = [t.matrix for t in self.transforms if isinstance(t, RigidTransform)]
+        if not mats:
+            return None
+        out = mats[0]
+        for m in mats[1:]:
+            out = out @ m
+        return out
+
+
+# ------------------------------------------------------------------------ kinds (integrator state)
+
+TRANSFORM_KINDS = ("rigid", "bspline", "dense")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in TRANSFORM_KINDS:
+        raise InputError(f"unknown transform {kind!r}; valid: {list(TRANSFORM_KINDS)}")
+
+
+def lattice_for(params: dict, model_grid: Grid) -> BSplineLattice:
+    """The B-spline lattice of a stage; defined on the model (finest) grid for every level."""
+    return BSplineLattice(model_grid, tuple(params["control_spacing_mm"]))
+
+
+def initial_state(kind: str, params: dict, model_grid: Grid, level_grid: Grid, batch: int,
+                  dtype=torch.float32, device=None) -> torch.Tensor:
+    """The identity state of a stage: zeros of the right shape."""
+    _check_kind(kind)
+    if kind == "rigid":
+        return torch.zeros(batch, 6, dtype=dtype, device=device)
+    if kind == "bspline":
+        return torch.zeros(batch, *lattice_for(params, model_grid).coeff_shape, dtype=dtype, device=device)
+    return torch.zeros(batch, 3, *level_grid.shape_dhw, dtype=dtype, device=device)
+
+
+def make_transform(kind: str, state: torch.Tensor, params: dict, model_grid: Grid, level_grid: Grid) -> Transform:
+    """Wrap an integrator state as a :class:`Transform` of the stage's kind."""
+    _check_kind(kind)
+    if kind == "rigid":
+        return RigidTransform(state)
+    if kind == "bspline":
+        return BSplineTransform(state, lattice_for(params, model_grid))
+    return DenseTransform(state, level_grid)
+
+
+def carry_state(kind: str, state: torch.Tensor, from_grid: Grid, to_grid: Grid) -> torch.Tensor:
+    """Carry a state to the next (finer) level: rigid and B-spline unchanged; a dense field is
+    resampled in mm (trilinear, border-extended) onto the finer grid."""
+    _check_kind(kind)
+    if kind != "dense" or from_grid == to_grid:
+        return state
+    field = DenseTransform(state, from_grid)
+    pts = to_grid.points(state.dtype, state.device)
+    pts = pts.unsqueeze(0).expand(state.shape[0], *pts.shape)
+    return (field.map_points(pts) - pts).permute(0, 4, 1, 2, 3).contiguous()

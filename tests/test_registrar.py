@@ -1,0 +1,215 @@
+"""End to end through Registrar with the analytic SSD plan: recovery of known motions, world geometry,
+outputs read back by SimpleITK, bundled plans, selection errors."""
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODEL_GRID, affine_from, render, voxel_world_points
+from msode_sdk import BackendUnavailable, InputError, PlanError, Registrar, bundled_plans
+from msode_sdk.transforms import BSplineLattice, BSplineTransform, RigidTransform, TransformChain, rigid_matrix
+
+ROT = (0.12, -0.18, 0.22)  # rad, about the phantom centre
+TRANS = (7.0, -5.0, 6.0)   # mm
+
+
+def _world_rigid(c0):
+    m = rigid_matrix(torch.tensor([[*ROT, *TRANS]], dtype=torch.float64))[0].numpy()
+    w = np.eye(4)
+    w[:3, :3] = m[:3, :3]
+    w[:3, 3] = m[:3, 3] + c0 - m[:3, :3] @ c0
+    return w
+
+
+def _apply(w, pts):
+    return pts @ torch.from_numpy(w[:3, :3].T) + torch.from_numpy(w[:3, 3])
+
+
+@pytest.fixture(scope="module")
+def rigid_case(phantom):
+    """Oblique anisotropic fixed, axis-aligned differently sized moving, known world rigid map."""
+    truth = _world_rigid(phantom.centre.numpy())
+    f_shape, f_aff = (60, 66, 44), affine_from((3.0, 2.8, 3.6), (0.0, 8.0, 20.0), (60, 66, 44), (4.0, -6.0, 2.0))
+    m_shape, m_aff = (72, 64, 60), affine_from((2.5, 3.0, 2.4), (0.0, 0.0, 0.0), (72, 64, 60), (10.0, -2.0, 9.0))
+    fixed = render(phantom, f_shape, f_aff, lambda p: _apply(truth, p))
+    moving = render(phantom, m_shape, m_aff)
+    return (moving, m_aff), (fixed, f_aff), truth
+
+
+@pytest.fixture(scope="module")
+def registrar(analytic_plan):
+    return Registrar.load(analytic_plan, device="cpu", backend="torch")
+
+
+def _map_rmse(matrix_or_disp, truth, pts):
+    est = _apply(matrix_or_disp, pts) if isinstance(matrix_or_disp, np.ndarray) else matrix_or_disp
+    return float(((est - _apply(truth, pts)) ** 2).sum(-1).mean().sqrt())
+
+
+def _brain_points(phantom, shape, affine):
+    pts = voxel_world_points(shape, affine).reshape(-1, 3)
+    r = (((pts - phantom.centre) / phantom.radii) ** 2).sum(-1)
+    return pts[r < 0.8]
+
+
+def test_rigid_recovery_world_space(registrar, rigid_case, phantom):
+    moving, fixed, truth = rigid_case
+    res = registrar.register(moving, fixed, stages=["rigid"])
+    pts = _brain_points(phantom, fixed[0].shape, fixed[1])
+    before = float(((_apply(truth, pts) - pts) ** 2).sum(-1).mean().sqrt())
+    err = _map_rmse(res.matrix, truth, pts)
+    assert before > 10.0
+    assert err < 0.3 * MODEL_GRID.spacing_xyz[0], (before, err)  # sub-voxel of the 3.5 mm model grid
+    # the displacement field agrees with the matrix when there is only a rigid stage
+    d = np.asarray(res.displacement.dataobj)[:, :, :, 0, :].astype(np.float64)
+    d[..., :2] *= -1  # LPS -> RAS
+    p = voxel_world_points(fixed[0].shape, fixed[1]).numpy()
+    q = p @ res.matrix[:3, :3].T + res.matrix[:3, 3]
+    np.testing.assert_allclose(p + d, q, atol=2e-3)
+    assert res.stages[0].nfe > 0 and res.timings["total"] > 0
+
+
+def test_multimodal_is_not_claimed_by_analytic_plan(registrar):
+    assert registrar.plan.manifest.analytic is True
+
+
+def _bspline_case(phantom, seed=1, std=3.0):
+    """Fixed = phantom pulled back through a rigid + B-spline map defined in the fixed model frame."""
+    g = torch.Generator().manual_seed(seed)
+    lat = BSplineLattice(MODEL_GRID, (21.0, 21.0, 21.0))
+    coeffs = torch.randn(1, *lat.coeff_shape, generator=g, dtype=torch.float64) * std
+    theta = torch.tensor([[0.05, -0.04, 0.08, 3.0, -2.0, 2.5]], dtype=torch.float64)
+    chain = TransformChain([RigidTransform(theta), BSplineTransform(coeffs, lat)])
+    shape = MODEL_GRID.shape_xyz
+    aff = affine_from(MODEL_GRID.spacing_xyz, (0, 0, 0), shape, phantom.centre.numpy())
+    c = torch.from_numpy(aff[:3, :3] @ ((np.asarray(shape) - 1) / 2) + aff[:3, 3])
+    # the moving grid is centred on the same point, so model frame = world - c for both images
+    world_map = lambda p: chain.map_points((p - c)[None])[0] + c  # noqa: E731
+    fixed = render(phantom, shape, aff, world_map)
+    moving = render(phantom, shape, aff)
+    return (moving, aff), (fixed, aff), chain, c
+
+
+def test_rigid_bspline_recovery(registrar, phantom):
+    moving, fixed, chain, c = _bspline_case(phantom)
+    res = registrar.register(moving, fixed)
+    pts = _brain_points(phantom, fixed[0].shape, fixed[1])
+    truth = chain.map_points((pts - c)[None])[0] + c
+    d = np.asarray(res.displacement.dataobj)[:, :, :, 0, :].astype(np.float64).reshape(-1, 3)
+    d[:, :2] *= -1
+    allp = voxel_world_points(fixed[0].shape, fixed[1]).reshape(-1, 3)
+    r = (((allp - phantom.centre) / phantom.radii) ** 2).sum(-1)
+    est = allp[r < 0.8] + torch.from_numpy(d[(r < 0.8).numpy()])
+    before = float(((truth - pts) ** 2).sum(-1).mean().sqrt())
+    err = float(((est - truth) ** 2).sum(-1).mean().sqrt())
+    assert err < 0.5 * MODEL_GRID.spacing_xyz[0], (before, err)  # sub-voxel
+    assert err < 0.4 * before
+    assert set(res.nfe) == {"rigid", "bspline"} and res.nfe["bspline"] == 5 + 5 + 4  # F(.2)-F(.2)-F(.25)
+
+
+def test_save_outputs_and_simpleitk_reproduces_warped(registrar, rigid_case, tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    moving, fixed, _ = rigid_case
+    res = registrar.register(moving, fixed)
+    files = res.save(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"])
+    report = json.loads(files["report"].read_text())
+    assert report["plan"] == registrar.name and report["analytic_plan"] is True
+    assert set(report["nfe"]) == {"rigid", "bspline"} and report["backend"] == "torch"
+    disp = nib.load(str(files["displacement"]))
+    assert disp.shape == fixed[0].shape + (1, 3) and disp.header["intent_code"] == 1007
+    warped = nib.load(str(files["warped"]))
+    np.testing.assert_allclose(warped.affine, fixed[1], atol=1e-5)
+
+    mov_path = tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(moving[0], moving[1]), str(mov_path))
+    fix_path = tmp_path / "fixed.nii.gz"
+    nib.save(nib.Nifti1Image(fixed[0], fixed[1]), str(fix_path))
+    mov_s, fix_s = sitk.ReadImage(str(mov_path)), sitk.ReadImage(str(fix_path))
+    ours = np.asarray(warped.dataobj, dtype=np.float64).ravel()
+
+    # 1) total displacement field as an ITK DisplacementFieldTransform
+    field = sitk.ReadImage(str(files["displacement"]), sitk.sitkVectorFloat64)
+    tx = sitk.DisplacementFieldTransform(field)
+    out = sitk.Resample(mov_s, fix_s, tx, sitk.sitkLinear, 0.0)
+    theirs = sitk.GetArrayFromImage(out).transpose(2, 1, 0).ravel()
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.99
+
+    # 2) rigid part as an ITK affine text transform (rigid-only registration: it is the whole map)
+    rig = registrar.register(moving, fixed, stages=["rigid"])
+    rig.save(tmp_path / "rig")
+    tfm = sitk.ReadTransform(str(tmp_path / "rig" / "transform.tfm"))
+    out2 = sitk.Resample(mov_s, fix_s, tfm, sitk.sitkLinear, 0.0)
+    theirs2 = sitk.GetArrayFromImage(out2).transpose(2, 1, 0).ravel()
+    ours2 = np.asarray(rig.warped.dataobj, dtype=np.float64).ravel()
+    assert np.corrcoef(ours2, theirs2)[0, 1] > 0.99
+
+
+def test_itk_affine_file_round_trip(tmp_path):
+    from msode_sdk.io import read_itk_affine, write_itk_affine
+    m = np.eye(4)
+    m[:3, :3] = rigid_matrix(torch.tensor([[0.3, -0.2, 0.1, 0, 0, 0]], dtype=torch.float64))[0, :3, :3].numpy()
+    m[:3, 3] = [4.0, -7.0, 2.5]
+    write_itk_affine(tmp_path / "t.tfm", m)
+    np.testing.assert_allclose(read_itk_affine(tmp_path / "t.tfm"), m, atol=1e-12)
+    # LPS in the file: x and y of the translation flip sign
+    line = [l for l in (tmp_path / "t.tfm").read_text().splitlines() if l.startswith("Parameters:")][0]
+    assert [float(v) for v in line.split()[-3:]] == pytest.approx([-4.0, 7.0, 2.5])
+
+
+def test_preview_png(registrar, rigid_case, tmp_path):
+    pytest.importorskip("matplotlib")
+    moving, fixed, _ = rigid_case
+    res = registrar.register(moving, fixed, stages=["rigid"])
+    files = res.save(tmp_path, preview=True)
+    assert files["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inputs_as_paths_and_nibabel_images(registrar, rigid_case, tmp_path):
+    moving, fixed, _ = rigid_case
+    mp = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(moving[0], moving[1]), str(mp))
+    a = registrar.register(str(mp), nib.Nifti1Image(fixed[0], fixed[1]), stages=["rigid"])
+    b = registrar.register(moving, fixed, stages=["rigid"])
+    np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-4)
+
+
+def test_same_input_same_output_bits(registrar, rigid_case):
+    moving, fixed, _ = rigid_case
+    a = registrar.register(moving, fixed)
+    b = registrar.register(moving, fixed)
+    assert np.array_equal(np.asarray(a.warped.dataobj), np.asarray(b.warped.dataobj))
+    assert np.array_equal(a.matrix, b.matrix)
+
+
+def test_stage_selection_errors(registrar, rigid_case):
+    moving, fixed, _ = rigid_case
+    with pytest.raises(InputError, match="rigid"):
+        registrar.register(moving, fixed, stages=["affine"])
+
+
+def test_model_grid_shape_is_checked(registrar):
+    with pytest.raises(InputError, match="model grid"):
+        registrar.register_model_grid(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
+
+
+def test_bundled_plan_by_name():
+    assert "analytic_ssd.plan" in bundled_plans()
+    reg = Registrar.load("analytic_ssd", device="cpu")
+    assert reg.name == "analytic_ssd" and reg.stage_names == ["rigid", "bspline"]
+    with pytest.raises(PlanError, match="bundled"):
+        Registrar.load("no_such_plan.plan")
+
+
+def test_device_and_backend_errors(analytic_plan):
+    with pytest.raises(InputError, match="valid"):
+        Registrar.load(analytic_plan, backend="tensorflow")
+    with pytest.raises(InputError, match="device"):
+        Registrar.load(analytic_plan, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            Registrar.load(analytic_plan, device="cuda")
