@@ -1,0 +1,1 @@
+"""msode_export: turn per-scale networks into `.plan` bundles (TorchScript, ONNX, TensorRT, registrar.ts)."""
