@@ -13,7 +13,7 @@ import numpy as np
 out, truth_path = Path(sys.argv[1]), Path(sys.argv[2])
 report = json.loads((out / "report.json").read_text())
 truth = json.loads(truth_path.read_text())
-m_true = np.asarray(truth["fixed_to_moving_ras"], dtype=np.float64)
+m_true = np.asarray(truth["fixed_to_moving_world_ras"], dtype=np.float64)
 m_est = np.asarray(report["matrix_ras"], dtype=np.float64)
 fixed = nib.load(str(truth_path.parent / truth["fixed"]))
 arr = np.asarray(fixed.dataobj, dtype=np.float32)

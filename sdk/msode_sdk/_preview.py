@@ -33,18 +33,21 @@ def write_preview(path, result) -> None:
     moving = _io.sample_image_at_world(mov_t, result.moving_image.affine, pts)[0, 0].permute(2, 1, 0).numpy()
     vols = {"fixed": _robust(fix.array), "moving (before)": _robust(moving), "warped (after)": _robust(warped)}
     centre = [n // 2 for n in fix.shape]
+    spacing = fix.spacing
     fig, axes = plt.subplots(3, 4, figsize=(12, 9))
     for row, axis in enumerate(range(3)):
         sl = [slice(None)] * 3
         sl[axis] = centre[axis]
+        a, b = [k for k in range(3) if k != axis]
+        aspect = float(spacing[b] / spacing[a])  # rot90: rows run along axis b, columns along axis a
         for col, (title, vol) in enumerate(vols.items()):
-            axes[row, col].imshow(np.rot90(vol[tuple(sl)]), cmap="gray", vmin=0, vmax=1)
+            axes[row, col].imshow(np.rot90(vol[tuple(sl)]), cmap="gray", vmin=0, vmax=1, aspect=aspect)
             axes[row, col].set_title(title if row == 0 else "")
         f2, w2 = np.rot90(vols["fixed"][tuple(sl)]), np.rot90(vols["warped (after)"][tuple(sl)])
         tile = max(min(f2.shape) // 8, 1)
         yy, xx = np.indices(f2.shape)
         check = np.where(((yy // tile + xx // tile) % 2) == 0, f2, w2)
-        axes[row, 3].imshow(check, cmap="gray", vmin=0, vmax=1)
+        axes[row, 3].imshow(check, cmap="gray", vmin=0, vmax=1, aspect=aspect)
         axes[row, 3].set_title("checkerboard fixed/warped" if row == 0 else "")
     for ax in axes.ravel():
         ax.set_axis_off()

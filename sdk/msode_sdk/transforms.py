@@ -199,12 +199,16 @@ class BSplineLattice:
 
     def displacement_on(self, coeffs: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Exact FFD displacement ``(N, 3, D, H, W)`` mm on every voxel of ``grid`` (separable sum)."""
-        bx, by, bz = (self.basis_matrix(grid.axis_coords(a, coeffs.dtype, coeffs.device), a) for a in range(3))
+        return self.displacement_on_axes(coeffs, *(grid.axis_coords(a, coeffs.dtype, coeffs.device) for a in range(3)))
+
+    def displacement_on_axes(self, coeffs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+        """Exact FFD displacement on the rectilinear grid ``xs x ys x zs`` (mm, any order or spacing):
+        ``(N, 3, len(zs), len(ys), len(xs))``."""
+        bx, by, bz = self.basis_matrix(xs, 0), self.basis_matrix(ys, 1), self.basis_matrix(zs, 2)
         # coeffs (N, 3, cz, cy, cx) -> contract x, then y, then z with the 1-D basis matrices.
         out = torch.einsum("ncklm,xm->ncklx", coeffs, bx)
         out = torch.einsum("ncklx,yl->nckyx", out, by)
-        out = torch.einsum("nckyx,zk->nczyx", out, bz)
-        return out
+        return torch.einsum("nckyx,zk->nczyx", out, bz)
 
     def displacement_at(self, coeffs: torch.Tensor, points: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
         """Exact FFD displacement at arbitrary points ``(N, ..., 3)`` mm -> ``(N, ..., 3)`` mm.
@@ -244,6 +248,11 @@ class BSplineLattice:
 # ------------------------------------------------------------------------------------------ transforms
 
 
+def _axes_points(xs: torch.Tensor, ys: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    z, y, x = torch.meshgrid(zs, ys, xs, indexing="ij")
+    return torch.stack((x, y, z), dim=-1)
+
+
 class Transform:
     """A batch of maps from fixed-frame mm points to moving-frame mm points."""
 
@@ -254,7 +263,11 @@ class Transform:
 
     def map_grid(self, grid: Grid) -> torch.Tensor:
         """``phi`` at every voxel of ``grid``: ``(N, D, H, W, 3)`` mm."""
-        pts = grid.points(self.dtype, self.device)
+        return self.map_axes(*(grid.axis_coords(a, self.dtype, self.device) for a in range(3)))
+
+    def map_axes(self, xs: torch.Tensor, ys: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+        """``phi`` on the rectilinear grid ``xs x ys x zs`` (mm): ``(N, len(zs), len(ys), len(xs), 3)``."""
+        pts = _axes_points(xs, ys, zs)
         return self.map_points(pts.unsqueeze(0).expand(self.batch, *pts.shape))
 
     @property
@@ -300,9 +313,9 @@ class BSplineTransform(Transform):
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
         return points + self.lattice.displacement_at(self.state, points)
 
-    def map_grid(self, grid: Grid) -> torch.Tensor:
-        disp = self.lattice.displacement_on(self.state, grid)  # exact, separable
-        return grid.points(self.dtype, self.device) + disp.permute(0, 2, 3, 4, 1)
+    def map_axes(self, xs, ys, zs) -> torch.Tensor:
+        disp = self.lattice.displacement_on_axes(self.state, xs, ys, zs)  # exact, separable
+        return _axes_points(xs, ys, zs) + disp.permute(0, 2, 3, 4, 1)
 
     def densified(self, spacing_xyz) -> "DenseTransform":
         """The same FFD sampled exactly on a grid of ``spacing_xyz`` mm that covers the lattice's whole
@@ -366,6 +379,17 @@ class TransformChain:
             pts = grid.points(dtype, device)
             return pts.unsqueeze(0).expand(batch, *pts.shape)
         points = self.transforms[-1].map_grid(grid)
+        for t in reversed(self.transforms[:-1]):
+            points = t.map_points(points)
+        return points
+
+    def map_axes(self, xs: torch.Tensor, ys: torch.Tensor, zs: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """``phi`` on the rectilinear grid ``xs x ys x zs`` (mm): ``(N, len(zs), len(ys), len(xs), 3)``;
+        the innermost stage uses its separable evaluation where it has one (B-spline: exact)."""
+        if not self.transforms:
+            pts = _axes_points(xs, ys, zs)
+            return pts.unsqueeze(0).expand(batch, *pts.shape)
+        points = self.transforms[-1].map_axes(xs, ys, zs)
         for t in reversed(self.transforms[:-1]):
             points = t.map_points(points)
         return points
