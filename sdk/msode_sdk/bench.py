@@ -137,7 +137,8 @@ def _fmt(p: dict) -> str:
     return f"{p['p50_ms']:10.2f} {p['p95_ms']:10.2f} {p['max_ms']:10.2f}"
 
 
-def print_table(results: dict, file=sys.stdout) -> None:
+def print_table(results: dict, file=None) -> None:
+    file = file or sys.stdout
     print(f"msode bench  torch {results['torch']}  {results['machine']}", file=file)
     print(f"{'backend':<12} {'device':<8} {'what':<22} {'p50 ms':>10} {'p95 ms':>10} {'max ms':>10}  NFE", file=file)
     for r in results["runs"]:
