@@ -36,3 +36,9 @@ analytic-plan: $(STAMP)
 
 clean:
 	rm -rf out build cpp_demo/build .pytest_cache
+
+# Build the C++ embedding (LibTorch from the pip torch wheel) into cpp_demo/build/msode_register.
+cpp-demo: $(STAMP)
+	cmake -S cpp_demo -B cpp_demo/build -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build cpp_demo/build -j2

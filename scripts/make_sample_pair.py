@@ -36,7 +36,7 @@ for sub in ("sdk", "training"):
         sys.path.insert(0, str(ROOT / sub))
 
 from msode_sdk.io import array_to_tensor, ras_to_lps_matrix, sample_image_at_world, world_points  # noqa: E402
-from msode_sdk.transforms import rigid_matrix  # noqa: E402
+from msode_sdk.transforms import euler_to_rigid, rigid_matrix  # noqa: E402
 from msode_sdk.warp import sample_points  # noqa: E402
 from msode_train.data import GENERATOR_VERSION, SAMPLE_SEED, synthesize_subject  # noqa: E402
 
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     c = subject.centre_ras
 
     # ground truth: M p = R (p - c) + c + t  (fixed world point -> moving world point)
-    theta = torch.tensor([[*np.deg2rad(MOTION_ROT_DEG), *MOTION_TRANS_MM]], dtype=torch.float64)
+    theta = euler_to_rigid(torch.tensor([np.deg2rad(MOTION_ROT_DEG)], dtype=torch.float64),
+                           torch.tensor([MOTION_TRANS_MM], dtype=torch.float64))
     rot = rigid_matrix(theta)[0, :3, :3].numpy()
     m = np.eye(4)
     m[:3, :3] = rot
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         "moving_to_fixed_world_ras": m_inv.tolist(),
         "motion": {
             "rotation_deg_xyz": list(MOTION_ROT_DEG),
-            "rotation_composition": "R = Rz @ Ry @ Rx (msode_sdk.transforms.rigid_matrix)",
+            "rotation_composition": "Euler angles, R = Rz @ Ry @ Rx (msode_sdk.transforms.euler_to_rigid)",
             "rotation_centre_ras": c.tolist(),
             "translation_mm": list(MOTION_TRANS_MM),
             "total_rotation_deg": angle,

@@ -138,13 +138,25 @@ def test_splits_never_share_subjects(tmp_path):
 # ------------------------------------------------------------------------------------------ motions
 
 
+def _euler_deg(theta):
+    """Euler angles (R = Rz @ Ry @ Rx) in degrees of SDK rigid parameters (rotation vectors)."""
+    from msode_sdk.transforms import rigid_matrix
+    r = rigid_matrix(theta.double())[:, :3, :3]
+    ry = torch.asin(torch.clamp(-r[:, 2, 0], -1, 1))
+    rx = torch.atan2(r[:, 2, 1], r[:, 2, 2])
+    rz = torch.atan2(r[:, 1, 0], r[:, 0, 0])
+    return torch.rad2deg(torch.stack((rx, ry, rz), -1))
+
+
 def test_motion_distributions():
     rng = np.random.default_rng(0)
     th = D.sample_rigid(rng, 4000)
     assert th.shape == (4000, 6) and th.dtype == torch.float32
-    deg = torch.rad2deg(th[:, :3])
-    assert deg.abs().max() <= 75.0 and deg.abs().max() > 74.0 and abs(float(deg.mean())) < 2.0
-    assert th[:, 3:].abs().max() <= 20.0 and th[:, 3:].abs().max() > 19.8
+    deg = _euler_deg(th)
+    assert deg.abs().max() <= 75.001 and deg.abs().max() > 74.0 and abs(float(deg.mean())) < 2.0
+    from msode_sdk.transforms import rigid_matrix
+    trans = rigid_matrix(th.double())[:, :3, 3]  # the motion's translation (x -> R x + trans)
+    assert trans.abs().max() <= 20.0 + 1e-4 and trans.abs().max() > 19.8
     assert abs(float(deg.std()) - 75 / math.sqrt(3)) < 1.5  # uniform
     grid = Grid((60, 60, 40), (4.0, 4.0, 4.0))
     lat = D.motion_lattice(grid)
@@ -156,7 +168,7 @@ def test_motion_distributions():
     assert (cz[:, :, 0] == 0).all() and (cz[:, :, :, -1] == 0).all() and (cz[..., 0] == 0).all()
     assert (cz[:, :, 1:-1, 1:-1, 1:-1] != 0).all()
     th_h, c_h = D.sample_hybrid(rng, lat, 2000)
-    assert torch.rad2deg(th_h[:, :3]).abs().max() <= 40.0 and th_h[:, 3:].abs().max() <= 10.0
+    assert _euler_deg(th_h).abs().max() <= 40.001 and rigid_matrix(th_h.double())[:, :3, 3].abs().max() <= 10.0 + 1e-4
     assert abs(float(c_h.std()) - 8.0) < 0.1
     kinds = {k: [t.kind for t in D.sample_motion(rng, k, grid).transforms] for k in D.MOTION_KINDS}
     assert kinds == {"identity": ["rigid"], "rigid": ["rigid"], "bspline": ["bspline"], "hybrid": ["rigid", "bspline"]}

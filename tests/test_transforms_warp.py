@@ -8,7 +8,7 @@ from scipy.ndimage import map_coordinates
 
 from msode_sdk.errors import InputError
 from msode_sdk.transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, RigidTransform,
-                                  TransformChain, bspline_kernel, carry_state, matrix_to_rigid, rigid_matrix)
+                                  TransformChain, bspline_kernel, carry_state, euler_to_rigid, matrix_to_rigid, rigid_matrix)
 from msode_sdk.warp import sample_points, warp_chain
 
 torch.manual_seed(0)
@@ -36,19 +36,40 @@ def test_grid_points_layout_and_centre():
 def test_rigid_matrix_by_hand():
     th = torch.tensor([[0.0, 0.0, math.pi / 2, 1.0, 2.0, 3.0]])
     m = rigid_matrix(th)[0]
-    # 90 degrees about z: x -> y
+    # phi(x) = R (x + t), 90 degrees about z: (x, y, z) -> (-y, x, z); (1,0,0) + t = (2,2,3) -> (-2,2,3)
     p = m[:3, :3] @ torch.tensor([1.0, 0.0, 0.0]) + m[:3, 3]
-    assert torch.allclose(p, torch.tensor([1.0, 3.0, 3.0]), atol=1e-6)
+    assert torch.allclose(p, torch.tensor([-2.0, 2.0, 3.0]), atol=1e-6)
     assert torch.allclose(m[:3, :3] @ m[:3, :3].T, torch.eye(3), atol=1e-6)
     assert abs(float(torch.det(m[:3, :3])) - 1) < 1e-6
 
 
-def test_rigid_round_trip():
-    th = torch.cat([torch.rand(50, 3) * 2.8 - 1.4, torch.randn(50, 3) * 20], 1).double()
-    th[:, 1] = th[:, 1].clamp(-1.5, 1.5)
-    assert torch.allclose(matrix_to_rigid(rigid_matrix(th)), th, atol=1e-9)
+def test_rigid_round_trip_including_small_and_near_pi_angles():
+    axis = torch.randn(300, 3, dtype=torch.float64)
+    axis = axis / axis.norm(dim=1, keepdim=True)
+    angle = torch.cat([torch.rand(100, dtype=torch.float64) * math.pi * 0.999,
+                       torch.full((100,), 1e-7, dtype=torch.float64),
+                       math.pi - torch.rand(100, dtype=torch.float64) * 1e-3])
+    th = torch.cat([axis * angle[:, None], torch.randn(300, 3, dtype=torch.float64) * 20], 1)
+    assert torch.allclose(matrix_to_rigid(rigid_matrix(th)), th, atol=1e-6)
+    m = rigid_matrix(th)
+    assert torch.allclose(m[:, :3, :3] @ m[:, :3, :3].transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(300, 3, 3), atol=1e-12)
     with pytest.raises(InputError):
         rigid_matrix(torch.zeros(6))
+
+
+def test_rotation_vector_by_hand_and_euler_conversion():
+    # a rotation vector is axis * angle: 90 degrees about (1, 1, 1)/sqrt(3) cycles x -> y -> z
+    r = torch.full((1, 3), (2 * math.pi / 3) / math.sqrt(3), dtype=torch.float64)
+    m = rigid_matrix(torch.cat([r, torch.zeros(1, 3, dtype=torch.float64)], 1))[0, :3, :3]
+    assert torch.allclose(m @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)
+    # Euler R = Rz(c) Ry(b) Rx(a), written out independently
+    a, b, c = 0.3, -1.2, 2.0
+    rx = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]], dtype=torch.float64)
+    ry = torch.tensor([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]], dtype=torch.float64)
+    rz = torch.tensor([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]], dtype=torch.float64)
+    th = euler_to_rigid(torch.tensor([[a, b, c]], dtype=torch.float64), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+    assert torch.allclose(rigid_matrix(th)[0, :3, :3], rz @ ry @ rx, atol=1e-12)
+    assert torch.allclose(rigid_matrix(th)[0, :3, 3], torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), atol=1e-12)
 
 
 def test_bspline_kernel_partition_of_unity_and_values():
@@ -142,7 +163,7 @@ def test_warp_chain_matches_scipy(kinds):
         np.testing.assert_allclose(out[b, 0].numpy(), ref, atol=1e-9)
 
 
-def test_rigid_then_bspline_is_R_of_x_plus_u():
+def test_rigid_then_bspline_is_R_of_x_plus_t_plus_u():
     g = Grid((8, 8, 8), (2.0, 2.0, 2.0))
     lat = BSplineLattice(g, (6.0, 6.0, 6.0))
     c = torch.randn(1, *lat.coeff_shape, dtype=torch.float64)
@@ -151,7 +172,8 @@ def test_rigid_then_bspline_is_R_of_x_plus_u():
     pts = g.points(torch.float64)[None]
     u = lat.displacement_on(c, g).permute(0, 2, 3, 4, 1)
     m = rigid_matrix(th)[0]
-    expect = (pts + u) @ m[:3, :3].T + m[:3, 3]
+    expect = (pts + u + th[0, 3:]) @ m[:3, :3].T
+    assert torch.allclose(expect, (pts + u) @ m[:3, :3].T + m[:3, 3], atol=1e-10)
     assert torch.allclose(chain.map_grid(g, 1, torch.float64), expect, atol=1e-10)
     assert torch.allclose(chain.map_points(pts), expect, atol=1e-10)
     assert torch.allclose(chain.affine_part(), rigid_matrix(th))

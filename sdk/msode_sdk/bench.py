@@ -9,6 +9,11 @@ rigid motion on the plan's model grid:
   model grid, the stages, world-space outputs on a 1 mm fixed grid);
 * ``warp``: one rigid warp of a model-grid volume through the dispatching warp (kernel when one is
   registered for the device) and through the PyTorch reference.
+* ``cuda`` (CUDA devices only; ``--no-cuda-extras`` skips): the rigid warp of a 240x240x160 float32
+  volume by the fused kernel vs ``F.affine_grid`` + ``F.grid_sample`` (same run), and the registration
+  of an analytic rigid + B-spline plan with fixed-step schedules at 240x240x160, eager vs replayed as a
+  CUDA graph (:mod:`msode_sdk._cuda_graph`), with peak GPU memory of each (the plan is built with
+  ``msode_export``, which must be importable).
 
 Reports p50 / p95 / max in ms, NFE, peak RSS (CPU) and peak GPU memory. Benchmarks measure; they
 assert nothing.
@@ -133,6 +138,107 @@ def bench_warp(grid: Grid, device: torch.device, repeats: int, warmup: int) -> d
             "dispatch_is_kernel": kernel}
 
 
+def _peak_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def _cuda_time(fn, warmup: int, repeats: int, inner: int = 10):
+    """Per-call device time of ``fn`` (CUDA events around ``inner`` back-to-back calls, so launch
+    latency overlaps and no host sync is counted), ``repeats`` samples; returns (seconds list, output)."""
+    out = None
+    for _ in range(max(1, warmup)):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            out = fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return times, out
+
+
+def bench_cuda_extras(device: torch.device, repeats: int, warmup: int, shape_xyz=(240, 240, 160)) -> dict:
+    """See the module docstring (``cuda``). Errors of one part are reported, not raised."""
+    import tempfile
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from .warp import _cuda
+    grid = Grid(tuple(shape_xyz), (1.0, 1.0, 1.0))
+    ok, why = _cuda.available()
+    out: dict = {"shape_xyz": list(grid.shape_xyz), "kernels": ok, "kernels_info": why}
+    try:  # rigid warp: fused kernel vs affine_grid + grid_sample
+        g = torch.Generator(device=device).manual_seed(0)
+        vol = torch.rand(1, 1, *grid.shape_dhw, device=device, generator=g)
+        chain = TransformChain([RigidTransform(torch.tensor([[0.1, 0.2, -0.1, 3.0, 1.0, -2.0]], device=device))])
+        m = chain.transforms[0].matrix[0]
+        half = torch.tensor([max(e, 1e-12) / 2.0 for e in grid.extent_xyz], device=device)
+        theta_n = torch.cat((m[:3, :3] * half[None, :] / half[:, None], (m[:3, 3] / half)[:, None]), 1)[None]
+
+        def torch_warp():
+            sg = F.affine_grid(theta_n, list(vol.shape), align_corners=True)
+            return F.grid_sample(vol, sg, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+        call = _cuda.warp_op_call(vol, grid, chain, grid) if ok else None
+        kernel = (lambda: call[0](*call[1])) if call else (lambda: warp_chain(vol, grid, chain, grid))
+        torch.cuda.reset_peak_memory_stats(device)
+        k_times, k_res = _cuda_time(kernel, warmup, repeats)
+        k_mem = _peak_mib(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t_times, t_res = _cuda_time(torch_warp, warmup, repeats)
+        t_mem = _peak_mib(device)
+        d_times, _ = _time(lambda: warp_chain(vol, grid, chain, grid), device, warmup, repeats)
+        kp, tp = _percentiles(k_times), _percentiles(t_times)
+        out["warp_rigid"] = {"kernel": kp, "affine_grid_grid_sample": tp, "speedup_p50": tp["p50_ms"] / kp["p50_ms"],
+                             "warp_chain_wall": _percentiles(d_times),
+                             "timing": "device time per call (CUDA events over 10 back-to-back calls); "
+                                       "warp_chain_wall: host wall time incl. rigid_matrix and one sync",
+                             "max_abs_diff": float((k_res - t_res).abs().max()), "kernel_is_fused": ok,
+                             "peak_gpu_mem_mib": {"kernel": k_mem, "affine_grid_grid_sample": t_mem}}
+        del vol, k_res, t_res
+    except Exception as exc:  # report and go on
+        out["warp_rigid"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+    try:  # registration, eager vs CUDA graph
+        from msode_export.analytic import build_analytic_plan
+        from msode_export.pack import LevelSolver
+
+        from ._cuda_graph import run_graphed
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = build_analytic_plan(Path(tmp) / "analytic_fixed_step.plan", grid, stages=("rigid", "bspline"),
+                                       schedules={"rigid": (LevelSolver("euler", 0.1),) * 3}, formats=("torchscript",),
+                                       name="analytic_fixed_step_240")
+            reg = Registrar.load(plan, device=str(device), backend="torch")  # reads every member now
+        moving, fixed = (t.to(device) for t in synthetic_pair(grid))
+        reps = max(2, min(repeats, 5))
+        torch.cuda.reset_peak_memory_stats(device)
+        e_times, eager = _time(lambda: reg.register_model_grid(moving, fixed), device, 1, reps)
+        e_mem = _peak_mib(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        run_graphed(reg, moving, fixed, strict=True)  # capture (warm-up included)
+        _sync(device)
+        capture_s = time.perf_counter() - t0
+        g_times, graphed = _time(lambda: run_graphed(reg, moving, fixed, strict=True), device, 1, reps)
+        g_mem = _peak_mib(device)
+        out["registration"] = {
+            "plan": reg.name, "schedules": "rigid F(0.1) x3, B-spline F(0.2)-F(0.2)-F(0.25)",
+            "nfe": {s.name: s.nfe for s in eager.stages},
+            "eager": _percentiles(e_times), "graphed": _percentiles(g_times),
+            "speedup_p50": _percentiles(e_times)["p50_ms"] / _percentiles(g_times)["p50_ms"],
+            "capture_s": capture_s,
+            "graphed_stage_ms": {s.name: s.seconds * 1e3 for s in graphed.stages},
+            "max_abs_diff_warped": float((graphed.warped - eager.warped).abs().max()),
+            "peak_gpu_mem_mib": {"eager": e_mem, "graphed": g_mem},
+        }
+    except Exception as exc:  # report and go on
+        out["registration"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return out
+
+
 def _fmt(p: dict) -> str:
     return f"{p['p50_ms']:10.2f} {p['p95_ms']:10.2f} {p['max_ms']:10.2f}"
 
@@ -158,6 +264,25 @@ def print_table(results: dict, file=None) -> None:
         print(f"warp rigid {w['shape_xyz']}: dispatch ({'kernel' if w['dispatch_is_kernel'] else 'reference'}) "
               f"{w['dispatch']['p50_ms']:.2f} ms p50, reference (affine points + grid_sample) {w['reference']['p50_ms']:.2f} ms p50",
               file=file)
+    c = results.get("cuda")
+    if c:
+        w = c.get("warp_rigid", {})
+        if "error" in w:
+            print(f"cuda warp rigid {c['shape_xyz']}: error {w['error']}", file=file)
+        elif w:
+            print(f"cuda warp rigid {c['shape_xyz']} fp32: {'fused kernel' if w['kernel_is_fused'] else 'reference (no kernel)'} "
+                  f"{w['kernel']['p50_ms']:.3f} ms p50, affine_grid+grid_sample {w['affine_grid_grid_sample']['p50_ms']:.3f} ms p50 "
+                  f"-> {w['speedup_p50']:.1f}x (device time; warp_chain wall {w['warp_chain_wall']['p50_ms']:.3f} ms; "
+                  f"max |diff| {w['max_abs_diff']:.1e}; peak "
+                  f"{w['peak_gpu_mem_mib']['kernel']:.0f} vs {w['peak_gpu_mem_mib']['affine_grid_grid_sample']:.0f} MiB)", file=file)
+        r = c.get("registration", {})
+        if "error" in r:
+            print(f"cuda registration {c['shape_xyz']}: error {r['error']}", file=file)
+        elif r:
+            print(f"cuda registration {c['shape_xyz']} ({r['plan']}, NFE {r['nfe']}): eager {r['eager']['p50_ms']:.1f} ms p50, "
+                  f"CUDA graph {r['graphed']['p50_ms']:.1f} ms p50 -> {r['speedup_p50']:.2f}x (capture {r['capture_s']:.1f} s, "
+                  f"max |diff| {r['max_abs_diff_warped']:.1e}); peak GPU memory eager {r['peak_gpu_mem_mib']['eager']:.0f} MiB, "
+                  f"graphed {r['peak_gpu_mem_mib']['graphed']:.0f} MiB", file=file)
     print(f"peak RSS {results['peak_rss_mib']:.0f} MiB", file=file)
     if any(r.get("analytic_plan") for r in results["runs"]):
         print("note: ANALYTIC plan (SSD gradient descent stand-in networks), not a trained model", file=file)
@@ -172,6 +297,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-end-to-end", action="store_true")
+    ap.add_argument("--no-cuda-extras", action="store_true", help="skip the 240x240x160 kernel / CUDA-graph part on CUDA")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
     args = ap.parse_args(argv)
     from .backends import available_backends
@@ -190,6 +316,8 @@ def main(argv=None) -> int:
     if ok:
         grid = Grid(tuple(ok[0]["model_grid_xyz"]), tuple(ok[0]["spacing_mm"]))
         results["warp"] = bench_warp(grid, device, args.repeats, args.warmup)
+    if device.type == "cuda" and not args.no_cuda_extras:
+        results["cuda"] = bench_cuda_extras(device, args.repeats, args.warmup)
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_table(results)
     if args.json:

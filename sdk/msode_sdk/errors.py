@@ -1,7 +1,9 @@
 """Typed errors raised at the SDK boundary.
 
-Every error a user can provoke with bad input derives from :class:`MsodeError`, so callers (and the
-CLI) can catch one type and print a one-line message.
+Every error a user can provoke with bad input, or that the environment causes in a way the caller can
+act on (out of memory, unwritable output), derives from :class:`MsodeError`, so callers (and the CLI)
+can catch one type and print a one-line message. Messages are single lines that name the offending
+input, file, field or limit. Anything else escaping the SDK is a bug.
 """
 
 
@@ -19,3 +21,14 @@ class InputError(MsodeError, ValueError):
 
 class BackendUnavailable(MsodeError, RuntimeError):
     """A requested device or network backend is not available on this machine."""
+
+
+class ResourceError(MsodeError, MemoryError):
+    """A registration ran out of (GPU or CPU) memory. Cached GPU memory has been released and the
+    :class:`~msode_sdk.Registrar` stays usable: retry with smaller inputs, fewer concurrent calls,
+    or another device."""
+
+
+class OutputError(MsodeError, OSError):
+    """Results could not be written (unwritable or invalid output directory, disk full, ...).
+    Nothing partial is left behind."""

@@ -11,6 +11,8 @@ centre-relative) is the world point ``centre + x``.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nibabel.volumeutils import apply_read_scaling
 
 from .errors import InputError
 from .transforms import Grid
@@ -40,12 +43,32 @@ __all__ = [
     "displacement_nifti",
 ]
 
-# Limits that catch absurd or hostile inputs before they cost memory or time.
-MAX_VOXELS = 1024 ** 3 // 2          # half a billion voxels (2 GiB of float32)
-MAX_DIM = 4096
-SPACING_RANGE_MM = (1e-3, 100.0)
+# Limits that catch absurd or hostile inputs before they cost memory or time. They are checked on the
+# NIfTI header (shape, data type, affine) before any voxel is read, so a file that lies about its size
+# is refused without allocating what it claims.
+MAX_VOXELS = 512 * 512 * 1024        # 2**28 voxels per image (1 GiB as float32)
+MAX_DIM = 4096                       # voxels along any axis
+SPACING_RANGE_MM = (1e-3, 100.0)     # voxel size along every axis (column norms of the affine)
+MAX_CONDITION = 1e6                  # of the affine's direction matrix: beyond it, singular/degenerate
+WORLD_LIMIT_MM = 1e5                 # every voxel centre within +-100 m of the world origin
+MAX_ABS_INTENSITY = 1e30             # |voxel value|; keeps float32 sums and differences finite
+MIN_RELATIVE_RANGE = 1e-6            # (max - min) / max(|min|, |max|): below it the image is ~constant
+_MAX_TRAILING_BYTES = 1 << 20        # decompressed bytes tolerated after a NIfTI's declared voxel data
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _show_path(path, limit: int = 240) -> str:
+    """A path for a one-line message: as is when printable, else escaped; long ones shortened."""
+    text = str(path)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[:limit // 2] + "..." + text[-limit // 2:]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -86,38 +109,76 @@ def _validate_affine(affine, name: str) -> np.ndarray:
     spacing = np.linalg.norm(a[:3, :3], axis=0)
     lo, hi = SPACING_RANGE_MM
     if np.any(spacing < lo) or np.any(spacing > hi):
-        raise InputError(f"{name}: voxel spacing {np.round(spacing, 6).tolist()} mm is outside [{lo}, {hi}] mm")
-    # Singular or nearly so (e.g. two parallel axes): condition of the direction part.
+        raise InputError(f"{name}: voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm is outside "
+                         f"[{lo}, {hi}] mm")
+    # Singular or nearly so (e.g. two parallel axes, extreme shear): condition of the direction part.
     cond = np.linalg.cond(a[:3, :3] / spacing)
-    if not np.isfinite(cond) or cond > 1e6:
-        raise InputError(f"{name}: affine is singular or degenerate (condition number {cond:.3g})")
+    if not np.isfinite(cond) or cond > MAX_CONDITION:
+        raise InputError(f"{name}: affine is singular or degenerate (condition number {cond:.3g} of its "
+                         f"direction matrix; at most {MAX_CONDITION:g})")
     return a
 
 
-def _validate_array(arr, name: str) -> np.ndarray:
-    arr = np.asanyarray(arr)
-    if arr.dtype.kind == "c":
-        raise InputError(f"{name}: complex images are not supported (dtype {arr.dtype})")
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{name}: image data must be numeric, got dtype {arr.dtype}")
-    # Accept trailing singleton dimensions (X, Y, Z, 1), as many tools write them.
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise InputError(f"{name}: expected a 3-D image, got {arr.ndim}-D with shape {tuple(arr.shape)}")
-    if min(arr.shape) < 2:
-        raise InputError(f"{name}: every axis needs at least 2 voxels, got shape {tuple(arr.shape)}")
-    if max(arr.shape) > MAX_DIM or arr.size > MAX_VOXELS:
-        raise InputError(f"{name}: image of shape {tuple(arr.shape)} is larger than supported "
+def _check_shape(shape, name: str) -> tuple[int, ...]:
+    """Validate an array or header shape (trailing singleton axes dropped); returns the 3-D shape."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1), as many tools write them
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(f"{name}: expected a 3-D image, got {len(shape)}-D with shape {shape}")
+    if min(shape) < 0:
+        raise InputError(f"{name}: negative dimension in shape {shape} (corrupted header?)")
+    if min(shape) < 2:
+        raise InputError(f"{name}: every axis needs at least 2 voxels, got shape {shape}")
+    if max(shape) > MAX_DIM or math.prod(shape) > MAX_VOXELS:
+        raise InputError(f"{name}: image of shape {shape} is larger than supported "
                          f"({MAX_DIM} voxels per axis, {MAX_VOXELS} in all)")
-    out = np.asarray(arr, dtype=np.float32)
-    finite = np.isfinite(out)
-    if not finite.all():
-        raise InputError(f"{name}: image has {int((~finite).sum())} NaN/Inf voxels")
-    lo, hi = float(out.min()), float(out.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        raise InputError(f"{name}: image is constant (all voxels = {lo:g}); nothing to register")
-    return np.ascontiguousarray(out)
+    return shape
+
+
+def _check_dtype(dtype, name: str) -> None:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise InputError(f"{name}: complex images are not supported (dtype {dtype})")
+    if dtype.kind not in "biuf":
+        raise InputError(f"{name}: image data must be numeric (bool, int, uint or float), got dtype {dtype}")
+
+
+def _check_world_extent(shape, affine: np.ndarray, name: str) -> None:
+    """Every voxel centre within :data:`WORLD_LIMIT_MM` of the origin (outputs are float32 mm)."""
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
+                       dtype=np.float64)
+    far = float(np.max(np.abs(corners @ affine[:3, :3].T + affine[:3, 3])))
+    if far > WORLD_LIMIT_MM:
+        raise InputError(f"{name}: image lies {far:.4g} mm from the world origin; voxel centres must be "
+                         f"within {WORLD_LIMIT_MM:g} mm (check the affine's translation)")
+
+
+def _validate_array(arr, name: str) -> np.ndarray:
+    """A numeric array -> C-contiguous float32 ``(X, Y, Z)``, or :class:`InputError` naming the problem.
+    Already float32 C-contiguous input is not copied."""
+    try:
+        arr = np.asanyarray(arr)
+    except Exception as exc:  # ragged nested sequences, tensors on a GPU, objects numpy cannot read
+        raise InputError(f"{name}: image data is not a regular numeric array ({_first_line(exc)})") from None
+    if isinstance(arr, np.ma.MaskedArray):
+        raise InputError(f"{name}: masked arrays are not supported; pass plain data (e.g. arr.filled(0))")
+    _check_dtype(arr.dtype, name)
+    arr = arr.reshape(_check_shape(arr.shape, name))
+    lo, hi = arr.min(), arr.max()  # NaN propagates through min/max: two passes decide finiteness
+    if arr.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise InputError(f"{name}: image has {bad} NaN/Inf voxels")
+    big = max(abs(float(lo)), abs(float(hi)))
+    if big > MAX_ABS_INTENSITY:
+        raise InputError(f"{name}: intensities reach {big:.3g}; at most {MAX_ABS_INTENSITY:g} in magnitude is supported")
+    lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))  # rounding is monotone: the float32 extremes
+    if hi32 == lo32:
+        raise InputError(f"{name}: image is constant (all voxels = {lo32:g}); nothing to register")
+    if hi32 - lo32 <= max(MIN_RELATIVE_RANGE * max(abs(lo32), abs(hi32)), 1e-30):
+        raise InputError(f"{name}: intensity range [{lo32:.9g}, {hi32:.9g}] is too narrow to normalise "
+                         f"(nearly constant image)")
+    return np.asarray(arr, dtype=np.float32, order="C")
 
 
 def load_image(obj, name: str = "image") -> Image:
@@ -125,28 +186,48 @@ def load_image(obj, name: str = "image") -> Image:
 
     ``obj``: a path to a NIfTI file (``.nii``/``.nii.gz``), a nibabel spatial image, an :class:`Image`,
     or a tuple ``(array (X, Y, Z), affine 4x4 voxel->RAS mm)``. Raises :class:`InputError` naming
-    the problem.
+    the problem. For files, the header (shape, data type, affine) is checked against the limits of
+    this module before any voxel is read, and the amount of voxel data is checked against the header
+    (truncated files are refused; gzip CRCs are verified) without allocating what the header claims.
     """
     if isinstance(obj, Image):
-        return obj
+        arr = _validate_array(obj.array, obj.name)
+        affine = _validate_affine(obj.affine, obj.name)
+        _check_world_extent(arr.shape, affine, obj.name)
+        return obj if arr is obj.array and affine is obj.affine else Image(arr, affine, obj.name)
     if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        if not path.exists():
-            raise InputError(f"{name}: file not found: {path}")
-        if path.is_dir():
-            raise InputError(f"{name}: {path} is a directory, expected a NIfTI file")
+        try:
+            path = Path(obj)
+            shown = _show_path(path)
+            if "\0" in str(path):
+                raise ValueError("embedded null byte")
+            exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+        except (OSError, TypeError, ValueError) as exc:  # NUL bytes, names too long, bytes paths
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+            raise InputError(f"{name}: invalid path {_show_path(obj)}: {why}") from None
+        if not exists:
+            raise InputError(f"{name}: file not found: {shown}")
+        if is_dir:
+            raise InputError(f"{name}: {shown} is a directory, expected a NIfTI file")
+        if not is_file:
+            raise InputError(f"{name}: {shown} is not a regular file (device, FIFO or socket)")
         try:
             img = nib.load(str(path))
         except Exception as exc:
-            raise InputError(f"{name}: cannot read {path} as NIfTI: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise InputError(f"{name}: cannot read {shown} as NIfTI: {_first_line(exc)}") from None
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise InputError(f"{name}: {path} is a {type(img).__name__}, expected NIfTI")
+            raise InputError(f"{name}: {shown} is a {type(img).__name__}, expected NIfTI")
         return _from_nibabel(img, f"{name} ({path.name})")
     if isinstance(obj, nib.spatialimages.SpatialImage):
         return _from_nibabel(obj, name)
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         arr, affine = obj
-        return Image(_validate_array(arr, name), _validate_affine(affine, name), name)
+        arr = _validate_array(arr, name)
+        affine = _validate_affine(affine, name)
+        _check_world_extent(arr.shape, affine, name)
+        return Image(arr, affine, name)
+    if isinstance(obj, np.ndarray):
+        raise InputError(f"{name}: a bare array has no geometry; pass (array, affine 4x4 voxel->RAS mm)")
     raise InputError(f"{name}: expected a path, a nibabel image or (array, affine), got {type(obj).__name__}")
 
 
@@ -154,11 +235,82 @@ def _from_nibabel(img, name: str) -> Image:
     affine = img.affine
     if affine is None:
         raise InputError(f"{name}: image has no affine")
+    proxy = img.dataobj
     try:
-        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter
-    except Exception as exc:  # truncated gzip, short file, bad header sizes
-        raise InputError(f"{name}: cannot read voxel data: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return Image(_validate_array(data, name), _validate_affine(affine, name), name)
+        header_shape = tuple(int(n) for n in img.shape)
+        header_dtype = np.dtype(img.get_data_dtype())
+    except Exception as exc:
+        raise InputError(f"{name}: unreadable header: {_first_line(exc)}") from None
+    shape = _check_shape(header_shape, name)  # before reading: a lying header costs nothing
+    if nib.is_proxy(proxy):
+        _check_dtype(header_dtype, name)
+    affine = _validate_affine(affine, name)
+    _check_world_extent(shape, affine, name)
+    arr = _validate_array(_read_voxels(img, name), name)
+    return Image(arr, affine, name)
+
+
+def _read_voxels(img, name: str) -> np.ndarray:
+    """The scaled voxel array of a nibabel image. File-backed NIfTI data is checked against the
+    header first: uncompressed files by size, gzip/bzip2 files by streaming into a buffer of the
+    declared size (pages are only committed as data arrives) and reading on to the end, so the gzip
+    CRC is verified and a file holding less (or much more) data than declared is refused."""
+    proxy = img.dataobj
+    file_like = getattr(proxy, "file_like", None)
+    try:
+        if not (nib.is_proxy(proxy) and isinstance(file_like, str) and hasattr(proxy, "offset")):
+            return np.asanyarray(proxy)
+        shape, dtype, offset = tuple(int(n) for n in proxy.shape), np.dtype(proxy.dtype), int(proxy.offset)
+        nbytes = math.prod(shape) * dtype.itemsize
+        lower = file_like.lower()
+        opener = gzip.open if lower.endswith(".gz") else bz2.open if lower.endswith(".bz2") else None
+        if opener is None and lower.endswith((".nii", ".img")):
+            size = os.path.getsize(file_like)
+            if offset + nbytes > size:
+                raise InputError(f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data "
+                                 f"at offset {offset}, the file has {size} bytes")
+        if opener is None:
+            return np.asanyarray(proxy)
+        raw = _read_compressed(opener, file_like, offset, nbytes, name)
+        arr = np.ndarray(shape, dtype, buffer=raw, order=proxy.order)
+        # exactly nibabel's ArrayProxy scaling (scl_slope / scl_inter), see ArrayProxy._get_scaled
+        return apply_read_scaling(arr, np.asanyarray(proxy.slope), np.asanyarray(proxy.inter))
+    except InputError:
+        raise
+    except Exception as exc:  # truncated or corrupted gzip, short file, bad header sizes
+        raise InputError(f"{name}: cannot read voxel data: {_first_line(exc)}") from None
+
+
+def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> np.ndarray:
+    buf = np.empty(nbytes, dtype=np.uint8)  # not touched (committed) beyond what the stream delivers
+    view = memoryview(buf)
+    with opener(path, "rb") as f:
+        pos = 0
+        while pos < offset:
+            chunk = f.read(min(offset - pos, 1 << 20))
+            if not chunk:
+                break
+            pos += len(chunk)
+        got = 0
+        if pos == offset:
+            while got < nbytes:
+                k = f.readinto(view[got:got + (1 << 24)])
+                if not k:
+                    break
+                got += k
+        if got < nbytes:
+            raise InputError(f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data at "
+                             f"offset {offset}, the decompressed file holds {pos + got} bytes")
+        extra = 0
+        while True:  # to the end of the stream: verifies the gzip CRC and length
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            extra += len(chunk)
+            if extra > _MAX_TRAILING_BYTES:
+                raise InputError(f"{name}: file holds more than {_MAX_TRAILING_BYTES} bytes beyond the "
+                                 f"{nbytes} bytes of voxel data its header declares (corrupted header?)")
+    return buf
 
 
 # ---------------------------------------------------------------------------------- layout helpers
@@ -220,7 +372,9 @@ def _gaussian_blur_axes(vol: torch.Tensor, sigmas_dhw) -> torch.Tensor:
     for axis, sigma in enumerate(sigmas_dhw):
         if sigma < 0.3:
             continue
-        radius = int(math.ceil(3.0 * sigma))
+        # 3 sigma, but never more than twice the axis (thin slabs far finer than the grid would
+        # otherwise pad the volume to thousands of slices; beyond 2n the truncation is immaterial)
+        radius = int(min(math.ceil(3.0 * sigma), 2 * vol.shape[2 + axis]))
         x = torch.arange(-radius, radius + 1, dtype=vol.dtype, device=vol.device)
         k = torch.exp(-0.5 * (x / sigma) ** 2)
         k = k / k.sum()

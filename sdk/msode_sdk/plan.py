@@ -1131,6 +1131,9 @@ def plan_summary(plan: Plan) -> str:
                 f"       L{sc.level}: {_fmt_vec(sc.shape_xyz)} at {_fmt_vec(sc.spacing_xyz_mm)} mm, "
                 f"t=[{sc.t0:g}, {sc.t1:g}], {solver}, networks: {', '.join(sorted(sc.networks))}"
             )
+    engine_dirs = sorted({n.split("/")[1] for n in m.members if n.startswith("engines/") and n.count("/") >= 2})
+    lines.append(f"  registrar.ts:  {'yes (whole loop as one TorchScript module)' if 'registrar.ts' in m.members else 'no'}")
+    lines.append(f"  TensorRT engines: {', '.join(engine_dirs) if engine_dirs else 'none (built from ONNX on first use)'}")
     total = sum(e["size"] for e in m.members.values())
     lines.append(f"  members:       {len(m.members)} ({_fmt_bytes(total)}, sha256 verified)")
     for name in sorted(m.members):

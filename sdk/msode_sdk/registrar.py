@@ -9,15 +9,40 @@ Pipeline of :meth:`Registrar.register` (see DESIGN sections 3-4):
 3. map the resulting chain back to world space on the fixed image's native grid: warped image,
    4x4 rigid/affine matrix (RAS), total displacement field (ITK/ANTs convention, LPS).
 
-Thread safety: a Registrar holds only read-only state after loading (plan bytes, loaded networks);
-:meth:`register` allocates everything it writes, so one Registrar may serve several threads. Backends
-whose sessions are not re-entrant serialise their calls internally.
+Errors: bad inputs and arguments raise :class:`~msode_sdk.errors.InputError`, bad plans
+:class:`~msode_sdk.errors.PlanError`, missing devices/backends :class:`~msode_sdk.errors.BackendUnavailable`,
+running out of GPU or CPU memory :class:`~msode_sdk.errors.ResourceError` (cached GPU memory is released
+first; the Registrar stays usable), unwritable outputs :class:`~msode_sdk.errors.OutputError`; all derive
+from :class:`~msode_sdk.errors.MsodeError` and carry a one-line message naming the problem.
+
+Thread safety (contract): after loading, a Registrar holds only read-only state (the verified plan
+bytes, the loaded networks, the model grid). :meth:`register` allocates everything it writes and
+changes no process-global setting (it never calls ``torch.set_num_threads``, ``set_default_dtype``,
+``set_grad_enabled`` or the like; ``inference_mode`` is thread-local). One Registrar may therefore
+serve several threads at once, and backends whose sessions are not re-entrant serialise their calls
+internally. On CPU, concurrent calls give bitwise the same results as serial calls: a torch CPU
+operation's parallel split depends only on the tensor sizes and the process-wide intra-op thread count
+(``torch.get_num_threads()``, which threads started later inherit), never on the calling thread.
+Concurrent calls share the cores (little extra throughput on CPU) and each holds its own working
+memory.
+
+Determinism: on CPU the same inputs give the same output bits, call after call and in fresh processes,
+for a fixed torch version, machine and intra-op thread count. Changing ``torch.set_num_threads``
+(process-global: set it once at start-up, never per call) may change the last bits of float32
+reductions. On CUDA, results are reproducible to float32 rounding; bitwise equality is only promised
+on CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import json
 import logging
 import os
+import threading
+import traceback
+import uuid
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +54,17 @@ import torch
 
 from . import io as _io
 from .backends import BACKENDS, get_backend
-from .errors import BackendUnavailable, InputError, PlanError
+from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, ResourceError
 from .integrate import LevelSchedule, SegmentStats, get_solver, integrate_multiscale
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain, initial_state, make_transform
+from .initialize import moments_initial_theta
 from .warp import sample_points, warp_chain
 
 __all__ = ["Registrar", "RegistrationResult", "ModelGridResult", "StageReport", "bundled_plans", "resolve_plan_path"]
 
 _log = logging.getLogger("msode_sdk")
+INIT_MODES = ("none", "moments")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -80,7 +107,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 # Preference order of backend="auto". On CPU the TorchScript backend is the default: it was
-# measured faster than ONNX Runtime's CPU provider on these networks (see README, "Backends").
+# measured faster than ONNX Runtime's CPU provider on these networks (rule and numbers: msode_sdk.backends docstring).
 _AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("torch", "onnxruntime")}
 
 
@@ -103,6 +130,42 @@ def _pick_backend(name: str, device: torch.device, plan: Plan):
         _log.info("backend auto -> %s on %s%s", cand, device, f" (skipped {'; '.join(reasons)})" if reasons else "")
         return cls(device)
     raise BackendUnavailable(f"no backend can run plan {plan.manifest.name!r} on {device}: {'; '.join(reasons)}")
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate memory")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA OOM, Python/numpy MemoryError, torch's CPU allocator failure, ONNX Runtime's arena."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    from_backend = isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime")
+    return from_backend and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+def _converts_out_of_memory(method):
+    """Running out of memory inside ``method`` becomes :class:`ResourceError`. The original exception
+    (whose traceback frames hold the large tensors) is dropped and cached GPU memory released before
+    the typed error is raised, so the caller can retry at once."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except MsodeError:
+            raise
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'}"
+            gpu = isinstance(exc, torch.cuda.OutOfMemoryError) or self.device.type == "cuda"
+            traceback.clear_frames(exc.__traceback__)
+        # here the handler has ended: the exception and the frames it referenced are gone
+        gc.collect()
+        torch.cuda.empty_cache()  # no-op unless CUDA was initialised
+        raise ResourceError(f"out of {'GPU' if gpu else 'CPU'} memory on {self.device} in {method.__name__} "
+                            f"({what}); cached memory was released and the Registrar remains usable: retry "
+                            f"with fewer concurrent registrations, smaller inputs or another device")
+    return wrapper
 
 
 @dataclass
@@ -188,14 +251,27 @@ class RegistrationResult:
             from ._preview import _require_matplotlib
             _require_matplotlib()  # fail before writing anything
         out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"output path {out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
+        created = []  # directories this call creates, deepest last; removed again on failure
+        try:
+            if out.exists() and not out.is_dir():
+                raise InputError(f"output path {out} exists and is not a directory")
+            for d in (out, *out.parents):
+                if d.exists():
+                    if not d.is_dir():
+                        raise InputError(f"output path {out}: {d} is not a directory")
+                    break
+                created.insert(0, d)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _remove_dirs(created)
+            raise OutputError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
         targets = {"warped": out / "warped.nii.gz", "transform": out / "transform.tfm",
                    "displacement": out / "displacement.nii.gz", "report": out / "report.json"}
         if preview:
             targets["preview"] = out / "preview.png"
-        tmp = {k: v.with_name(f".{v.name}.part{os.getpid()}" + "".join(v.suffixes)) for k, v in targets.items()}
+        token = f".part-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"  # unique per call
+        tmp = {k: v.with_name(f".{v.name}{token}" + "".join(v.suffixes)) for k, v in targets.items()}
+        replaced = []
         try:
             nib.save(self.warped, str(tmp["warped"]))
             _io.write_itk_affine(tmp["transform"], self.matrix)
@@ -206,19 +282,39 @@ class RegistrationResult:
                 write_preview(tmp["preview"], self)
             for k in targets:
                 os.replace(tmp[k], targets[k])
-        finally:
-            for p in tmp.values():
-                if p.exists():
+                replaced.append(targets[k])
+        except BaseException as exc:
+            for p in [*replaced, *tmp.values()]:
+                with contextlib.suppress(OSError):
                     p.unlink()
+            _remove_dirs(created)
+            if isinstance(exc, OSError) and not isinstance(exc, MsodeError):
+                raise OutputError(f"cannot write results to {out}: {exc.strerror or exc}; nothing was left "
+                                  f"behind") from None
+            raise
         return targets
 
 
-class Registrar:
-    """A loaded plan bound to a device and a network backend. See module docstring."""
+def _remove_dirs(dirs) -> None:
+    """Remove directories a failed save created (deepest first), if they are empty."""
+    for d in reversed(dirs):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
-    def __init__(self, plan: Plan, device: str | torch.device = "auto", backend: str = "auto"):
+
+class Registrar:
+    """A loaded plan bound to a device and a network backend. See module docstring (errors, thread
+    safety, determinism)."""
+
+    def __init__(self, plan: Plan, device: str | torch.device = "auto", backend: str = "auto", cuda_graph=False):
         self.plan = plan
         self.device = _resolve_device(device)
+        # cuda_graph: True or a msode_sdk._cuda_graph.GraphOptions -> register_model_grid replays a captured
+        # CUDA graph when the plan allows it (fixed-step solvers), else warns once and runs eagerly.
+        self.cuda_graph = cuda_graph
+        if self.device.type == "cuda":
+            from .warp import ensure_kernels
+            ensure_kernels("cuda")  # build/load the fused warp kernels now, not in the first registration
         self.backend = _pick_backend(backend, self.device, plan)
         m = plan.manifest
         self.model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
@@ -231,10 +327,12 @@ class Registrar:
                          "(mono-modal only)", m.name)
 
     @classmethod
-    def load(cls, plan: str | os.PathLike = "rigid_bspline.plan", device: str = "auto", backend: str = "auto") -> "Registrar":
+    def load(cls, plan: str | os.PathLike = "rigid_bspline.plan", device: str = "auto", backend: str = "auto",
+             cuda_graph=False) -> "Registrar":
         """Load a plan by path or bundled name; ``device``: auto | cpu | cuda[:n];
-        ``backend``: auto | torch | onnxruntime | tensorrt."""
-        return cls(load_plan(resolve_plan_path(plan)), device=device, backend=backend)
+        ``backend``: auto | torch | onnxruntime | tensorrt; ``cuda_graph``: replay the registration as a
+        captured CUDA graph when possible (see :mod:`msode_sdk._cuda_graph`)."""
+        return cls(load_plan(resolve_plan_path(plan)), device=device, backend=backend, cuda_graph=cuda_graph)
 
     @property
     def name(self) -> str:
@@ -248,18 +346,37 @@ class Registrar:
         all_stages = self.plan.manifest.stages
         if stages is None:
             return list(all_stages)
-        stages = list(stages)
+        if isinstance(stages, str):  # one stage name
+            stages = [stages]
+        try:
+            stages = list(stages)
+        except TypeError:
+            raise InputError(f"stages must be a list of stage names from {self.stage_names} (or None for all), "
+                             f"got {type(stages).__name__}") from None
+        wrong = [type(s).__name__ for s in stages if not isinstance(s, str)]
+        if wrong:
+            raise InputError(f"stage names must be strings from {self.stage_names}, got {', '.join(wrong)}")
+        if not stages:
+            raise InputError(f"stages is empty; choose from {self.stage_names} (or None for all)")
         unknown = [s for s in stages if s not in self.stage_names]
-        if unknown or not stages:
-            raise InputError(f"unknown stage(s) {unknown or stages}; this plan has {self.stage_names}")
+        if unknown:
+            raise InputError(f"unknown stage(s) {unknown}; this plan has {self.stage_names}")
         return [s for s in all_stages if s.name in stages]
 
     # ------------------------------------------------------------------ model-grid engine (tensors)
 
-    def register_model_grid(self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None) -> ModelGridResult:
+    @_converts_out_of_memory
+    def register_model_grid(self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None,
+                            init: str | None = None) -> ModelGridResult:
         """Register tensors already on the model grid: ``moving``, ``fixed`` ``(N, 1, D, H, W)`` float32,
         intensities normalised to [0, 1], both centred on their own image centre. Returns the chain
-        (fixed model frame -> moving model frame, mm) and the warped moving tensor."""
+        (fixed model frame -> moving model frame, mm) and the warped moving tensor.
+
+        ``init``: how rigid stages start: ``"none"`` (identity, the paper) or ``"moments"``
+        (principal-axes initialiser, :mod:`msode_sdk.initialize`); default: the stage's plan
+        parameter ``init``, else ``"none"``."""
+        if init not in (None, *INIT_MODES):
+            raise InputError(f"unknown init {init!r}; valid: {list(INIT_MODES)}")
         grid = self.model_grid
         expect = (1, *grid.shape_dhw)
         for name, t in (("moving", moving), ("fixed", fixed)):
@@ -270,6 +387,12 @@ class Registrar:
             raise InputError(f"moving and fixed batch sizes differ: {moving.shape[0]} vs {fixed.shape[0]}")
         moving = moving.to(self.device, torch.float32)
         fixed = fixed.to(self.device, torch.float32)
+        if self.cuda_graph and self.device.type == "cuda":
+            from ._cuda_graph import GraphOptions, run_graphed
+            opts = self.cuda_graph if isinstance(self.cuda_graph, GraphOptions) else None
+            res = run_graphed(self, moving, fixed, stages, options=opts, init=init)
+            if res is not None:
+                return res
         n = moving.shape[0]
         pyramids: dict[Grid, tuple[torch.Tensor, torch.Tensor]] = {grid: (moving, fixed)}
         chain = TransformChain()
@@ -301,6 +424,11 @@ class Registrar:
                     return f
 
                 y0 = initial_state(st.transform, st.params, grid, levels[0].grid, n, torch.float32, self.device)
+                mode = init or st.params.get("init", "none")
+                if st.transform == "rigid" and mode == "moments":
+                    mov0, fix0 = pyramids[levels[0].grid]
+                    y0 = moments_initial_theta(warp_chain(mov0, levels[0].grid, chain, levels[0].grid) if len(chain) else mov0,
+                                               fix0, levels[0].grid)
                 y, seg_stats = integrate_multiscale(st.transform, levels, make_field, y0)
                 if not bool(torch.isfinite(y).all()):
                     raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
@@ -338,22 +466,34 @@ class Registrar:
         flat = img.array.reshape(-1)
         sample = flat[:: max(1, flat.size // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
         norm = m.normalization
-        vol = _io.normalise_intensity(vol, norm["low"], norm["high"], reference=sample)
+        try:
+            vol = _io.normalise_intensity(vol, norm["low"], norm["high"], reference=sample)
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
         if float(vol.max()) <= 0.0:
             raise InputError(f"{name}: no image content inside the model grid around its centre")
         return img, centre, vol
 
-    def register(self, moving, fixed, stages: Sequence[str] | None = None) -> RegistrationResult:
+    @_converts_out_of_memory
+    def register(self, moving, fixed, stages: Sequence[str] | None = None, init: str | None = None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
         Each input: a NIfTI path, a nibabel image, or ``(array (X, Y, Z), affine 4x4 voxel->RAS mm)``.
         ``stages``: a subset of the plan's stage names (default: all, in plan order).
+        ``init``: ``"none"`` | ``"moments"`` for rigid stages (see :meth:`register_model_grid`).
+
+        Raises :class:`InputError` for bad inputs or arguments (checked, both images included, before
+        any expensive work), :class:`ResourceError` when memory runs out. Safe to call from several
+        threads at once (module docstring).
         """
         t0 = time.perf_counter()
+        self._select_stages(stages)  # argument errors first
+        moving = _io.load_image(moving, "moving")  # both inputs validated before either is resampled
+        fixed = _io.load_image(fixed, "fixed")
         mov_img, c_m, mov = self.prepare(moving, "moving")
         fix_img, c_f, fix = self.prepare(fixed, "fixed")
         t1 = time.perf_counter()
-        res = self.register_model_grid(mov, fix, stages)
+        res = self.register_model_grid(mov, fix, stages, init=init)
         t2 = time.perf_counter()
         warped, matrix, disp = self._to_world(res.chain, mov_img, c_m, fix_img, c_f)
         t3 = time.perf_counter()

@@ -11,10 +11,10 @@ Conventions (one place for all of them):
   (the pull-back convention of ITK and of image warping: ``warped(x) = moving(phi(x))``).
 * A :class:`TransformChain` ``[T1, T2, ..., Tk]`` (stages in registration order, e.g. rigid then
   B-spline) maps ``x -> T1(T2(...Tk(x)))``: the later, finer stage acts first on the fixed side.
-  For rigid-then-deformable this is ``phi(x) = R (x + u(x)) + t``.
-* Rigid parameters ``theta = (rx, ry, rz, tx, ty, tz)``: rotations in radians about the x, y, z axes
-  through the grid centre, composed as ``R = Rz @ Ry @ Rx``, translations in mm:
-  ``phi(x) = R x + t``.
+  For rigid-then-deformable this is ``phi(x) = R (x + u(x) + t)``.
+* Rigid parameters ``theta = (rx, ry, rz, tx, ty, tz)``: the rotation vector ``(rx, ry, rz)`` in
+  radians (axis times angle, about the grid centre; :func:`rigid_matrix`) and a fixed-frame
+  translation in mm: ``phi(x) = R (x + t)``. (Euler-angle motions convert with :func:`euler_to_rigid`.)
 * B-spline: control points on a regular lattice of spacing ``control_spacing`` (mm, per axis x, y, z)
   centred on the grid, ``ceil(extent / spacing) + 3`` points per axis so every point of the grid has
   its full 4x4x4 support; coefficients are displacements in mm, tensor ``(N, 3, cz, cy, cx)``;
@@ -41,6 +41,8 @@ __all__ = [
     "TransformChain",
     "rigid_matrix",
     "matrix_to_rigid",
+    "euler_to_rigid",
+    "rigid_matrix_unchecked",
     "bspline_kernel",
     "TRANSFORM_KINDS",
     "make_transform",
@@ -100,47 +102,90 @@ class Grid:
 # --------------------------------------------------------------------------------------------- rigid
 
 
+def _skew(v: torch.Tensor) -> torch.Tensor:
+    """``(N, 3)`` -> ``(N, 3, 3)`` cross-product matrices ``[v]x``."""
+    z = torch.zeros_like(v[:, 0])
+    return torch.stack((torch.stack((z, -v[:, 2], v[:, 1]), -1),
+                        torch.stack((v[:, 2], z, -v[:, 0]), -1),
+                        torch.stack((-v[:, 1], v[:, 0], z), -1)), -2)
+
+
 def rigid_matrix(theta: torch.Tensor) -> torch.Tensor:
     """``(N, 6)`` rigid parameters ``(rx, ry, rz [rad], tx, ty, tz [mm])`` -> ``(N, 4, 4)`` matrices.
 
-    ``R = Rz @ Ry @ Rx``; the matrix maps centre-relative fixed-frame mm points to moving-frame ones.
+    The rotation is the rotation vector ``r = (rx, ry, rz)`` (axis ``r / |r|``, angle ``|r|``, about the
+    grid centre; Rodrigues' formula) and ``t`` is a translation in the FIXED frame applied first: the
+    matrix maps centre-relative fixed-frame mm points to moving-frame ones, ``phi(x) = R (x + t)``.
+    Why: a network sees misalignment in the fixed frame (the warped image lives there), so additive
+    updates of a fixed-frame translation and of a rotation vector are right whatever the current
+    rotation (below 180 degrees), where ``R x + t`` would rotate the translation dynamics by ``R`` and
+    Euler angles degenerate at 90 degrees of pitch.
     """
     if theta.ndim != 2 or theta.shape[-1] != 6:
         raise InputError(f"rigid parameters must be (N, 6), got {tuple(theta.shape)}")
-    rx, ry, rz = theta[:, 0], theta[:, 1], theta[:, 2]
-    cx, sx = torch.cos(rx), torch.sin(rx)
-    cy, sy = torch.cos(ry), torch.sin(ry)
-    cz, sz = torch.cos(rz), torch.sin(rz)
+    return rigid_matrix_unchecked(theta)
+
+
+def rigid_matrix_unchecked(theta: torch.Tensor) -> torch.Tensor:
+    """:func:`rigid_matrix` without the shape check; TorchScript-compatible (``torch.jit.script``
+    it to reuse the exact same rotation convention in scripted code, e.g. ``registrar.ts``)."""
+    r = theta[:, :3]
+    angle2 = (r * r).sum(-1)
+    angle = torch.sqrt(angle2.clamp(min=1e-12))
+    small = angle2 < 1e-8
+    a = torch.where(small, 1.0 - angle2 / 6.0, torch.sin(angle) / angle)
+    b = torch.where(small, 0.5 - angle2 / 24.0, (1.0 - torch.cos(angle)) / angle2.clamp(min=1e-12))
+    k = _skew(r)
+    eye = torch.eye(3, dtype=theta.dtype, device=theta.device).expand(theta.shape[0], 3, 3)
+    rot = eye + a[:, None, None] * k + b[:, None, None] * (k @ k)
+    top = torch.cat((rot, rot @ theta[:, 3:, None]), dim=-1)  # phi(x) = R (x + t)
+    bottom = torch.zeros_like(top[:, :1, :])
+    bottom[..., 3] = 1.0
+    return torch.cat((top, bottom), dim=-2)
+
+
+def euler_to_rigid(angles_xyz: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """Rigid parameters of the map ``x -> R x + translation`` with ``R`` from Euler angles (rad,
+    ``R = Rz @ Ry @ Rx``, the convention of "rotations of U(-75, 75) degrees about each axis"):
+    ``(N, 3), (N, 3) -> (N, 6)`` (rotation vector, fixed-frame translation ``R^T translation``)."""
+    rx, ry, rz = angles_xyz[:, 0], angles_xyz[:, 1], angles_xyz[:, 2]
     one, zero = torch.ones_like(rx), torch.zeros_like(rx)
-    # Rz @ Ry @ Rx written out, row by row.
-    r00 = cz * cy
-    r01 = cz * sy * sx - sz * cx
-    r02 = cz * sy * cx + sz * sx
-    r10 = sz * cy
-    r11 = sz * sy * sx + cz * cx
-    r12 = sz * sy * cx - cz * sx
-    r20 = -sy
-    r21 = cy * sx
-    r22 = cy * cx
-    rows = [
-        torch.stack((r00, r01, r02, theta[:, 3]), -1),
-        torch.stack((r10, r11, r12, theta[:, 4]), -1),
-        torch.stack((r20, r21, r22, theta[:, 5]), -1),
-        torch.stack((zero, zero, zero, one), -1),
-    ]
-    return torch.stack(rows, dim=-2)
+    def rot(c, s, axis):
+        if axis == 0:
+            rows = ((one, zero, zero), (zero, c, -s), (zero, s, c))
+        elif axis == 1:
+            rows = ((c, zero, s), (zero, one, zero), (-s, zero, c))
+        else:
+            rows = ((c, -s, zero), (s, c, zero), (zero, zero, one))
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+    r = rot(torch.cos(rz), torch.sin(rz), 2) @ rot(torch.cos(ry), torch.sin(ry), 1) @ rot(torch.cos(rx), torch.sin(rx), 0)
+    m = torch.eye(4, dtype=angles_xyz.dtype, device=angles_xyz.device).repeat(angles_xyz.shape[0], 1, 1)
+    m[:, :3, :3] = r
+    m[:, :3, 3] = translation
+    return matrix_to_rigid(m)
 
 
 def matrix_to_rigid(matrix: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rigid_matrix` for proper rotations: ``(N, 4, 4)`` -> ``(N, 6)``.
-
-    Angles come back in ``rx, rz in (-pi, pi]``, ``ry in [-pi/2, pi/2]``.
-    """
+    """Inverse of :func:`rigid_matrix` for proper rotations: ``(N, 4, 4)`` -> ``(N, 6)``; the rotation
+    vector comes back with angle in ``[0, pi]``."""
     r = matrix[:, :3, :3]
-    ry = torch.asin(torch.clamp(-r[:, 2, 0], -1.0, 1.0))
-    rx = torch.atan2(r[:, 2, 1], r[:, 2, 2])
-    rz = torch.atan2(r[:, 1, 0], r[:, 0, 0])
-    return torch.cat((torch.stack((rx, ry, rz), -1), matrix[:, :3, 3]), dim=-1)
+    cos = ((r.diagonal(dim1=1, dim2=2).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
+    angle = torch.acos(cos)
+    vee = torch.stack((r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]), -1)
+    sin = torch.sin(angle)
+    # general case: r = angle / (2 sin angle) * vee(R - R^T) (series near 0)
+    factor = torch.where(angle < 1e-4, 0.5 + angle * angle / 12.0, angle / (2.0 * sin.clamp(min=1e-12)))
+    general = factor[:, None] * vee
+    # near pi: (R + R^T)/2 - cos I = (1 - cos) n n^T; take the best-conditioned column for the axis
+    b = 0.5 * (r + r.transpose(1, 2)) - cos[:, None, None] * torch.eye(3, dtype=r.dtype, device=r.device)
+    diag = b.diagonal(dim1=1, dim2=2)
+    col = torch.gather(b, 2, diag.argmax(-1)[:, None, None].expand(-1, 3, 1))[..., 0]
+    n = col / torch.linalg.norm(col, dim=-1, keepdim=True).clamp(min=1e-12)
+    sign = torch.where((n * vee).sum(-1) < 0, -torch.ones_like(angle), torch.ones_like(angle))
+    near_pi = angle[:, None] * n * sign[:, None]
+    rot = torch.where((angle > 2.5)[:, None], near_pi, general)
+    t = (r.transpose(1, 2) @ matrix[:, :3, 3:])[..., 0]  # matrix translation = R t
+    return torch.cat((rot, t), dim=-1)
 
 
 def apply_matrix(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -284,7 +329,7 @@ class Transform:
 
 
 class RigidTransform(Transform):
-    """``phi(x) = R x + t``; ``state`` is ``(N, 6)`` = ``(rx, ry, rz, tx, ty, tz)``."""
+    """``phi(x) = R (x + t)``; ``state`` is ``(N, 6)`` = ``(rx, ry, rz, tx, ty, tz)`` (see :func:`rigid_matrix`)."""
 
     kind = "rigid"
 

@@ -54,7 +54,7 @@ B-spline coefficients N(0, 8^2) mm on a lattice of ``DEFAULT_CONTROL_SPACING_MM`
 does not state its spacing; at 40 mm and 8 mm std the map has ~4.5 mm RMS displacement and, over 20
 draws on the 2 mm grid, a smallest Jacobian determinant of 0.51 (median of the per-draw minima 0.63),
 so no folding; at 20 mm the minima drop to 0.13-0.23); hybrid U(-40, 40) deg,
-U(-10, 10) mm, then the B-spline: ``phi(x) = R (x + u(x)) + t`` (SDK chain [rigid, bspline]).
+U(-10, 10) mm, then the B-spline: ``phi(x) = R (x + u(x) + t)`` (SDK chain [rigid, bspline]).
 
 Pairs (:func:`make_pair`) make the ground truth exact by construction: the moving image is the
 subject itself, the fixed image is the subject pulled back through the ground-truth map,
@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 
 from msode_sdk.io import array_to_tensor
-from msode_sdk.transforms import (BSplineLattice, BSplineTransform, Grid, RigidTransform, Transform,
+from msode_sdk.transforms import (BSplineLattice, BSplineTransform, Grid, RigidTransform, Transform, euler_to_rigid,
                                   TransformChain)
 from msode_sdk.warp import sample_points, warp_chain
 
@@ -634,12 +634,14 @@ def motion_lattice(grid: Grid, control_spacing_mm: float = DEFAULT_CONTROL_SPACI
 
 
 def sample_rigid(rng, n: int = 1, max_rot_deg: float = 75.0, max_trans_mm: float = 20.0) -> torch.Tensor:
-    """``(n, 6)`` float32 rigid parameters: rotations U(-max_rot_deg, max_rot_deg) degrees per axis
-    (returned in radians) and translations U(-max_trans_mm, max_trans_mm) mm."""
+    """``(n, 6)`` float32 rigid parameters (SDK convention: rotation vector + mm) of the paper's motion:
+    Euler rotations U(-max_rot_deg, max_rot_deg) degrees about each axis (``R = Rz @ Ry @ Rx``) and
+    translations U(-max_trans_mm, max_trans_mm) mm."""
     rng = _as_rng(rng)
     rot = np.deg2rad(rng.uniform(-max_rot_deg, max_rot_deg, (n, 3)))
     trans = rng.uniform(-max_trans_mm, max_trans_mm, (n, 3))
-    return torch.from_numpy(np.concatenate([rot, trans], axis=1).astype(np.float32))
+    theta = euler_to_rigid(torch.from_numpy(rot), torch.from_numpy(trans))
+    return theta.to(torch.float32)
 
 
 def sample_bspline(rng, lattice: BSplineLattice, n: int = 1, std_mm: float = 8.0,
@@ -658,7 +660,7 @@ def sample_bspline(rng, lattice: BSplineLattice, n: int = 1, std_mm: float = 8.0
 def sample_hybrid(rng, lattice: BSplineLattice, n: int = 1, max_rot_deg: float = 40.0,
                   max_trans_mm: float = 10.0, std_mm: float = 8.0, zero_border: bool = False):
     """``(theta (n, 6), coeffs (n, 3, cz, cy, cx))``: rigid U(-40, 40) deg, U(-10, 10) mm, plus the
-    B-spline N(0, 8^2) mm; the chain is [rigid, bspline], ``phi(x) = R (x + u(x)) + t``."""
+    B-spline N(0, 8^2) mm; the chain is [rigid, bspline], ``phi(x) = R (x + u(x) + t)``."""
     rng = _as_rng(rng)
     theta = sample_rigid(rng, n, max_rot_deg, max_trans_mm)
     return theta, sample_bspline(rng, lattice, n, std_mm, zero_border)

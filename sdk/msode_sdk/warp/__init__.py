@@ -5,6 +5,10 @@ reference (:mod:`._reference`) defines the semantics: trilinear interpolation, `
 voxel-centre convention, zeros outside the source volume. Accelerated kernels (CUDA) register
 themselves with :func:`register_kernel` for a device type and a tuple of stage kinds, and must match
 the reference to 1e-5 (fp32); anything without a registered kernel falls back to the reference.
+
+The CUDA kernels (:mod:`._cuda`, operators ``msode::*`` of :mod:`._ops`) are built and registered
+lazily by :func:`ensure_kernels`: on the first CUDA volume :func:`warp_chain` sees, or when a
+``Registrar`` is created on a CUDA device. ``MSODE_WARP_KERNELS=0`` disables them.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 from ..transforms import Grid, TransformChain
 from ._reference import sample_points, warp_chain_reference
 
-__all__ = ["warp_chain", "sample_points", "register_kernel", "registered_kernels", "warp_chain_reference"]
+__all__ = ["warp_chain", "sample_points", "register_kernel", "registered_kernels", "warp_chain_reference",
+           "ensure_kernels"]
 
 _log = logging.getLogger(__name__)
 
@@ -33,10 +38,26 @@ def registered_kernels() -> list[tuple[str, tuple[str, ...]]]:
     return sorted(_KERNELS)
 
 
+_ENSURED: set[str] = set()
+
+
+def ensure_kernels(device_type: str = "cuda") -> bool:
+    """Build/load and register the accelerated kernels of ``device_type`` once per process (CUDA: see
+    :mod:`._cuda`; a failure is logged once and the reference is used). Returns whether any kernel is
+    registered for ``device_type``."""
+    if device_type == "cuda" and device_type not in _ENSURED:
+        _ENSURED.add(device_type)
+        from . import _cuda
+        _cuda.load()
+    return any(dev == device_type for dev, _ in _KERNELS)
+
+
 def warp_chain(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, out_grid: Grid,
                use_kernels: bool = True) -> torch.Tensor:
     """Resample ``volume`` ``(N, C, D, H, W)`` on ``src_grid`` at ``chain(x)`` for every voxel ``x`` of
     ``out_grid``; returns ``(N, C, D', H', W')``. Points are mm, centre-relative (see transforms)."""
+    if use_kernels and volume.is_cuda and "cuda" not in _ENSURED:
+        ensure_kernels("cuda")
     if use_kernels and _KERNELS:
         key = (volume.device.type, tuple(t.kind for t in chain.transforms))
         fn = _KERNELS.get(key)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (DESIGN section 1), for the device machine. From the repository root:
+#
+#   bash scripts/gpu_check.sh
+#
+# Before the device run, here: `bash scripts/fetch_device_wheels.sh` (the device image lacks nibabel),
+# then run this with `carry: [".whl"]` and a timeout of >= 420 s. It finishes in < 6 minutes:
+#
+#   1. versions: nvidia-smi, python, torch/CUDA, nvcc, ninja;
+#   2. installs the carried wheels (.whl/*.whl, if any) into /tmp/site, nothing else;
+#   3. builds the fused warp kernels (msode_sdk.warp._cuda; cache in build/msode_cache, kept between
+#      calls on a warm machine) and says whether they loaded;
+#   4. `pytest -m gpu -q` (every GPU test of the suite; kernel == reference, graphed == eager loop);
+#   5. the benchmark `python -m msode_sdk.bench --device cuda --json $OUT/bench.json` (kernel vs
+#      affine_grid + grid_sample at 240x240x160, eager vs CUDA-graph registration, peak GPU memory);
+#   6. the CPU tests of the warps (including the kernel math compiled for the host), if time is left.
+#
+# Logs go to $OUT (the device tool's output folder) or out/gpu_check/: env_build.txt, pytest_gpu.txt,
+# bench.txt, bench.json, pytest_cpu.txt, summary.txt (+ build_error.log when the build failed).
+# Exit status: 0 when the kernels loaded and the GPU tests passed, else 1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-out/gpu_check}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+BUDGET=${GPU_CHECK_BUDGET_S:-330}  # stop starting optional steps after this many seconds
+
+{
+  echo "== gpu_check $(date -u +%FT%TZ) in $PWD"
+  nvidia-smi || echo "nvidia-smi failed"
+  "$PY" - <<'PYEOF'
+import platform, sys
+import torch
+print("python", sys.version.split()[0], platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"cc {p.major}.{p.minor}", f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
+PYEOF
+  command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc not on PATH"
+  command -v ninja >/dev/null && echo "ninja $(ninja --version)" || echo "ninja not on PATH"
+} 2>&1 | tee "$OUT_DIR/env_build.txt"
+
+# Carried wheels (nibabel): install into /tmp/site, nothing heavy, no index.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  echo "== installing carried wheels: $(ls .whl)" | tee -a "$OUT_DIR/env_build.txt"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | tee -a "$OUT_DIR/env_build.txt"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/sdk:$PWD/export:$PWD/training:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+export MSODE_CACHE_DIR="${MSODE_CACHE_DIR:-$PWD/build/msode_cache}"
+if ! "$PY" -c "import nibabel" 2>/dev/null; then
+  echo "!! nibabel is missing: run scripts/fetch_device_wheels.sh on the dev machine and carry .whl" | tee -a "$OUT_DIR/env_build.txt"
+fi
+
+echo "== building the CUDA warp kernels ($(elapsed) s)" | tee -a "$OUT_DIR/env_build.txt"
+timeout 240 "$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT_DIR/env_build.txt"
+import logging, time
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+t = time.time()
+from msode_sdk.warp import _cuda
+ok, why = _cuda.available()
+print(f"kernels loaded: {ok} ({why}) in {time.time() - t:.1f} s; build dir {_cuda.build_directory()}")
+raise SystemExit(0 if ok else 3)
+PYEOF
+BUILD_RC=${PIPESTATUS[0]}
+find "$MSODE_CACHE_DIR" -name build_error.log -exec cp {} "$OUT_DIR/" \; 2>/dev/null
+
+echo "== pytest -m gpu ($(elapsed) s)"
+timeout 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT_DIR/pytest_gpu.txt"
+GPU_RC=${PIPESTATUS[0]}
+
+BENCH_RC=skipped
+if [ "$(elapsed)" -lt "$BUDGET" ]; then
+  echo "== bench ($(elapsed) s)"
+  timeout $(( BUDGET + 20 - $(elapsed) )) "$PY" -m msode_sdk.bench --device cuda --backend torch --repeats 10 --warmup 2 \
+    --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt"
+  BENCH_RC=${PIPESTATUS[0]}
+fi
+
+CPU_RC=skipped
+if [ "$(elapsed)" -lt "$BUDGET" ]; then
+  echo "== CPU tests of the warps ($(elapsed) s)"
+  timeout $(( BUDGET + 20 - $(elapsed) )) "$PY" -m pytest -q -p no:cacheprovider -m "not gpu and not slow" \
+    tests/test_cuda_warp.py tests/test_transforms_warp.py 2>&1 | tee "$OUT_DIR/pytest_cpu.txt"
+  CPU_RC=${PIPESTATUS[0]}
+fi
+
+{
+  echo "kernels build rc=$BUILD_RC (0 = loaded)"
+  echo "pytest -m gpu rc=$GPU_RC: $(tail -n 1 "$OUT_DIR/pytest_gpu.txt")"
+  echo "bench rc=$BENCH_RC"
+  [ -f "$OUT_DIR/bench.txt" ] && grep -E "^cuda |^warp |model-grid whole|peak GPU" "$OUT_DIR/bench.txt"
+  echo "cpu tests rc=$CPU_RC${CPU_RC:+: $( [ -f "$OUT_DIR/pytest_cpu.txt" ] && tail -n 1 "$OUT_DIR/pytest_cpu.txt")}"
+  echo "total $(elapsed) s"
+} 2>&1 | tee "$OUT_DIR/summary.txt"
+[ "$BUILD_RC" = 0 ] && [ "$GPU_RC" = 0 ] && exit 0
+exit 1
