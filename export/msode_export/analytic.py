@@ -191,11 +191,12 @@ def analytic_network(transform: str, level_grid: Grid, model_grid: Grid, params:
 
 def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), control_spacing_mm=(16.0, 16.0, 16.0),
                         schedules: dict | None = None, formats=("torchscript", "onnx"), centre: str = "fov",
-                        name: str | None = None, gains: dict | None = None):
+                        name: str | None = None, gains: dict | None = None, registrar_ts: bool = False):
     """Write a plan whose networks are the analytic SSD fields above (``analytic: true``).
 
     ``schedules``: stage kind -> sequence of :class:`msode_export.pack.LevelSolver` (default: the
-    paper's schedules); ``gains``: stage kind -> ODE gain.
+    paper's schedules); ``gains``: stage kind -> ODE gain; ``registrar_ts``: also embed the whole loop
+    as ``registrar.ts`` (:func:`msode_export.scripted.add_registrar_ts`; needs TorchScript networks).
     """
     from .pack import PAPER_SCHEDULES, StageDef, build_plan, level_grids
 
@@ -210,10 +211,14 @@ def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), con
         defs.append(StageDef(kind, kind, sched, params))
         for lv, grid in enumerate(level_grids(model_grid, len(sched)), start=1):
             nets[(kind, lv)] = analytic_network(kind, grid, model_grid, net_params)
-    return build_plan(
+    out = build_plan(
         path, name or "analytic_" + "_".join(stages), model_grid, defs, nets, formats=formats, analytic=True,
         centre=centre, modalities=[],
         description=("ANALYTIC plan: the 'networks' are closed-form SSD Gauss-Newton/gradient flows, not "
                      "trained models. Plain gradient descent in the MS-ODENet loop; same-contrast pairs only."),
         training={"kind": "analytic", "note": "no training; msode_export.analytic"},
     )
+    if registrar_ts:
+        from .scripted import add_registrar_ts
+        add_registrar_ts(out)
+    return out

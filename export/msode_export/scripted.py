@@ -1,0 +1,663 @@
+"""The whole registrar loop as one TorchScript module: the plan member ``registrar.ts``.
+
+For C++ (LibTorch) embedding without Python at run time::
+
+    torch::jit::Module reg = torch::jit::load("registrar.ts", device);   // or read it from the .plan zip
+    auto out = reg.forward({moving, fixed}).toTuple();                      // (warped, displacement, matrix)
+
+Contract of ``forward(moving, fixed)``
+-------------------------------------
+* Inputs: ``(N, 1, D, H, W)`` float32 tensors (``N = 1`` for one pair) **already on the plan's model grid**
+  (RAS, axis-aligned, each centred on its own image centre, see :mod:`msode_sdk.io`) and normalised to
+  [0, 1]; both on the same device as the module. What the Python SDK does before
+  :meth:`msode_sdk.Registrar.register_model_grid` (resampling, intensity normalisation) stays the
+  caller's job; ``describe()`` returns the model grid and normalisation as JSON.
+* Returns ``(warped, displacement, matrix)``:
+
+  - ``warped`` ``(N, 1, D, H, W)``: the moving tensor resampled through the whole transform chain;
+  - ``displacement`` ``(N, 3, D, H, W)``: total map ``phi(x) - x`` in **voxels of the model grid**,
+    channel 0 = x (W axis), 1 = y (H), 2 = z (D): fixed voxel ``(x, y, z)`` maps to moving voxel
+    ``(x, y, z) + displacement[:, :, z, y, x]``;
+  - ``matrix``: float64, ``(4, 4)`` for ``N = 1`` (``(N, 4, 4)`` for a batch): the rigid part of the
+    chain (product of the rigid stages; identity without one) in voxel space, mapping the fixed
+    model-grid voxel index ``(x, y, z, 1)`` to the moving model-grid voxel index.
+
+Semantics are those of the Python SDK, line for line (and checked by the parity test in
+``tests/test_export.py``): the pyramid of :meth:`msode_sdk.Registrar._downsample`, the solvers of
+:mod:`msode_sdk.integrate` (the fixed-step grid is precomputed with
+:func:`msode_sdk.integrate.fixed_step_grid`; adaptive Heun with the same error norm, step control and
+``max_steps``), the transforms of :mod:`msode_sdk.transforms` (the rigid
+rotation of :func:`~msode_sdk.transforms.rigid_matrix` about the grid centre -- the very same function,
+scripted --, exact separable cubic B-spline on each level grid, gather-based B-spline at arbitrary
+points, dense fields border-extended) and the reference warps of :mod:`msode_sdk.warp._reference`
+(``grid_sample``, ``align_corners=True``, zeros padding). The per-level networks are the plan's own
+TorchScript members, embedded as submodules. The module needs nothing but LibTorch (no custom ops); it is
+saved by the torch version that built it and loads in that LibTorch version or newer.
+
+Run time: the first two calls are slower (TorchScript's profiling executor specialises and optimises the
+graphs: ~1 s on a small grid); warm the module up once before timing it. Each transform kind and each
+solver is its own small module so that the compiled graphs hold only the code a level needs.
+
+Build with :func:`build_registrar_ts` (bytes) or add to a plan with :func:`add_registrar_ts`
+(``msode export`` and ``scripts/build_analytic_plan.py`` do it by default).
+"""
+# No ``from __future__ import annotations`` here: TorchScript reads the class annotations as real types.
+
+import copy
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msode_sdk.errors import PlanError
+from msode_sdk.integrate import fixed_step_grid
+from msode_sdk.plan import Plan, load_plan, write_plan
+from msode_sdk.transforms import Grid, apply_matrix, bspline_kernel, lattice_for, rigid_matrix_unchecked
+
+__all__ = ["REGISTRAR_MEMBER", "RegistrarModule", "build_registrar_module", "build_registrar_ts",
+           "add_registrar_ts", "load_registrar_ts"]
+
+REGISTRAR_MEMBER = "registrar.ts"
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript ports of msode_sdk.transforms / warp._reference (same ops in the same order).
+# Grids are (shape_xyz: List[int], spacing_xyz: List[float]); stage parameters are List[float]:
+#   rigid: []     bspline: [csx, csy, csz, ncx, ncy, ncz]     dense: [nx, ny, nz, sx, sy, sz] (its grid)
+# ------------------------------------------------------------------------------------------------
+
+
+def _axis_coords(n: int, s: float, device: torch.device) -> Tensor:
+    return (torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2.0) * s
+
+
+def _grid_points(shape: List[int], spacing: List[float], device: torch.device) -> Tensor:
+    xs = _axis_coords(shape[0], spacing[0], device)
+    ys = _axis_coords(shape[1], spacing[1], device)
+    zs = _axis_coords(shape[2], spacing[2], device)
+    g = torch.meshgrid([zs, ys, xs], indexing="ij")
+    return torch.stack([g[2], g[1], g[0]], dim=-1)
+
+
+def _normalise(points: Tensor, shape: List[int], spacing: List[float]) -> Tensor:
+    half: List[float] = []
+    for i in range(3):
+        half.append(max((shape[i] - 1) * spacing[i], 1e-12) / 2.0)
+    return points / torch.tensor(half, dtype=points.dtype, device=points.device)
+
+
+def _sample(volume: Tensor, shape: List[int], spacing: List[float], points: Tensor) -> Tensor:
+    return F.grid_sample(volume, _normalise(points, shape, spacing).to(volume.dtype), mode="bilinear",
+                         padding_mode="zeros", align_corners=True)
+
+
+# The rotation convention, point mapping and B-spline kernel are the SDK's own functions (TorchScript
+# compiles them into the module): one definition, no drift.
+_rigid_matrix = rigid_matrix_unchecked
+_apply_matrix = apply_matrix
+_bspline_kernel = bspline_kernel
+
+
+def _bspline_basis(coords: Tensor, n_ctrl: int, cs: float) -> Tensor:
+    p = (torch.arange(n_ctrl, dtype=coords.dtype, device=coords.device) - (n_ctrl - 1) / 2.0) * cs
+    return _bspline_kernel((coords[:, None] - p[None, :]) / cs)
+
+
+def _bspline_on(coeffs: Tensor, params: List[float], shape: List[int], spacing: List[float]) -> Tensor:
+    """Exact separable FFD displacement ``(N, 3, D, H, W)`` on a grid (BSplineLattice.displacement_on)."""
+    bx = _bspline_basis(_axis_coords(shape[0], spacing[0], coeffs.device).to(coeffs.dtype), int(params[3]), params[0])
+    by = _bspline_basis(_axis_coords(shape[1], spacing[1], coeffs.device).to(coeffs.dtype), int(params[4]), params[1])
+    bz = _bspline_basis(_axis_coords(shape[2], spacing[2], coeffs.device).to(coeffs.dtype), int(params[5]), params[2])
+    out = torch.einsum("ncklm,xm->ncklx", coeffs, bx)
+    out = torch.einsum("ncklx,yl->nckyx", out, by)
+    out = torch.einsum("nckyx,zk->nczyx", out, bz)
+    return out
+
+
+def _bspline_at(coeffs: Tensor, points: Tensor, params: List[float]) -> Tensor:
+    """FFD displacement at arbitrary points (BSplineLattice.displacement_at, same chunking)."""
+    chunk = 1 << 20
+    n = points.shape[0]
+    flat = points.reshape(n, -1, 3)
+    out = torch.empty_like(flat)
+    cx, cy, cz = int(params[3]), int(params[4]), int(params[5])
+    ncs = [cx, cy, cz]
+    coeff_flat = coeffs.reshape(n, 3, -1)
+    total = flat.shape[1]
+    for start in range(0, total, chunk):
+        pts = flat[:, start: start + chunk]
+        idx: List[Tensor] = []
+        wts: List[Tensor] = []
+        for a in range(3):
+            nc = ncs[a]
+            u = pts[..., a] / params[a] + (nc - 1) / 2.0
+            base = torch.floor(u) - 1
+            offs = torch.arange(4, dtype=pts.dtype, device=pts.device)
+            k = base[..., None] + offs
+            w = _bspline_kernel(u[..., None] - k)
+            valid = (k >= 0) & (k <= nc - 1)
+            wts.append(torch.where(valid, w, torch.zeros_like(w)))
+            idx.append(k.clamp(0, nc - 1).long())
+        acc = torch.zeros([n, 3, pts.shape[1]], dtype=pts.dtype, device=pts.device)
+        for i in range(4):
+            for j in range(4):
+                wzy = wts[2][..., i] * wts[1][..., j]
+                lin_zy = (idx[2][..., i] * cy + idx[1][..., j]) * cx
+                for m in range(4):
+                    lin = (lin_zy + idx[0][..., m])[:, None, :].expand(n, 3, -1)
+                    acc += torch.gather(coeff_flat, 2, lin) * (wzy * wts[0][..., m])[:, None, :]
+        out[:, start: start + chunk] = acc.transpose(1, 2)
+    return out.reshape(points.shape)
+
+
+def _dense_at(field: Tensor, params: List[float], points: Tensor) -> Tensor:
+    """``x + d(x)`` for a dense field on its grid, trilinear, border-extended (DenseTransform.map_points)."""
+    n = points.shape[0]
+    shape = [int(params[0]), int(params[1]), int(params[2])]
+    spacing = [params[3], params[4], params[5]]
+    flat = points.reshape(n, 1, 1, -1, 3)
+    d = F.grid_sample(field, _normalise(flat, shape, spacing), mode="bilinear", padding_mode="border",
+                      align_corners=True)
+    return points + d.reshape(n, 3, -1).transpose(1, 2).reshape(points.shape)
+
+
+def _expand(pts: Tensor, n: int) -> Tensor:
+    return pts.unsqueeze(0).expand([n, pts.shape[0], pts.shape[1], pts.shape[2], 3])
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules. One small module per transform kind and per solver, so that TorchScript compiles only the
+# code each stage and level needs (no run-time dispatch on kind/solver strings, small graphs).
+# ------------------------------------------------------------------------------------------------
+
+
+class _RigidT(nn.Module):
+    """``phi(x) = R x + t`` (RigidTransform)."""
+
+    index: int
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = int(index)
+
+    def map_points(self, state: Tensor, points: Tensor) -> Tensor:
+        return _apply_matrix(_rigid_matrix(state), points)
+
+    def map_grid(self, state: Tensor, shape: List[int], spacing: List[float]) -> Tensor:
+        pts = _grid_points(shape, spacing, state.device)
+        return _apply_matrix(_rigid_matrix(state), _expand(pts, state.shape[0]))
+
+
+class _BSplineT(nn.Module):
+    """``phi(x) = x + u(x)``, cubic B-spline on the stage's lattice (BSplineTransform)."""
+
+    index: int
+    params: List[float]
+
+    def __init__(self, index: int, params: List[float]):
+        super().__init__()
+        self.index = int(index)
+        self.params = [float(v) for v in params]
+
+    def map_points(self, state: Tensor, points: Tensor) -> Tensor:
+        return points + _bspline_at(state, points, self.params)
+
+    def map_grid(self, state: Tensor, shape: List[int], spacing: List[float]) -> Tensor:
+        pts = _grid_points(shape, spacing, state.device)
+        return pts + _bspline_on(state, self.params, shape, spacing).permute(0, 2, 3, 4, 1)
+
+
+class _DenseT(nn.Module):
+    """``phi(x) = x + d(x)``, ``d`` sampled on the grid ``params`` (DenseTransform)."""
+
+    index: int
+    params: List[float]
+
+    def __init__(self, index: int, params: List[float]):
+        super().__init__()
+        self.index = int(index)
+        self.params = [float(v) for v in params]
+
+    def map_points(self, state: Tensor, points: Tensor) -> Tensor:
+        return _dense_at(state, self.params, points)
+
+    def map_grid(self, state: Tensor, shape: List[int], spacing: List[float]) -> Tensor:
+        pts = _grid_points(shape, spacing, state.device)
+        p = self.params
+        same = (int(p[0]) == shape[0] and int(p[1]) == shape[1] and int(p[2]) == shape[2]
+                and p[3] == spacing[0] and p[4] == spacing[1] and p[5] == spacing[2])
+        if same:
+            return pts + state.permute(0, 2, 3, 4, 1)
+        return _dense_at(state, self.params, _expand(pts, state.shape[0]))
+
+
+def _transform_module(kind: str, index: int, params: List[float]) -> nn.Module:
+    if kind == "rigid":
+        return _RigidT(index)
+    if kind == "bspline":
+        return _BSplineT(index, params)
+    return _DenseT(index, params)
+
+
+class _Level(nn.Module):
+    """One pyramid level of one stage: network, grid, transform (its own, on the level grid), the
+    earlier stages as fixed priors (``phi = prior_1 o ... o prior_k o own``), time segment.
+    Subclasses implement ``integrate`` (one per solver)."""
+
+    shape: List[int]
+    spacing: List[float]
+    t0: float
+    t1: float
+    pyr: int
+    carry: bool
+    prev_params: List[float]
+    label: str
+
+    def __init__(self, network: nn.Module, own: nn.Module, priors: List[nn.Module], grid: Grid, t0: float,
+                 t1: float, pyr: int, prev_grid: Optional[Grid], kind: str, label: str):
+        super().__init__()
+        self.network = network
+        self.own = own
+        self.priors = nn.ModuleList(priors)  # applied in this order (the last, finest prior first)
+        self.shape = [int(v) for v in grid.shape_xyz]
+        self.spacing = [float(v) for v in grid.spacing_xyz]
+        self.t0 = float(t0)
+        self.t1 = float(t1)
+        self.pyr = int(pyr)
+        # carry_state: only a dense state moves when the grid changes
+        self.carry = kind == "dense" and prev_grid is not None and prev_grid != grid
+        self.prev_params = ([float(v) for v in prev_grid.shape_xyz] + [float(v) for v in prev_grid.spacing_xyz]
+                            if prev_grid is not None else [])
+        self.label = label
+
+    def field(self, t: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
+        pts = self.own.map_grid(y, self.shape, self.spacing)
+        for pr in self.priors:
+            pts = pr.map_points(states[pr.index], pts)
+        if pts.shape[0] != mov.shape[0]:
+            pts = pts.expand([mov.shape[0], pts.shape[1], pts.shape[2], pts.shape[3], 3])
+        warped = _sample(mov, self.shape, self.spacing, pts)
+        tt = torch.full([warped.shape[0]], t, dtype=torch.float32, device=warped.device)
+        v = self.network(warped, fix, tt)
+        if v.shape != y.shape:
+            raise RuntimeError("network " + self.label + " returned shape " + str(v.shape) + ", expected "
+                               + str(y.shape))
+        return v.to(y.dtype)
+
+    def carried(self, y: Tensor) -> Tensor:
+        if self.carry:
+            pts = _expand(_grid_points(self.shape, self.spacing, y.device), y.shape[0])
+            return (_dense_at(y, self.prev_params, pts) - pts).permute(0, 4, 1, 2, 3).contiguous()
+        return y
+
+
+class _EulerLevel(_Level):
+    """Forward Euler on the precomputed :func:`msode_sdk.integrate.fixed_step_grid`."""
+
+    times: List[float]
+
+    def __init__(self, *args, times: List[float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.times = [float(v) for v in times]
+
+    def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+        mov = pyr_m[self.pyr]
+        fix = pyr_f[self.pyr]
+        y = self.carried(y)
+        for i in range(len(self.times) - 1):
+            ta = self.times[i]
+            dt = self.times[i + 1] - ta
+            y = y + dt * self.field(ta, y, mov, fix, states)
+        return y
+
+
+class _HeunLevel(_Level):
+    """Heun's method (explicit trapezoid) on the precomputed fixed-step grid."""
+
+    times: List[float]
+
+    def __init__(self, *args, times: List[float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.times = [float(v) for v in times]
+
+    def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+        mov = pyr_m[self.pyr]
+        fix = pyr_f[self.pyr]
+        y = self.carried(y)
+        for i in range(len(self.times) - 1):
+            ta = self.times[i]
+            dt = self.times[i + 1] - ta
+            k1 = self.field(ta, y, mov, fix, states)
+            k2 = self.field(ta + dt, y + dt * k1, mov, fix, states)
+            y = y + 0.5 * dt * (k1 + k2)
+        return y
+
+
+class _AdaptiveHeunLevel(_Level):
+    """msode_sdk.integrate.AdaptiveHeunSolver: Heun-Euler pair, RMS of ``err / (tol + tol max(|y|,
+    |y_new|))`` <= 1 accepts, next step ``dt * clip(0.9 ratio^-1/2, 0.2, 5)``, at most ``max_steps``
+    attempts (then a warning and the segment stops early)."""
+
+    step0: float
+    tol: float
+    max_steps: int
+
+    def __init__(self, *args, step0: float, tol: float, max_steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step0 = float(step0)
+        self.tol = float(tol)
+        self.max_steps = int(max_steps)
+
+    def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+        mov = pyr_m[self.pyr]
+        fix = pyr_f[self.pyr]
+        y = self.carried(y)
+        safety = 0.9
+        fac_min = 0.2
+        fac_max = 5.0
+        t0 = self.t0
+        t1 = self.t1
+        span = t1 - t0
+        dt = min(self.step0 if self.step0 != 0.0 else span / 10.0, span)
+        t = t0
+        eps = span * 1e-9
+        k1 = y  # placeholder; valid only while have_k1
+        have_k1 = False
+        attempts = 0
+        while t1 - t > eps:
+            if attempts >= self.max_steps:
+                warnings.warn("adaptive_heun stopped before the end of its segment after max_steps attempts")
+                break
+            attempts += 1
+            dt = min(dt, t1 - t)
+            if not have_k1:
+                k1 = self.field(t, y, mov, fix, states)
+                have_k1 = True
+            y_new_euler = y + dt * k1
+            k2 = self.field(t + dt, y_new_euler, mov, fix, states)
+            y_new = y + 0.5 * dt * (k1 + k2)
+            err = 0.5 * dt * (k2 - k1)
+            scale = self.tol + self.tol * torch.maximum(y.abs(), y_new.abs())
+            ratio = float(torch.sqrt(torch.mean((err / scale) ** 2)))
+            if not math.isfinite(ratio):
+                raise RuntimeError("adaptive_heun: non-finite error estimate in " + self.label)
+            if ratio == 0.0:
+                factor = fac_max
+            else:
+                factor = min(fac_max, max(fac_min, safety * ratio ** -0.5))
+            if ratio <= 1.0:
+                if t1 - (t + dt) > eps:
+                    t = t + dt
+                else:
+                    t = t1
+                y = y_new
+                have_k1 = False  # Heun-Euler is not FSAL: f is evaluated at (t, y) afresh
+            dt = dt * factor
+        return y
+
+
+# TorchScript reads a module's attribute types from its class's own __annotations__: merge the base's.
+for _cls in (_EulerLevel, _HeunLevel, _AdaptiveHeunLevel):
+    _cls.__annotations__ = {**_Level.__annotations__, **_cls.__annotations__}
+
+
+class _Stage(nn.Module):
+    """A registration stage: its levels, coarse to fine."""
+
+    name: str
+    init_shape: List[int]
+
+    def __init__(self, name: str, levels: List[_Level], init_shape: List[int]):
+        super().__init__()
+        self.name = name
+        self.levels = nn.ModuleList(levels)
+        self.init_shape = [int(v) for v in init_shape]
+
+    def run(self, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+        shape = [pyr_m[0].shape[0]]
+        for v in self.init_shape:
+            shape.append(v)
+        y = torch.zeros(shape, dtype=torch.float32, device=pyr_m[0].device)
+        for lv in self.levels:
+            y = lv.integrate(y, pyr_m, pyr_f, states)
+        if not bool(torch.isfinite(y).all()):
+            raise RuntimeError("stage " + self.name + " produced non-finite parameters")
+        return y
+
+
+class RegistrarModule(nn.Module):
+    """The whole multi-stage, multi-scale loop (see the module docstring for ``forward``'s contract)."""
+
+    shape: List[int]
+    spacing: List[float]
+    rigid_indices: List[int]
+    pyr_shapes: List[List[List[int]]]
+    pyr_spacings: List[List[List[float]]]
+    info_json: str
+
+    def __init__(self, model_grid: Grid, stages: List[_Stage], final: List[nn.Module], rigid_indices: List[int],
+                 pyramid: List[List[Grid]], info: dict):
+        super().__init__()
+        self.shape = [int(v) for v in model_grid.shape_xyz]
+        self.spacing = [float(v) for v in model_grid.spacing_xyz]
+        self.stages = nn.ModuleList(stages)
+        self.last = final[-1]                     # innermost stage: evaluated on the model grid
+        self.outer = nn.ModuleList(final[:-1][::-1])  # then the earlier stages, finest first
+        self.rigid_indices = [int(i) for i in rigid_indices]
+        self.pyr_shapes = [[[int(v) for v in g.shape_xyz] for g in steps] for steps in pyramid]
+        self.pyr_spacings = [[[float(v) for v in g.spacing_xyz] for g in steps] for steps in pyramid]
+        self.info_json = json.dumps(info, sort_keys=True)
+
+    @torch.jit.export
+    def describe(self) -> str:
+        """JSON: plan name, model grid, normalisation, stages, output conventions."""
+        return self.info_json
+
+    def _downsample(self, vol: Tensor, p: int) -> Tensor:
+        cur = vol
+        cur_shape = self.shape
+        cur_spacing = self.spacing
+        steps_shape = self.pyr_shapes[p]
+        steps_spacing = self.pyr_spacings[p]
+        for i in range(len(steps_shape)):
+            pts = _expand(_grid_points(steps_shape[i], steps_spacing[i], cur.device), cur.shape[0])
+            cur = _sample(cur, cur_shape, cur_spacing, pts)
+            cur_shape = steps_shape[i]
+            cur_spacing = steps_spacing[i]
+        return cur
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        expect = [1, self.shape[2], self.shape[1], self.shape[0]]
+        if moving.dim() != 5 or list(moving.shape[1:]) != expect:
+            raise ValueError("moving: expected a (N, 1, D, H, W) = (N, " + str(expect[1:]) + ") tensor on the model grid, got "
+                             + str(moving.shape))
+        if fixed.dim() != 5 or list(fixed.shape[1:]) != expect:
+            raise ValueError("fixed: expected a (N, 1, D, H, W) = (N, " + str(expect[1:]) + ") tensor on the model grid, got "
+                             + str(fixed.shape))
+        if moving.shape[0] != fixed.shape[0]:
+            raise ValueError("moving and fixed batch sizes differ")
+        with torch.no_grad():
+            moving = moving.to(torch.float32)
+            fixed = fixed.to(torch.float32)
+            n = moving.shape[0]
+            pyr_m: List[Tensor] = []
+            pyr_f: List[Tensor] = []
+            for p in range(len(self.pyr_shapes)):
+                pyr_m.append(self._downsample(moving, p))
+                pyr_f.append(self._downsample(fixed, p))
+            states: List[Tensor] = []
+            for st in self.stages:
+                states.append(st.run(pyr_m, pyr_f, states))
+            # final chain on the model grid: innermost (last) stage evaluated on the grid, then the others
+            pts = self.last.map_grid(states[len(states) - 1], self.shape, self.spacing)
+            for tr in self.outer:
+                pts = tr.map_points(states[tr.index], pts)
+            if pts.shape[0] != n:
+                pts = pts.expand([n, pts.shape[1], pts.shape[2], pts.shape[3], 3])
+            warped = _sample(moving, self.shape, self.spacing, pts)
+            disp_mm = (pts - _grid_points(self.shape, self.spacing, pts.device)).permute(0, 4, 1, 2, 3)
+            sp = torch.tensor(self.spacing, dtype=disp_mm.dtype, device=disp_mm.device).reshape(1, 3, 1, 1, 1)
+            disp_vox = disp_mm / sp
+            # rigid part: product of the rigid stages' matrices (TransformChain.affine_part), in voxels
+            a = torch.eye(4, dtype=torch.float32, device=moving.device).unsqueeze(0).expand(n, 4, 4)
+            first = True
+            for j in self.rigid_indices:
+                m = _rigid_matrix(states[j])
+                if first:
+                    a = m
+                    first = False
+                else:
+                    a = a @ m
+            vox_to_mm = torch.zeros([4, 4], dtype=torch.float64, device=moving.device)
+            mm_to_vox = torch.zeros([4, 4], dtype=torch.float64, device=moving.device)
+            for i in range(3):
+                c = (self.shape[i] - 1) / 2.0
+                vox_to_mm[i, i] = self.spacing[i]
+                vox_to_mm[i, 3] = -c * self.spacing[i]
+                mm_to_vox[i, i] = 1.0 / self.spacing[i]
+                mm_to_vox[i, 3] = c
+            vox_to_mm[3, 3] = 1.0
+            mm_to_vox[3, 3] = 1.0
+            matrix = mm_to_vox.unsqueeze(0) @ a.to(torch.float64) @ vox_to_mm.unsqueeze(0)
+            if n == 1:
+                matrix = matrix[0]
+        return warped, disp_vox, matrix
+
+
+# ------------------------------------------------------------------------------------------------
+# Building
+# ------------------------------------------------------------------------------------------------
+
+
+def _stage_params(kind: str, params: dict, model_grid: Grid, final_grid: Grid) -> List[float]:
+    if kind == "bspline":
+        lat = lattice_for(params, model_grid)
+        return [*lat.control_spacing, *(float(v) for v in lat.shape_xyz)]
+    if kind == "dense":
+        return [*(float(v) for v in final_grid.shape_xyz), *final_grid.spacing_xyz]
+    return []
+
+
+def _pyramid_steps(grid: Grid, level_grid: Grid) -> List[Grid]:
+    """The sampling steps of Registrar._downsample from the model grid to a level grid."""
+    steps, cur = [], grid
+    while cur.spacing_xyz[0] * 1.5 < level_grid.spacing_xyz[0]:
+        cur = cur.downsampled(2)
+        steps.append(cur)
+    if cur != level_grid:
+        steps.append(level_grid)
+    return steps
+
+
+def _as_plan(plan) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    return load_plan(plan)
+
+
+def build_registrar_module(plan, stages=None) -> RegistrarModule:
+    """The (unscripted) :class:`RegistrarModule` of a plan (path or :class:`~msode_sdk.plan.Plan`),
+    with the plan's TorchScript networks loaded as submodules. ``stages``: subset of stage names."""
+    plan = _as_plan(plan)
+    m = plan.manifest
+    model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
+    selected = list(m.stages) if stages is None else [s for s in m.stages if s.name in set(stages)]
+    if not selected or (stages is not None and len(selected) != len(set(stages))):
+        raise PlanError(f"unknown stage(s) {stages}; plan has {[s.name for s in m.stages]}")
+    pyramid_grids: List[Grid] = []
+    stage_modules, finals, rigid_indices = [], [], []
+    for index, st in enumerate(selected):
+        levels = []
+        prev = None
+        grids = [Grid(sc.shape_xyz, sc.spacing_xyz_mm) for sc in st.scales]
+        for sc, lg in zip(st.scales, grids):
+            member = sc.networks.get("torchscript")
+            if member is None:
+                raise PlanError(f"stage {st.name!r} level {sc.level} has no TorchScript network "
+                                f"(has {sorted(sc.networks)}); registrar.ts embeds TorchScript networks")
+            try:
+                net = torch.jit.load(io.BytesIO(plan.read(member)), map_location="cpu")
+            except Exception as exc:
+                raise PlanError(f"plan member {member} is not a loadable TorchScript module: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            net.eval()
+            if lg not in pyramid_grids:
+                pyramid_grids.append(lg)
+            own = _transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, lg))
+            priors = [copy.deepcopy(f) for f in finals[::-1]]  # the finest earlier stage acts first
+            common = dict(network=net, own=own, priors=priors, grid=lg, t0=sc.t0, t1=sc.t1,
+                          pyr=pyramid_grids.index(lg), prev_grid=prev, kind=st.transform,
+                          label=f"{st.name}_L{sc.level}")
+            if sc.solver == "adaptive_heun":
+                levels.append(_AdaptiveHeunLevel(step0=sc.step_size or 0.0, tol=sc.tol, max_steps=sc.max_steps, **common))
+            elif sc.solver in ("euler", "heun"):
+                cls = _EulerLevel if sc.solver == "euler" else _HeunLevel
+                levels.append(cls(times=fixed_step_grid(sc.t0, sc.t1, sc.step_size), **common))
+            else:
+                raise PlanError(f"stage {st.name!r} level {sc.level}: unknown solver {sc.solver!r}")
+            prev = lg
+        if st.transform == "rigid":
+            init = [6]
+            rigid_indices.append(index)
+        elif st.transform == "bspline":
+            init = list(lattice_for(st.params, model_grid).coeff_shape)
+        else:
+            init = [3, *grids[0].shape_dhw]
+        stage_modules.append(_Stage(st.name, levels, init))
+        finals.append(_transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, grids[-1])))
+    pyramid = [_pyramid_steps(model_grid, g) for g in pyramid_grids]
+    info = {
+        "format": "msode-registrar-ts", "version": 1, "plan": m.name, "analytic": m.analytic,
+        "model_grid": {"shape_xyz": list(model_grid.shape_xyz), "spacing_xyz_mm": list(model_grid.spacing_xyz),
+                       "orientation": m.model_grid.orientation, "centre": m.model_grid.centre},
+        "normalization": dict(m.normalization),
+        "stages": [{"name": s.name, "transform": s.transform} for s in selected],
+        "inputs": "moving, fixed: (N, 1, D, H, W) float32 on the model grid, intensities in [0, 1]",
+        "outputs": {"warped": "(N, 1, D, H, W)",
+                    "displacement": "(N, 3, D, H, W) model-grid voxels, channels x, y, z; fixed voxel v -> moving voxel v + d",
+                    "matrix": "float64 (4, 4) for N = 1 else (N, 4, 4): rigid part, fixed voxel (x, y, z, 1) -> moving voxel"},
+        "torch": torch.__version__,
+    }
+    return RegistrarModule(model_grid, stage_modules, finals, rigid_indices, pyramid, info)
+
+
+def build_registrar_ts(plan, stages=None) -> bytes:
+    """The serialised TorchScript ``registrar.ts`` of a plan (path or loaded plan)."""
+    module = build_registrar_module(plan, stages).eval()
+    scripted = torch.jit.script(module)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    return buf.getvalue()
+
+
+def load_registrar_ts(plan, map_location="cpu") -> torch.jit.ScriptModule:
+    """``registrar.ts`` of a plan, loaded (convenience for Python users and tests)."""
+    plan = _as_plan(plan)
+    if not plan.has(REGISTRAR_MEMBER):
+        raise PlanError(f"plan {plan.manifest.name!r} has no {REGISTRAR_MEMBER} member")
+    return torch.jit.load(io.BytesIO(plan.read(REGISTRAR_MEMBER)), map_location=map_location)
+
+
+def add_registrar_ts(plan_path, out_path=None) -> Path:
+    """Add (or replace) the ``registrar.ts`` member of the plan at ``plan_path`` and rewrite it (atomically,
+    through :func:`msode_sdk.plan.write_plan`) at ``out_path`` (default: in place). The manifest gains a
+    ``registrar_ts`` entry describing the member; every other member is kept byte for byte."""
+    plan = load_plan(plan_path)
+    data = build_registrar_ts(plan)
+    members = {name: plan.read(name) for name in plan.member_names()}
+    members[REGISTRAR_MEMBER] = data
+    manifest = dict(plan.manifest.raw)
+    manifest.pop("members", None)
+    manifest["registrar_ts"] = {
+        "member": REGISTRAR_MEMBER, "torch": torch.__version__,
+        "signature": "forward(moving, fixed) -> (warped, displacement_voxels, matrix_voxels)",
+        "stages": [s.name for s in plan.manifest.stages],
+    }
+    target = Path(out_path) if out_path is not None else Path(plan_path)
+    write_plan(target, manifest, members)
+    return target
