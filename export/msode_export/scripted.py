@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from msode_sdk.errors import PlanError
 from msode_sdk.integrate import fixed_step_grid
 from msode_sdk.plan import Plan, load_plan, write_plan
-from msode_sdk.transforms import Grid, apply_matrix, bspline_kernel, lattice_for, rigid_matrix_unchecked
+from msode_sdk.transforms import (Grid, apply_matrix, bspline_displacement_at, bspline_kernel, lattice_for,
+                                  rigid_matrix_unchecked)
 
 __all__ = ["REGISTRAR_MEMBER", "RegistrarModule", "build_registrar_module", "build_registrar_ts",
            "add_registrar_ts", "load_registrar_ts"]
@@ -120,39 +121,9 @@ def _bspline_on(coeffs: Tensor, params: List[float], shape: List[int], spacing: 
 
 
 def _bspline_at(coeffs: Tensor, points: Tensor, params: List[float]) -> Tensor:
-    """FFD displacement at arbitrary points (BSplineLattice.displacement_at, same chunking)."""
-    chunk = 1 << 20
-    n = points.shape[0]
-    flat = points.reshape(n, -1, 3)
-    out = torch.empty_like(flat)
-    cx, cy, cz = int(params[3]), int(params[4]), int(params[5])
-    ncs = [cx, cy, cz]
-    coeff_flat = coeffs.reshape(n, 3, -1)
-    total = flat.shape[1]
-    for start in range(0, total, chunk):
-        pts = flat[:, start: start + chunk]
-        idx: List[Tensor] = []
-        wts: List[Tensor] = []
-        for a in range(3):
-            nc = ncs[a]
-            u = pts[..., a] / params[a] + (nc - 1) / 2.0
-            base = torch.floor(u) - 1
-            offs = torch.arange(4, dtype=pts.dtype, device=pts.device)
-            k = base[..., None] + offs
-            w = _bspline_kernel(u[..., None] - k)
-            valid = (k >= 0) & (k <= nc - 1)
-            wts.append(torch.where(valid, w, torch.zeros_like(w)))
-            idx.append(k.clamp(0, nc - 1).long())
-        acc = torch.zeros([n, 3, pts.shape[1]], dtype=pts.dtype, device=pts.device)
-        for i in range(4):
-            for j in range(4):
-                wzy = wts[2][..., i] * wts[1][..., j]
-                lin_zy = (idx[2][..., i] * cy + idx[1][..., j]) * cx
-                for m in range(4):
-                    lin = (lin_zy + idx[0][..., m])[:, None, :].expand(n, 3, -1)
-                    acc += torch.gather(coeff_flat, 2, lin) * (wzy * wts[0][..., m])[:, None, :]
-        out[:, start: start + chunk] = acc.transpose(1, 2)
-    return out.reshape(points.shape)
+    """FFD displacement at arbitrary points: the SDK's own :func:`bspline_displacement_at`."""
+    return bspline_displacement_at(coeffs, points, [int(params[3]), int(params[4]), int(params[5])],
+                                   [params[0], params[1], params[2]])
 
 
 def _dense_at(field: Tensor, params: List[float], points: Tensor) -> Tensor:

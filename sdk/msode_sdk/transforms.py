@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ __all__ = [
     "euler_to_rigid",
     "rigid_matrix_unchecked",
     "bspline_kernel",
+    "bspline_displacement_at",
     "TRANSFORM_KINDS",
     "make_transform",
     "initial_state",
@@ -260,34 +261,43 @@ class BSplineLattice:
 
         Points outside the lattice support get zero displacement (the kernel vanishes there).
         """
-        n = points.shape[0]
-        flat = points.reshape(n, -1, 3)
-        out = torch.empty_like(flat)
-        cx, cy, cz = self.shape_xyz
-        coeff_flat = coeffs.reshape(n, 3, -1)  # index = (k*cy + l)*cx + m
-        for start in range(0, flat.shape[1], chunk):
-            pts = flat[:, start : start + chunk]
-            # Per axis: index of the first of the 4 supporting control points, and their weights.
-            idx, wts = [], []
-            for a, nc in enumerate((cx, cy, cz)):
-                u = pts[..., a] / self.control_spacing[a] + (nc - 1) / 2.0
-                base = torch.floor(u) - 1
-                offs = torch.arange(4, dtype=pts.dtype, device=pts.device)
-                k = base[..., None] + offs  # (N, P, 4)
-                w = bspline_kernel(u[..., None] - k)
-                valid = (k >= 0) & (k <= nc - 1)
-                wts.append(torch.where(valid, w, torch.zeros_like(w)))
-                idx.append(k.clamp(0, nc - 1).long())
-            acc = torch.zeros(n, 3, pts.shape[1], dtype=pts.dtype, device=pts.device)
-            for i in range(4):
-                for j in range(4):
-                    wzy = wts[2][..., i] * wts[1][..., j]
-                    lin_zy = (idx[2][..., i] * cy + idx[1][..., j]) * cx
-                    for m in range(4):
-                        lin = (lin_zy + idx[0][..., m])[:, None, :].expand(n, 3, -1)
-                        acc += torch.gather(coeff_flat, 2, lin) * (wzy * wts[0][..., m])[:, None, :]
-            out[:, start : start + chunk] = acc.transpose(1, 2)
-        return out.reshape(points.shape)
+        return bspline_displacement_at(coeffs, points, list(self.shape_xyz), list(self.control_spacing), chunk)
+
+
+def bspline_displacement_at(coeffs: torch.Tensor, points: torch.Tensor, shape_xyz: List[int],
+                            control_spacing: List[float], chunk: int = 1 << 20) -> torch.Tensor:
+    """The 64-term FFD sum at arbitrary points (see :meth:`BSplineLattice.displacement_at`);
+    TorchScript-compatible so scripted code (``registrar.ts``) reuses this very function."""
+    n = points.shape[0]
+    flat = points.reshape(n, -1, 3)
+    out = torch.empty_like(flat)
+    cx, cy, cz = shape_xyz[0], shape_xyz[1], shape_xyz[2]
+    coeff_flat = coeffs.reshape(n, 3, -1)  # index = (k*cy + l)*cx + m
+    for start in range(0, flat.shape[1], chunk):
+        pts = flat[:, start : start + chunk]
+        # Per axis: index of the first of the 4 supporting control points, and their weights.
+        idx: List[torch.Tensor] = []
+        wts: List[torch.Tensor] = []
+        for a in range(3):
+            nc = shape_xyz[a]
+            u = pts[..., a] / control_spacing[a] + (nc - 1) / 2.0
+            base = torch.floor(u) - 1
+            offs = torch.arange(4, dtype=pts.dtype, device=pts.device)
+            k = base[..., None] + offs  # (N, P, 4)
+            w = bspline_kernel(u[..., None] - k)
+            valid = (k >= 0) & (k <= nc - 1)
+            wts.append(torch.where(valid, w, torch.zeros_like(w)))
+            idx.append(k.clamp(0, nc - 1).long())
+        acc = torch.zeros([n, 3, pts.shape[1]], dtype=pts.dtype, device=pts.device)
+        for i in range(4):
+            for j in range(4):
+                wzy = wts[2][..., i] * wts[1][..., j]
+                lin_zy = (idx[2][..., i] * cy + idx[1][..., j]) * cx
+                for m in range(4):
+                    lin = (lin_zy + idx[0][..., m])[:, None, :].expand(n, 3, -1)
+                    acc += torch.gather(coeff_flat, 2, lin) * (wzy * wts[0][..., m])[:, None, :]
+        out[:, start : start + chunk] = acc.transpose(1, 2)
+    return out.reshape(points.shape)
 
 
 # ------------------------------------------------------------------------------------------ transforms
