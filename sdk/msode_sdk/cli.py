@@ -4,8 +4,13 @@
     msode plan info PLAN          # print a plan's manifest summary
     msode plan list               # bundled plans
 
-Errors print one line to stderr and exit with status 2 (bad input, plan or unavailable backend) or
-1 (unexpected internal error); nothing partial is left in OUT on failure.
+Errors print exactly one line to stderr, ``msode: error: <what is wrong>``, and exit with status 2
+(bad input or arguments, bad plan, unavailable device/backend, out of memory, diverged registration,
+unwritable output), or ``msode: internal error: <type>: <message>`` with status 1 for anything
+unexpected (a bug); control characters in messages (e.g. from file names) are escaped. Input files
+are validated before the plan is loaded. Without ``-q``, progress lines (and the analytic-plan warning)
+precede the error line; with ``-q`` only errors are printed, so a failure prints one line in all. On
+failure nothing partial is left in OUT (directories the run created are removed again).
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from .errors import MsodeError
+from .errors import InputError, MsodeError
 
 DEFAULT_PLAN = "rigid_bspline.plan"
 
@@ -27,18 +33,42 @@ def _default_plan() -> str:
     return plans[0]
 
 
+def _one_line(text: str) -> str:
+    """Newlines and other control characters (e.g. from file names) cannot break the one-line contract."""
+    text = " ".join(str(text).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; keep the one-line contract
+        self.exit(2, f"msode: error: {_one_line(message)} (see: {self.prog} --help)\n")
+
+
 def _cmd_register(args) -> int:
+    from . import io as _io
     from .registrar import Registrar
+    out = Path(args.output)
+    try:
+        for d in (out, *out.parents):  # before any work: the output must be (creatable as) a directory
+            if d.exists():
+                if not d.is_dir():
+                    raise InputError(f"output path {out}: {d} exists and is not a directory")
+                break
+    except (OSError, ValueError) as exc:
+        raise InputError(f"output path {_one_line(out)}: {exc}") from None
+    moving = _io.load_image(args.moving, "moving")  # cheap, and before the plan is loaded
+    fixed = _io.load_image(args.fixed, "fixed")
     plan = args.plan or _default_plan()
     reg = Registrar.load(plan, device=args.device, backend=args.backend)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     _info(args, f"msode: plan {reg.name} ({'ANALYTIC SSD gradient descent, not a trained model' if reg.plan.manifest.analytic else 'trained'}), "
                 f"backend {reg.backend.name} {reg.backend.providers()}, device {reg.device}")
-    res = reg.register(args.moving, args.fixed, stages=stages)
-    files = res.save(args.output, preview=args.preview)
+    res = reg.register(moving, fixed, stages=stages)
+    files = res.save(out, preview=args.preview)
     _info(args, f"msode: total    {res.timings['total'] * 1000:8.1f} ms (load {res.timings['load'] * 1000:.1f}, "
                 f"output {res.timings['output'] * 1000:.1f})")
-    print(json.dumps({"outputs": {k: str(v) for k, v in files.items()}, "timings_s": res.timings, "nfe": res.nfe}))
+    print(json.dumps({"outputs": {k: str(v) for k, v in files.items()}, "timings_s": res.timings, "nfe": res.nfe,
+                      "plan": reg.name, "analytic_plan": bool(reg.plan.manifest.analytic)}))
     return 0
 
 
@@ -62,7 +92,7 @@ def _info(args, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="msode", description="Multi-scale neural-ODE 3-D image registration")
+    p = _Parser(prog="msode", description="Multi-scale neural-ODE 3-D image registration")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files)")
     r.add_argument("moving")
@@ -73,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     r.add_argument("--stages", default=None, help="comma-separated subset of the plan's stages")
     r.add_argument("--preview", action="store_true", help="also write preview.png")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    r.add_argument("-q", "--quiet", action="store_true", help="print only errors on stderr (no progress, no warnings)")
     r.set_defaults(func=_cmd_register)
     pl = sub.add_parser("plan", help="inspect plans")
     plsub = pl.add_subparsers(dest="plan_command", required=True)
@@ -93,20 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.INFO,
                         format="msode: %(message)s", stream=sys.stderr)
+    sdk_log = logging.getLogger("msode_sdk")
+    previous_level = sdk_log.level
+    if getattr(args, "quiet", False):  # basicConfig does nothing when logging is already configured
+        sdk_log.setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except MsodeError as exc:
-        print(f"msode: error: {exc}", file=sys.stderr)
+        print(f"msode: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msode: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # keep the one-line contract even for bugs; the type helps a report
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"msode: internal error: {type(exc).__name__}: {msg}", file=sys.stderr)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"msode: internal error: {type(exc).__name__}: {_one_line(msg)}", file=sys.stderr)
         return 1
+    finally:
+        sdk_log.setLevel(previous_level)
 
 
 if __name__ == "__main__":

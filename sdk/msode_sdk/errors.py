@@ -29,6 +29,12 @@ class ResourceError(MsodeError, MemoryError):
     or another device."""
 
 
+class RegistrationError(MsodeError, FloatingPointError):
+    """The registration diverged (non-finite transform parameters or solver error estimates),
+    typically for inputs far from what the plan's networks were trained on. Nothing is returned:
+    the SDK never hands back a non-finite transform."""
+
+
 class OutputError(MsodeError, OSError):
     """Results could not be written (unwritable or invalid output directory, disk full, ...).
     Nothing partial is left behind."""

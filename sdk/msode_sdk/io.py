@@ -8,6 +8,19 @@ mm: ``lps = diag(-1, -1, 1) @ ras``, so x and y change sign in files written for
 The model grid of a plan is an axis-aligned RAS grid (``shape_xyz``, ``spacing_xyz_mm``) centred on
 each image's field-of-view centre (or intensity centre of mass), so the model frame's point ``x`` (mm,
 centre-relative) is the world point ``centre + x``.
+
+Input validation (:func:`load_image`; every failure is an :class:`~msode_sdk.errors.InputError` whose
+one-line message starts with the input's name): images must be 3-D (trailing singleton axes are
+dropped) with at least 2 voxels per axis and at most :data:`MAX_DIM` per axis and :data:`MAX_VOXELS` in
+all; numeric (bool counts as 0/1; complex, structured/RGB, object, string and masked arrays are
+refused); finite, with magnitudes up to :data:`MAX_ABS_INTENSITY` and not (nearly) constant. Affines
+must be finite 4x4 with last row ``[0, 0, 0, 1]``, voxel sizes within :data:`SPACING_RANGE_MM`, a
+well-conditioned direction matrix (:data:`MAX_CONDITION`; singular, parallel-axis and extreme-shear
+frames are refused) and voxel centres within :data:`WORLD_LIMIT_MM` of the origin. NIfTI files are
+checked header first (shape, type, affine) and their voxel data against the header size without
+allocating what a lying header claims; gzip CRCs are verified. Images larger than the model grid are
+accepted and cropped around their centre; one with no content inside the model grid is refused by
+:meth:`msode_sdk.Registrar.prepare`.
 """
 from __future__ import annotations
 
@@ -252,9 +265,9 @@ def _from_nibabel(img, name: str) -> Image:
 
 def _read_voxels(img, name: str) -> np.ndarray:
     """The scaled voxel array of a nibabel image. File-backed NIfTI data is checked against the
-    header first: uncompressed files by size, gzip/bzip2 files by streaming into a buffer of the
-    declared size (pages are only committed as data arrives) and reading on to the end, so the gzip
-    CRC is verified and a file holding less (or much more) data than declared is refused."""
+    header: uncompressed files by their size before reading; gzip/bzip2 files are decompressed here
+    (:func:`_read_compressed`: read to the end so the gzip CRC is verified, never allocating more
+    than the file holds), so a file holding less (or much more) data than declared is refused."""
     proxy = img.dataobj
     file_like = getattr(proxy, "file_like", None)
     try:
@@ -281,26 +294,61 @@ def _read_voxels(img, name: str) -> np.ndarray:
         raise InputError(f"{name}: cannot read voxel data: {_first_line(exc)}") from None
 
 
+def _gzip_may_hold(path: str, n: int) -> bool:
+    """False when the gzip trailer (ISIZE: the uncompressed size mod 2**32 of the last member, i.e. of
+    the whole file for the usual single-member files) says the file holds fewer than ``n`` bytes."""
+    if n >= 1 << 32:
+        return True  # ISIZE wraps: no verdict
+    if os.path.getsize(path) < 18:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little") >= n
+
+
 def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> np.ndarray:
-    buf = np.empty(nbytes, dtype=np.uint8)  # not touched (committed) beyond what the stream delivers
-    view = memoryview(buf)
+    """The ``nbytes`` of voxel data at ``offset`` of a compressed file, read to the end of the stream
+    (so the gzip CRC and length are verified). The buffer of the declared size is allocated up front
+    only when the gzip trailer agrees with the header; otherwise (lying or multi-member files, bzip2)
+    the data is collected in chunks first, so a header that claims gigabytes costs what the file
+    really holds."""
+    def truncated(held):
+        return InputError(f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data at "
+                          f"offset {offset}, the decompressed file holds {held} bytes")
+
     with opener(path, "rb") as f:
         pos = 0
         while pos < offset:
             chunk = f.read(min(offset - pos, 1 << 20))
             if not chunk:
-                break
+                raise truncated(pos)
             pos += len(chunk)
         got = 0
-        if pos == offset:
+        if opener is gzip.open and _gzip_may_hold(path, offset + nbytes):
+            buf = np.empty(nbytes, dtype=np.uint8)
+            view = memoryview(buf)
             while got < nbytes:
                 k = f.readinto(view[got:got + (1 << 24)])
                 if not k:
                     break
                 got += k
+        else:
+            chunks = []
+            while got < nbytes:
+                chunk = f.read(min(nbytes - got, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            if got == nbytes:
+                buf = np.empty(nbytes, dtype=np.uint8)
+                at = 0
+                for chunk in chunks:
+                    buf[at:at + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    at += len(chunk)
+            del chunks
         if got < nbytes:
-            raise InputError(f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data at "
-                             f"offset {offset}, the decompressed file holds {pos + got} bytes")
+            raise truncated(pos + got)
         extra = 0
         while True:  # to the end of the stream: verifies the gzip CRC and length
             chunk = f.read(1 << 20)

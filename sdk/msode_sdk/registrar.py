@@ -12,8 +12,9 @@ Pipeline of :meth:`Registrar.register` (see DESIGN sections 3-4):
 Errors: bad inputs and arguments raise :class:`~msode_sdk.errors.InputError`, bad plans
 :class:`~msode_sdk.errors.PlanError`, missing devices/backends :class:`~msode_sdk.errors.BackendUnavailable`,
 running out of GPU or CPU memory :class:`~msode_sdk.errors.ResourceError` (cached GPU memory is released
-first; the Registrar stays usable), unwritable outputs :class:`~msode_sdk.errors.OutputError`; all derive
-from :class:`~msode_sdk.errors.MsodeError` and carry a one-line message naming the problem.
+first; the Registrar stays usable), a diverged solve :class:`~msode_sdk.errors.RegistrationError`,
+unwritable outputs :class:`~msode_sdk.errors.OutputError`; all derive from
+:class:`~msode_sdk.errors.MsodeError` and carry a one-line message naming the problem.
 
 Thread safety (contract): after loading, a Registrar holds only read-only state (the verified plan
 bytes, the loaded networks, the model grid). :meth:`register` allocates everything it writes and
@@ -54,7 +55,8 @@ import torch
 
 from . import io as _io
 from .backends import BACKENDS, get_backend
-from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, ResourceError
+from .errors import (BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError,
+                     ResourceError)
 from .integrate import LevelSchedule, SegmentStats, get_solver, integrate_multiscale
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain, initial_state, make_transform
@@ -143,16 +145,21 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return from_backend and any(m in str(exc).lower() for m in _OOM_MARKERS)
 
 
-def _converts_out_of_memory(method):
-    """Running out of memory inside ``method`` becomes :class:`ResourceError`. The original exception
-    (whose traceback frames hold the large tensors) is dropped and cached GPU memory released before
-    the typed error is raised, so the caller can retry at once."""
+def _typed_failures(method):
+    """Failures of ``method`` the caller can act on become typed :class:`MsodeError` s: a diverged
+    solve (``FloatingPointError`` from the solvers' finiteness checks) :class:`RegistrationError`;
+    running out of memory :class:`ResourceError`. For the latter the original exception (whose
+    traceback frames hold the large tensors) is dropped and cached GPU memory released before the
+    typed error is raised, so the caller can retry at once."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except MsodeError:
             raise
+        except FloatingPointError as exc:
+            raise RegistrationError(f"registration diverged: {str(exc).strip() or 'non-finite values'} (inputs "
+                                    f"far from what plan {self.name!r} was made for?)") from None
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
@@ -245,8 +252,12 @@ class RegistrationResult:
 
     def save(self, out_dir, preview: bool = False) -> dict[str, Path]:
         """Write ``warped.nii.gz``, ``transform.tfm``, ``displacement.nii.gz``, ``report.json`` (and
-        ``preview.png`` if asked) into ``out_dir``. Files are written to temporary names and renamed,
-        so a failure leaves no partial outputs."""
+        ``preview.png`` if asked) into ``out_dir``. Files are written to temporary names (unique per
+        call, so concurrent saves do not collide) and renamed, so a failure leaves no partial outputs:
+        this call's files and any directories it created are removed and :class:`OutputError` (an
+        ``OSError``) is raised; files of an earlier run that were already replaced are removed too,
+        other files in ``out_dir`` are left as they were. An ``out_dir`` that is (or lies under) a
+        file raises :class:`InputError`."""
         if preview:
             from ._preview import _require_matplotlib
             _require_matplotlib()  # fail before writing anything
@@ -365,7 +376,7 @@ class Registrar:
 
     # ------------------------------------------------------------------ model-grid engine (tensors)
 
-    @_converts_out_of_memory
+    @_typed_failures
     def register_model_grid(self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None,
                             init: str | None = None) -> ModelGridResult:
         """Register tensors already on the model grid: ``moving``, ``fixed`` ``(N, 1, D, H, W)`` float32,
@@ -474,7 +485,7 @@ class Registrar:
             raise InputError(f"{name}: no image content inside the model grid around its centre")
         return img, centre, vol
 
-    @_converts_out_of_memory
+    @_typed_failures
     def register(self, moving, fixed, stages: Sequence[str] | None = None, init: str | None = None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
