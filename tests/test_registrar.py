@@ -213,3 +213,23 @@ def test_device_and_backend_errors(analytic_plan):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="CUDA"):
             Registrar.load(analytic_plan, device="cuda")
+
+
+def test_auto_backend_falls_back_when_a_backend_fails_to_load(analytic_plan, monkeypatch, caplog):
+    from msode_sdk import registrar as R
+    from msode_sdk.backends import BACKENDS, Backend
+
+    class Broken(Backend):
+        name = "broken"
+        formats = ("torchscript",)
+
+        def _load_impl(self, data, member, plan):
+            raise BackendUnavailable(f"cannot build an engine for {member}")
+
+    monkeypatch.setitem(BACKENDS, "broken", Broken)
+    monkeypatch.setitem(R._AUTO_ORDER, "cpu", ("broken", "torch"))
+    reg = Registrar.load(analytic_plan, device="cpu", backend="auto")
+    assert reg.backend.name == "torch"
+    assert "broken failed to load" in caplog.text
+    with pytest.raises(BackendUnavailable, match="cannot build"):
+        Registrar.load(analytic_plan, device="cpu", backend="broken")

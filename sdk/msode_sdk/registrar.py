@@ -113,9 +113,18 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 _AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("torch", "onnxruntime")}
 
 
+def _load_networks(backend, plan: Plan) -> dict:
+    return {(st.name, sc.level): backend.load_network(plan, sc.networks)
+            for st in plan.manifest.stages for sc in st.scales}
+
+
 def _pick_backend(name: str, device: torch.device, plan: Plan):
+    """``(backend, networks)``. An explicit name must work or raises; ``auto`` tries the candidates of
+    :data:`_AUTO_ORDER` in turn, skipping (and logging why) those that are unavailable or that fail to
+    load this plan's networks (e.g. a TensorRT engine that does not build)."""
     if name != "auto":
-        return get_backend(name, device)
+        backend = get_backend(name, device)
+        return backend, _load_networks(backend, plan)
     formats = {fmt for st in plan.manifest.stages for sc in st.scales for fmt in sc.networks}
     reasons = []
     for cand in _AUTO_ORDER[device.type]:
@@ -129,8 +138,16 @@ def _pick_backend(name: str, device: torch.device, plan: Plan):
         if why:
             reasons.append(f"{cand}: {why}")
             continue
+        try:
+            backend = cls(device)
+            networks = _load_networks(backend, plan)
+        except BackendUnavailable as exc:
+            _log.warning("backend auto: %s failed to load plan %r (%s); trying the next backend", cand,
+                         plan.manifest.name, exc)
+            reasons.append(f"{cand}: {exc}")
+            continue
         _log.info("backend auto -> %s on %s%s", cand, device, f" (skipped {'; '.join(reasons)})" if reasons else "")
-        return cls(device)
+        return backend, networks
     raise BackendUnavailable(f"no backend can run plan {plan.manifest.name!r} on {device}: {'; '.join(reasons)}")
 
 
@@ -326,13 +343,9 @@ class Registrar:
         if self.device.type == "cuda":
             from .warp import ensure_kernels
             ensure_kernels("cuda")  # build/load the fused warp kernels now, not in the first registration
-        self.backend = _pick_backend(backend, self.device, plan)
+        self.backend, self._networks = _pick_backend(backend, self.device, plan)
         m = plan.manifest
         self.model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
-        self._networks = {}
-        for st in m.stages:
-            for sc in st.scales:
-                self._networks[(st.name, sc.level)] = self.backend.load_network(plan, sc.networks)
         if m.analytic:
             _log.warning("plan %r is ANALYTIC: its 'networks' are SSD gradient descent, not trained models "
                          "(mono-modal only)", m.name)
