@@ -267,8 +267,9 @@ class _Level(nn.Module):
         return y
 
 
-class _EulerLevel(_Level):
-    """Forward Euler on the precomputed :func:`msode_sdk.integrate.fixed_step_grid`."""
+class _FixedStepLevel(_Level):
+    """Template for fixed-step solvers on the precomputed :func:`msode_sdk.integrate.fixed_step_grid`:
+    this class owns the loop, a subclass implements ``step`` (as ``FixedGridSolver`` in the SDK)."""
 
     times: List[float]
 
@@ -276,25 +277,8 @@ class _EulerLevel(_Level):
         super().__init__(*args, **kwargs)
         self.times = [float(v) for v in times]
 
-    def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
-        mov = pyr_m[self.pyr]
-        fix = pyr_f[self.pyr]
-        y = self.carried(y)
-        for i in range(len(self.times) - 1):
-            ta = self.times[i]
-            dt = self.times[i + 1] - ta
-            y = y + dt * self.field(ta, y, mov, fix, states)
-        return y
-
-
-class _HeunLevel(_Level):
-    """Heun's method (explicit trapezoid) on the precomputed fixed-step grid."""
-
-    times: List[float]
-
-    def __init__(self, *args, times: List[float], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.times = [float(v) for v in times]
+    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
+        raise NotImplementedError("subclass implements one step")
 
     def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
         mov = pyr_m[self.pyr]
@@ -302,12 +286,24 @@ class _HeunLevel(_Level):
         y = self.carried(y)
         for i in range(len(self.times) - 1):
             ta = self.times[i]
-            dt = self.times[i + 1] - ta
-            k1 = self.field(ta, y, mov, fix, states)
-            k2 = self.field(ta + dt, y + dt * k1, mov, fix, states)
-            y = y + 0.5 * dt * (k1 + k2)
+            y = self.step(ta, self.times[i + 1] - ta, y, mov, fix, states)
         return y
 
+
+class _EulerLevel(_FixedStepLevel):
+    """Forward Euler."""
+
+    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
+        return y + dt * self.field(t, y, mov, fix, states)
+
+
+class _HeunLevel(_FixedStepLevel):
+    """Heun's method (explicit trapezoid)."""
+
+    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
+        k1 = self.field(t, y, mov, fix, states)
+        k2 = self.field(t + dt, y + dt * k1, mov, fix, states)
+        return y + 0.5 * dt * (k1 + k2)
 
 class _AdaptiveHeunLevel(_Level):
     """msode_sdk.integrate.AdaptiveHeunSolver: Heun-Euler pair, RMS of ``err / (tol + tol max(|y|,

@@ -163,6 +163,7 @@ class CudaGraphRunner:
                                 get_solver(sc.solver, step_size=sc.step_size, tol=sc.tol, max_steps=sc.max_steps),
                                 sc.t0, sc.t1) for sc in st.scales]
         fp16 = self.options.fp16_networks
+        from .registrar import checked_velocity  # registrar imports this module lazily: no cycle at import
 
         def make_field(i):
             lg = levels[i].grid
@@ -178,10 +179,7 @@ class CudaGraphRunner:
                         v = net(warped, fix_in, t)
                 else:
                     v = net(warped, fix_in, t)
-                if v.shape != state.shape:
-                    raise PlanError(f"network {net.member} returned shape {tuple(v.shape)}, "
-                                    f"expected {tuple(state.shape)} for a {st.transform} state")
-                return v.to(state.dtype)
+                return checked_velocity(net, v, state, st.transform)
             return f
 
         y = initial_state(st.transform, st.params, grid, levels[0].grid, self.batch, torch.float32, self.device)

@@ -113,6 +113,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 _AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("torch", "onnxruntime")}
 
 
+def checked_velocity(net, v: torch.Tensor, state: torch.Tensor, transform: str) -> torch.Tensor:
+    """A network's output as the state's velocity: same shape as the state (else ``PlanError``)."""
+    if v.shape != state.shape:
+        raise PlanError(f"network {net.member} returned shape {tuple(v.shape)}, "
+                        f"expected {tuple(state.shape)} for a {transform} state")
+    return v.to(state.dtype)
+
+
 def _load_networks(backend, plan: Plan) -> dict:
     return {(st.name, sc.level): backend.load_network(plan, sc.networks)
             for st in plan.manifest.stages for sc in st.scales}
@@ -440,11 +448,7 @@ class Registrar:
                     def f(t, state):
                         tr = make_transform(st.transform, state, st.params, grid, lg)
                         warped = warp_chain(mov_l, lg, prior.then(tr), lg)
-                        v = net(warped, fix_l, t)
-                        if v.shape != state.shape:
-                            raise PlanError(f"network {net.member} returned shape {tuple(v.shape)}, "
-                                            f"expected {tuple(state.shape)} for a {st.transform} state")
-                        return v.to(state.dtype)
+                        return checked_velocity(net, net(warped, fix_l, t), state, st.transform)
                     return f
 
                 y0 = initial_state(st.transform, st.params, grid, levels[0].grid, n, torch.float32, self.device)
