@@ -27,7 +27,7 @@ Architectures: networks are rebuilt at export time by a factory registered under
 ``arch.name``: ``factory(level_grid, model_grid, stage_params, **kwargs) -> nn.Module`` with the
 network contract ``forward(warped, fixed, t) -> velocity`` (see :mod:`msode_sdk.backends`), then the
 level's state dict is loaded strictly. ``msode_train`` registers its networks with
-:func:`register_architecture` when imported (the registry imports ``msode_train.networks`` on a miss);
+:func:`register_architecture` when imported (the registry imports ``msode_train.models`` on a miss);
 other code can register its own (``msode export --import MODULE``).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "Checkp
 CHECKPOINT_FORMAT = "msode-checkpoint"
 CHECKPOINT_VERSION = 1
 #: modules imported (quietly, once) when an architecture name is not registered yet
-ARCHITECTURE_PROVIDERS = ("msode_train.networks",)
+ARCHITECTURE_PROVIDERS = ("msode_train.models",)
 
 Factory = Callable[..., nn.Module]
 _ARCHITECTURES: dict[str, Factory] = {}

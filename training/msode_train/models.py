@@ -1,0 +1,309 @@
+"""Per-scale vector-field networks ``f_l(warped, fixed, t) -> d(theta)/dt`` of MS-ODENet.
+
+Every network has exactly the SDK's signature (``msode_sdk.backends._base.NetworkRunner``)::
+
+    forward(warped (N, 1, D, H, W), fixed (N, 1, D, H, W), t (N,)) -> velocity
+
+on one pyramid level whose grid is fixed at construction (``level_grid``), and returns
+
+* rigid:   ``(N, 6)`` = rotation rates (rad / unit time) about x, y, z and translation rates
+  (mm / unit time), the SDK's ``theta = (rx, ry, rz, tx, ty, tz)`` convention;
+* bspline: ``(N, 3, cz, cy, cx)`` control-point velocities (mm / unit time) of the stage lattice
+  ``msode_sdk.transforms.BSplineLattice(model_grid, control_spacing_mm)`` (the lattice lives on the
+  model grid at every level, as in the SDK);
+* dense:   ``(N, 3, D, H, W)`` voxel velocities (mm / unit time, channels x, y, z) on the level grid.
+
+Design choices (all networks):
+
+* Time enters as a constant extra input channel (``t`` itself; a level owns ``[l-1, l]``) and, for
+  the rigid head, also as an input of the fully connected layers.
+* The last layer of every network is zero-initialised, so an untrained network is the zero flow
+  (``theta_T = theta_0``): training starts from "do nothing", never from a random drift. Outputs are
+  multiplied by fixed per-kind scales (``rot_scale`` rad, ``trans_scale`` mm, ``out_scale_mm``), so
+  that an O(1) pre-activation is an O(motion) velocity.
+* No normalisation layers that depend on the batch (training runs with batch 1-4); LeakyReLU.
+* Geometry is explicit rather than learned: the feature maps' voxel-centre coordinates (mm,
+  centre-relative, exactly as in :mod:`msode_sdk.transforms`) are computed at construction from the
+  level grid and stored as buffers. The rigid head pools features *and* features weighted by x, y, z
+  (first moments), which is what a rotation estimate needs (cf. the ``x x grad`` rows of the analytic
+  Gauss-Newton field) and what plain global average pooling would throw away. The B-spline head
+  pulls encoder features onto the control lattice with the exact (normalised) B-spline weights of
+  the feature voxels, so every control point sees the image around it, whatever the level.
+* Scriptable with ``torch.jit.script`` and exportable to ONNX opset 17 (Conv, LeakyRelu, ReduceMean,
+  Einsum, Resize, Gemm; no GridSample). Spatial shape is fixed per level (the plan fixes it); batch
+  is dynamic.
+
+Architectures are registered by name in :data:`ARCHITECTURES` and, when the export package provides
+it, with ``msode_export.checkpoint.register_architecture(name, factory)``; a factory is
+``factory(level_grid, model_grid, stage_params, **kwargs) -> nn.Module``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msode_sdk.transforms import BSplineLattice, Grid
+
+__all__ = ["RigidNet", "BSplineNet", "DenseUNet", "ARCHITECTURES", "DEFAULT_ARCH", "build_network",
+           "register_architectures"]
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, kernel_size=3, stride=stride, padding=1)
+
+
+def _strided_coords(coords: torch.Tensor, n_down: int) -> torch.Tensor:
+    """Voxel-centre coordinates after ``n_down`` convolutions (k=3, stride 2, padding 1): output voxel
+    ``i`` is centred on input voxel ``2 i``."""
+    for _ in range(n_down):
+        coords = coords[::2]
+    return coords
+
+
+def _n_down_for(level_grid: Grid, min_size: int, max_down: int) -> int:
+    """How many stride-2 stages keep every axis at least ``min_size`` voxels (at most ``max_down``)."""
+    n = 0
+    sizes = list(level_grid.shape_xyz)
+    while n < max_down and all((s - 1) // 2 + 1 >= min_size for s in sizes):
+        sizes = [(s - 1) // 2 + 1 for s in sizes]
+        n += 1
+    return n
+
+
+def _time_channel(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    n = ref.shape[0]
+    return t.reshape(n, 1, 1, 1, 1).to(ref.dtype).expand(n, 1, ref.shape[2], ref.shape[3], ref.shape[4])
+
+
+class _Encoder(nn.Module):
+    """Input conv then ``n_down`` stride-2 stages (each: strided conv + conv), widths doubling up to
+    ``max_width``; LeakyReLU(0.2). Returns the deepest feature map."""
+
+    def __init__(self, cin: int, width: int, n_down: int, max_width: int = 64, first_stride: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = [_conv(cin, width, first_stride), nn.LeakyReLU(0.2)]
+        c = width
+        for _ in range(n_down):
+            c2 = min(c * 2, max_width)
+            layers += [_conv(c, c2, 2), nn.LeakyReLU(0.2), _conv(c2, c2), nn.LeakyReLU(0.2)]
+            c = c2
+        self.body = nn.Sequential(*layers)
+        self.out_channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# ---------------------------------------------------------------------------------------------- rigid
+
+
+class RigidNet(nn.Module):
+    """Rigid vector field: 3-D conv encoder, moment pooling (mean of features and of features times
+    the normalised x, y, z coordinates), two fully connected layers -> 6 (zero-initialised), scaled
+    to rad and mm per unit time."""
+
+    def __init__(self, level_grid: Grid, width: int = 16, hidden: int = 64, max_width: int = 64,
+                 first_stride: int = 2, rot_scale: float = 0.5, trans_scale: float = 10.0,
+                 coord_scale_mm: float = 80.0):
+        super().__init__()
+        self.level_shape = tuple(level_grid.shape_dhw)
+        first_stride = int(first_stride)
+        base = level_grid
+        if first_stride == 2:
+            base_shape = tuple((s - 1) // 2 + 1 for s in level_grid.shape_xyz)
+        else:
+            base_shape = level_grid.shape_xyz
+        n_down = _n_down_for(Grid(base_shape, level_grid.spacing_xyz), 3, 4)
+        self.encoder = _Encoder(3, width, n_down, max_width, first_stride)
+        c = self.encoder.out_channels
+        # feature-grid coordinates (mm, centre-relative) divided by coord_scale_mm: (1, 1, d, h, w) each
+        total = n_down + (1 if first_stride == 2 else 0)
+        xs, ys, zs = (_strided_coords(base.axis_coords(a), total) / float(coord_scale_mm) for a in range(3))
+        self.register_buffer("cx", xs.reshape(1, 1, 1, 1, -1).clone())
+        self.register_buffer("cy", ys.reshape(1, 1, 1, -1, 1).clone())
+        self.register_buffer("cz", zs.reshape(1, 1, -1, 1, 1).clone())
+        self.fc1 = nn.Linear(4 * c + 1, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, 6)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.register_buffer("scale", torch.tensor([rot_scale] * 3 + [trans_scale] * 3, dtype=torch.float32))
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((warped, fixed, _time_channel(t, warped)), dim=1)
+        h = self.encoder(x)
+        m0 = h.mean(dim=(2, 3, 4))
+        mx = (h * self.cx).mean(dim=(2, 3, 4))
+        my = (h * self.cy).mean(dim=(2, 3, 4))
+        mz = (h * self.cz).mean(dim=(2, 3, 4))
+        z = torch.cat((m0, mx, my, mz, t.reshape(-1, 1).to(h.dtype)), dim=1)
+        z = F.leaky_relu(self.fc1(z), 0.2)
+        z = F.leaky_relu(self.fc2(z), 0.2)
+        return self.out(z) * self.scale
+
+
+# -------------------------------------------------------------------------------------------- B-spline
+
+
+class BSplineNet(nn.Module):
+    """B-spline vector field: fully convolutional encoder on the level grid, features pulled onto the
+    control lattice with normalised B-spline weights, convolutions on the lattice -> 3 channels
+    (zero-initialised last layer), scaled to mm per unit time. Output ``(N, 3, cz, cy, cx)``."""
+
+    def __init__(self, level_grid: Grid, lattice: BSplineLattice, width: int = 16, max_width: int = 64,
+                 n_down: int | None = None, out_scale_mm: float = 8.0):
+        super().__init__()
+        if n_down is None:
+            # feature voxels no coarser than about half the control spacing, and >= 3 voxels per axis
+            n_down = 0
+            while n_down < 3:
+                sp = level_grid.spacing_xyz[0] * 2 ** (n_down + 1)
+                if sp > 0.5 * min(lattice.control_spacing):
+                    break
+                n_down += 1
+            n_down = min(n_down, _n_down_for(level_grid, 3, 3))
+        # the first convolution already strides when the features are coarser than the level grid
+        first_stride = 2 if n_down >= 1 else 1
+        self.encoder = _Encoder(3, width, max(n_down - 1, 0), max_width, first_stride)
+        c = self.encoder.out_channels
+        bases = []
+        for a in range(3):
+            coords = _strided_coords(level_grid.axis_coords(a, torch.float64), n_down)
+            bases.append(lattice.basis_matrix(coords, a).to(torch.float32))  # (n_feat, n_ctrl)
+        bx, by, bz = bases
+        self.register_buffer("bx", bx)
+        self.register_buffer("by", by)
+        self.register_buffer("bz", bz)
+        # normaliser: total weight each control point receives from the feature voxels
+        w = torch.einsum("x,xm->m", torch.ones(bx.shape[0]), bx)
+        wy = torch.einsum("y,yl->l", torch.ones(by.shape[0]), by)
+        wz = torch.einsum("z,zk->k", torch.ones(bz.shape[0]), bz)
+        norm = wz.reshape(-1, 1, 1) * wy.reshape(1, -1, 1) * w.reshape(1, 1, -1)
+        self.register_buffer("inv_norm", (1.0 / norm.clamp(min=1e-2)).reshape(1, 1, *norm.shape))
+        self.head = nn.Sequential(
+            _conv(c, c), nn.LeakyReLU(0.2),
+            _conv(c, c), nn.LeakyReLU(0.2),
+        )
+        self.out = _conv(c, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.out_scale = float(out_scale_mm)
+        self.coeff_shape = lattice.coeff_shape
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((warped, fixed, _time_channel(t, warped)), dim=1)
+        h = self.encoder(x)                                         # (N, C, z, y, x)
+        h = torch.einsum("nczyx,xm->nczym", h, self.bx)
+        h = torch.einsum("nczym,yl->nczlm", h, self.by)
+        h = torch.einsum("nczlm,zk->ncklm", h, self.bz) * self.inv_norm  # (N, C, cz, cy, cx)
+        h = self.head(h)
+        return self.out(h) * self.out_scale
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+
+class DenseUNet(nn.Module):
+    """Dense vector field: a small 3-D UNet (``depth`` stride-2 stages, skip connections, trilinear
+    upsampling to the skip's exact size) -> 3 channels (zero-initialised), scaled to mm per unit time."""
+
+    def __init__(self, level_grid: Grid, width: int = 16, depth: int = 3, max_width: int = 64,
+                 out_scale_mm: float = 4.0):
+        super().__init__()
+        depth = min(int(depth), _n_down_for(level_grid, 2, 4))
+        self.inc = nn.Sequential(_conv(3, width), nn.LeakyReLU(0.2))
+        downs, ups = [], []
+        chans = [width]
+        c = width
+        for _ in range(depth):
+            c2 = min(c * 2, max_width)
+            downs.append(nn.Sequential(_conv(c, c2, 2), nn.LeakyReLU(0.2), _conv(c2, c2), nn.LeakyReLU(0.2)))
+            chans.append(c2)
+            c = c2
+        for i in range(depth):
+            skip = chans[depth - 1 - i]
+            ups.append(nn.Sequential(_conv(c + skip, skip), nn.LeakyReLU(0.2)))
+            c = skip
+        self.downs = nn.ModuleList(downs)
+        self.ups = nn.ModuleList(ups)
+        self.out = _conv(c, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.out_scale = float(out_scale_mm)
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((warped, fixed, _time_channel(t, warped)), dim=1)
+        h = self.inc(x)
+        skips: list[torch.Tensor] = []
+        for down in self.downs:
+            skips.append(h)
+            h = down(h)
+        i = 0
+        for up in self.ups:
+            s = skips[len(skips) - 1 - i]
+            h = F.interpolate(h, size=(s.shape[2], s.shape[3], s.shape[4]), mode="trilinear", align_corners=False)
+            h = up(torch.cat((h, s), dim=1))
+            i += 1
+        return self.out(h) * self.out_scale
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+
+def _rigid_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, **kwargs) -> nn.Module:
+    return RigidNet(level_grid, **kwargs)
+
+
+def _bspline_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, **kwargs) -> nn.Module:
+    lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
+    return BSplineNet(level_grid, lattice, **kwargs)
+
+
+def _dense_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, **kwargs) -> nn.Module:
+    return DenseUNet(level_grid, **kwargs)
+
+
+Factory = Callable[..., nn.Module]
+
+#: name -> (transform kind, factory(level_grid, model_grid, stage_params, **kwargs))
+ARCHITECTURES: dict[str, tuple[str, Factory]] = {
+    "rigid_convfc": ("rigid", _rigid_factory),
+    "bspline_fcn": ("bspline", _bspline_factory),
+    "dense_unet": ("dense", _dense_factory),
+}
+#: default architecture per transform kind
+DEFAULT_ARCH = {"rigid": "rigid_convfc", "bspline": "bspline_fcn", "dense": "dense_unet"}
+
+
+def build_network(arch: str, level_grid: Grid, model_grid: Grid, stage_params: dict, **kwargs) -> nn.Module:
+    """Instantiate a registered architecture for one level."""
+    try:
+        _, factory = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; valid: {sorted(ARCHITECTURES)}") from None
+    return factory(level_grid, model_grid, stage_params, **kwargs)
+
+
+def register_architectures() -> bool:
+    """Register every architecture with ``msode_export.checkpoint`` (when that module exists);
+    returns whether it did."""
+    try:
+        from msode_export import checkpoint as _ckpt
+    except ImportError:
+        return False
+    reg = getattr(_ckpt, "register_architecture", None)
+    if reg is None:
+        return False
+    for name, (_, factory) in ARCHITECTURES.items():
+        try:
+            reg(name, factory)
+        except ValueError:  # already registered (re-import)
+            pass
+    return True
+
+
+_REGISTERED_WITH_EXPORT = register_architectures()

@@ -1,0 +1,706 @@
+"""Training of MS-ODENet: configs, data sampling, the loss step, resumable checkpoints, plan export.
+
+One YAML config (``training/msode_train/configs/*.yaml``) describes a run; :func:`load_config` merges
+it over :data:`DEFAULTS` and applies ``--set a.b=value`` overrides (values parsed as YAML). Sections:
+
+``model``   ``spacing_mm``, ``fov_mm`` (model grid = round(fov / spacing), centred on the field of view,
+            as every synthetic subject and the SDK's ``centre: fov``), ``levels``, ``integrator``
+            (``torchdiffeq`` | ``sdk``, see :mod:`msode_train.odenet`), ``adjoint``, ``init_from``
+            (a training state ``.pt``, a stage checkpoint ``.ckpt`` or a ``.plan`` whose networks seed
+            matching ``<stage>_L<l>`` networks).
+``stages``  list of ``{name, transform, schedule (paper | list of {solver, step_size, tol, max_steps}),
+            params, arch, arch_kwargs, train}``; stages with ``train: false`` run frozen (no_grad), e.g.
+            a trained rigid stage in front of a B-spline stage being trained.
+``data``    ``bank_dir`` (default ``~/.cache/msode/bank``, env ``MSODE_BANK`` overrides), ``bank_spacing_mm``
+            (default: the model spacing; a coarser bank is sampled trilinearly onto the model grid),
+            ``n_train``,
+            ``n_val``, ``contrasts``, ``pairs`` (``random``: ordered pairs of distinct contrasts, or a
+            list of ``[moving, fixed]``), ``motion`` (rigid | bspline | hybrid, the paper's
+            distributions from :mod:`msode_train.data`), ``motion_kwargs``, ``control_spacing_mm``.
+``loss``    ``sim`` (mi | ncc | mind | content), ``sim_kwargs``, ``lambda_sim``, ``lambda_self``,
+            ``self_metric`` (points | params), ``self_scale_mm``, ``lambda_reg``, ``lambda_sup``
+            (beyond the paper, default 0: supervised point error against the simulated map of the
+            multi-contrast pair itself).
+``train``   ``steps``, ``batch_size``, ``lr`` (Adam), ``grad_clip``, ``max_minutes`` (the run stops
+            itself, checkpointed, after that), ``checkpoint_every``, ``val_every``, ``val_pairs``,
+            ``out_dir`` (default ``out/train/<name>``, git-ignored), ``threads``, ``seed``, ``device`` (auto | cpu | cuda[:n]), ``progress``.
+``export``  ``plan`` (write ``<out_dir>/<name>.plan`` at the end), ``formats``, ``eval_pairs``
+            (held-out pairs evaluated through the SDK and recorded in the plan's metrics).
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved), ``train_log.csv`` (one row per step),
+``val_log.csv``, ``state.pt`` (resumable: networks, optimiser, step, RNG, history; written
+atomically every ``checkpoint_every`` steps, on SIGTERM/SIGINT and at the end), one stage
+checkpoint ``<stage>.ckpt`` per stage (``msode_export.checkpoint`` format, for ``msode export``), the
+plan, and TensorBoard events when ``tensorboard`` is installed.
+
+Each step draws (numpy ``Generator`` seeded by ``seed``, part of the resumable state) ``batch_size``
+training pairs: a random bank subject, a contrast pair, a motion from the paper's distribution
+(``data.make_pair``: exact ground truth); and, when ``lambda_self > 0``, as many self-supervision
+pairs: one image of a random subject and contrast, perturbed by a motion from the same distribution
+(``fixed = moving o phi~``). Images are normalised exactly as the SDK normalises its inputs
+(``msode_sdk.io.normalise_intensity`` with the plan's percentiles), so the networks see in training what
+they see at inference.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from msode_export.pack import PAPER_SCHEDULES, LevelSolver, build_plan
+from msode_sdk.io import normalise_intensity
+from msode_sdk.transforms import BSplineTransform, DenseTransform, Grid, RigidTransform, TransformChain
+from msode_sdk.warp import warp_chain
+
+from . import data as D
+from .losses import brain_points, get_similarity, gradient_regulariser, point_error, self_supervision_loss
+from .odenet import MSODENet, StageSpec
+
+__all__ = ["DEFAULTS", "CONFIG_DIR", "load_config", "Trainer", "model_grid_of", "stage_specs_of",
+           "git_commit", "NORMALIZATION"]
+
+_log = logging.getLogger("msode_train")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+NORMALIZATION = {"method": "percentile", "low": 0.5, "high": 99.5}
+STATE_FORMAT = "msode-train-state"
+STATE_VERSION = 1
+
+DEFAULTS: dict = {
+    "name": "msode",
+    "model": {"spacing_mm": 2.0, "fov_mm": list(D.FOV_MM), "levels": 3, "integrator": "torchdiffeq",
+              "adjoint": False, "init_from": None},
+    "stages": [{"name": "rigid", "transform": "rigid", "schedule": "paper"}],
+    "data": {"bank_dir": "~/.cache/msode/bank", "n_train": 40, "n_val": 4, "contrasts": list(D.CONTRASTS),
+             "pairs": "random", "motion": "rigid", "motion_kwargs": {},
+             "control_spacing_mm": D.DEFAULT_CONTROL_SPACING_MM, "bank_spacing_mm": None, "cache": 64},
+    "loss": {"sim": "mi", "sim_kwargs": {}, "lambda_sim": 1.0, "lambda_self": 1.0, "self_metric": "points",
+             "self_scale_mm": 10.0, "lambda_reg": 0.0, "lambda_sup": 0.0, "self_points": 4096},
+    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "grad_clip": 10.0, "max_minutes": 35.0,
+              "checkpoint_every": 25, "val_every": 0, "val_pairs": 4, "out_dir": "out/train/{name}",
+              "threads": None, "seed": 0, "device": "auto", "progress": True},
+    "export": {"plan": True, "formats": ["torchscript", "onnx"], "eval_pairs": 0},
+}
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_path(cfg: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    cur = cfg
+    for k in keys[:-1]:
+        if isinstance(cur, list):
+            cur = cur[int(k)]
+        else:
+            cur = cur.setdefault(k, {})
+    last = keys[-1]
+    if isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def load_config(path_or_dict, overrides: Sequence[str] = ()) -> dict:
+    """A resolved config: ``path_or_dict`` (a YAML path, a bundled config name such as ``rigid_2mm``, or
+    a dict) merged over :data:`DEFAULTS`, then ``overrides`` ``"a.b=value"`` (value parsed as YAML;
+    list indices allowed, e.g. ``stages.0.train=false``)."""
+    if isinstance(path_or_dict, dict):
+        user = path_or_dict
+    else:
+        p = Path(path_or_dict)
+        if not p.exists():
+            cand = CONFIG_DIR / (p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml")
+            if not cand.exists():
+                have = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+                raise FileNotFoundError(f"config {str(path_or_dict)!r} not found (bundled: {have})")
+            p = cand
+        user = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"{p}: a config must be a YAML mapping")
+    cfg = _merge(DEFAULTS, user)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} must look like key.path=value")
+        k, v = ov.split("=", 1)
+        _set_path(cfg, k.strip(), yaml.safe_load(v))
+    cfg["train"]["out_dir"] = str(cfg["train"]["out_dir"]).format(name=cfg["name"])
+    _check_config(cfg)
+    return cfg
+
+
+def _check_config(cfg: dict) -> None:
+    from .losses import SIMILARITIES
+    if cfg["loss"]["sim"] not in SIMILARITIES:
+        raise ValueError(f"loss.sim {cfg['loss']['sim']!r} is not one of {list(SIMILARITIES)}")
+    if cfg["data"]["motion"] not in ("rigid", "bspline", "hybrid", "identity"):
+        raise ValueError(f"data.motion {cfg['data']['motion']!r} is not one of rigid, bspline, hybrid")
+    if not cfg["stages"]:
+        raise ValueError("config needs at least one stage")
+    for c in cfg["data"]["contrasts"]:
+        if c not in D.CLASS_MEANS:
+            raise ValueError(f"unknown contrast {c!r}; synthetic contrasts are {list(D.CLASS_MEANS)}")
+
+
+def model_grid_of(cfg: dict) -> Grid:
+    sp = float(cfg["model"]["spacing_mm"])
+    shape = tuple(max(2, int(round(n / sp))) for n in cfg["model"]["fov_mm"])
+    return Grid(shape, (sp,) * 3)
+
+
+def _schedule(spec, transform: str, levels: int) -> list[LevelSolver]:
+    if spec in (None, "paper"):
+        sched = list(PAPER_SCHEDULES[transform])
+        if levels != len(sched):  # e.g. the single-scale ablation: the finest level's solver over [0, 1]
+            sched = sched[-levels:] if levels < len(sched) else sched + [sched[-1]] * (levels - len(sched))
+        return sched
+    out = []
+    for s in spec:
+        out.append(LevelSolver(s["solver"], s.get("step_size"), s.get("tol"), int(s.get("max_steps", 1000))))
+    if len(out) != levels:
+        raise ValueError(f"schedule has {len(out)} levels, model.levels is {levels}")
+    return out
+
+
+def stage_specs_of(cfg: dict) -> list[StageSpec]:
+    levels = int(cfg["model"]["levels"])
+    out = []
+    for s in cfg["stages"]:
+        params = dict(s.get("params") or {})
+        if s["transform"] == "bspline" and "control_spacing_mm" not in params:
+            params["control_spacing_mm"] = [20.0, 20.0, 20.0]
+        if "control_spacing_mm" in params:
+            cs = params["control_spacing_mm"]
+            params["control_spacing_mm"] = [float(cs)] * 3 if isinstance(cs, (int, float)) else [float(v) for v in cs]
+        out.append(StageSpec(s["name"], s["transform"], _schedule(s.get("schedule", "paper"), s["transform"], levels),
+                             params, s.get("arch"), dict(s.get("arch_kwargs") or {})))
+    return out
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (read-only ``git rev-parse``), None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+# ------------------------------------------------------------------------------------------- chains
+
+
+def stack_chains(chains: Sequence[TransformChain]) -> TransformChain:
+    """Concatenate same-structure chains along the batch."""
+    if len(chains) == 1:
+        return chains[0]
+    out = []
+    for parts in zip(*(c.transforms for c in chains)):
+        first = parts[0]
+        state = torch.cat([p.state for p in parts], dim=0)
+        if isinstance(first, RigidTransform):
+            out.append(RigidTransform(state))
+        elif isinstance(first, BSplineTransform):
+            out.append(BSplineTransform(state, first.lattice))
+        else:
+            out.append(DenseTransform(state, first.grid))
+    return TransformChain(out)
+
+
+def slice_chain(chain: TransformChain, start: int, stop: int) -> TransformChain:
+    """Batch members ``start:stop`` of a chain."""
+    out = []
+    for t in chain.transforms:
+        if isinstance(t, RigidTransform):
+            out.append(RigidTransform(t.state[start:stop]))
+        elif isinstance(t, BSplineTransform):
+            out.append(BSplineTransform(t.state[start:stop], t.lattice))
+        else:
+            out.append(DenseTransform(t.state[start:stop], t.grid))
+    return TransformChain(out)
+
+
+def chain_to(chain: TransformChain, device) -> TransformChain:
+    """The chain with every state moved to ``device``."""
+    out = []
+    for t in chain.transforms:
+        if isinstance(t, RigidTransform):
+            out.append(RigidTransform(t.state.to(device)))
+        elif isinstance(t, BSplineTransform):
+            out.append(BSplineTransform(t.state.to(device), t.lattice))
+        else:
+            out.append(DenseTransform(t.state.to(device), t.grid))
+    return TransformChain(out)
+
+
+def normalise(vol: torch.Tensor, norm: dict = NORMALIZATION) -> torch.Tensor:
+    """Per-image SDK normalisation of a ``(N, 1, D, H, W)`` batch (percentiles of each image)."""
+    return torch.cat([normalise_intensity(v[None], norm["low"], norm["high"]) for v in vol], dim=0)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """A training run (see the module docstring). ``resume=True`` continues from ``out_dir/state.pt``."""
+
+    def __init__(self, cfg: dict, resume: bool = True, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.log = log or (lambda msg: _log.info(msg))
+        tr = cfg["train"]
+        if tr.get("threads"):
+            torch.set_num_threads(int(tr["threads"]))
+        self.device = resolve_device(tr.get("device", "auto"))
+        self.out_dir = Path(tr["out_dir"]).expanduser()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(int(tr["seed"]))
+        self.model_grid = model_grid_of(cfg)
+        self.specs = stage_specs_of(cfg)
+        self.model = MSODENet(self.model_grid, self.specs, integrator=cfg["model"]["integrator"],
+                              adjoint=bool(cfg["model"]["adjoint"])).to(self.device)
+        self.train_names = [s["name"] for s in cfg["stages"] if s.get("train", True)]
+        if not self.train_names:
+            raise ValueError("no stage has train: true")
+        for st in self.specs:
+            for p in self.model.stage_parameters([st.name]):
+                p.requires_grad_(st.name in self.train_names)
+        if cfg["model"].get("init_from"):
+            self.init_from(cfg["model"]["init_from"])
+        self.opt = torch.optim.Adam(self.model.stage_parameters(self.train_names), lr=float(tr["lr"]))
+        dc = cfg["data"]
+        self.bank_dir = Path(os.environ.get("MSODE_BANK") or dc["bank_dir"]).expanduser()
+        self.bank_spacing = float(dc.get("bank_spacing_mm") or cfg["model"]["spacing_mm"])
+        self.bank = D.SubjectBank.for_split(self.bank_dir, "train", int(dc["n_train"]),
+                                            spacing=self.bank_spacing,
+                                            grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
+                                            contrasts=tuple(dc["contrasts"]), max_in_memory=int(dc.get("cache", 64)))
+        self.rng = np.random.default_rng(int(tr["seed"]))
+        lc = cfg["loss"]
+        sim_kwargs = dict(lc.get("sim_kwargs") or {})
+        if lc["sim"] == "content":
+            sim_kwargs.setdefault("spacing_mm", float(cfg["model"]["spacing_mm"]))
+            sim_kwargs.setdefault("device", self.device)
+        self.sim = get_similarity(lc["sim"], **sim_kwargs)
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        self._stop = False
+        self._tb = None
+        if resume and (self.out_dir / "state.pt").exists():
+            self.load_state(self.out_dir / "state.pt")
+            self.log(f"resumed from {self.out_dir / 'state.pt'} at step {self.step}")
+
+    # ----------------------------------------------------------------------------------- data
+
+    def _contrast_pair(self) -> tuple[str, str]:
+        pairs = self.cfg["data"]["pairs"]
+        cons = list(self.cfg["data"]["contrasts"])
+        if pairs == "random":
+            if len(cons) < 2:
+                return cons[0], cons[0]
+            i, j = self.rng.choice(len(cons), 2, replace=False)
+            return cons[i], cons[j]
+        if pairs == "same":
+            c = cons[self.rng.integers(len(cons))]
+            return c, c
+        m, f = pairs[self.rng.integers(len(pairs))]
+        return m, f
+
+    def _motion(self) -> TransformChain:
+        dc = self.cfg["data"]
+        return D.sample_motion(self.rng, dc["motion"], self.model_grid, 1,
+                               control_spacing_mm=float(dc["control_spacing_mm"]), **(dc.get("motion_kwargs") or {}))
+
+    def _make(self, subject, mc: str, fc: str, chain: TransformChain) -> D.Pair:
+        return D.make_pair(subject, mc, fc, chain, grid=self.model_grid, device=self.device)
+
+    def sample_batch(self) -> dict:
+        """``batch_size`` training pairs (and self-supervision pairs when ``lambda_self > 0``)."""
+        n = int(self.cfg["train"]["batch_size"])
+        pairs, selfs = [], []
+        for _ in range(n):
+            subj = self.bank[int(self.rng.integers(len(self.bank)))]
+            mc, fc = self._contrast_pair()
+            pairs.append(self._make(subj, mc, fc, self._motion()))
+        if float(self.cfg["loss"]["lambda_self"]) > 0:
+            cons = list(self.cfg["data"]["contrasts"])
+            for _ in range(n):
+                subj = self.bank[int(self.rng.integers(len(self.bank)))]
+                c = cons[int(self.rng.integers(len(cons)))]
+                selfs.append(self._make(subj, c, c, self._motion()))
+        return {"pairs": pairs, "self": selfs}
+
+    @staticmethod
+    def _collate(pairs: Sequence[D.Pair]) -> dict:
+        return {"moving": normalise(torch.cat([p.moving for p in pairs])),
+                "fixed": normalise(torch.cat([p.fixed for p in pairs])),
+                "brain": torch.cat([p.fixed_brain for p in pairs]),
+                "chain": stack_chains([p.chain for p in pairs])}
+
+    # ----------------------------------------------------------------------------------- loss
+
+    def compute_losses(self, batch: dict) -> dict:
+        """All loss terms of one batch (tensors; ``loss`` is the weighted total). The training pairs and
+        the self-supervision pairs go through the network as one batch (one ODE solve; on CPU, batches
+        > 1 also take the much faster oneDNN convolution path)."""
+        lc = self.cfg["loss"]
+        g = self.model_grid
+        b = self._collate(batch["pairs"])
+        n_main = b["moving"].shape[0]
+        s = self._collate(batch["self"]) if batch["self"] else None
+        moving = b["moving"] if s is None else torch.cat((b["moving"], s["moving"]))
+        fixed = b["fixed"] if s is None else torch.cat((b["fixed"], s["fixed"]))
+        out = self.model(moving, fixed, grad_stages=self.train_names)
+        chain = slice_chain(out.chain, 0, n_main)
+        warped = warp_chain(b["moving"], g, chain, g)
+        terms = {}
+        zero = torch.zeros((), device=self.device)
+        terms["sim"] = self.sim(warped, b["fixed"]) if float(lc["lambda_sim"]) > 0 else zero
+        terms["reg"] = gradient_regulariser(chain, g) if float(lc["lambda_reg"]) > 0 else zero
+        npts = int(lc.get("self_points", 4096))
+        sup = point_error(chain, b["chain"], brain_points(b["brain"], g, npts))
+        terms["sup"] = sup / float(lc["self_scale_mm"]) ** 2
+        terms["rmse_phi"] = sup.detach().sqrt()  # RMS over (subsampled) brain points, mm
+        if s is not None:
+            chain_s = slice_chain(out.chain, n_main, moving.shape[0])
+            states_s = [st[n_main:] for st in out.states.values()]
+            terms["self"] = self_supervision_loss(chain_s, s["chain"], brain_points(s["brain"], g, npts),
+                                                  lc["self_metric"], float(lc["self_scale_mm"]),
+                                                  states_s, [t.state for t in s["chain"].transforms])
+        else:
+            terms["self"] = zero
+        terms["loss"] = (float(lc["lambda_sim"]) * terms["sim"] + float(lc["lambda_self"]) * terms["self"]
+                         + float(lc["lambda_reg"]) * terms["reg"] + float(lc["lambda_sup"]) * terms["sup"])
+        terms["nfe"] = {k: sum(v) for k, v in out.nfe.items()}
+        return terms
+
+    def train_step(self) -> dict:
+        """One optimiser step; returns the logged row (floats)."""
+        t0 = time.perf_counter()
+        self.model.train()
+        batch = self.sample_batch()
+        t_data = time.perf_counter() - t0
+        self.opt.zero_grad(set_to_none=True)
+        terms = self.compute_losses(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.step + 1}: "
+                                     f"{ {k: float(v) for k, v in terms.items() if k != 'nfe'} }")
+        loss.backward()
+        clip = self.cfg["train"].get("grad_clip")
+        params = self.model.stage_parameters(self.train_names)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"))
+        self.opt.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        row = {"step": self.step, "time_s": round(self.elapsed, 3), "sec_per_step": round(dt, 3),
+               "data_s": round(t_data, 3), "loss": float(loss), "sim": float(terms["sim"]),
+               "self": float(terms["self"]), "reg": float(terms["reg"]), "sup": float(terms["sup"]),
+               "rmse_phi_mm": float(terms["rmse_phi"]), "grad_norm": float(gnorm),
+               **{f"nfe_{k}": v for k, v in terms["nfe"].items()}}
+        self.history.append(row)
+        return row
+
+    # ----------------------------------------------------------------------------------- validation
+
+    def validation_pairs(self, n: int) -> list:
+        """Fixed held-out validation pairs (the ``val`` split; seeds independent of training)."""
+        if not hasattr(self, "_val"):
+            dc = self.cfg["data"]
+            bank = D.SubjectBank.for_split(self.bank_dir, "val", max(1, int(dc["n_val"])),
+                                           spacing=self.bank_spacing,
+                                           grid_shape=tuple(int(v) for v in self.cfg["model"]["fov_mm"]),
+                                           contrasts=tuple(dc["contrasts"]))
+            rng = np.random.default_rng(12345)
+            saved, self.rng = self.rng, rng
+            try:
+                out = []
+                for i in range(n):
+                    mc, fc = self._contrast_pair()
+                    out.append(self._make(bank[i % len(bank)], mc, fc, self._motion()))
+            finally:
+                self.rng = saved
+            self._val = out
+        return self._val
+
+    @torch.no_grad()
+    def validate(self, n: int | None = None) -> dict:
+        n = int(n or self.cfg["train"]["val_pairs"])
+        self.model.eval()
+        errs = []
+        for p in self.validation_pairs(n):
+            b = self._collate([p])
+            out = self.model(b["moving"], b["fixed"])
+            errs.append(D.rmse_phi(chain_to(out.chain, "cpu"), chain_to(p.chain, "cpu"), p.grid,
+                                   mask=p.fixed_brain.cpu()))
+        errs = np.asarray(errs)
+        return {"step": self.step, "val_rmse_phi_median": float(np.median(errs)), "val_rmse_phi_mean": float(errs.mean()),
+                "val_rmse_phi_max": float(errs.max()), "val_success_lt2mm": float((errs < 2.0).mean())}
+
+    # ----------------------------------------------------------------------------------- loop
+
+    def fit(self, steps: int | None = None, max_minutes: float | None = None) -> dict:
+        """Train until ``steps`` (total, default ``train.steps``) or ``max_minutes`` of wall time (default
+        ``train.max_minutes``) or a SIGTERM/SIGINT; checkpoints on the way and at the end."""
+        tr = self.cfg["train"]
+        steps = int(steps if steps is not None else tr["steps"])
+        max_minutes = float(max_minutes if max_minutes is not None else tr["max_minutes"] or 1e9)
+        deadline = time.monotonic() + 60.0 * max_minutes
+        self._write_config()
+        self._install_signals()
+        log_path = self.out_dir / "train_log.csv"
+        self._trim_csv(log_path)
+        self._trim_csv(self.out_dir / "val_log.csv")
+        bar = None
+        if tr.get("progress", True):
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=steps, initial=self.step, desc=self.cfg["name"], dynamic_ncols=True, mininterval=5)
+            except ImportError:  # pragma: no cover
+                bar = None
+        stop_reason = "steps"
+        try:
+            while self.step < steps:
+                if self._stop:
+                    stop_reason = "signal"
+                    break
+                if time.monotonic() > deadline:
+                    stop_reason = "max_minutes"
+                    break
+                row = self.train_step()
+                self._append_csv(log_path, row)
+                self._tensorboard(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", rmse=f"{row['rmse_phi_mm']:.2f}",
+                                    s=f"{row['sec_per_step']:.2f}")
+                every = int(tr.get("checkpoint_every") or 0)
+                if every and self.step % every == 0:
+                    self.save_state()
+                ve = int(tr.get("val_every") or 0)
+                if ve and self.step % ve == 0:
+                    v = self.validate()
+                    self._append_csv(self.out_dir / "val_log.csv", v)
+                    self.log(f"step {self.step}: val RMSE(phi) median {v['val_rmse_phi_median']:.2f} mm, "
+                             f"max {v['val_rmse_phi_max']:.2f} mm")
+        finally:
+            if bar is not None:
+                bar.close()
+            self.save_state()
+            self._restore_signals()
+        self.log(f"stopped at step {self.step} ({stop_reason}); state in {self.out_dir / 'state.pt'}")
+        return {"step": self.step, "stop_reason": stop_reason}
+
+    def _install_signals(self):
+        self._old = {}
+
+        def handler(signum, frame):
+            self._stop = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signals(self):
+        for sig, h in getattr(self, "_old", {}).items():
+            signal.signal(sig, h)
+
+    # ----------------------------------------------------------------------------------- logs
+
+    def _write_config(self):
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+
+    @staticmethod
+    def _append_csv(path: Path, row: dict):
+        new = not path.exists()
+        if not new:  # keep the header's columns (a new NFE column appears only if the stages change)
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header is None:
+                new = True
+        if new:
+            header = list(row)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _trim_csv(self, path: Path):
+        """On resume: drop rows logged after the checkpointed step (they will be redone)."""
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            fields = rows[0].keys() if rows else None
+        keep = [r for r in rows if int(float(r["step"])) <= self.step]
+        if fields is None or len(keep) == len(rows):
+            return
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(fields))
+            w.writeheader()
+            w.writerows(keep)
+
+    def _tensorboard(self, row: dict):
+        if self._tb is False:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception:  # tensorboard not installed
+                self._tb = False
+                return
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, row["step"])
+
+    # ----------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT, "format_version": STATE_VERSION, "step": self.step, "elapsed_s": self.elapsed,
+            "config_json": json.dumps(self.cfg),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "rng_numpy_json": json.dumps(self.rng.bit_generator.state),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history_json": json.dumps(self.history[-20000:]),
+        }
+
+    def save_state(self, path: Path | None = None) -> Path:
+        path = Path(path or self.out_dir / "state.pt")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_state(self, path) -> None:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        if st.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: not an msode training state")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.step = int(st["step"])
+        self.elapsed = float(st.get("elapsed_s", 0.0))
+        self.rng.bit_generator.state = json.loads(st["rng_numpy_json"])
+        torch.set_rng_state(st["rng_torch"])
+        if st.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng_cuda"])
+        self.history = json.loads(st.get("history_json", "[]"))
+
+    def init_from(self, path) -> None:
+        """Seed networks from a training state, stage checkpoint(s) or a plan (matching names only)."""
+        path = Path(path).expanduser()
+        loaded = []
+        if path.suffix == ".plan":
+            import io as _io
+            from msode_sdk.plan import load_plan
+            plan = load_plan(path)
+            for st in plan.manifest.stages:
+                for sc in st.scales:
+                    key = f"{st.name}_L{sc.level}"
+                    member = sc.networks.get("torchscript")
+                    if key in self.model.nets and member:
+                        sd = torch.jit.load(_io.BytesIO(plan.read(member)), map_location="cpu").state_dict()
+                        self.model.nets[key].load_state_dict(sd)
+                        loaded.append(key)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if obj.get("format") == STATE_FORMAT:
+                sd = obj["model"]
+                for key, net in self.model.nets.items():
+                    sub = {k[len(f"nets.{key}."):]: v for k, v in sd.items() if k.startswith(f"nets.{key}.")}
+                    if sub:
+                        net.load_state_dict(sub)
+                        loaded.append(key)
+            else:
+                from msode_export.checkpoint import load_checkpoint
+                ck = load_checkpoint(path)
+                for lv, sd in ck["state_dicts"].items():
+                    key = f"{ck.stage['name']}_L{lv}"
+                    if key in self.model.nets:
+                        self.model.nets[key].load_state_dict(sd)
+                        loaded.append(key)
+        if not loaded:
+            raise ValueError(f"{path}: no network matched this model's stages {[s.name for s in self.specs]}")
+        self.log(f"initialised {loaded} from {path}")
+
+    # ----------------------------------------------------------------------------------- export
+
+    def provenance(self) -> dict:
+        recent = self.history[-50:]
+        def avg(k):
+            vals = [r[k] for r in recent if k in r]
+            return float(np.mean(vals)) if vals else None
+        return {
+            "kind": "msode_train", "config": self.cfg, "git_commit": git_commit(), "steps": self.step,
+            "wall_seconds": round(self.elapsed, 1), "device": str(self.device), "torch": str(torch.__version__),
+            "trained_stages": self.train_names,
+            "final_losses_mean_last50": {k: avg(k) for k in ("loss", "sim", "self", "reg", "sup", "rmse_phi_mm")},
+            "data": {"generator_version": D.GENERATOR_VERSION, "train_seeds": [self.bank.seeds[0], self.bank.seeds[-1]],
+                     "spacing_mm": self.bank.spacing, "motion": self.cfg["data"]["motion"],
+                     "contrasts": list(self.cfg["data"]["contrasts"]), "pairs": self.cfg["data"]["pairs"]},
+        }
+
+    def save_stage_checkpoints(self, metrics: dict | None = None) -> list[Path]:
+        """One ``msode_export.checkpoint`` file per stage (``<out_dir>/<stage>.ckpt``)."""
+        from msode_export.checkpoint import save_checkpoint
+        g = self.model_grid
+        paths = []
+        for st in self.specs:
+            sds = {lv: self.model.network(st.name, lv).state_dict() for lv in range(1, st.levels + 1)}
+            p = save_checkpoint(self.out_dir / f"{st.name}.ckpt", stage=st.to_dict(),
+                                model_grid={"shape_xyz": list(g.shape_xyz), "spacing_xyz_mm": list(g.spacing_xyz),
+                                            "centre": "fov"},
+                                arch={"name": st.arch, "kwargs": dict(st.arch_kwargs)}, state_dicts=sds,
+                                training=self.provenance(), normalization=dict(NORMALIZATION),
+                                modalities=list(self.cfg["data"]["contrasts"]), metrics=metrics or {})
+            paths.append(p)
+        return paths
+
+    def export_plan(self, path: Path | None = None, metrics: dict | None = None, formats=None) -> Path:
+        """Write the plan (networks, schedule, model grid, normalisation, metrics, provenance)."""
+        path = Path(path or self.out_dir / f"{self.cfg['name']}.plan")
+        self.model.eval()
+        nets = {k: v.cpu() for k, v in self.model.plan_networks().items()}
+        try:
+            return build_plan(path, self.cfg["name"].replace("/", "_"), self.model_grid, self.model.stage_defs(), nets,
+                              formats=tuple(formats or self.cfg["export"]["formats"]), analytic=False, centre="fov",
+                              normalization=dict(NORMALIZATION), modalities=list(self.cfg["data"]["contrasts"]),
+                              metrics=metrics or {}, training=self.provenance(),
+                              description=f"MS-ODENet ({', '.join(s.name for s in self.specs)}) trained by msode_train "
+                                          f"on synthetic multi-contrast phantoms; config {self.cfg['name']}")
+        finally:
+            self.model.to(self.device)
