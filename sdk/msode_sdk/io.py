@@ -523,12 +523,16 @@ def read_itk_affine(path) -> np.ndarray:
     return _RAS_TO_LPS @ m @ _RAS_TO_LPS
 
 
-def displacement_nifti(disp_ras_xyz3: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A displacement field ``(X, Y, Z, 3)`` RAS mm on the grid ``affine`` -> the ITK/ANTs NIfTI:
-    shape ``(X, Y, Z, 1, 3)``, intent 1007 (vector), vectors in LPS mm."""
-    d = np.asarray(disp_ras_xyz3, dtype=np.float32).copy()
-    d[..., 0] *= -1.0
-    d[..., 1] *= -1.0
+def displacement_nifti(disp_xyz3: np.ndarray, affine: np.ndarray, vectors: str = "ras") -> nib.Nifti1Image:
+    """A displacement field ``(X, Y, Z, 3)`` in mm on the grid ``affine`` -> the ITK/ANTs NIfTI:
+    shape ``(X, Y, Z, 1, 3)``, intent 1007 (vector), vectors in LPS mm. ``vectors`` says what the input
+    holds: ``"ras"`` (converted here) or ``"lps"`` (used as is, without a copy)."""
+    if vectors == "ras":
+        d = np.asarray(disp_xyz3, dtype=np.float32) * np.asarray([-1.0, -1.0, 1.0], dtype=np.float32)
+    elif vectors == "lps":
+        d = np.asarray(disp_xyz3, dtype=np.float32)
+    else:
+        raise InputError(f"unknown vector convention {vectors!r}; valid: ['lps', 'ras']")
     img = nib.Nifti1Image(d[:, :, :, None, :], affine)
     img.header.set_intent(1007, (), name="msode_disp")
     img.set_qform(affine, code=1)

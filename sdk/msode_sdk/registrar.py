@@ -574,11 +574,13 @@ class Registrar:
             mov_t = _io.array_to_tensor(mov_img.array, dev)
             warped = torch.nn.functional.grid_sample(mov_t, g[None], mode="bilinear", padding_mode="zeros",
                                                      align_corners=True)[0, 0]          # (n0, n1, n2)
-            disp = phi - x + torch.as_tensor(np.asarray(c_m) - np.asarray(c_f), dtype=torch.float32, device=dev)
-        warped_img = nib.Nifti1Image(warped.cpu().numpy().astype(np.float32), fix_img.affine)
+            # total displacement, converted to LPS in the same pass (the NIfTI stores ITK's convention)
+            lps = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float32, device=dev)
+            disp = (phi - x + torch.as_tensor(np.asarray(c_m) - np.asarray(c_f), dtype=torch.float32, device=dev)) * lps
+        warped_img = nib.Nifti1Image(warped.cpu().numpy().astype(np.float32, copy=False), fix_img.affine)
         warped_img.set_qform(fix_img.affine, code=1)
         warped_img.set_sform(fix_img.affine, code=1)
-        disp_img = _io.displacement_nifti(disp.cpu().numpy(), fix_img.affine)
+        disp_img = _io.displacement_nifti(disp.cpu().numpy(), fix_img.affine, vectors="lps")
         a = chain.affine_part()
         a_model = np.eye(4) if a is None else a[0].detach().cpu().double().numpy()
         t_m, t_f = np.eye(4), np.eye(4)
