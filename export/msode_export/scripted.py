@@ -164,8 +164,8 @@ class _RigidT(nn.Module):
         return _apply_matrix(_rigid_matrix(state), _expand(pts, state.shape[0]))
 
 
-class _BSplineT(nn.Module):
-    """``phi(x) = x + u(x)``, cubic B-spline on the stage's lattice (BSplineTransform)."""
+class _ParamsT(nn.Module):
+    """A stage transform described by a list of floats (lattice or field grid)."""
 
     index: int
     params: List[float]
@@ -174,6 +174,10 @@ class _BSplineT(nn.Module):
         super().__init__()
         self.index = int(index)
         self.params = [float(v) for v in params]
+
+
+class _BSplineT(_ParamsT):
+    """``phi(x) = x + u(x)``, cubic B-spline on the stage's lattice (BSplineTransform)."""
 
     def map_points(self, state: Tensor, points: Tensor) -> Tensor:
         return points + _bspline_at(state, points, self.params)
@@ -183,16 +187,8 @@ class _BSplineT(nn.Module):
         return pts + _bspline_on(state, self.params, shape, spacing).permute(0, 2, 3, 4, 1)
 
 
-class _DenseT(nn.Module):
+class _DenseT(_ParamsT):
     """``phi(x) = x + d(x)``, ``d`` sampled on the grid ``params`` (DenseTransform)."""
-
-    index: int
-    params: List[float]
-
-    def __init__(self, index: int, params: List[float]):
-        super().__init__()
-        self.index = int(index)
-        self.params = [float(v) for v in params]
 
     def map_points(self, state: Tensor, points: Tensor) -> Tensor:
         return _dense_at(state, self.params, points)
