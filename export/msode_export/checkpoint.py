@@ -240,6 +240,12 @@ def save_checkpoint(path, stage: Mapping, model_grid: Mapping, arch: Mapping, st
         **{k: _plain(v) for k, v in extra.items()},
     }
     _validate(obj)
+    return atomic_torch_save(obj, path)
+
+
+def atomic_torch_save(obj, path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: readers never see a
+    partial file, and a failed save leaves no temporary behind."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +84,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from msode_export.checkpoint import atomic_torch_save
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -675,10 +676,7 @@ def save_weights(model: TranslationModel, path, meta: dict | None = None, half: 
           for k, v in model.state_dict().items()}
     blob = {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_FORMAT_VERSION,
             "config": model.cfg.to_dict(), "state_dict": sd, "meta": json.loads(json.dumps(meta or {}))}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(blob, path)
 
 
 def content_similarity(name_or_path=DEFAULT_WEIGHTS, n_slices: int = 24, seed: int = 0, resample: bool = True,
@@ -859,10 +857,7 @@ class ContentTrainer:
 
     def save(self, path=None) -> Path:
         path = Path(path or self.out / "ckpt.pt")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_torch_save(self.state(), path)
 
     def load(self, path) -> None:
         st = torch.load(path, map_location=self.device, weights_only=False)

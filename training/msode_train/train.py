@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import yaml
 
+from msode_export.checkpoint import atomic_torch_save
 from msode_export.pack import PAPER_SCHEDULES, LevelSolver, build_plan
 from msode_sdk.io import normalise_intensity
 from msode_sdk.transforms import BSplineTransform, DenseTransform, Grid, RigidTransform, TransformChain
@@ -601,10 +602,7 @@ class Trainer:
 
     def save_state(self, path: Path | None = None) -> Path:
         path = Path(path or self.out_dir / "state.pt")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_torch_save(self.state_dict(), path)
 
     def load_state(self, path) -> None:
         st = torch.load(path, map_location="cpu", weights_only=True)
