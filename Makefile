@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.msode-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench cpp-demo analytic-plan clean
+.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan plan-report clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/msode register data/sample/moving_t1.nii.gz data/sample/fixed_t1.nii.gz \
+	$(VENV)/bin/msode register data/sample/moving_t2.nii.gz data/sample/fixed_t1.nii.gz \
 		-o out/demo --device cpu --preview
 	$(PY) scripts/check_demo.py out/demo data/sample/truth.json
 
@@ -33,6 +33,15 @@ bench: $(STAMP)
 # Rebuild the bundled analytic plan (SSD gradient-descent stand-in networks).
 analytic-plan: $(STAMP)
 	$(PY) scripts/build_analytic_plan.py sdk/msode_sdk/models/analytic_ssd.plan
+
+# Retrain the tissue encoders (~13 min on 2 CPU cores), rebuild the bundled multi-contrast plan, re-evaluate it.
+tissue-encoder: $(STAMP)
+	$(PY) -m msode_train.tissue --width 8 --steps 16=1500,8=1500,4=1000 \
+		--report training/reports/tissue_encoder/history.json
+rigid-bspline-plan: $(STAMP)
+	$(PY) scripts/build_rigid_bspline_plan.py sdk/msode_sdk/models/rigid_bspline.plan
+plan-report: $(STAMP)
+	PY=$(PY) bash scripts/evaluate_bundled_plan.sh
 
 clean:
 	rm -rf out build cpp_demo/build .pytest_cache

@@ -22,7 +22,7 @@ pts = idx @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
 err = np.sqrt((((pts @ m_est[:3, :3].T + m_est[:3, 3]) - (pts @ m_true[:3, :3].T + m_true[:3, 3])) ** 2).sum(1))
 before = np.sqrt((((pts @ m_true[:3, :3].T + m_true[:3, 3]) - pts) ** 2).sum(1))
 disp = nib.load(str(out / "displacement.nii.gz"))
-print(f"demo: plan {report['plan']} ({'ANALYTIC stand-in' if report['analytic_plan'] else 'trained'}), "
+print(f"demo: plan {report['plan']} ({'ANALYTIC stand-in' if report['analytic_plan'] else report.get('plan_kind', 'trained')}), "
       f"backend {report['backend']} on {report['device']}, total {report['timings_s']['total']:.2f} s, NFE {report['nfe']}")
 print(f"demo: rigid map error over the head: before {before.mean():.2f} mm -> after median {np.median(err):.3f} mm, "
       f"max {err.max():.3f} mm; displacement field {disp.shape}, outputs in {out}/")

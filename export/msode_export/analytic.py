@@ -1,9 +1,17 @@
-"""Analytic stand-in "networks": Gauss-Newton-style gradient descent on a mono-modal SSD objective.
+"""Gauss-Newton vector fields: gradient descent on the SSD of a feature map, as per-scale "networks".
 
 They have exactly the signature of a trained per-scale network, ``f(warped, fixed, t) -> d(theta)/dt``,
-and so turn the SDK's ODE loop into plain (preconditioned) gradient descent. They prove the loop, the
-warps and the geometry end to end without a trained model, and power the demo until a trained plan
-ships. They only work for same-contrast pairs (SSD), and say so in the plan (``analytic: true``).
+and so turn the SDK's ODE loop into (preconditioned) gradient descent. The feature map decides which
+pairs they register:
+
+* intensities (``features=None``): mono-modal SSD; the ``analytic_ssd`` plan (``analytic: true``), which
+  proves the loop, the warps and the geometry end to end without any learned part;
+* :class:`MINDSSC` self-similarity descriptors: any contrast pair, accurate once roughly aligned;
+* any ``nn.Module`` image -> ``(N, C, D, H, W)`` features, e.g. the learned contrast-agnostic tissue
+  encoder of ``msode_train.tissue``: the bundled multi-contrast ``rigid_bspline`` plan
+  (``scripts/build_rigid_bspline_plan.py``; ``analytic: false``, ``training.kind`` says what is learned).
+
+Channels add up in the normal equations; ``pool`` runs a field on averaged images (cheaper fine levels).
 
 Derivation. With ``r = W - F`` (warped minus fixed) and ``g = grad W`` (1/mm, central differences),
 an incremental transform ``delta`` applied on the fixed side changes ``W`` by ``g . v(x)`` where
@@ -43,20 +51,110 @@ class _Gradient(nn.Module):
         gz = (p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]) / (2.0 * self.sz)
         return torch.cat((gx, gy, gz), dim=1)
 
+    def channels(self, feats: torch.Tensor) -> torch.Tensor:
+        """Gradient of every channel: ``(N, C, D, H, W)`` -> ``(N, C, 3, D, H, W)`` (x, y, z; 1/mm)."""
+        n, c, d, h, w = feats.shape
+        return self.forward(feats.reshape(n * c, 1, d, h, w)).reshape(n, c, 3, d, h, w)
+
+
+class MINDSSC(nn.Module):
+    """MIND-SSC self-similarity descriptor (Heinrich et al. 2013): ``(N, 1, D, H, W)`` -> ``(N, 12, D, H, W)``
+    (``neighbourhood="six"``: classic MIND, the centre against its 6 neighbours, 6 channels).
+
+    For the 12 pairs of 6-neighbourhood offsets at distance ``sqrt(2)`` (in units of ``dilation``
+    voxels), the patch SSD (box of ``2 radius + 1`` voxels) between the two offset images, shifted by its
+    minimum over the pairs, divided by its mean over the pairs (clamped to [1e-3, 1e3] of the volume
+    mean), through ``exp(-.)``. Values in (0, 1]. The descriptor depends on *local structure*, not on
+    intensity values, which is why a same-subject T1 and T2 have nearly the same MIND: it is the
+    modality-independent representation behind the multi-contrast Gauss-Newton fields below and behind
+    ``msode_train.losses.mind_loss``.
+    """
+
+    def __init__(self, radius: int = 1, dilation: int = 2, neighbourhood: str = "ssc"):
+        super().__init__()
+        self.radius = int(radius)
+        self.dilation = int(dilation)
+        six = [(0, 1, 1), (1, 1, 0), (1, 0, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1)]  # (z, y, x) offsets + 1
+        pairs = []
+        if neighbourhood == "ssc":  # 12 pairs of 6-neighbours at distance sqrt(2) (self-similarity context)
+            for i in range(6):
+                for j in range(i):
+                    if sum((a - b) ** 2 for a, b in zip(six[i], six[j])) == 2:
+                        pairs.append(six[i] + six[j])
+        elif neighbourhood == "six":  # the centre against its 6 neighbours (MIND, 6 channels: half the cost)
+            pairs = [(1, 1, 1) + o for o in six]
+        else:
+            raise ValueError(f"unknown MIND neighbourhood {neighbourhood!r}; valid: ['six', 'ssc']")
+        self.pairs: list[tuple[int, int, int, int, int, int]] = pairs
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        dl, r = self.dilation, self.radius
+        d, h, w = img.shape[2], img.shape[3], img.shape[4]
+        p = F.pad(img, (dl, dl, dl, dl, dl, dl), mode="replicate")
+        # differences of shifted copies (slices, not one-hot convolutions: ~4x cheaper on CPU)
+        diffs = []
+        for z1, y1, x1, z2, y2, x2 in self.pairs:
+            a = p[:, :, z1 * dl:z1 * dl + d, y1 * dl:y1 * dl + h, x1 * dl:x1 * dl + w]
+            b = p[:, :, z2 * dl:z2 * dl + d, y2 * dl:y2 * dl + h, x2 * dl:x2 * dl + w]
+            diffs.append(a - b)
+        diff = torch.cat(diffs, dim=1)
+        # patch SSD: box filter of 2r+1 voxels, separable (3 one-axis passes are ~3x cheaper than one 3-D box)
+        k = 2 * r + 1
+        ssd = F.pad(diff * diff, (r, r, r, r, r, r), mode="replicate")
+        ssd = F.avg_pool3d(ssd, (k, 1, 1), stride=1)
+        ssd = F.avg_pool3d(ssd, (1, k, 1), stride=1)
+        ssd = F.avg_pool3d(ssd, (1, 1, k), stride=1)
+        mind = ssd - ssd.min(dim=1, keepdim=True)[0]
+        var = mind.mean(dim=1, keepdim=True)
+        mv = var.detach().mean()
+        var = torch.maximum(torch.minimum(var, mv * 1e3 + 1e-12), mv * 1e-3 + 1e-12)
+        return torch.exp(-mind / var)
+
+
+class _IntensityFeatures(nn.Module):
+    """The image itself as its one feature channel (mono-modal SSD)."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img
+
+
+def _pooled_grid(level_grid: Grid, pool: int) -> Grid:
+    """The grid a field with ``pool`` > 1 works on: 2x2x2 (``pool``) averages of the level grid. Needs
+    sizes divisible by ``pool`` so that the pooled voxel centres keep the level grid's centre."""
+    pool = int(pool)
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    if pool == 1:
+        return level_grid
+    if any(n % pool for n in level_grid.shape_xyz):
+        raise ValueError(f"pool={pool} needs level sizes divisible by it, got {level_grid.shape_xyz}")
+    return level_grid.downsampled(pool)
+
 
 class RigidSSDField(nn.Module):
-    """Gauss-Newton flow for the 6 rigid parameters on one pyramid level."""
+    """Gauss-Newton flow for the 6 rigid parameters on one pyramid level, on the SSD of ``features``
+    (default: the intensities; :class:`MINDSSC` for multi-contrast pairs). Channels add up in the
+    normal equations. ``pool`` > 1 runs the step on ``pool``-times averaged images (cheaper fine levels).
+    """
 
-    def __init__(self, level_grid: Grid, gain: float = 5.0, damping: float = 1e-3):
+    def __init__(self, level_grid: Grid, gain: float = 5.0, damping: float = 1e-3, features: nn.Module | None = None,
+                 pool: int = 1):
         super().__init__()
+        level_grid = _pooled_grid(level_grid, pool)
+        self.pool = int(pool)
         self.grad = _Gradient(level_grid.spacing_xyz)
+        self.features = features if features is not None else _IntensityFeatures()
         self.sx, self.sy, self.sz = (float(s) for s in level_grid.spacing_xyz)
         self.gain = float(gain)
         self.damping = float(damping)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r = warped - fixed
-        g = self.grad(warped)
+        if self.pool > 1:
+            warped = F.avg_pool3d(warped, self.pool)
+            fixed = F.avg_pool3d(fixed, self.pool)
+        fw = self.features(warped)
+        r = fw - self.features(fixed)                                   # (N, C, D, H, W)
+        g = self.grad.channels(fw)                                      # (N, C, 3, D, H, W)
         # centre-relative mm coordinates, computed from the input's shape (no large constants)
         d, h, w = warped.shape[2], warped.shape[3], warped.shape[4]
         zs = (torch.arange(d, dtype=warped.dtype, device=warped.device) - (d - 1) / 2.0) * self.sz
@@ -65,8 +163,8 @@ class RigidSSDField(nn.Module):
         z = zs.reshape(d, 1, 1)
         y = ys.reshape(1, h, 1)
         x = xs.reshape(1, 1, w)
-        gx, gy, gz = g[:, 0], g[:, 1], g[:, 2]
-        jac = torch.stack((y * gz - z * gy, z * gx - x * gz, x * gy - y * gx, gx, gy, gz), dim=1)
+        gx, gy, gz = g[:, :, 0], g[:, :, 1], g[:, :, 2]
+        jac = torch.stack((y * gz - z * gy, z * gx - x * gz, x * gy - y * gx, gx, gy, gz), dim=1)  # (N, 6, C, ...)
         n = jac.shape[0]
         jac = jac.reshape(n, 6, -1)
         hess = torch.bmm(jac, jac.transpose(1, 2))                      # (N, 6, 6)
@@ -92,18 +190,23 @@ class RigidSSDField(nn.Module):
 
 
 class BSplineSSDField(nn.Module):
-    """Levenberg-Marquardt flow for B-spline control displacements on one pyramid level.
+    """Levenberg-Marquardt flow for B-spline control displacements on one pyramid level, on the SSD of
+    ``features`` (default: the intensities; :class:`MINDSSC` for multi-contrast pairs).
 
-    The Gauss-Newton system ``(H + mu D) z = G`` with ``H = B^T g g^T B`` is solved matrix-free by
-    ``cg_iters`` steps of preconditioned conjugate gradients (preconditioner ``D``, the Gershgorin
-    row-sum bound ``sum_x |g|^2 B_k``); ``B`` and ``B^T`` are the separable B-spline synthesis and its
-    adjoint. ``mu`` damps directions the image does not constrain.
+    The Gauss-Newton system ``(H + mu D) z = G`` with ``H = B^T (sum_c g_c g_c^T) B`` is solved
+    matrix-free by ``cg_iters`` steps of preconditioned conjugate gradients (preconditioner ``D``, the
+    Gershgorin row-sum bound ``sum_x sum_c |g_c|^2 B_k``); ``B`` and ``B^T`` are the separable B-spline
+    synthesis and its adjoint. ``mu`` damps directions the image does not constrain. ``pool`` > 1 runs
+    the step on ``pool``-times averaged images (cheaper fine levels).
     """
 
     def __init__(self, level_grid: Grid, lattice: BSplineLattice, gain: float = 5.0, damping: float = 0.05,
-                 cg_iters: int = 10):
+                 cg_iters: int = 10, features: nn.Module | None = None, pool: int = 1):
         super().__init__()
+        level_grid = _pooled_grid(level_grid, pool)
+        self.pool = int(pool)
         self.grad = _Gradient(level_grid.spacing_xyz)
+        self.features = features if features is not None else _IntensityFeatures()
         bx, by, bz = (lattice.basis_matrix(level_grid.axis_coords(a), a) for a in range(3))
         self.register_buffer("bx", bx)  # (X, cx)
         self.register_buffer("by", by)  # (Y, cy)
@@ -125,10 +228,16 @@ class BSplineSSDField(nn.Module):
         return torch.einsum("nckyx,zk->nczyx", v, self.bz)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r = warped - fixed
-        g = self.grad(warped)
-        rhs = self._adjoint(r * g)
-        diag = self._adjoint((g * g).sum(dim=1, keepdim=True))            # (N, 1, cz, cy, cx)
+        if self.pool > 1:
+            warped = F.avg_pool3d(warped, self.pool)
+            fixed = F.avg_pool3d(fixed, self.pool)
+        fw = self.features(warped)
+        r = fw - self.features(fixed)                                   # (N, C, D, H, W)
+        g = self.grad.channels(fw)                                      # (N, C, 3, D, H, W)
+        rhs = self._adjoint((r.unsqueeze(2) * g).sum(dim=1))             # (N, 3, cz, cy, cx)
+        # per-voxel structure tensor sum_c g_c g_c^T: the CG products then cost 9 channels, not 3 C
+        tensor = torch.einsum("ncidhw,ncjdhw->nijdhw", g, g)            # (N, 3, 3, D, H, W)
+        diag = self._adjoint((g * g).sum(dim=(1, 2)).unsqueeze(1))       # (N, 1, cz, cy, cx)
         diag = diag + 1e-3 * diag.mean(dim=(2, 3, 4), keepdim=True) + 1e-12
         sol = torch.zeros_like(rhs)
         res = rhs
@@ -136,7 +245,8 @@ class BSplineSSDField(nn.Module):
         p = z
         rz = (res * z).sum(dim=(1, 2, 3, 4), keepdim=True)
         for _ in range(self.cg_iters):
-            hp = self._adjoint(g * (g * self._synth(p)).sum(dim=1, keepdim=True)) + self.damping * diag * p
+            v = self._synth(p)                                           # (N, 3, D, H, W)
+            hp = self._adjoint((tensor * v.unsqueeze(1)).sum(dim=2)) + self.damping * diag * p
             alpha = rz / (p * hp).sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-30)
             sol = sol + alpha * p
             res = res - alpha * hp
@@ -177,13 +287,31 @@ class DenseDemonsField(nn.Module):
         return v
 
 
+FEATURES = ("intensity", "mind")
+
+
+def make_features(name: str, level_grid: Grid, params: dict) -> nn.Module | None:
+    """The feature map a Gauss-Newton field works on: ``intensity`` (None: the image itself, same-contrast
+    pairs) or ``mind`` (:class:`MINDSSC`, any contrast pair; ``mind_radius`` voxels, ``mind_dilation``
+    voxels, default 2 on grids finer than 4 mm, else 1)."""
+    if name == "intensity":
+        return None
+    if name == "mind":
+        dil = params.get("mind_dilation")
+        if dil is None:
+            dil = 2 if max(level_grid.spacing_xyz) < 4.0 else 1
+        return MINDSSC(radius=int(params.get("mind_radius", 1)), dilation=int(dil))
+    raise ValueError(f"unknown features {name!r}; valid: {list(FEATURES)}")
+
+
 def analytic_network(transform: str, level_grid: Grid, model_grid: Grid, params: dict) -> nn.Module:
-    """The analytic field for a stage kind on one level."""
+    """The analytic field for a stage kind on one level (``params``: ``gain``, ``features``, ...)."""
+    feats = make_features(params.get("features", "intensity"), level_grid, params)
     if transform == "rigid":
-        return RigidSSDField(level_grid, gain=params.get("gain", 5.0))
+        return RigidSSDField(level_grid, gain=params.get("gain", 5.0), features=feats)
     if transform == "bspline":
         lattice = BSplineLattice(model_grid, tuple(params["control_spacing_mm"]))
-        return BSplineSSDField(level_grid, lattice, gain=params.get("gain", 5.0))
+        return BSplineSSDField(level_grid, lattice, gain=params.get("gain", 5.0), features=feats)
     if transform == "dense":
         return DenseDemonsField(level_grid, gain=params.get("gain", 2.0), sigma_mm=params.get("sigma_mm", 4.0))
     raise ValueError(f"unknown transform {transform!r}; valid: ['bspline', 'dense', 'rigid']")
@@ -191,8 +319,12 @@ def analytic_network(transform: str, level_grid: Grid, model_grid: Grid, params:
 
 def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), control_spacing_mm=(16.0, 16.0, 16.0),
                         schedules: dict | None = None, formats=("torchscript", "onnx"), centre: str = "fov",
-                        name: str | None = None, gains: dict | None = None, registrar_ts: bool = False):
-    """Write a plan whose networks are the analytic SSD fields above (``analytic: true``).
+                        name: str | None = None, gains: dict | None = None, registrar_ts: bool = False,
+                        features: str = "intensity", feature_params: dict | None = None):
+    """Write a plan whose networks are the analytic Gauss-Newton fields above (``analytic: true``).
+
+    ``features``: ``intensity`` (SSD of the images: same-contrast pairs only) or ``mind`` (SSD of
+    MIND-SSC descriptors: any contrast pair); ``feature_params``: e.g. ``mind_radius``, ``mind_dilation``.
 
     ``schedules``: stage kind -> sequence of :class:`msode_export.pack.LevelSolver` (default: the
     paper's schedules); ``gains``: stage kind -> ODE gain; ``registrar_ts``: also embed the whole loop
@@ -204,7 +336,7 @@ def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), con
     defs, nets = [], {}
     for kind in stages:
         params = {"control_spacing_mm": list(control_spacing_mm)} if kind == "bspline" else {}
-        net_params = dict(params)
+        net_params = dict(params, features=features, **(feature_params or {}))
         if gains and kind in gains:
             net_params["gain"] = gains[kind]
         sched = schedules[kind]
@@ -214,9 +346,10 @@ def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), con
     out = build_plan(
         path, name or "analytic_" + "_".join(stages), model_grid, defs, nets, formats=formats, analytic=True,
         centre=centre, modalities=[],
-        description=("ANALYTIC plan: the 'networks' are closed-form SSD Gauss-Newton/gradient flows, not "
-                     "trained models. Plain gradient descent in the MS-ODENet loop; same-contrast pairs only."),
-        training={"kind": "analytic", "note": "no training; msode_export.analytic"},
+        description=(f"ANALYTIC plan: the 'networks' are closed-form Gauss-Newton/gradient flows on the SSD of "
+                     f"{'MIND-SSC descriptors (any contrast pair)' if features == 'mind' else 'intensities (same-contrast pairs only)'}, "
+                     "not trained models: plain gradient descent in the MS-ODENet loop."),
+        training={"kind": "analytic", "features": features, "note": "no training; msode_export.analytic"},
     )
     if registrar_ts:
         from .scripted import add_registrar_ts

@@ -51,7 +51,7 @@ def write_preview(path, result) -> None:
         axes[row, 3].set_title("checkerboard fixed/warped" if row == 0 else "")
     for ax in axes.ravel():
         ax.set_axis_off()
-    fig.suptitle(f"msode {result.plan_name} ({'analytic' if result.analytic_plan else 'trained'}), "
+    fig.suptitle(f"msode {result.plan_name} ({result.plan_kind}), "
                  f"{result.timings['total']:.2f} s on {result.device}")
     fig.tight_layout()
     fig.savefig(path, dpi=80, format="png")

@@ -61,7 +61,7 @@ def _cmd_register(args) -> int:
     plan = args.plan or _default_plan()
     reg = Registrar.load(plan, device=args.device, backend=args.backend)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    _info(args, f"msode: plan {reg.name} ({'ANALYTIC SSD gradient descent, not a trained model' if reg.plan.manifest.analytic else 'trained'}), "
+    _info(args, f"msode: plan {reg.name} ({'ANALYTIC SSD gradient descent, not a trained model' if reg.plan.manifest.analytic else reg.plan.manifest.kind}), "
                 f"backend {reg.backend.name} {reg.backend.providers()}, device {reg.device}")
     res = reg.register(moving, fixed, stages=stages)
     files = res.save(out, preview=args.preview)

@@ -9,6 +9,12 @@ moving ones: 4 candidates. Their sign ambiguity is resolved by the similarity: e
 identity, is scored by mutual information at a coarse level, and the best is kept, so the initialiser
 never starts from a worse MI than no initialiser.
 
+``multistart`` (``Registrar``, ``init="multistart"``) goes further: the coarsest level of the rigid stage
+is integrated from all 5 starts at once (one batch), each end point is scored by MI on the next finer
+level, and the rest of the stage continues from the best. Scoring *after* the coarse flow is what makes
+it reliable: a wrong start either converges to the same optimum or stalls at a visibly worse MI, while
+scoring the raw starts (``moments``) sometimes prefers a wrong axis assignment.
+
 Points are model-frame mm (centre-relative, ``(x, y, z)``); tensors ``(N, 1, D, H, W)``.
 """
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch
 from .transforms import Grid, RigidTransform, TransformChain, matrix_to_rigid
 from .warp import warp_chain
 
-__all__ = ["foreground_moments", "principal_axes_candidates", "mutual_information", "moments_initial_theta"]
+__all__ = ["foreground_moments", "principal_axes_candidates", "candidate_thetas", "mutual_information",
+           "moments_initial_theta"]
 
 
 def foreground_moments(vol: torch.Tensor, grid: Grid, threshold: float = 0.05):
@@ -72,13 +79,19 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torc
     return torch.stack(out)
 
 
-def moments_initial_theta(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
-    """Best of {identity, 4 principal-axes candidates} by MI: rigid parameters ``(N, 6)`` float32."""
+def candidate_thetas(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
+    """``(N, 5, 6)`` float32 rigid parameters: the identity, then the 4 principal-axes candidates."""
     cands = principal_axes_candidates(moving, fixed, grid, threshold)            # (N, 4, 4, 4)
     eye = torch.eye(4, dtype=cands.dtype, device=cands.device).expand(cands.shape[0], 1, 4, 4)
     cands = torch.cat([eye, cands], 1)                                           # (N, 5, 4, 4)
     n, k = cands.shape[:2]
-    thetas = matrix_to_rigid(cands.reshape(n * k, 4, 4)).to(torch.float32).reshape(n, k, 6)
+    return matrix_to_rigid(cands.reshape(n * k, 4, 4)).to(torch.float32).reshape(n, k, 6)
+
+
+def moments_initial_theta(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
+    """Best of {identity, 4 principal-axes candidates} by MI: rigid parameters ``(N, 6)`` float32."""
+    thetas = candidate_thetas(moving, fixed, grid, threshold)
+    n, k = thetas.shape[:2]
     scores = []
     for j in range(k):
         warped = warp_chain(moving, grid, TransformChain([RigidTransform(thetas[:, j])]), grid)

@@ -217,6 +217,15 @@ class Manifest:
     stages: tuple[StageSpec, ...]
     metrics: dict[str, Any]
     training: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """What the plan's networks are, in a few words: ``analytic`` (closed-form stand-ins), the
+        ``training.kind`` its builder recorded (e.g. ``learned-features+gauss-newton``), else ``trained``."""
+        if self.analytic:
+            return "analytic"
+        k = self.training.get("kind") if isinstance(self.training, dict) else None
+        return str(k) if k else "trained"
     members: dict[str, dict[str, Any]]  # name -> {"sha256": lowercase hex, "size": int}
     raw: dict[str, Any]
 
@@ -1107,6 +1116,8 @@ def plan_summary(plan: Plan) -> str:
         lines.append(f"  description:   {m.description}")
     if m.analytic:
         lines.append("  analytic:      yes - networks are gradient-descent stand-ins, not trained")
+    else:
+        lines.append(f"  kind:          {m.kind}")
     lines.append(
         f"  model grid:    {_fmt_vec(g.shape_xyz)} voxels at {_fmt_vec(g.spacing_xyz_mm)} mm, "
         f"{g.orientation}, centred on {'field of view' if g.centre == 'fov' else 'centre of mass'}"

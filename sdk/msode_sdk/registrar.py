@@ -60,13 +60,14 @@ from .errors import (BackendUnavailable, InputError, MsodeError, OutputError, Pl
 from .integrate import LevelSchedule, SegmentStats, get_solver, integrate_multiscale
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain, initial_state, make_transform
-from .initialize import moments_initial_theta
+from .initialize import candidate_thetas, moments_initial_theta, mutual_information
+from .transforms import carry_state
 from .warp import sample_points, warp_chain
 
 __all__ = ["Registrar", "RegistrationResult", "ModelGridResult", "StageReport", "bundled_plans", "resolve_plan_path"]
 
 _log = logging.getLogger("msode_sdk")
-INIT_MODES = ("none", "moments")
+INIT_MODES = ("none", "moments", "multistart")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -256,6 +257,7 @@ class RegistrationResult:
     providers: list[str]
     device: str
     analytic_plan: bool
+    plan_kind: str = "trained"   # PlanManifest.kind: analytic | trained | the builder's training.kind
     model_grid: ModelGridResult | None = field(default=None, repr=False)
     fixed_image: _io.Image | None = field(default=None, repr=False)
     moving_image: _io.Image | None = field(default=None, repr=False)
@@ -266,7 +268,8 @@ class RegistrationResult:
 
     def report(self) -> dict:
         return {
-            "plan": self.plan_name, "analytic_plan": self.analytic_plan, "backend": self.backend,
+            "plan": self.plan_name, "analytic_plan": self.analytic_plan, "plan_kind": self.plan_kind,
+            "backend": self.backend,
             "providers": self.providers, "device": self.device, "timings_s": self.timings,
             "nfe": self.nfe, "stages": [s.to_dict() for s in self.stages],
             "matrix_ras": np.asarray(self.matrix).tolist(),
@@ -453,11 +456,18 @@ class Registrar:
 
                 y0 = initial_state(st.transform, st.params, grid, levels[0].grid, n, torch.float32, self.device)
                 mode = init or st.params.get("init", "none")
+                if st.transform == "rigid" and mode == "multistart" and len(chain):
+                    _log.warning("init='multistart' needs the rigid stage first; stage %r follows %d transform(s): "
+                                 "using init='moments'", st.name, len(chain))
+                    mode = "moments"
                 if st.transform == "rigid" and mode == "moments":
                     mov0, fix0 = pyramids[levels[0].grid]
                     y0 = moments_initial_theta(warp_chain(mov0, levels[0].grid, chain, levels[0].grid) if len(chain) else mov0,
                                                fix0, levels[0].grid)
-                y, seg_stats = integrate_multiscale(st.transform, levels, make_field, y0)
+                if st.transform == "rigid" and mode == "multistart":
+                    y, seg_stats = self._multistart(st, levels, make_field, pyramids, n)
+                else:
+                    y, seg_stats = integrate_multiscale(st.transform, levels, make_field, y0)
                 if not bool(torch.isfinite(y).all()):
                     raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
                 chain = chain.then(make_transform(st.transform, y, st.params, grid, levels[-1].grid))
@@ -467,6 +477,40 @@ class Registrar:
                 _log.info("stage %s done: %.1f ms, NFE %d", st.name, reports[-1].seconds * 1000, reports[-1].nfe)
             warped = warp_chain(moving, grid, chain, grid)
         return ModelGridResult(chain, warped, reports)
+
+    def _multistart(self, st, levels, make_field, pyramids, n: int):
+        """Rigid stage from 5 starts (identity + 4 principal-axes candidates, :mod:`.initialize`): the
+        coarsest level integrates all of them as one batch, MI on the next level picks each pair's best
+        end point, the remaining levels continue from it. The first level's NFE counts batched calls."""
+        grid = self.model_grid
+        lg0 = levels[0].grid
+        mov0, fix0 = pyramids[lg0]
+        thetas = candidate_thetas(mov0, fix0, lg0)                                   # (N, K, 6)
+        k = thetas.shape[1]
+        mov_r, fix_r = mov0.repeat_interleave(k, 0), fix0.repeat_interleave(k, 0)
+        net = self._networks[(st.name, st.scales[0].level)]
+
+        def f(t, state):
+            tr = make_transform(st.transform, state, st.params, grid, lg0)
+            warped = warp_chain(mov_r, lg0, TransformChain([tr]), lg0)
+            return checked_velocity(net, net(warped, fix_r, t), state, st.transform)
+
+        y1, stats0 = levels[0].solver.integrate(f, thetas.reshape(n * k, 6), levels[0].t0, levels[0].t1)
+        lg_s = levels[1].grid if len(levels) > 1 else lg0
+        mov_s, fix_s = pyramids[lg_s]
+        ys = carry_state(st.transform, y1, lg0, lg_s)
+        warped = warp_chain(mov_s.repeat_interleave(k, 0), lg_s,
+                            TransformChain([make_transform(st.transform, ys, st.params, grid, lg_s)]), lg_s)
+        score = mutual_information(warped, fix_s.repeat_interleave(k, 0)).reshape(n, k)
+        best = score.argmax(1)
+        y = y1.reshape(n, k, -1)[torch.arange(n, device=y1.device), best]
+        _log.info("multistart: start %s chosen (MI %s)", best.tolist(),
+                  [[round(float(v), 3) for v in row] for row in score])
+        if len(levels) == 1:
+            return y, [stats0]
+        y = carry_state(st.transform, y, lg0, levels[1].grid)
+        y, rest = integrate_multiscale(st.transform, levels[1:], lambda i: make_field(i + 1), y)
+        return y, [stats0, *rest]
 
     @staticmethod
     def _downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid) -> torch.Tensor:
@@ -529,7 +573,8 @@ class Registrar:
         return RegistrationResult(
             warped=warped, matrix=matrix, displacement=disp, timings=timings, stages=res.stages,
             plan_name=self.name, backend=self.backend.name, providers=self.backend.providers(),
-            device=str(self.device), analytic_plan=self.plan.manifest.analytic, model_grid=res,
+            device=str(self.device), analytic_plan=self.plan.manifest.analytic, plan_kind=self.plan.manifest.kind,
+            model_grid=res,
             fixed_image=fix_img, moving_image=mov_img,
         )
 

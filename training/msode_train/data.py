@@ -529,7 +529,7 @@ class SubjectBank:
 
     def __init__(self, root, n_subjects: int, seed: int = 0, spacing: float = 2.0,
                  grid_shape=FOV_MM, contrasts: Sequence[str] = CONTRASTS, max_in_memory: int = 4):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()  # "~/..." from configs and CLIs means the home directory
         self.n_subjects = int(n_subjects)
         self.seed = int(seed)
         self.spacing = float(spacing)

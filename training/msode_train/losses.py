@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from msode_export.analytic import MINDSSC as _MINDSSC
 from msode_sdk.transforms import BSplineTransform, DenseTransform, Grid, TransformChain
 
 __all__ = ["mutual_information", "local_ncc", "mind_ssc", "mind_loss", "get_similarity", "SIMILARITIES",
@@ -103,32 +104,10 @@ def local_ncc(warped: torch.Tensor, fixed: torch.Tensor, win: int = 9, eps: floa
 # ------------------------------------------------------------------------------------------- MIND
 
 
-def _mind_kernels(device, dtype):
-    six = torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 2], [2, 1, 1], [1, 2, 1]], dtype=torch.long)
-    d = ((six[:, None, :] - six[None, :, :]) ** 2).sum(-1)
-    ii, jj = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
-    sel = (ii > jj) & (d == 2)
-    s1 = six[ii[sel]]
-    s2 = six[jj[sel]]  # 12 pairs
-    k1 = torch.zeros(12, 1, 3, 3, 3, dtype=dtype)
-    k2 = torch.zeros(12, 1, 3, 3, 3, dtype=dtype)
-    for c in range(12):
-        k1[c, 0, s1[c, 0], s1[c, 1], s1[c, 2]] = 1.0
-        k2[c, 0, s2[c, 0], s2[c, 1], s2[c, 2]] = 1.0
-    return k1.to(device), k2.to(device)
-
-
 def mind_ssc(img: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """MIND-SSC descriptor ``(N, 12, D, H, W)`` of ``(N, 1, D, H, W)``."""
-    k1, k2 = _mind_kernels(img.device, img.dtype)
-    p = F.pad(img, (dilation,) * 6, mode="replicate")
-    diff = F.conv3d(p, k1, dilation=dilation) - F.conv3d(p, k2, dilation=dilation)
-    ssd = F.avg_pool3d(F.pad(diff * diff, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
-    mind = ssd - ssd.min(dim=1, keepdim=True).values
-    var = mind.mean(dim=1, keepdim=True)
-    mv = var.detach().mean()
-    var = torch.maximum(torch.minimum(var, mv * 1e3 + 1e-12), mv * 1e-3 + 1e-12)
-    return torch.exp(-mind / var)
+    """MIND-SSC descriptor ``(N, 12, D, H, W)`` of ``(N, 1, D, H, W)`` (:class:`msode_export.analytic.MINDSSC`,
+    the very module the bundled plan's fine levels run)."""
+    return _MINDSSC(radius, dilation).to(img.device)(img)
 
 
 def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:

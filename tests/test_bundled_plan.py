@@ -1,0 +1,97 @@
+"""The bundled multi-contrast plan ``rigid_bspline.plan``: loads by name right after install, says what
+it is, matches the committed encoder weights, its ONNX networks agree with TorchScript, and it registers
+multi-contrast pairs it has never seen (the sample pair, held-out phantom subjects)."""
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from msode_sdk import Registrar, bundled_plans
+from msode_sdk.transforms import RigidTransform, TransformChain
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return Registrar.load("rigid_bspline.plan", device="cpu", backend="torch")
+
+
+def test_loads_by_name_and_says_what_it_is(reg):
+    assert "rigid_bspline.plan" in bundled_plans()
+    m = reg.plan.manifest
+    assert reg.stage_names == ["rigid", "bspline"]
+    assert m.analytic is False and m.kind == "learned-features+gauss-newton"
+    assert {"t1", "t2", "flair", "pd"} <= set(m.modalities)
+    assert "not the paper's end-to-end trained cnn fields" in m.training["note"].lower()
+    assert reg.plan.path and Path(reg.plan.path).stat().st_size <= 25 * 2 ** 20
+
+
+def test_plan_embeds_the_committed_encoder_weights(reg):
+    from msode_train.tissue import DEFAULT_WEIGHTS
+    enc = reg.plan.manifest.training["tissue_encoder"]
+    assert enc["sha256"] == hashlib.sha256(Path(DEFAULT_WEIGHTS).read_bytes()).hexdigest()
+
+
+def test_onnx_networks_match_torchscript(reg):
+    ort = pytest.importorskip("onnxruntime")
+    plan = reg.plan
+    g = torch.Generator().manual_seed(0)
+    for st in plan.manifest.stages:
+        for sc in st.scales:
+            if min(sc.spacing_xyz_mm) < 4.0:  # the 2 mm levels: same modules, just slower
+                continue
+            shape = (1, 1, *reversed(sc.shape_xyz))
+            blob = torch.nn.functional.avg_pool3d(torch.rand(shape, generator=g), 3, 1, 1)
+            w, f, t = blob, torch.roll(blob, 1, dims=4), torch.tensor([float(sc.t0)])
+            ts = torch.jit.load(io.BytesIO(plan.network(st.name, sc.level, "torchscript")))
+            ref = ts(w, f, t)
+            sess = ort.InferenceSession(plan.network(st.name, sc.level, "onnx"), providers=["CPUExecutionProvider"])
+            feeds = {"warped": w.numpy(), "fixed": f.numpy(), "t": t.numpy()}
+            # the exporter drops inputs a network does not use (these fields ignore t)
+            out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+            scale = float(ref.abs().max())
+            assert scale > 0
+            np.testing.assert_allclose(out, ref.detach().numpy(), atol=2e-3 * scale, rtol=0,
+                                       err_msg=f"{st.name} L{sc.level}")
+
+
+def test_registers_the_t2_sample_to_t1(reg):
+    truth = json.loads((SAMPLE / "truth.json").read_text())
+    m_true = np.asarray(truth["fixed_to_moving_world_ras"])
+    fixed = nib.load(str(SAMPLE / truth["fixed"]))
+    res = reg.register(str(SAMPLE / "moving_t2.nii.gz"), fixed)
+    arr = np.asarray(fixed.dataobj, dtype=np.float32)
+    idx = np.argwhere(arr > np.percentile(arr, 60)).astype(np.float64)
+    pts = idx @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
+    est = pts @ res.matrix[:3, :3].T + res.matrix[:3, 3]
+    ref = pts @ m_true[:3, :3].T + m_true[:3, 3]
+    err = np.sqrt(((est - ref) ** 2).sum(1))
+    assert np.median(err) < 1.0, np.median(err)
+    assert res.plan_kind == "learned-features+gauss-newton"
+
+
+@pytest.mark.parametrize("moving,seed", [("t2", 0), ("flair", 0)])
+def test_recovers_paper_range_rigid_motion_on_held_out_subject(reg, tmp_path_factory, moving, seed):
+    """A held-out (test split) subject, the paper's rigid motion distribution, arrays + affines in,
+    through Registrar.register's rigid stage: RMSE(phi) over the brain under the issue's 1.5 mm median
+    (measured 0.1-0.2 mm; the B-spline stage after it adds 0.3-1.4 mm on an exactly rigid motion)."""
+    from msode_train import data as D
+    bank = D.SubjectBank.for_split(tmp_path_factory.mktemp("bank"), "test", 1, spacing=2.0)
+    subj = bank[0]
+    chain = D.sample_motion(np.random.default_rng(seed), "rigid", subj.grid)
+    pair = D.make_pair(subj, moving, "t1", chain)
+    aff = subj.affine
+    to_np = lambda t: t[0, 0].permute(2, 1, 0).numpy()  # (1,1,D,H,W) -> (X,Y,Z)  # noqa: E731
+    res = reg.register((to_np(pair.moving), aff), (to_np(pair.fixed), aff), stages=["rigid"])
+    before = D.rmse_phi(TransformChain([RigidTransform(torch.zeros(1, 6))]), pair.chain, pair.grid,
+                        mask=pair.fixed_brain)
+    assert before > 10.0
+    err = D.rmse_phi(res.model_grid.chain, pair.chain, pair.grid, mask=pair.fixed_brain)
+    assert err < 1.5, (moving, err, before)
