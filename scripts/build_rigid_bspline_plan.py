@@ -61,7 +61,8 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
           rigid_pool: int = 2, bspline_pool: int = 1, bspline_mind: str = "six", rigid_mind: str = "six",
           rigid_init: str = "multistart",
           registrar_ts: bool = True, formats=("torchscript", "onnx"), metrics: dict | None = None,
-          rigid_gain: float = 5.0, bspline_gain: float = 5.0, name: str = "rigid_bspline") -> Path:
+          rigid_gain: float = 5.0, bspline_gain: float = 5.0, bspline_damping=(0.05, 0.05, 0.05),
+          name: str = "rigid_bspline") -> Path:
     encoders, meta = load_encoders(weights)
     enc_levels = {float(s) for s in encoder_levels}
     nets, feats = {}, {}
@@ -77,7 +78,7 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
         sp = float(g.spacing_xyz[0]) * pool
         f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind)
         nets[("bspline", lv)] = BSplineSSDField(g, lattice, gain=bspline_gain, features=f, pool=pool,
-                                                cg_iters=BSPLINE_CG_ITERS[lv - 1])
+                                                cg_iters=BSPLINE_CG_ITERS[lv - 1], damping=bspline_damping[lv - 1])
         feats[f"bspline_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
     stages = [StageDef("rigid", "rigid", tuple(rigid_schedule), {"init": rigid_init} if rigid_init != "none" else {}),
               StageDef("bspline", "bspline", BSPLINE_SCHEDULE, {"control_spacing_mm": list(CONTROL_SPACING_MM)})]

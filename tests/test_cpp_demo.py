@@ -314,16 +314,25 @@ def test_embed_example_two_threads(cpp_bin, standin_plan):
     assert float(words[-1]) == 0.0
 
 
-def test_bundled_plan(cpp_bin, pair, tmp_path):
-    """The bundled analytic_ssd.plan opens and verifies in C++ (checked cheaply: inputs on the wrong
-    grid are refused with the plan's 120x120x80 model grid in the message, after loading)."""
+@pytest.mark.parametrize("name", ["analytic_ssd.plan", "rigid_bspline.plan"])
+def test_bundled_plan(cpp_bin, pair, tmp_path, name):
+    """Each bundled plan opens, verifies and loads its registrar.ts in C++ (checked cheaply: inputs on
+    the wrong grid are refused with the plan's 120x120x80 model grid in the message, after loading); a
+    plan whose rigid stage asks for an initialiser makes msode_register say it is not run here."""
     from msode_sdk.registrar import MODELS_DIR
-    path = MODELS_DIR / "analytic_ssd.plan"
-    if not load_plan(path).has("registrar.ts"):
-        pytest.skip("the bundled analytic_ssd.plan has no registrar.ts yet")
-    g = load_plan(path).manifest.model_grid
-    _expect_error(cpp_bin, [path, pair["moving"], pair["fixed"], tmp_path / "w.nii"], "do not match",
-                  "x".join(str(v) for v in g.shape_xyz))
+    path = MODELS_DIR / name
+    plan = load_plan(path)
+    if not plan.has("registrar.ts"):
+        pytest.skip(f"the bundled {name} has no registrar.ts")
+    g = plan.manifest.model_grid
+    r = _run(cpp_bin / "msode_register", path, pair["moving"], pair["fixed"], tmp_path / "w.nii")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and r.stdout == "" and not (tmp_path / "w.nii").exists(), r.stderr
+    assert lines[-1].startswith("msode_register: error:") and "do not match" in lines[-1]
+    assert "x".join(str(v) for v in g.shape_xyz) in lines[-1]
+    init = plan.manifest.stage("rigid").params.get("init", "none")
+    warned = [ln for ln in lines[:-1] if "only the Python SDK runs" in ln]
+    assert len(warned) == (1 if init != "none" else 0) and len(lines) == 1 + len(warned), r.stderr
 
 
 def _expect_error(cpp_bin, args, *phrases, rc=1):

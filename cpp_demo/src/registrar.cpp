@@ -112,6 +112,7 @@ bool is_hex64(const std::string& s) {
 struct Registrar::Impl {
   std::string path, label, name;
   bool analytic = false;
+  std::string rigid_init = "none";  // a rigid stage's params.init (registrar.ts always starts from identity)
   ModelGrid grid;
   Normalization norm;
   std::map<std::string, std::pair<std::string, std::uint64_t>> members;  // name -> (sha256, size)
@@ -161,6 +162,18 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
   if (const Json* a = root.opt("analytic")) {
     if (a->type != Json::Type::Bool) Field{*a, "manifest.analytic", label}.fail("expected true or false");
     m.analytic = a->boolean;
+  }
+  // A rigid stage may ask the Python SDK for an initialiser (params.init: moments | multistart).
+  // registrar.ts cannot run it; record it so callers can say so (Registrar::rigid_init()).
+  if (const Json* stages = root.opt("stages")) {
+    for (const Json& st : stages->array) {
+      const Json* tr = st.find("transform");
+      const Json* params = st.find("params");
+      const Json* init = params ? params->find("init") : nullptr;
+      if (tr && tr->type == Json::Type::String && tr->string == "rigid" && init &&
+          init->type == Json::Type::String && init->string != "none")
+        m.rigid_init = init->string;
+    }
   }
 
   Field grid = root.at("model_grid");
@@ -248,6 +261,7 @@ Registrar& Registrar::operator=(Registrar&&) noexcept = default;
 const std::string& Registrar::plan_name() const { return impl_->name; }
 const std::string& Registrar::plan_path() const { return impl_->path; }
 bool Registrar::analytic() const { return impl_->analytic; }
+const std::string& Registrar::rigid_init() const { return impl_->rigid_init; }
 const ModelGrid& Registrar::model_grid() const { return impl_->grid; }
 const Normalization& Registrar::normalization() const { return impl_->norm; }
 double Registrar::load_ms() const { return impl_->load_ms; }
