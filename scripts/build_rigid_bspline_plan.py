@@ -89,8 +89,8 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
         "tissue_encoder": {"file": wpath.name, "sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(),
                            "meta": meta},
         "note": ("Trained: the contrast-agnostic tissue encoders (msode_train.tissue; supervised on phantom "
-                 "tissue labels, random contrasts and orientations). Closed-form: the Gauss-Newton heads "
-                 "(msode_export.analytic) and MIND-SSC. Not the paper's end-to-end trained CNN fields."),
+                 "tissue labels, random contrasts and orientations). Closed-form: the Gauss-Newton heads, the multistart "
+                 "initialiser (msode_sdk.initialize) and MIND. Not the paper's end-to-end trained CNN fields."),
         "builder": "scripts/build_rigid_bspline_plan.py",
     }
     path = build_plan(
@@ -98,7 +98,7 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
         modalities=["t1", "t2", "flair", "pd"], metrics=metrics, training=training,
         description=("Rigid (4 levels) then cubic B-spline (3 levels, 40 mm) for multi-contrast brain MRI. "
                      "Per-level fields: Gauss-Newton steps on the SSD of learned tissue-class features "
-                     "(coarse rigid levels) and MIND-SSC (fine levels); see training.note."),
+                     "(coarse rigid levels) and MIND (6-neighbourhood, fine levels); multistart rigid init; see training.note."),
     )
     if registrar_ts:
         from msode_export.scripted import add_registrar_ts
