@@ -407,9 +407,11 @@ class Registrar:
         intensities normalised to [0, 1], both centred on their own image centre. Returns the chain
         (fixed model frame -> moving model frame, mm) and the warped moving tensor.
 
-        ``init``: how rigid stages start: ``"none"`` (identity, the paper) or ``"moments"``
-        (principal-axes initialiser, :mod:`msode_sdk.initialize`); default: the stage's plan
-        parameter ``init``, else ``"none"``."""
+        ``init``: how rigid stages start: ``"none"`` (identity, the paper), ``"moments"``
+        (principal-axes initialiser, :mod:`msode_sdk.initialize`) or ``"multistart"`` (the coarsest
+        level from the identity and the 4 principal-axes candidates as one batch, the best end point by
+        MI continues; rigid stage first only, else ``"moments"`` with a warning); default: the stage's
+        plan parameter ``init``, else ``"none"``."""
         if init not in (None, *INIT_MODES):
             raise InputError(f"unknown init {init!r}; valid: {list(INIT_MODES)}")
         grid = self.model_grid
@@ -552,7 +554,8 @@ class Registrar:
 
         Each input: a NIfTI path, a nibabel image, or ``(array (X, Y, Z), affine 4x4 voxel->RAS mm)``.
         ``stages``: a subset of the plan's stage names (default: all, in plan order).
-        ``init``: ``"none"`` | ``"moments"`` for rigid stages (see :meth:`register_model_grid`).
+        ``init``: ``"none"`` | ``"moments"`` | ``"multistart"`` for rigid stages (see
+        :meth:`register_model_grid`).
 
         Raises :class:`InputError` for bad inputs or arguments (checked, both images included, before
         any expensive work), :class:`ResourceError` when memory runs out. Safe to call from several
