@@ -17,7 +17,7 @@ def test_cli_register_sample_pair(tmp_path, capsys):
     truth = json.loads((SAMPLE / "truth.json").read_text())
     out = tmp_path / "out"
     rc = cli.main(["register", str(SAMPLE / "moving_t1.nii.gz"), str(SAMPLE / "fixed_t1.nii.gz"), "-o", str(out),
-                   "--plan", "analytic_ssd", "--device", "cpu", "--stages", "rigid", "-q"])
+                   "--plan", "analytic_ssd", "--device", "cpu", "--stages", "rigid", "--init", "multistart", "-q"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["outputs"]) == {"warped", "transform", "displacement", "report"}
@@ -29,6 +29,7 @@ def test_cli_register_sample_pair(tmp_path, capsys):
     err = np.linalg.norm(pts @ m[:3, :3].T + m[:3, 3] - (pts @ m_true[:3, :3].T + m_true[:3, 3]), axis=1)
     assert err.max() < 1.0, err.max()
     assert report["analytic_plan"] is True and report["nfe"]["rigid"] > 0
+    assert report["plan_kind"] == "analytic"
 
 
 def test_cli_bad_input_one_line_and_exit_code(tmp_path):

@@ -1,6 +1,6 @@
 """`msode` command line.
 
-    msode register MOVING FIXED -o OUT [--plan P] [--device D] [--backend B] [--stages S,..] [--preview]
+    msode register MOVING FIXED -o OUT [--plan P] [--device D] [--backend B] [--stages S,..] [--init I] [--preview]
     msode plan info PLAN          # print a plan's manifest summary
     msode plan list               # bundled plans
 
@@ -63,7 +63,7 @@ def _cmd_register(args) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     _info(args, f"msode: plan {reg.name} ({'ANALYTIC SSD gradient descent, not a trained model' if reg.plan.manifest.analytic else reg.plan.manifest.kind}), "
                 f"backend {reg.backend.name} {reg.backend.providers()}, device {reg.device}")
-    res = reg.register(moving, fixed, stages=stages)
+    res = reg.register(moving, fixed, stages=stages, init=args.init)
     files = res.save(out, preview=args.preview)
     _info(args, f"msode: total    {res.timings['total'] * 1000:8.1f} ms (load {res.timings['load'] * 1000:.1f}, "
                 f"output {res.timings['output'] * 1000:.1f})")
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     r.add_argument("--stages", default=None, help="comma-separated subset of the plan's stages")
+    r.add_argument("--init", default=None, choices=["none", "moments", "multistart"],
+                   help="how rigid stages start (default: the plan's choice; rigid_bspline.plan: multistart)")
     r.add_argument("--preview", action="store_true", help="also write preview.png")
     r.add_argument("-q", "--quiet", action="store_true", help="print only errors on stderr (no progress, no warnings)")
     r.set_defaults(func=_cmd_register)
