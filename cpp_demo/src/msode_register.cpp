@@ -174,10 +174,6 @@ int run(int argc, char** argv) {
   if (threads) msode::set_num_threads(threads);
 
   msode::Registrar reg(plan_path, device, jit_optimize);
-  if (reg.rigid_init() != "none")
-    std::cerr << "msode_register: warning: plan asks for rigid init '" << reg.rigid_init()
-              << "', which only the Python SDK runs; registrar.ts starts from the identity "
-                 "(rotations beyond ~60 deg may not be captured)" << std::endl;
   const double load_ms = reg.load_ms();
 
   auto t_read = Clock::now();
@@ -232,8 +228,8 @@ int run(int argc, char** argv) {
   std::ostringstream js;
   js << std::fixed << std::setprecision(3);
   js << "{\"plan\":\"" << json_escape(reg.plan_name()) << "\",\"analytic_plan\":"
-     << (reg.analytic() ? "true" : "false") << ",\"rigid_init_ignored\":"
-     << (reg.rigid_init() == "none" ? "null" : "\"" + json_escape(reg.rigid_init()) + "\"")
+     << (reg.analytic() ? "true" : "false") << ",\"rigid_init\":\""
+     << json_escape(reg.rigid_init()) << "\""
      << ",\"device\":\"" << json_escape(device)
      << "\",\"warped\":\"" << json_escape(warped_path) << "\",\"normalised_warped\":"
      << (normalised_path.empty() ? "null" : "\"" + json_escape(normalised_path) + "\"")

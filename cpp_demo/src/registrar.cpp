@@ -112,7 +112,7 @@ bool is_hex64(const std::string& s) {
 struct Registrar::Impl {
   std::string path, label, name;
   bool analytic = false;
-  std::string rigid_init = "none";  // a rigid stage's params.init (registrar.ts always starts from identity)
+  std::string rigid_init = "none";  // the first rigid stage's params.init (registrar.ts runs it)
   ModelGrid grid;
   Normalization norm;
   std::map<std::string, std::pair<std::string, std::uint64_t>> members;  // name -> (sha256, size)
@@ -163,8 +163,8 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
     if (a->type != Json::Type::Bool) Field{*a, "manifest.analytic", label}.fail("expected true or false");
     m.analytic = a->boolean;
   }
-  // A rigid stage may ask the Python SDK for an initialiser (params.init: moments | multistart).
-  // registrar.ts cannot run it; record it so callers can say so (Registrar::rigid_init()).
+  // A rigid stage may start from an initialiser (params.init: moments | multistart); registrar.ts
+  // runs it like the Python SDK. Recorded for callers (Registrar::rigid_init()) and the JSON report.
   if (const Json* stages = root.opt("stages")) {
     for (const Json& st : stages->array) {
       const Json* tr = st.find("transform");

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msode_sdk.errors import PlanError
+from msode_sdk.initialize import mutual_information, thetas_of_points
 from msode_sdk.integrate import fixed_step_grid
 from msode_sdk.plan import Plan, load_plan, write_plan
 from msode_sdk.transforms import (Grid, apply_matrix, bspline_displacement_at, bspline_kernel, lattice_for,
@@ -73,14 +74,15 @@ REGISTRAR_MEMBER = "registrar.ts"
 # ------------------------------------------------------------------------------------------------
 
 
-def _axis_coords(n: int, s: float, device: torch.device) -> Tensor:
-    return (torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2.0) * s
+def _axis_coords(n: int, s: float, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (torch.arange(n, dtype=dtype, device=device) - (n - 1) / 2.0) * s
 
 
-def _grid_points(shape: List[int], spacing: List[float], device: torch.device) -> Tensor:
-    xs = _axis_coords(shape[0], spacing[0], device)
-    ys = _axis_coords(shape[1], spacing[1], device)
-    zs = _axis_coords(shape[2], spacing[2], device)
+def _grid_points(shape: List[int], spacing: List[float], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    xs = _axis_coords(shape[0], spacing[0], device, dtype)
+    ys = _axis_coords(shape[1], spacing[1], device, dtype)
+    zs = _axis_coords(shape[2], spacing[2], device, dtype)
     g = torch.meshgrid([zs, ys, xs], indexing="ij")
     return torch.stack([g[2], g[1], g[0]], dim=-1)
 
@@ -256,6 +258,17 @@ class _Level(nn.Module):
                                + str(y.shape))
         return v.to(y.dtype)
 
+    def start_candidates(self, pyr_m: List[Tensor], pyr_f: List[Tensor]) -> Tensor:
+        """``(N, 5, 6)`` rigid starts on this level: identity + 4 principal-axes candidates."""
+        mov = pyr_m[self.pyr]
+        pts = _grid_points(self.shape, self.spacing, mov.device, torch.float64).reshape(-1, 3)
+        return thetas_of_points(mov, pyr_f[self.pyr], pts, 0.05)
+
+    def mi_of(self, y: Tensor, mov: Tensor, fix: Tensor) -> Tensor:
+        """MI ``(N,)`` between ``fix`` and ``mov`` warped by this level's own transform of state ``y``."""
+        pts = self.own.map_grid(y, self.shape, self.spacing)
+        return mutual_information(_sample(mov, self.shape, self.spacing, pts), fix)
+
     def carried(self, y: Tensor) -> Tensor:
         if self.carry:
             pts = _expand(_grid_points(self.shape, self.spacing, y.device), y.shape[0])
@@ -370,24 +383,57 @@ for _cls in (_EulerLevel, _HeunLevel, _AdaptiveHeunLevel):
 
 
 class _Stage(nn.Module):
-    """A registration stage: its levels, coarse to fine."""
+    """A registration stage: its levels, coarse to fine. A rigid stage may start from an initialiser
+    (``init``: ``none`` | ``moments`` | ``multistart``, exactly as :meth:`msode_sdk.Registrar.register_model_grid`
+    runs them: the very same :mod:`msode_sdk.initialize` functions, scripted)."""
 
     name: str
     init_shape: List[int]
+    init: str
 
-    def __init__(self, name: str, levels: List[_Level], init_shape: List[int]):
+    def __init__(self, name: str, levels: List[_Level], init_shape: List[int], init: str = "none"):
         super().__init__()
         self.name = name
         self.levels = nn.ModuleList(levels)
         self.init_shape = [int(v) for v in init_shape]
+        self.init = init
 
     def run(self, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
-        shape = [pyr_m[0].shape[0]]
+        n = pyr_m[0].shape[0]
+        shape = [n]
         for v in self.init_shape:
             shape.append(v)
         y = torch.zeros(shape, dtype=torch.float32, device=pyr_m[0].device)
-        for lv in self.levels:
-            y = lv.integrate(y, pyr_m, pyr_f, states)
+        first = 0
+        if self.init != "none":
+            k = 5
+            th = y.reshape(n, 1, 6).expand(n, k, 6)
+            rep_m: List[Tensor] = []
+            rep_f: List[Tensor] = []
+            for i in range(len(pyr_m)):
+                rep_m.append(pyr_m[i].repeat_interleave(k, 0))
+                rep_f.append(pyr_f[i].repeat_interleave(k, 0))
+            ends = th.reshape(n * k, 6)
+            score = torch.zeros([n, k], dtype=torch.float64, device=y.device)
+            last = len(self.levels) - 1
+            for i, lv in enumerate(self.levels):
+                if i == 0:
+                    th = lv.start_candidates(pyr_m, pyr_f)
+                    k = th.shape[1]
+                    ends = th.reshape(n * k, 6)
+                    if self.init == "moments":  # score the raw starts on the first level
+                        score = lv.mi_of(ends, rep_m[lv.pyr], rep_f[lv.pyr]).reshape(n, k)
+                    else:  # multistart: integrate the first level from every start
+                        ends = lv.integrate(ends, rep_m, rep_f, states)
+            if self.init == "multistart":
+                for j, lvs in enumerate(self.levels):
+                    if j == min(1, last):  # score the end points on the next level
+                        score = lvs.mi_of(ends, rep_m[lvs.pyr], rep_f[lvs.pyr]).reshape(n, k)
+                first = 1
+            y = ends.reshape(n, k, 6)[torch.arange(n, device=y.device), score.argmax(1)]
+        for j, lvi in enumerate(self.levels):
+            if j >= first:
+                y = lvi.integrate(y, pyr_m, pyr_f, states)
         if not bool(torch.isfinite(y).all()):
             raise RuntimeError("stage " + self.name + " produced non-finite parameters")
         return y
@@ -571,7 +617,15 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
             init = list(lattice_for(st.params, model_grid).coeff_shape)
         else:
             init = [3, *grids[0].shape_dhw]
-        stage_modules.append(_Stage(st.name, levels, init))
+        init_mode = str(st.params.get("init", "none")) if st.transform == "rigid" else "none"
+        if init_mode not in ("none", "moments", "multistart"):
+            raise PlanError(f"stage {st.name!r}: unknown init {init_mode!r}; valid: ['moments', 'multistart', 'none']")
+        if init_mode != "none" and index > 0:
+            # the SDK scores candidates on images warped by the earlier stages; registrar.ts does not
+            warnings.warn(f"stage {st.name!r} follows other stages: registrar.ts starts it from the identity, "
+                          f"not from init={init_mode!r}")
+            init_mode = "none"
+        stage_modules.append(_Stage(st.name, levels, init, init_mode))
         finals.append(_transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, grids[-1])))
     pyramid = [_pyramid_steps(model_grid, g) for g in pyramid_grids]
     info = {

@@ -28,9 +28,9 @@ __all__ = ["foreground_moments", "principal_axes_candidates", "candidate_thetas"
            "moments_initial_theta"]
 
 
-def foreground_moments(vol: torch.Tensor, grid: Grid, threshold: float = 0.05):
-    """Centroid ``(N, 3)`` mm and covariance ``(N, 3, 3)`` mm^2 of the voxels above ``threshold``."""
-    pts = grid.points(torch.float64, vol.device).reshape(-1, 3)
+def moments_of_points(vol: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05):
+    """:func:`foreground_moments` with the voxel centres given as ``pts (P, 3)`` float64 mm, in the
+    volume's flattened order (TorchScript-able: ``registrar.ts`` runs it too)."""
     w = (vol.reshape(vol.shape[0], -1) > threshold).to(torch.float64)
     mass = w.sum(1).clamp(min=1.0)
     c = (w @ pts) / mass[:, None]
@@ -39,23 +39,46 @@ def foreground_moments(vol: torch.Tensor, grid: Grid, threshold: float = 0.05):
     return c, cov
 
 
-def principal_axes_candidates(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
-    """``(N, 4, 4, 4)``: the 4 proper rigid matrices (fixed frame -> moving frame) aligning the axes."""
-    c_m, cov_m = foreground_moments(moving, grid, threshold)
-    c_f, cov_f = foreground_moments(fixed, grid, threshold)
+def foreground_moments(vol: torch.Tensor, grid: Grid, threshold: float = 0.05):
+    """Centroid ``(N, 3)`` mm and covariance ``(N, 3, 3)`` mm^2 of the voxels above ``threshold``."""
+    return moments_of_points(vol, grid.points(torch.float64, vol.device).reshape(-1, 3), threshold)
+
+
+def candidates_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor,
+                         threshold: float = 0.05) -> torch.Tensor:
+    """:func:`principal_axes_candidates` with the voxel centres given as ``pts (P, 3)`` float64 mm."""
+    c_m, cov_m = moments_of_points(moving, pts, threshold)
+    c_f, cov_f = moments_of_points(fixed, pts, threshold)
     _, v_m = torch.linalg.eigh(cov_m)  # ascending eigenvalues, orthonormal columns
     _, v_f = torch.linalg.eigh(cov_f)
+    n = moving.shape[0]
     out = []
-    for s in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+    for s in [[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]]:
         sgn = torch.tensor(s, dtype=torch.float64, device=moving.device)
-        r = v_m @ torch.diag_embed(sgn.expand(moving.shape[0], 3)) @ v_f.transpose(1, 2)
+        r = v_m @ torch.diag_embed(sgn.expand(n, 3)) @ v_f.transpose(1, 2)
         det = torch.linalg.det(r)
         r = r * det.sign()[:, None, None]  # make every candidate a proper rotation
-        m = torch.eye(4, dtype=torch.float64, device=moving.device).repeat(moving.shape[0], 1, 1)
+        m = torch.eye(4, dtype=torch.float64, device=moving.device).repeat(n, 1, 1)
         m[:, :3, :3] = r
         m[:, :3, 3] = c_m - (r @ c_f[:, :, None])[:, :, 0]
         out.append(m)
     return torch.stack(out, 1)
+
+
+def principal_axes_candidates(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
+    """``(N, 4, 4, 4)``: the 4 proper rigid matrices (fixed frame -> moving frame) aligning the axes."""
+    return candidates_of_points(moving, fixed, grid.points(torch.float64, moving.device).reshape(-1, 3), threshold)
+
+
+def thetas_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor,
+                     threshold: float = 0.05) -> torch.Tensor:
+    """:func:`candidate_thetas` with the voxel centres given as ``pts (P, 3)`` float64 mm."""
+    cands = candidates_of_points(moving, fixed, pts, threshold)                  # (N, 4, 4, 4)
+    n = cands.shape[0]
+    eye = torch.eye(4, dtype=cands.dtype, device=cands.device).expand(n, 1, 4, 4)
+    cands = torch.cat([eye, cands], 1)                                           # (N, 5, 4, 4)
+    k = cands.shape[1]
+    return matrix_to_rigid(cands.reshape(n * k, 4, 4)).to(torch.float32).reshape(n, k, 6)
 
 
 def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
@@ -81,11 +104,7 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torc
 
 def candidate_thetas(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
     """``(N, 5, 6)`` float32 rigid parameters: the identity, then the 4 principal-axes candidates."""
-    cands = principal_axes_candidates(moving, fixed, grid, threshold)            # (N, 4, 4, 4)
-    eye = torch.eye(4, dtype=cands.dtype, device=cands.device).expand(cands.shape[0], 1, 4, 4)
-    cands = torch.cat([eye, cands], 1)                                           # (N, 5, 4, 4)
-    n, k = cands.shape[:2]
-    return matrix_to_rigid(cands.reshape(n * k, 4, 4)).to(torch.float32).reshape(n, k, 6)
+    return thetas_of_points(moving, fixed, grid.points(torch.float64, moving.device).reshape(-1, 3), threshold)
 
 
 def moments_initial_theta(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:

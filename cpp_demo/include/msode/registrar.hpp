@@ -73,9 +73,8 @@ class Registrar {
   const std::string& plan_name() const;
   const std::string& plan_path() const;
   bool analytic() const;  // the plan's "networks" are gradient-descent stand-ins, not trained
-  /// The rigid-stage initialiser the plan asks of the Python SDK ("none", "moments", "multistart").
-  /// registrar.ts always starts from the identity, so results differ from Python's when this is not
-  /// "none" (large rotations, > ~60 deg, may not be captured).
+  /// The rigid-stage initialiser the plan asks for ("none", "moments", "multistart"); registrar.ts
+  /// runs it exactly as the Python SDK does (information only).
   const std::string& rigid_init() const;
   const ModelGrid& model_grid() const;
   const Normalization& normalization() const;
