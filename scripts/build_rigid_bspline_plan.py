@@ -33,7 +33,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from msode_export.analytic import BSplineSSDField, MINDSSC, RigidSSDField

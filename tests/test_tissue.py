@@ -1,6 +1,5 @@
 """The contrast-agnostic tissue encoder (msode_train.tissue): shapes, export, a tiny training run that
 learns, and the committed weights' contrast invariance on a held-out subject."""
-import io
 
 import numpy as np
 import pytest

@@ -131,6 +131,26 @@ def _pooled_grid(level_grid: Grid, pool: int) -> Grid:
     return level_grid.downsampled(pool)
 
 
+class _FeatureResidual(nn.Module):
+    """What every Gauss-Newton field starts from: optional ``pool`` averaging of both images, the
+    feature maps, the residual ``r = feat(W) - feat(F)`` ``(N, C, D, H, W)`` and the feature gradient
+    ``g`` ``(N, C, 3, D, H, W)`` (1/mm) on ``grid`` (the level grid, pooled)."""
+
+    def __init__(self, level_grid: Grid, features: nn.Module | None, pool: int):
+        super().__init__()
+        self.grid = _pooled_grid(level_grid, pool)
+        self.pool = int(pool)
+        self.grad = _Gradient(self.grid.spacing_xyz)
+        self.features = features if features is not None else _IntensityFeatures()
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool > 1:
+            warped = F.avg_pool3d(warped, self.pool)
+            fixed = F.avg_pool3d(fixed, self.pool)
+        fw = self.features(warped)
+        return fw - self.features(fixed), self.grad.channels(fw)
+
+
 class RigidSSDField(nn.Module):
     """Gauss-Newton flow for the 6 rigid parameters on one pyramid level, on the SSD of ``features``
     (default: the intensities; :class:`MINDSSC` for multi-contrast pairs). Channels add up in the
@@ -140,26 +160,18 @@ class RigidSSDField(nn.Module):
     def __init__(self, level_grid: Grid, gain: float = 5.0, damping: float = 1e-3, features: nn.Module | None = None,
                  pool: int = 1):
         super().__init__()
-        level_grid = _pooled_grid(level_grid, pool)
-        self.pool = int(pool)
-        self.grad = _Gradient(level_grid.spacing_xyz)
-        self.features = features if features is not None else _IntensityFeatures()
-        self.sx, self.sy, self.sz = (float(s) for s in level_grid.spacing_xyz)
+        self.residual = _FeatureResidual(level_grid, features, pool)
+        self.sx, self.sy, self.sz = (float(s) for s in self.residual.grid.spacing_xyz)
         self.gain = float(gain)
         self.damping = float(damping)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.pool > 1:
-            warped = F.avg_pool3d(warped, self.pool)
-            fixed = F.avg_pool3d(fixed, self.pool)
-        fw = self.features(warped)
-        r = fw - self.features(fixed)                                   # (N, C, D, H, W)
-        g = self.grad.channels(fw)                                      # (N, C, 3, D, H, W)
-        # centre-relative mm coordinates, computed from the input's shape (no large constants)
-        d, h, w = warped.shape[2], warped.shape[3], warped.shape[4]
-        zs = (torch.arange(d, dtype=warped.dtype, device=warped.device) - (d - 1) / 2.0) * self.sz
-        ys = (torch.arange(h, dtype=warped.dtype, device=warped.device) - (h - 1) / 2.0) * self.sy
-        xs = (torch.arange(w, dtype=warped.dtype, device=warped.device) - (w - 1) / 2.0) * self.sx
+        r, g = self.residual(warped, fixed)                             # (N, C, ...), (N, C, 3, ...)
+        # centre-relative mm coordinates, computed from the (pooled) residual's shape (no large constants)
+        d, h, w = r.shape[2], r.shape[3], r.shape[4]
+        zs = (torch.arange(d, dtype=r.dtype, device=r.device) - (d - 1) / 2.0) * self.sz
+        ys = (torch.arange(h, dtype=r.dtype, device=r.device) - (h - 1) / 2.0) * self.sy
+        xs = (torch.arange(w, dtype=r.dtype, device=r.device) - (w - 1) / 2.0) * self.sx
         z = zs.reshape(d, 1, 1)
         y = ys.reshape(1, h, 1)
         x = xs.reshape(1, 1, w)
@@ -203,11 +215,8 @@ class BSplineSSDField(nn.Module):
     def __init__(self, level_grid: Grid, lattice: BSplineLattice, gain: float = 5.0, damping: float = 0.05,
                  cg_iters: int = 10, features: nn.Module | None = None, pool: int = 1):
         super().__init__()
-        level_grid = _pooled_grid(level_grid, pool)
-        self.pool = int(pool)
-        self.grad = _Gradient(level_grid.spacing_xyz)
-        self.features = features if features is not None else _IntensityFeatures()
-        bx, by, bz = (lattice.basis_matrix(level_grid.axis_coords(a), a) for a in range(3))
+        self.residual = _FeatureResidual(level_grid, features, pool)
+        bx, by, bz = (lattice.basis_matrix(self.residual.grid.axis_coords(a), a) for a in range(3))
         self.register_buffer("bx", bx)  # (X, cx)
         self.register_buffer("by", by)  # (Y, cy)
         self.register_buffer("bz", bz)  # (Z, cz)
@@ -228,12 +237,7 @@ class BSplineSSDField(nn.Module):
         return torch.einsum("nckyx,zk->nczyx", v, self.bz)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.pool > 1:
-            warped = F.avg_pool3d(warped, self.pool)
-            fixed = F.avg_pool3d(fixed, self.pool)
-        fw = self.features(warped)
-        r = fw - self.features(fixed)                                   # (N, C, D, H, W)
-        g = self.grad.channels(fw)                                      # (N, C, 3, D, H, W)
+        r, g = self.residual(warped, fixed)                             # (N, C, ...), (N, C, 3, ...)
         rhs = self._adjoint((r.unsqueeze(2) * g).sum(dim=1))             # (N, 3, cz, cy, cx)
         # per-voxel structure tensor sum_c g_c g_c^T: the CG products then cost 9 channels, not 3 C
         tensor = torch.einsum("ncidhw,ncjdhw->nijdhw", g, g)            # (N, 3, 3, D, H, W)
