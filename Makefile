@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.msode-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan plan-report clean
+.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan plan-report similarity-ablation clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,6 +42,11 @@ rigid-bspline-plan: $(STAMP)
 	$(PY) scripts/build_rigid_bspline_plan.py sdk/msode_sdk/models/rigid_bspline.plan
 plan-report: $(STAMP)
 	PY=$(PY) bash scripts/evaluate_bundled_plan.sh
+
+# Issue 4's ablation: the same rigid MS-ODENet trained with L_sim = content and with L_sim = MI, evaluated
+# side by side (~55 min on 2 CPU cores) -> training/reports/similarity_ablation/
+similarity-ablation: $(STAMP)
+	PY=$(PY) bash scripts/similarity_ablation.sh
 
 clean:
 	rm -rf out build cpp_demo/build .pytest_cache

@@ -49,7 +49,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -60,7 +59,8 @@ from msode_sdk.warp import sample_points
 
 from . import data as D
 
-__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "main"]
+__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "PairedComparison",
+           "paired_comparison", "main"]
 
 _log = logging.getLogger("msode_train.evaluate")
 
@@ -264,6 +264,68 @@ def _summary(rows: list[dict]) -> dict:
     out["success_rmse_phi_lt_2mm"] = float((phi < 2.0).mean())
     out["n_pairs"] = len(rows)
     return out
+
+
+@dataclass
+class PairedComparison:
+    """Method ``a`` against method ``b`` on the same pairs, for one per-pair ``metric`` (lower is better
+    for RMSE and seconds, higher for Dice: ``higher_is_better``). ``diff`` = a - b per pair;
+    ``a_better`` / ``b_better`` count pairs where one is better by more than ``tie_tol`` (metric units);
+    ``p_wilcoxon``: two-sided Wilcoxon signed-rank test of the differences (``None`` without SciPy or
+    when all differences are zero); ``p_sign``: two-sided exact sign test over the non-tied pairs."""
+
+    a: str
+    b: str
+    metric: str
+    n: int
+    median_a: float
+    median_b: float
+    mean_a: float
+    mean_b: float
+    median_diff: float
+    a_better: int
+    b_better: int
+    ties: int
+    tie_tol: float
+    higher_is_better: bool
+    p_wilcoxon: float | None
+    p_sign: float
+
+
+def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm", tie_tol: float | None = None
+                      ) -> PairedComparison:
+    """Compare methods ``a`` and ``b`` of one :func:`evaluate_plans` report pair by pair (the protocol
+    gives every method the same pairs). ``tie_tol`` defaults to 0.05 mm for RMSE(phi), 0.005 for Dice
+    and RMSE(x), 0 otherwise."""
+    rows = report["rows"]
+    for m in (a, b):
+        if m not in rows:
+            raise KeyError(f"method {m!r} is not in the report; methods: {sorted(rows)}")
+    ra, rb = rows[a], rows[b]
+    if [r["pair"] for r in ra] != [r["pair"] for r in rb]:
+        raise ValueError(f"methods {a!r} and {b!r} were not run on the same pairs")
+    if tie_tol is None:
+        tie_tol = {"rmse_phi_mm": 0.05, "dice_tumour": 0.005, "dice_tissue": 0.005, "rmse_x": 0.005}.get(metric, 0.0)
+    va = np.asarray([r[metric] for r in ra], dtype=np.float64)
+    vb = np.asarray([r[metric] for r in rb], dtype=np.float64)
+    higher = metric.startswith("dice")
+    d = va - vb
+    gain = d if higher else -d                 # > 0 where a is better
+    a_better = int((gain > tie_tol).sum())
+    b_better = int((gain < -tie_tol).sum())
+    ties = len(d) - a_better - b_better
+    k, m = min(a_better, b_better), a_better + b_better
+    p_sign = min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m) if m else 1.0
+    p_w = None
+    if np.any(d != 0):
+        try:
+            from scipy.stats import wilcoxon
+            p_w = float(wilcoxon(va, vb).pvalue)
+        except ImportError:
+            p_w = None
+    return PairedComparison(a, b, metric, len(d), float(np.median(va)), float(np.median(vb)), float(va.mean()),
+                            float(vb.mean()), float(np.median(d)), a_better, b_better, ties, float(tie_tol), higher,
+                            p_w, float(p_sign))
 
 
 def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict:

@@ -17,7 +17,8 @@ Design choices (all networks):
 
 * Time enters as a constant extra input channel (``t`` itself; a level owns ``[l-1, l]``) and, for
   the rigid head, also as an input of the fully connected layers.
-* The last layer of every network is zero-initialised, so an untrained network is the zero flow
+* The last layer of every CNN field (``rigid_convfc``, ``bspline_fcn``, ``dense_unet``) is
+  zero-initialised, so an untrained network is the zero flow
   (``theta_T = theta_0``): training starts from "do nothing", never from a random drift. Outputs are
   multiplied by fixed per-kind scales (``rot_scale`` rad, ``trans_scale`` mm, ``out_scale_mm``), so
   that an O(1) pre-activation is an O(motion) velocity.
@@ -33,22 +34,26 @@ Design choices (all networks):
   Einsum, Resize, Gemm; no GridSample). Spatial shape is fixed per level (the plan fixes it); batch
   is dynamic.
 
+``rigid_feature_gn`` and ``bspline_feature_gn`` are different in kind: ``msode_export.analytic``'s
+Gauss-Newton fields (the closed-form step on a feature SSD) whose features are a trainable
+:class:`LearnedFeatures` CNN; they ignore ``t``, and only their feature CNN is learned.
+
 Architectures are registered by name in :data:`ARCHITECTURES` and, when the export package provides
 it, with ``msode_export.checkpoint.register_architecture(name, factory)``; a factory is
 ``factory(level_grid, model_grid, stage_params, **kwargs) -> nn.Module``.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msode_export.analytic import BSplineSSDField, RigidSSDField
 from msode_sdk.transforms import BSplineLattice, Grid
 
-__all__ = ["RigidNet", "BSplineNet", "DenseUNet", "ARCHITECTURES", "DEFAULT_ARCH", "build_network",
+__all__ = ["RigidNet", "BSplineNet", "DenseUNet", "LearnedFeatures", "ARCHITECTURES", "DEFAULT_ARCH", "build_network",
            "register_architectures"]
 
 
@@ -251,6 +256,50 @@ class DenseUNet(nn.Module):
         return self.out(h) * self.out_scale
 
 
+# ------------------------------------------------------------------------ learned-feature Gauss-Newton
+
+
+class LearnedFeatures(nn.Module):
+    """Normalised image ``(N, 1, D, H, W)`` -> ``(N, 1 + channels, D, H, W)`` features on the same grid:
+    ``a * image`` (``a`` a learned scalar, ``intensity_init`` at start) followed by ``channels`` learned maps.
+
+    conv3 -> conv3 -> FiLM(global mean and mean square: the image's contrast) -> conv3 (dilation 2)
+    -> conv1. The learned maps start small but not zero: a Gauss-Newton step's derivative with
+    respect to a feature channel that is identically zero is zero, so zero-initialised channels
+    would never learn. The same holds for ``a``: with ``intensity_init`` 1 the untrained field is
+    (almost) the intensity-SSD flow and training may turn the intensities down; with 0 the intensity
+    channel stays zero for good (no gradient reaches ``a``) and the field is a Gauss-Newton step on
+    the learned channels alone, random at the start, i.e. everything useful must be learned (the
+    similarity ablation's set-up).
+    """
+
+    def __init__(self, width: int = 8, channels: int = 3, init_scale: float = 0.1, intensity_init: float = 1.0):
+        super().__init__()
+        w = int(width)
+        self.c1 = nn.Conv3d(1, w, 3, padding=1)
+        self.c2 = nn.Conv3d(w, w, 3, padding=1)
+        self.film = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
+        nn.init.zeros_(self.film[2].weight)
+        nn.init.zeros_(self.film[2].bias)
+        self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
+        self.out = nn.Conv3d(w, int(channels), 1)
+        with torch.no_grad():
+            self.out.weight.mul_(float(init_scale))
+            self.out.bias.zero_()
+        self.intensity_gain = nn.Parameter(torch.full((1,), float(intensity_init)))
+        self.width = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.c1(x), 0.2)
+        h = F.leaky_relu(self.c2(h), 0.2)
+        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
+        gb = self.film(ctx)
+        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
+        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
+        h = F.leaky_relu(self.c3(h * (1.0 + gamma) + beta), 0.2)
+        return torch.cat((x * self.intensity_gain.reshape(1, 1, 1, 1, 1), self.out(h)), dim=1)
+
+
 # -------------------------------------------------------------------------------------------- registry
 
 
@@ -267,6 +316,19 @@ def _dense_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, **kwa
     return DenseUNet(level_grid, **kwargs)
 
 
+def _rigid_gn_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, width: int = 8, channels: int = 3,
+                      gain: float = 5.0, damping: float = 1e-3, pool: int = 1, **kwargs) -> nn.Module:
+    return RigidSSDField(level_grid, gain=gain, damping=damping, pool=pool,
+                         features=LearnedFeatures(width, channels, **kwargs))
+
+
+def _bspline_gn_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, width: int = 8, channels: int = 3,
+                        gain: float = 5.0, damping: float = 0.05, pool: int = 1, **kwargs) -> nn.Module:
+    lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
+    return BSplineSSDField(level_grid, lattice, gain=gain, damping=damping, pool=pool,
+                           features=LearnedFeatures(width, channels, **kwargs))
+
+
 Factory = Callable[..., nn.Module]
 
 #: name -> (transform kind, factory(level_grid, model_grid, stage_params, **kwargs))
@@ -274,6 +336,9 @@ ARCHITECTURES: dict[str, tuple[str, Factory]] = {
     "rigid_convfc": ("rigid", _rigid_factory),
     "bspline_fcn": ("bspline", _bspline_factory),
     "dense_unet": ("dense", _dense_factory),
+    # a Gauss-Newton step on the SSD of learned features (msode_export.analytic fields + LearnedFeatures)
+    "rigid_feature_gn": ("rigid", _rigid_gn_factory),
+    "bspline_feature_gn": ("bspline", _bspline_gn_factory),
 }
 #: default architecture per transform kind
 DEFAULT_ARCH = {"rigid": "rigid_convfc", "bspline": "bspline_fcn", "dense": "dense_unet"}

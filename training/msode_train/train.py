@@ -17,7 +17,10 @@ it over :data:`DEFAULTS` and applies ``--set a.b=value`` overrides (values parse
             ``n_val``, ``contrasts``, ``pairs`` (``random``: ordered pairs of distinct contrasts, or a
             list of ``[moving, fixed]``), ``motion`` (rigid | bspline | hybrid, the paper's
             distributions from :mod:`msode_train.data`), ``motion_kwargs``, ``control_spacing_mm``.
-``loss``    ``sim`` (mi | ncc | mind | content), ``sim_kwargs``, ``lambda_sim``, ``lambda_self``,
+``loss``    ``sim`` (mi | ncc | mind | content), ``sim_kwargs``, ``sim_spacing_mm`` (default: the model
+            grid; else L_sim is computed on the same pairs rendered at this spacing from a bank of
+            that spacing, the moving image warped by the estimated map: e.g. a 4 mm ODE with a
+            2 mm loss, where the content encoder was trained), ``lambda_sim``, ``lambda_self``,
             ``self_metric`` (points | params), ``self_scale_mm``, ``lambda_reg``, ``lambda_sup``
             (beyond the paper, default 0: supervised point error against the simulated map of the
             multi-contrast pair itself).
@@ -47,7 +50,6 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -87,7 +89,7 @@ DEFAULTS: dict = {
     "data": {"bank_dir": "~/.cache/msode/bank", "n_train": 40, "n_val": 4, "contrasts": list(D.CONTRASTS),
              "pairs": "random", "motion": "rigid", "motion_kwargs": {},
              "control_spacing_mm": D.DEFAULT_CONTROL_SPACING_MM, "bank_spacing_mm": None, "cache": 64},
-    "loss": {"sim": "mi", "sim_kwargs": {}, "lambda_sim": 1.0, "lambda_self": 1.0, "self_metric": "points",
+    "loss": {"sim": "mi", "sim_kwargs": {}, "sim_spacing_mm": None, "lambda_sim": 1.0, "lambda_self": 1.0, "self_metric": "points",
              "self_scale_mm": 10.0, "lambda_reg": 0.0, "lambda_sup": 0.0, "self_points": 4096},
     "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "grad_clip": 10.0, "max_minutes": 35.0,
               "checkpoint_every": 25, "val_every": 0, "val_pairs": 4, "out_dir": "out/train/{name}",
@@ -305,9 +307,18 @@ class Trainer:
                                             contrasts=tuple(dc["contrasts"]), max_in_memory=int(dc.get("cache", 64)))
         self.rng = np.random.default_rng(int(tr["seed"]))
         lc = cfg["loss"]
+        self.sim_grid, self.sim_bank = self.model_grid, None
+        if lc.get("sim_spacing_mm") and abs(float(lc["sim_spacing_mm"]) - float(cfg["model"]["spacing_mm"])) > 1e-9:
+            sim_model = _merge(cfg, {"model": {"spacing_mm": float(lc["sim_spacing_mm"])}})
+            self.sim_grid = model_grid_of(sim_model)
+            self.sim_bank = D.SubjectBank.for_split(self.bank_dir, "train", int(dc["n_train"]),
+                                                    spacing=float(lc["sim_spacing_mm"]),
+                                                    grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
+                                                    contrasts=tuple(dc["contrasts"]),
+                                                    max_in_memory=int(dc.get("cache", 64)))
         sim_kwargs = dict(lc.get("sim_kwargs") or {})
         if lc["sim"] == "content":
-            sim_kwargs.setdefault("spacing_mm", float(cfg["model"]["spacing_mm"]))
+            sim_kwargs.setdefault("spacing_mm", float(self.sim_grid.spacing_xyz[0]))
             sim_kwargs.setdefault("device", self.device)
         self.sim = get_similarity(lc["sim"], **sim_kwargs)
         self.step = 0
@@ -340,24 +351,28 @@ class Trainer:
         return D.sample_motion(self.rng, dc["motion"], self.model_grid, 1,
                                control_spacing_mm=float(dc["control_spacing_mm"]), **(dc.get("motion_kwargs") or {}))
 
-    def _make(self, subject, mc: str, fc: str, chain: TransformChain) -> D.Pair:
-        return D.make_pair(subject, mc, fc, chain, grid=self.model_grid, device=self.device)
+    def _make(self, subject, mc: str, fc: str, chain: TransformChain, grid: Grid | None = None) -> D.Pair:
+        return D.make_pair(subject, mc, fc, chain, grid=grid or self.model_grid, device=self.device)
 
     def sample_batch(self) -> dict:
-        """``batch_size`` training pairs (and self-supervision pairs when ``lambda_self > 0``)."""
+        """``batch_size`` training pairs (and self-supervision pairs when ``lambda_self > 0``; and, with
+        ``loss.sim_spacing_mm``, the training pairs again at that spacing: ``sim_pairs``)."""
         n = int(self.cfg["train"]["batch_size"])
-        pairs, selfs = [], []
+        pairs, selfs, sim_pairs = [], [], []
         for _ in range(n):
-            subj = self.bank[int(self.rng.integers(len(self.bank)))]
+            idx = int(self.rng.integers(len(self.bank)))
+            subj = self.bank[idx]
             mc, fc = self._contrast_pair()
             pairs.append(self._make(subj, mc, fc, self._motion()))
+            if self.sim_bank is not None:  # same subject, contrasts and motion; draws nothing from the rng
+                sim_pairs.append(self._make(self.sim_bank[idx], mc, fc, pairs[-1].chain, self.sim_grid))
         if float(self.cfg["loss"]["lambda_self"]) > 0:
             cons = list(self.cfg["data"]["contrasts"])
             for _ in range(n):
                 subj = self.bank[int(self.rng.integers(len(self.bank)))]
                 c = cons[int(self.rng.integers(len(cons)))]
                 selfs.append(self._make(subj, c, c, self._motion()))
-        return {"pairs": pairs, "self": selfs}
+        return {"pairs": pairs, "self": selfs, "sim_pairs": sim_pairs}
 
     @staticmethod
     def _collate(pairs: Sequence[D.Pair]) -> dict:
@@ -381,10 +396,15 @@ class Trainer:
         fixed = b["fixed"] if s is None else torch.cat((b["fixed"], s["fixed"]))
         out = self.model(moving, fixed, grad_stages=self.train_names)
         chain = slice_chain(out.chain, 0, n_main)
-        warped = warp_chain(b["moving"], g, chain, g)
         terms = {}
         zero = torch.zeros((), device=self.device)
-        terms["sim"] = self.sim(warped, b["fixed"]) if float(lc["lambda_sim"]) > 0 else zero
+        if float(lc["lambda_sim"]) <= 0:
+            terms["sim"] = zero
+        elif batch.get("sim_pairs"):
+            f = self._collate(batch["sim_pairs"])
+            terms["sim"] = self.sim(warp_chain(f["moving"], self.sim_grid, chain, self.sim_grid), f["fixed"])
+        else:
+            terms["sim"] = self.sim(warp_chain(b["moving"], g, chain, g), b["fixed"])
         terms["reg"] = gradient_regulariser(chain, g) if float(lc["lambda_reg"]) > 0 else zero
         npts = int(lc.get("self_points", 4096))
         sup = point_error(chain, b["chain"], brain_points(b["brain"], g, npts))
@@ -424,7 +444,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.elapsed += dt
         row = {"step": self.step, "time_s": round(self.elapsed, 3), "sec_per_step": round(dt, 3),
-               "data_s": round(t_data, 3), "loss": float(loss), "sim": float(terms["sim"]),
+               "data_s": round(t_data, 3), "loss": float(loss.detach()), "sim": float(terms["sim"].detach()),
                "self": float(terms["self"]), "reg": float(terms["reg"]), "sup": float(terms["sup"]),
                "rmse_phi_mm": float(terms["rmse_phi"]), "grad_norm": float(gnorm),
                **{f"nfe_{k}": v for k, v in terms["nfe"].items()}}
