@@ -53,6 +53,8 @@ from torch import nn
 from msode_export.analytic import BSplineSSDField, RigidSSDField
 from msode_sdk.transforms import BSplineLattice, Grid
 
+from .tissue import ContextFiLM
+
 __all__ = ["RigidNet", "BSplineNet", "DenseUNet", "LearnedFeatures", "ARCHITECTURES", "DEFAULT_ARCH", "build_network",
            "register_architectures"]
 
@@ -278,9 +280,7 @@ class LearnedFeatures(nn.Module):
         w = int(width)
         self.c1 = nn.Conv3d(1, w, 3, padding=1)
         self.c2 = nn.Conv3d(w, w, 3, padding=1)
-        self.film = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
-        nn.init.zeros_(self.film[2].weight)
-        nn.init.zeros_(self.film[2].bias)
+        self.film = ContextFiLM(w)
         self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
         self.out = nn.Conv3d(w, int(channels), 1)
         with torch.no_grad():
@@ -292,11 +292,7 @@ class LearnedFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.c1(x), 0.2)
         h = F.leaky_relu(self.c2(h), 0.2)
-        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
-        gb = self.film(ctx)
-        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
-        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
-        h = F.leaky_relu(self.c3(h * (1.0 + gamma) + beta), 0.2)
+        h = F.leaky_relu(self.c3(self.film(h)), 0.2)
         return torch.cat((x * self.intensity_gain.reshape(1, 1, 1, 1, 1), self.out(h)), dim=1)
 
 

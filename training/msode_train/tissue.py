@@ -56,6 +56,30 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "tissue_encoder_v1.pt"
 FORMAT = "msode-tissue-encoder"
 
 
+class ContextFiLM(nn.Sequential):
+    """Global-context feature modulation ``(N, w, D, H, W) -> (N, w, D, H, W)``: the per-channel mean
+    and mean square of the features (what the image's contrast is) go through Linear -> LeakyReLU ->
+    Linear (zero-initialised: the identity at the start) to ``gamma, beta``; returns
+    ``h * (1 + gamma) + beta``. A ``Sequential`` so that its parameters keep the names ``0.*`` and
+    ``2.*`` of the committed weights."""
+
+    def __init__(self, width: int):
+        w = int(width)
+        super().__init__(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
+        nn.init.zeros_(self[2].weight)
+        nn.init.zeros_(self[2].bias)
+        self.width = w
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
+        gb = ctx
+        for layer in self:
+            gb = layer(gb)
+        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
+        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
+        return h * (1.0 + gamma) + beta
+
+
 class TissueEncoder(nn.Module):
     """Normalised image ``(N, 1, D, H, W)`` (any contrast, intensities ~[0, 1]) -> tissue-class
     probabilities ``(N, K, D, H, W)`` (softmax over ``CLASS_NAMES``), on the input's own grid.
@@ -69,9 +93,7 @@ class TissueEncoder(nn.Module):
         w = int(width)
         self.c1 = nn.Conv3d(1, w, 3, padding=1)
         self.c2 = nn.Conv3d(w, w, 3, padding=1)
-        self.film = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
-        nn.init.zeros_(self.film[2].weight)
-        nn.init.zeros_(self.film[2].bias)
+        self.film = ContextFiLM(w)
         self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
         self.c4 = nn.Conv3d(w, w, 3, padding=1)
         self.out = nn.Conv3d(w, int(n_classes), 1)
@@ -80,11 +102,7 @@ class TissueEncoder(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.c1(x), 0.2)
         h = F.leaky_relu(self.c2(h), 0.2)
-        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
-        gb = self.film(ctx)
-        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
-        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
-        h = h * (1.0 + gamma) + beta
+        h = self.film(h)
         h = F.leaky_relu(self.c3(h), 0.2)
         h = F.leaky_relu(self.c4(h), 0.2)
         return self.out(h)
