@@ -53,7 +53,7 @@ from torch import nn
 from msode_export.analytic import BSplineSSDField, RigidSSDField
 from msode_sdk.transforms import BSplineLattice, Grid
 
-from .tissue import ContextFiLM
+from .tissue import ContextTrunk
 
 __all__ = ["RigidNet", "BSplineNet", "DenseUNet", "LearnedFeatures", "ARCHITECTURES", "DEFAULT_ARCH", "build_network",
            "register_architectures"]
@@ -261,12 +261,12 @@ class DenseUNet(nn.Module):
 # ------------------------------------------------------------------------ learned-feature Gauss-Newton
 
 
-class LearnedFeatures(nn.Module):
+class LearnedFeatures(ContextTrunk):
     """Normalised image ``(N, 1, D, H, W)`` -> ``(N, 1 + channels, D, H, W)`` features on the same grid:
     ``a * image`` (``a`` a learned scalar, ``intensity_init`` at start) followed by ``channels`` learned maps.
 
-    conv3 -> conv3 -> FiLM(global mean and mean square: the image's contrast) -> conv3 (dilation 2)
-    -> conv1. The learned maps start small but not zero: a Gauss-Newton step's derivative with
+    :class:`msode_train.tissue.ContextTrunk` (conv3 -> conv3 -> FiLM(the image's contrast) -> conv3,
+    dilation 2) -> conv1. The learned maps start small but not zero: a Gauss-Newton step's derivative with
     respect to a feature channel that is identically zero is zero, so zero-initialised channels
     would never learn. The same holds for ``a``: with ``intensity_init`` 1 the untrained field is
     (almost) the intensity-SSD flow and training may turn the intensities down; with 0 the intensity
@@ -276,24 +276,15 @@ class LearnedFeatures(nn.Module):
     """
 
     def __init__(self, width: int = 8, channels: int = 3, init_scale: float = 0.1, intensity_init: float = 1.0):
-        super().__init__()
-        w = int(width)
-        self.c1 = nn.Conv3d(1, w, 3, padding=1)
-        self.c2 = nn.Conv3d(w, w, 3, padding=1)
-        self.film = ContextFiLM(w)
-        self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
-        self.out = nn.Conv3d(w, int(channels), 1)
+        super().__init__(width)
+        self.out = nn.Conv3d(self.width, int(channels), 1)
         with torch.no_grad():
             self.out.weight.mul_(float(init_scale))
             self.out.bias.zero_()
         self.intensity_gain = nn.Parameter(torch.full((1,), float(intensity_init)))
-        self.width = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.c1(x), 0.2)
-        h = F.leaky_relu(self.c2(h), 0.2)
-        h = F.leaky_relu(self.c3(self.film(h)), 0.2)
-        return torch.cat((x * self.intensity_gain.reshape(1, 1, 1, 1, 1), self.out(h)), dim=1)
+        return torch.cat((x * self.intensity_gain.reshape(1, 1, 1, 1, 1), self.out(self.trunk(x))), dim=1)
 
 
 # -------------------------------------------------------------------------------------------- registry

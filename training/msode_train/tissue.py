@@ -56,56 +56,52 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "tissue_encoder_v1.pt"
 FORMAT = "msode-tissue-encoder"
 
 
-class ContextFiLM(nn.Sequential):
-    """Global-context feature modulation ``(N, w, D, H, W) -> (N, w, D, H, W)``: the per-channel mean
-    and mean square of the features (what the image's contrast is) go through Linear -> LeakyReLU ->
-    Linear (zero-initialised: the identity at the start) to ``gamma, beta``; returns
-    ``h * (1 + gamma) + beta``. A ``Sequential`` so that its parameters keep the names ``0.*`` and
-    ``2.*`` of the committed weights."""
+class ContextTrunk(nn.Module):
+    """The shared front of the contrast-aware feature CNNs (:class:`TissueEncoder`,
+    ``msode_train.models.LearnedFeatures``): ``(N, 1, D, H, W) -> (N, width, D, H, W)``, conv3 -> conv3
+    -> FiLM -> conv3 (dilation 2), LeakyReLU(0.2). The FiLM takes the per-channel mean and mean square
+    of the features (what the image's contrast is) through Linear -> LeakyReLU -> Linear
+    (zero-initialised: the identity at the start) to ``gamma, beta`` and returns
+    ``h * (1 + gamma) + beta``. Subclasses add their heads after :meth:`trunk`; parameter names
+    (``c1``, ``c2``, ``film.0``, ``film.2``, ``c3``) are those of the committed weights."""
 
     def __init__(self, width: int):
-        w = int(width)
-        super().__init__(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
-        nn.init.zeros_(self[2].weight)
-        nn.init.zeros_(self[2].bias)
-        self.width = w
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
-        gb = ctx
-        for layer in self:
-            gb = layer(gb)
-        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
-        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
-        return h * (1.0 + gamma) + beta
-
-
-class TissueEncoder(nn.Module):
-    """Normalised image ``(N, 1, D, H, W)`` (any contrast, intensities ~[0, 1]) -> tissue-class
-    probabilities ``(N, K, D, H, W)`` (softmax over ``CLASS_NAMES``), on the input's own grid.
-
-    conv3 -> conv3 -> FiLM(global mean and mean square of those features) -> conv3 (dilation 2) ->
-    conv3 -> conv1. LeakyReLU(0.2); no batch-dependent normalisation; TorchScript / ONNX exportable.
-    """
-
-    def __init__(self, width: int = 16, n_classes: int = N_CLASSES):
         super().__init__()
         w = int(width)
         self.c1 = nn.Conv3d(1, w, 3, padding=1)
         self.c2 = nn.Conv3d(w, w, 3, padding=1)
-        self.film = ContextFiLM(w)
+        self.film = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
+        nn.init.zeros_(self.film[2].weight)
+        nn.init.zeros_(self.film[2].bias)
         self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
-        self.c4 = nn.Conv3d(w, w, 3, padding=1)
-        self.out = nn.Conv3d(w, int(n_classes), 1)
         self.width = w
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.c1(x), 0.2)
         h = F.leaky_relu(self.c2(h), 0.2)
-        h = self.film(h)
-        h = F.leaky_relu(self.c3(h), 0.2)
-        h = F.leaky_relu(self.c4(h), 0.2)
-        return self.out(h)
+        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
+        gb = self.film(ctx)
+        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
+        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
+        return F.leaky_relu(self.c3(h * (1.0 + gamma) + beta), 0.2)
+
+
+class TissueEncoder(ContextTrunk):
+    """Normalised image ``(N, 1, D, H, W)`` (any contrast, intensities ~[0, 1]) -> tissue-class
+    probabilities ``(N, K, D, H, W)`` (softmax over ``CLASS_NAMES``), on the input's own grid.
+
+    conv3 -> conv3 -> FiLM(global mean and mean square of those features) -> conv3 (dilation 2) ->
+    conv3 -> conv1 (:class:`ContextTrunk`, then ``c4``, ``out``). LeakyReLU(0.2); no batch-dependent
+    normalisation; TorchScript / ONNX exportable.
+    """
+
+    def __init__(self, width: int = 16, n_classes: int = N_CLASSES):
+        super().__init__(width)
+        self.c4 = nn.Conv3d(self.width, self.width, 3, padding=1)
+        self.out = nn.Conv3d(self.width, int(n_classes), 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.leaky_relu(self.c4(self.trunk(x)), 0.2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=1)

@@ -301,21 +301,19 @@ class Trainer:
         dc = cfg["data"]
         self.bank_dir = Path(os.environ.get("MSODE_BANK") or dc["bank_dir"]).expanduser()
         self.bank_spacing = float(dc.get("bank_spacing_mm") or cfg["model"]["spacing_mm"])
-        self.bank = D.SubjectBank.for_split(self.bank_dir, "train", int(dc["n_train"]),
-                                            spacing=self.bank_spacing,
-                                            grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
-                                            contrasts=tuple(dc["contrasts"]), max_in_memory=int(dc.get("cache", 64)))
+
+        def train_bank(spacing: float) -> D.SubjectBank:
+            return D.SubjectBank.for_split(self.bank_dir, "train", int(dc["n_train"]), spacing=spacing,
+                                           grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
+                                           contrasts=tuple(dc["contrasts"]), max_in_memory=int(dc.get("cache", 64)))
+        self.bank = train_bank(self.bank_spacing)
         self.rng = np.random.default_rng(int(tr["seed"]))
         lc = cfg["loss"]
         self.sim_grid, self.sim_bank = self.model_grid, None
         if lc.get("sim_spacing_mm") and abs(float(lc["sim_spacing_mm"]) - float(cfg["model"]["spacing_mm"])) > 1e-9:
-            sim_model = _merge(cfg, {"model": {"spacing_mm": float(lc["sim_spacing_mm"])}})
-            self.sim_grid = model_grid_of(sim_model)
-            self.sim_bank = D.SubjectBank.for_split(self.bank_dir, "train", int(dc["n_train"]),
-                                                    spacing=float(lc["sim_spacing_mm"]),
-                                                    grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
-                                                    contrasts=tuple(dc["contrasts"]),
-                                                    max_in_memory=int(dc.get("cache", 64)))
+            # the same subjects (same split and count) at the loss's spacing, on that bank's own grid
+            self.sim_bank = train_bank(float(lc["sim_spacing_mm"]))
+            self.sim_grid = self.sim_bank.grid
         sim_kwargs = dict(lc.get("sim_kwargs") or {})
         if lc["sim"] == "content":
             sim_kwargs.setdefault("spacing_mm", float(self.sim_grid.spacing_xyz[0]))
