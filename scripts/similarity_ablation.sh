@@ -7,6 +7,9 @@
 #   bash scripts/similarity_ablation.sh                                   # L_sim on the 4 mm model grid
 #   TAG=loss_2mm EXTRA="--set loss.sim_spacing_mm=2" bash scripts/similarity_ablation.sh   # L_sim at 2 mm
 #   STEPS=600 N=24 ...   SKIP_TRAIN=1 (export + evaluate saved states only)
+#   CONTENT_ENCODER=content_phantom_v2 TAG=loss_4mm_v2 REUSE_MI=out/ablation/loss_4mm bash ...
+#     (content arm with another encoder; the MI arm does not depend on the encoder, so REUSE_MI copies a
+#      finished MI arm instead of training it again; the content arm then trains alone, with 2 threads)
 # The two arms train side by side, one thread each (2 cores: ~45 min for 600 steps at 4 mm); re-running
 # resumes from out/ablation/<TAG>/<arm>/state.pt, so an interrupted run loses at most 25 steps.
 set -euo pipefail
@@ -15,6 +18,8 @@ STEPS=${STEPS:-600}
 N=${N:-24}
 TAG=${TAG:-loss_4mm}
 EXTRA=${EXTRA:-}
+CONTENT_ENCODER=${CONTENT_ENCODER:-content_phantom_v1}
+REUSE_MI=${REUSE_MI:-}
 OUT=${OUT:-training/reports/similarity_ablation/$TAG}
 WORK=${WORK:-out/ablation/$TAG}
 PY=${PY:-python}
@@ -24,16 +29,28 @@ train() {  # arm, then extra msode-train arguments
   $PY -c "import sys; from msode_train.cli import main; sys.exit(main(sys.argv[1:]))" rigid_4mm_feature_gn \
     --out-dir "$WORK/$arm" --set "name=rigid_4mm_gn_$arm" --set train.progress=false $EXTRA "$@"
 }
+arm_args() {  # the only settings in which the arms differ
+  if [ "$1" = content ]; then echo "--set loss.sim=content --set loss.sim_kwargs.encoder=$CONTENT_ENCODER"
+  else echo "--set loss.sim=mi"; fi
+}
 mkdir -p "$WORK"
+ARMS="content mi"
+THREADS=1
+if [ -n "$REUSE_MI" ] && [ ! -d "$WORK/mi" ]; then
+  cp -r "$REUSE_MI/mi" "$WORK/mi"
+fi
+if [ -n "$REUSE_MI" ]; then ARMS="content"; THREADS=2; fi
 if [ -z "${SKIP_TRAIN:-}" ]; then  # SKIP_TRAIN=1: export and evaluate the saved states only
-  for arm in content mi; do
-    train "$arm" --set "loss.sim=$arm" --set train.threads=1 --steps "$STEPS" --max-minutes 600 --no-plan \
+  for arm in $ARMS; do
+    # shellcheck disable=SC2046
+    train "$arm" $(arm_args "$arm") --set train.threads=$THREADS --steps "$STEPS" --max-minutes 600 --no-plan \
       > "$WORK/$arm.log" 2>&1 &
   done
   wait
 fi
 for arm in content mi; do
-  train "$arm" --set "loss.sim=$arm" --steps "$STEPS" --export-only | tail -n 1
+  # shellcheck disable=SC2046
+  train "$arm" $(arm_args "$arm") --steps "$STEPS" --export-only | tail -n 1
 done
 # the common starting point: the same config, zero steps (seeded initialisation)
 train untrained --steps 0 --no-resume | tail -n 1
@@ -51,5 +68,6 @@ evaluate rigid_moderate --motion rigid --pairs random --n "$N" --baselines none 
 evaluate rigid_t2_t1    --motion rigid --pairs t2:t1 --n 12 --baselines sitk
 # where each similarity puts its optimum, at the loss's spacing
 SP=$($PY -c "import yaml, sys; c = yaml.safe_load(open(sys.argv[1])); print(c['loss'].get('sim_spacing_mm') or c['model']['spacing_mm'])" "$WORK/content/config.yaml")
-[ -f "$WORK/optimum.json" ] || $PY scripts/similarity_optimum.py --spacings "$SP" --pairs 8 --json "$WORK/optimum.json"
+[ -f "$WORK/optimum.json" ] || $PY scripts/similarity_optimum.py --spacings "$SP" --pairs 8 \
+  --encoder "$CONTENT_ENCODER" --json "$WORK/optimum.json"
 $PY scripts/similarity_ablation_report.py --work "$WORK" --out "$OUT" --tag "$TAG" --optimum "$WORK/optimum.json"

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         c["loss"].pop("sim", None)
         c["loss"].pop("sim_kwargs", None)
         c["train"].pop("out_dir", None)
+        c["train"].pop("threads", None)  # CPU threads: scheduling only (a reused MI arm trained with 1)
         return c
     same_config = strip(cfgs["content"]) == strip(cfgs["mi"])
     steps = {arm: int(logs[arm]["step"][-1]) for arm in ARMS}
@@ -95,7 +96,10 @@ def main(argv=None) -> int:
     model_sp = float(cfgs["content"]["model"]["spacing_mm"])
     loss_where = (f"on the same pairs rendered at {float(sim_sp):g} mm (the ODE runs on the {model_sp:g} mm grid)"
                   if sim_sp and abs(float(sim_sp) - model_sp) > 1e-9 else f"on the {model_sp:g} mm model grid")
+    # runs from before the encoder was recorded in the config used content_phantom_v1, the only one then
+    encoder = (cfgs["content"]["loss"].get("sim_kwargs") or {}).get("encoder") or "content_phantom_v1"
     summary = {"date": date.today().isoformat(), "tag": args.tag, "config": "rigid_4mm_feature_gn", "steps": steps,
+               "content_encoder": encoder,
                "loss_spacing_mm": float(sim_sp or model_sp),
                "configs_equal_but_loss_sim": same_config,
                "train_seconds": {arm: float(logs[arm]["sec_per_step"].sum()) for arm in ARMS},
@@ -113,14 +117,16 @@ def main(argv=None) -> int:
              "4 mm, Euler 0.2 per level). Each level's vector field is a Gauss-Newton step on the SSD of learned "
              "features (`rigid_feature_gn`: a small 3-D CNN with contrast FiLM, 4 learned channels + the image "
              "times a learned gain that starts at 0). Start: seeded random weights, identical for both arms.",
+             f"- L_sim = content uses the content encoder `{encoder}` (E_3D^c, 24 random 5-slice stacks per call).",
              f"- Training: only the similarity loss, computed {loss_where} (lambda_self = 0, so L_sim is the only "
              "signal), Adam 1e-3, "
              "2 multi-contrast pairs per step (random ordered pairs of T1/T2/FLAIR/PD), rigid motions U(±30°), "
              "U(±15 mm), 40 training subjects; the same pairs in the same order for both arms (same seed).",
-             f"- The two runs' resolved configs are identical except `loss.sim` and the name: **{same_config}**. "
+             "- The two runs' resolved configs are identical except `loss.sim` (+ its `sim_kwargs`), the name and "
+             f"the CPU thread count: **{same_config}**. "
              f"Steps: content {steps['content']}, MI {steps['mi']}; training time "
              f"{summary['train_seconds']['content'] / 60:.0f} / {summary['train_seconds']['mi'] / 60:.0f} min "
-             "(both runs shared the 2 cores, one thread each).",
+             "(wall time on the shared 2-core machine; see the notes for how the arms were scheduled).",
              "- Evaluation: `msode-eval` through `Registrar.register` from arrays, held-out test subjects "
              "(seeds 10000+), 2 mm images, protocol seed 2021; the plans' rigid stage runs the multistart "
              "initialiser (`init: multistart`, the same for all three plans). `untrained` is the common start "

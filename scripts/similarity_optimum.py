@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bank-dir", default="~/.cache/msode/bank")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--content-slices", type=int, default=24, help="E_3D^c slices per call (training uses 24)")
+    ap.add_argument("--encoder", default=None, help="content encoder weights (name or path; default: the default)")
     ap.add_argument("--json", help="write the per-pair results here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
             pairs.append((mc, fc, normalise(p.moving), normalise(p.fixed), chain.transforms[0].state.float(),
                           brain_points(p.fixed_brain, bank.grid, 4096)))
         for name in args.sims:
-            kw = {"spacing_mm": sp, "n_slices": args.content_slices} if name == "content" else {}
+            kw = ({"spacing_mm": sp, "n_slices": args.content_slices, "encoder": args.encoder}
+                  if name == "content" else {})
             sim = get_similarity(name, **kw)
             errs = []
             t0 = time.perf_counter()

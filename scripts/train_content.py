@@ -6,6 +6,11 @@
     nice -n 10 python scripts/train_content.py train --max-minutes 43 --crop 64 --batch 4 --threads 1
     # (the committed content_phantom_v1 came from this recipe, in two phases; see its report's note)
 
+    # content_phantom_v2: v1's checkpoint fine-tuned with the registration-aware shift-symmetry term
+    python scripts/train_content.py train --init-from out/content/run/ckpt.pt --out out/content/v2 \
+        --name content_phantom_v2 --report-dir training/reports/content_v2 --max-minutes 71 --threads 2 \
+        --w-shift-symmetry 30 --shift-vox 1.5 --w-paired-content 4
+
     # evaluate committed weights: translations figure, shift/rotation landscapes vs mutual information
     # on held-out subjects (SubjectBank test split), markdown + JSON + PNG under training/reports/content/
     python scripts/train_content.py report --weights content_phantom_v1
@@ -53,6 +58,12 @@ def cmd_train(args) -> None:
     dev = _device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.init_from and not (out / "ckpt.pt").exists():
+        shutil.copyfile(args.init_from, out / "ckpt.pt")
+        src_log = Path(args.init_from).with_name("log.jsonl")
+        if src_log.exists():
+            shutil.copyfile(src_log, out / "log.jsonl")
+        _log(f"fine-tuning from {args.init_from}")
     bank = D.SubjectBank.for_split(args.bank_root, "train", args.subjects, spacing=args.spacing)
     _log(f"bank: {args.subjects} training subjects at {args.spacing:g} mm in {args.bank_root}")
     bank.ensure(log=_log)
@@ -61,11 +72,12 @@ def cmd_train(args) -> None:
                        max_rot_deg=args.max_rot_deg, seed=args.seed)
     weights = C.LossWeights(adv=args.w_adv, cycle=args.w_cycle, image=args.w_image,
                             paired_content=0.0 if args.unpaired else args.w_paired_content,
-                            paired_translation=0.0 if args.unpaired else args.w_paired_translation)
+                            paired_translation=0.0 if args.unpaired else args.w_paired_translation,
+                            shift_symmetry=0.0 if args.unpaired else args.w_shift_symmetry)
     cfg = C.TrainConfig(steps=args.steps, batch=args.batch, crop=args.crop or None, lr=args.lr,
                         lr_critic=args.lr, n_critic=args.n_critic, max_minutes=args.max_minutes,
                         ckpt_every=args.ckpt_every, sample_every=args.sample_every, seed=args.seed,
-                        weights=weights)
+                        weights=weights, shift_vox=args.shift_vox)
     model_cfg = C.ContentConfig(base_channels=args.channels, content_dim=args.content_dim,
                                 spacing_mm=args.spacing)
     trainer = C.ContentTrainer(pool, out, cfg, model_cfg, device=dev,
@@ -364,7 +376,8 @@ def write_markdown(rep: Path, args, meta: dict, model, results, trans_err, eval_
               "cells at 2 mm); -MI has a cusp at 0, partly the interpolation effect (at the truth the moving image "
               "is not resampled, everywhere else it is trilinearly blurred), which flatters MI's minimum. Both minima "
               "are within 1 mm / 1 deg everywhere; the content minimum is less sharp (largest error above).",
-              "- The translations are blurry: a ~43 min, 1-thread CPU training of small networks. Their L1 is "
+              f"- The translations are blurry: {meta.get('train_seconds', 0) / 60:.0f} min of CPU training of small "
+              "networks. Their L1 is "
               "20-50 % below the untranslated input's, not a production image translator; only E^c is used for "
               "registration.",
               "- The paired terms (paired content / paired translation) are beyond the paper; how much of the "
@@ -428,7 +441,9 @@ def plot_losses(rep: Path) -> None:
     meta_path = rep / "train_meta.json"
     phases = json.loads(meta_path.read_text()).get("phase_boundaries", []) if meta_path.exists() else []
     keys = ["paired_content", "paired_translation", "cycle", "image", "content", "style", "adv", "wdist"]
-    fig, axes = plt.subplots(2, 4, figsize=(14, 5.5))
+    if any("shift_symmetry" in h for h in hist):  # the registration-aware fine-tune's term and its diagnostics
+        keys += ["shift_symmetry", "d_aligned"]
+    fig, axes = plt.subplots(2, len(keys) // 2, figsize=(3.5 * len(keys) // 2, 5.5))
     steps = np.array([h["step"] for h in hist])
     for ax, k in zip(axes.ravel(), keys):
         y = np.array([h.get(k, np.nan) for h in hist], dtype=float)
@@ -483,6 +498,12 @@ def main(argv=None) -> None:
     t.add_argument("--w-image", type=float, default=10.0)
     t.add_argument("--w-paired-content", type=float, default=2.0)
     t.add_argument("--w-paired-translation", type=float, default=10.0)
+    t.add_argument("--w-shift-symmetry", type=float, default=0.0,
+                   help="weight of the registration-aware shift-symmetry term (content.shift_symmetry)")
+    t.add_argument("--shift-vox", type=float, default=1.0, help="max offset (voxels) of its shifted copies")
+    t.add_argument("--init-from", default=None,
+                   help="fine-tune: start from this checkpoint's networks and optimisers (copied into --out "
+                        "when --out has none; its step count and training time carry on)")
     t.add_argument("--unpaired", action="store_true", help="the paper's unpaired recipe (no paired terms)")
     t.add_argument("--ckpt-every", type=int, default=50)
     t.add_argument("--sample-every", type=int, default=200)

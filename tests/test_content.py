@@ -153,6 +153,77 @@ def test_slice_pool_pairs_are_aligned(tiny_bank):
         assert inter / max(union, 1) > 0.8
 
 
+def test_draw_batch_keeps_the_draw_stream_and_shifts_xa(tiny_bank):
+    """``draw_batch(shift_vox=0)`` is ``draw``; with shifts, ``xa_plus``/``xa_minus`` are ``x_a`` moved by
+    ``+-delta`` (identical flips and gamma), so their mean is close to ``x_a`` for small offsets."""
+    p1 = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=4)
+    p2 = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=4)
+    for _ in range(4):
+        xa, a, xb, b = p1.draw(2, crop=16)
+        pb = p2.draw_batch(2, crop=16)
+        assert pb.xa_plus is None and pb.delta_vox is None
+        for u, v in ((xa, pb.xa), (a, pb.a), (xb, pb.xb), (b, pb.b)):
+            torch.testing.assert_close(u, v)
+    pool = C.SlicePool(tiny_bank, slots=2, refresh_every=0, seed=2)
+    pb = pool.draw_batch(3, crop=16, shift_vox=0.5)
+    assert pb.xa_plus.shape == pb.xa.shape == pb.xa_minus.shape and pb.delta_vox.shape == (3, 3)
+    norms = pb.delta_vox.norm(dim=1)
+    assert bool(((norms >= 0.125 - 1e-6) & (norms <= 0.5 + 1e-6)).all())
+    assert float((pb.xa_plus - pb.xa_minus).abs().max()) > 1e-3  # really moved
+    # small offsets of the same contrast: much closer to x_a than the other contrast is
+    assert float((pb.xa_plus - pb.xa).abs().mean()) < 0.5 * float((pb.xb - pb.xa).abs().mean())
+
+
+def test_shifted_stack_matches_integer_shifts():
+    vol = torch.rand(12, 13, 14)
+    win = (2, 3, 6, 7)
+    for axis in range(3):
+        ref = C.extract_stacks(vol[None, None], axis, torch.tensor([6]))[0]
+        torch.testing.assert_close(C._shifted_stack(vol, axis, 6, win, np.zeros(3)), ref[:, 2:8, 3:10])
+        # +1 voxel along the stack axis = the stack one slice further
+        d = np.zeros(3)
+        d[axis] = 1.0
+        ref7 = C.extract_stacks(vol[None, None], axis, torch.tensor([7]))[0]
+        torch.testing.assert_close(C._shifted_stack(vol, axis, 6, win, d), ref7[:, 2:8, 3:10])
+        # +1 voxel along the first in-plane axis = the window one row further
+        d = np.zeros(3)
+        d[[ax for ax in range(3) if ax != axis][0]] = 1.0
+        torch.testing.assert_close(C._shifted_stack(vol, axis, 6, win, d), ref[:, 3:9, 3:10])
+    # half a voxel: the mean of the two neighbours (trilinear)
+    d = np.array([0.0, 0.0, 0.5])
+    ref = C.extract_stacks(vol[None, None], 0, torch.tensor([6]))[0]
+    torch.testing.assert_close(C._shifted_stack(vol, 0, 6, win, d), 0.5 * (ref[:, 2:8, 3:10] + ref[:, 2:8, 4:11]))
+
+
+def test_shift_symmetry_term():
+    """``|d(+) - d(-)|``: zero for equal copies, positive when one side is closer, and differentiable."""
+    m = _model()
+    xb = torch.rand(2, 5, 16, 16)
+    cb = m.enc_c(xb)
+    same = torch.rand(2, 5, 16, 16)
+    out = C.shift_symmetry(m.enc_c, cb, same, same.clone(), ca=m.enc_c(same))
+    assert float(out["shift_symmetry"]) < 1e-7 and set(out) == {"shift_symmetry", "d_shift", "d_aligned"}
+    out = C.shift_symmetry(m.enc_c, cb, xb.clone(), torch.rand(2, 5, 16, 16))  # d(+) = 0, d(-) > 0
+    torch.testing.assert_close(out["shift_symmetry"], out["d_shift"] * 2)
+    out["shift_symmetry"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.enc_c.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.enc_c.parameters())
+
+
+def test_trainer_with_shift_symmetry_logs_the_term(tiny_bank, tmp_path):
+    pool = C.SlicePool(tiny_bank, slots=2, refresh_every=0, seed=0)
+    cfg = C.TrainConfig(steps=2, batch=2, crop=16, ckpt_every=10, sample_every=0, log_every=1, shift_vox=1.0,
+                        weights=C.LossWeights(shift_symmetry=5.0))
+    tr = C.ContentTrainer(pool, tmp_path, cfg, TINY, progress=False)
+    tr.run()
+    assert all(math.isfinite(h["shift_symmetry"]) and h["d_shift"] >= 0 for h in tr.history)
+    # without the term, neither the copies nor the term appear
+    cfg0 = C.TrainConfig(steps=1, batch=2, crop=16, ckpt_every=10, sample_every=0, log_every=1)
+    tr0 = C.ContentTrainer(pool, tmp_path / "plain", cfg0, TINY, progress=False)
+    tr0.run()
+    assert "shift_symmetry" not in tr0.history[-1]
+
+
 # ------------------------------------------------------------------------------------------ slicing
 
 

@@ -34,7 +34,12 @@ positions in two contrasts. Two supervised terms use that: a paired content term
 of the same anatomy coincide) and a paired translation term ``|x_ab - x_b| + |x_ba - x_a|`` (the style
 of the translation comes from ``x_b`` itself, so ``x_ab`` must equal ``x_b``). Their weights are
 ``LossWeights.paired_content`` / ``paired_translation``; setting both to 0 gives the paper's unpaired
-recipe. The critic is updated once per generator step (``n_critic = 1``, not WGAN-GP's 5, to fit
+recipe. A third, registration-aware term, ``LossWeights.shift_symmetry`` (:func:`shift_symmetry`, default 0),
+asks the paired code distance to be symmetric about the truth: ``d(+delta) = d(-delta)`` for ``x_a`` resampled
+at small 3-D offsets ``+-delta`` (:meth:`SlicePool.draw_batch`). A slope of ``d`` at the truth is exactly
+what moves ``L_sim``'s optimum off the true alignment (measured for ``content_phantom_v1``: 0.6-0.8 mm,
+training/reports/similarity_ablation/); ``content_phantom_v2`` is v1 fine-tuned with this term
+(training/reports/content_v2/). The critic is updated once per generator step (``n_critic = 1``, not WGAN-GP's 5, to fit
 CPU budgets); an epsilon-drift term keeps critic outputs bounded.
 
 Registration loss (paper eq. 4): :class:`E3DContent` builds ``E^c_3D(x)`` of a volume ``(N, 1, D, H, W)``
@@ -56,12 +61,12 @@ command line (train / export / report).
 
 Usage in the registration loss::
 
-    sim = content_similarity("content_phantom_v1", n_slices=24, seed=0)
+    sim = content_similarity("content_phantom_v2", n_slices=24, seed=0)
     loss = sim(warped, fixed)     # (N, 1, D, H, W), intensities in [0, 1], 2 mm grid; differentiable
 
 Cost of one call with 24 stacks on a 2 mm 120x120x80 pair: ~0.4 s forward, ~0.8 s forward and
 backward on one CPU thread of the shared project machine. Scale: about 0.01-0.02 for two aligned
-contrasts of one subject, 0.1-0.35 at 15 mm / 20 deg (``training/reports/content/``).
+contrasts of one subject, 0.1-0.35 at 15 mm / 20 deg (v1, ``training/reports/content/``; v2: ``content_v2/``).
 
 Weights file (``torch.load(..., weights_only=True)``): a dict ``{"format": "msode-content",
 "format_version": 1, "config": {...}, "state_dict": {E^c, E^s, G tensors}, "meta": {...}}``.
@@ -99,6 +104,9 @@ __all__ = [
     "TranslationModel",
     "LossWeights",
     "translation_losses",
+    "code_distance",
+    "shift_symmetry",
+    "PairedBatch",
     "gradient_penalty",
     "extract_stacks",
     "sample_slice_positions",
@@ -122,7 +130,9 @@ __all__ = [
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_WEIGHTS = "content_phantom_v1"
+# v2: v1 fine-tuned against the cross-contrast bias of L_sim's optimum (0.35 vs 0.64 mm at 2 mm); v1 stays
+# committed, the earlier ablation reports name it
+DEFAULT_WEIGHTS = "content_phantom_v2"
 STACK = 5  # adjacent slices per 2-D input (paper: "number of slices set to 5")
 WEIGHTS_FORMAT = "msode-content"
 WEIGHTS_FORMAT_VERSION = 1
@@ -415,6 +425,7 @@ class LossWeights:
     image: float = 10.0
     paired_content: float = 2.0
     paired_translation: float = 10.0
+    shift_symmetry: float = 0.0  # > 0: the pool draws shifted copies of x_a (TrainConfig.shift_vox)
 
 
 def translation_losses(model: TranslationModel, xa, a, xb, b, weights: LossWeights | None = None,
@@ -422,7 +433,8 @@ def translation_losses(model: TranslationModel, xa, a, xb, b, weights: LossWeigh
     """All generator-side terms for the pair ``(xa, a)``, ``(xb, b)`` (``(B, 5, h, w)``, ``(B,)``).
 
     Returns a dict of scalar tensors (``adv`` only when a ``critic`` is given), ``total`` (weighted
-    sum) and the translations ``x_ab``, ``x_ba`` (for the critic step and for pictures).
+    sum), the translations ``x_ab``, ``x_ba`` (for the critic step and for pictures) and the content
+    codes ``c_a``, ``c_b``.
     """
     w = weights or LossWeights()
     ca, cb = model.enc_c(xa), model.enc_c(xb)
@@ -447,7 +459,28 @@ def translation_losses(model: TranslationModel, xa, a, xb, b, weights: LossWeigh
         out["adv"] = -(critic(x_ab, b).mean() + critic(x_ba, a).mean())
         total = total + w.adv * out["adv"]
     out["total"] = total
-    out["x_ab"], out["x_ba"] = x_ab, x_ba
+    out["x_ab"], out["x_ba"], out["c_a"], out["c_b"] = x_ab, x_ba, ca, cb
+    return out
+
+
+def code_distance(c: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` mean squared difference of content codes ``(B, C, h, w)``: ``L_sim``'s metric per stack."""
+    return ((c - ref) ** 2).flatten(1).mean(1)
+
+
+def shift_symmetry(enc_c: "ContentEncoder", cb: torch.Tensor, xa_plus: torch.Tensor, xa_minus: torch.Tensor,
+                   ca: torch.Tensor | None = None) -> dict:
+    """Registration-aware term (beyond the paper): the paired distance ``d(s) = ||E^c(x_a(s)) - E^c(x_b)||^2``
+    of two aligned contrasts should be symmetric about the truth, ``d(+delta) = d(-delta)`` for small
+    offsets ``delta`` (``xa_plus``/``xa_minus``, from :meth:`SlicePool.draw_batch`): a slope of ``d`` at
+    ``s = 0`` moves ``L_sim``'s optimum off the truth (the bias measured in the similarity ablation,
+    training/reports/similarity_ablation/). Returns ``shift_symmetry = mean |d(+) - d(-)|`` and, as
+    diagnostics, ``d_shift`` (mean of ``d(+-delta)``) and ``d_aligned`` (``d(0)``, when ``ca`` is given)."""
+    dp = code_distance(enc_c(xa_plus), cb)
+    dm = code_distance(enc_c(xa_minus), cb)
+    out = {"shift_symmetry": (dp - dm).abs().mean(), "d_shift": 0.5 * (dp + dm).mean().detach()}
+    if ca is not None:
+        out["d_aligned"] = code_distance(ca, cb).mean().detach()
     return out
 
 
@@ -685,7 +718,7 @@ def content_similarity(name_or_path=DEFAULT_WEIGHTS, n_slices: int = 24, seed: i
     """The registration similarity ``(warped, fixed) -> loss`` from committed content weights.
 
     ``name_or_path``: a name in ``training/msode_train/weights/`` (default, or ``None``:
-    ``content_phantom_v1``) or a path to a ``.pt`` file written by :func:`save_weights`. See
+    :data:`DEFAULT_WEIGHTS`) or a path to a ``.pt`` file written by :func:`save_weights`. See
     :class:`ContentSimilarity` for the rest.
     """
     model = load_translation_model(name_or_path)
@@ -755,13 +788,22 @@ class SlicePool:
         """``(xa, a, xb, b)``: stacks ``(B, 5, h, w)`` in [0, 1] and modality indices ``(B,)``, a != b.
         ``crop``: random in-plane crop size (multiple of 8; ``None`` = the whole slice, padded to a
         multiple of 8)."""
+        d = self.draw_batch(batch, axis=axis, crop=crop)
+        return d.xa, d.a, d.xb, d.b
+
+    def draw_batch(self, batch: int, axis: int | None = None, crop: int | None = None,
+                   shift_vox: float = 0.0) -> "PairedBatch":
+        """A :class:`PairedBatch`; with ``shift_vox > 0`` it also holds ``xa`` resampled (trilinear, in 3-D)
+        at ``+delta`` and ``-delta`` voxels, ``delta`` a random direction per sample with length
+        U(0.25, 1) * ``shift_vox`` (through-plane components included), for :func:`shift_symmetry`.
+        Same random stream as :meth:`draw` when ``shift_vox == 0``."""
         self.n_draws += 1
         if self.refresh_every > 0 and self.n_draws % self.refresh_every == 0:
             self.refresh()
         if axis is None:
             axis = int(self.rng.integers(3))
         shape = self.vols[0].shape[1:]
-        xa, xb, ma, mb = [], [], [], []
+        xa, xb, ma, mb, xp, xm, deltas = [], [], [], [], [], [], []
         n_mod = len(self.modalities)
         for _ in range(batch):
             v = self.vols[int(self.rng.integers(len(self.vols)))]
@@ -771,8 +813,9 @@ class SlicePool:
             a = int(self.rng.integers(n_mod))
             b = int((a + 1 + self.rng.integers(n_mod - 1)) % n_mod)
             sa, sb = st[a], st[b]
+            h, w = sa.shape[-2:]
+            y0, x0, ch, cw = 0, 0, h, w
             if crop is not None:  # a random crop with at least 15 % brain (up to 20 tries)
-                h, w = sa.shape[-2:]
                 ch, cw = min(crop, h), min(crop, w)
                 fg = (st.amax(0) > 0.02).float().mean(0)  # (h, w) brain indicator, any contrast
                 for _ in range(20):
@@ -780,18 +823,70 @@ class SlicePool:
                     if float(fg[y0:y0 + ch, x0:x0 + cw].mean()) >= 0.15:
                         break
                 sa, sb = sa[:, y0:y0 + ch, x0:x0 + cw], sb[:, y0:y0 + ch, x0:x0 + cw]
-            if self.rng.random() < 0.5:  # in-plane flips: orientation-agnostic content
-                sa, sb = sa.flip(-1), sb.flip(-1)
-            if self.rng.random() < 0.5:
-                sa, sb = sa.flip(-2), sb.flip(-2)
+            shifted = []
+            if shift_vox > 0:
+                u = self.rng.normal(size=3)
+                delta = u / max(np.linalg.norm(u), 1e-12) * shift_vox * self.rng.uniform(0.25, 1.0)
+                deltas.append(delta)
+                shifted = [_shifted_stack(v[a], axis, int(pos[0]), (y0, x0, ch, cw), sgn * delta)
+                           for sgn in (1.0, -1.0)]
+            flip_w, flip_h = self.rng.random() < 0.5, self.rng.random() < 0.5
+            group = [sa, sb, *shifted]
+            if flip_w:  # in-plane flips: orientation-agnostic content
+                group = [g.flip(-1) for g in group]
+            if flip_h:
+                group = [g.flip(-2) for g in group]
             if self.gamma > 0:
                 ga, gb = np.exp(self.rng.uniform(-self.gamma, self.gamma, 2))
-                sa, sb = sa.clamp_min(0).pow(float(ga)), sb.clamp_min(0).pow(float(gb))
-            xa.append(sa), xb.append(sb), ma.append(a), mb.append(b)
-        xa, xb = torch.stack(xa), torch.stack(xb)
-        xa, _ = _pad_to(xa, 8)
-        xb, _ = _pad_to(xb, 8)
-        return xa, torch.tensor(ma), xb, torch.tensor(mb)
+                gammas = [ga, gb] + [ga] * len(shifted)  # shifted copies of x_a keep x_a's gamma
+                group = [g.clamp_min(0).pow(float(gm)) for g, gm in zip(group, gammas)]
+            xa.append(group[0]), xb.append(group[1]), ma.append(a), mb.append(b)
+            if shifted:
+                xp.append(group[2]), xm.append(group[3])
+
+        def stack8(items):
+            return _pad_to(torch.stack(items), 8)[0] if items else None
+
+        return PairedBatch(xa=stack8(xa), a=torch.tensor(ma), xb=stack8(xb), b=torch.tensor(mb),
+                           xa_plus=stack8(xp), xa_minus=stack8(xm),
+                           delta_vox=torch.tensor(np.array(deltas), dtype=torch.float32) if deltas else None)
+
+
+@dataclass
+class PairedBatch:
+    """One training batch of :class:`SlicePool`: paired stacks ``xa``/``xb`` ``(B, 5, h, w)`` in [0, 1] of
+    modalities ``a``/``b`` ``(B,)``; optionally ``xa_plus``/``xa_minus`` (``x_a``'s contrast resampled at
+    ``+-delta_vox``, ``(B, 3)`` voxel offsets in the volume's (D, H, W) index order)."""
+
+    xa: torch.Tensor
+    a: torch.Tensor
+    xb: torch.Tensor
+    b: torch.Tensor
+    xa_plus: torch.Tensor | None = None
+    xa_minus: torch.Tensor | None = None
+    delta_vox: torch.Tensor | None = None
+
+
+def _shifted_stack(vol_dhw: torch.Tensor, axis: int, centre: int, window, delta) -> torch.Tensor:
+    """The 5-slice stack of ``vol_dhw`` ``(D, H, W)`` along ``axis`` at ``centre``, in-plane ``window``
+    ``(r0, c0, rows, cols)``, sampled (trilinear, zeros outside) at the voxel positions moved by
+    ``delta`` ``(dD, dH, dW)`` voxels: ``out[k, i, j] = vol(p_kij + delta)``. ``delta = 0`` reproduces
+    :func:`extract_stacks` cropped to the window."""
+    r0, c0, rows, cols = window
+    k = torch.arange(STACK, dtype=torch.float32) + (centre - STACK // 2)
+    r = torch.arange(rows, dtype=torch.float32) + r0
+    c = torch.arange(cols, dtype=torch.float32) + c0
+    kk, rr, cc = torch.meshgrid(k, r, c, indexing="ij")
+    # tensor axes of the stack (k, rows, cols) -> volume axes: the stack axis, then the other two in order
+    others = [ax for ax in range(3) if ax != axis]
+    idx = [None, None, None]
+    idx[axis], idx[others[0]], idx[others[1]] = kk, rr, cc
+    dims = vol_dhw.shape
+    norm = [2.0 * (idx[i] + float(delta[i])) / max(dims[i] - 1, 1) - 1.0 for i in range(3)]
+    grid = torch.stack([norm[2], norm[1], norm[0]], dim=-1)[None]  # grid_sample wants (x=W, y=H, z=D)
+    out = F.grid_sample(vol_dhw[None, None].float(), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=True)
+    return out[0, 0]
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -811,6 +906,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
+    shift_vox: float = 1.0  # max offset of the shift-symmetry copies (used when weights.shift_symmetry > 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -873,7 +969,7 @@ class ContentTrainer:
             pass
 
     # -- one step
-    def train_step(self, xa, a, xb, b) -> dict:
+    def train_step(self, xa, a, xb, b, xa_plus=None, xa_minus=None) -> dict:
         w = self.cfg.weights
         xa, a, xb, b = (t.to(self.device) for t in (xa, a, xb, b))
         use_adv = w.adv > 0
@@ -881,12 +977,17 @@ class ContentTrainer:
         for p in self.critic.parameters():
             p.requires_grad_(False)
         out = translation_losses(self.model, xa, a, xb, b, w, self.critic if use_adv else None)
+        if w.shift_symmetry > 0 and xa_plus is not None:
+            sym = shift_symmetry(self.model.enc_c, out["c_b"], xa_plus.to(self.device), xa_minus.to(self.device),
+                                 ca=out["c_a"])
+            out.update(sym)
+            out["total"] = out["total"] + w.shift_symmetry * sym["shift_symmetry"]
         self.opt_g.zero_grad(set_to_none=True)
         out["total"].backward()
         self.opt_g.step()
         for p in self.critic.parameters():
             p.requires_grad_(True)
-        logs = {k: float(v.detach()) for k, v in out.items() if k not in ("x_ab", "x_ba")}
+        logs = {k: float(v.detach()) for k, v in out.items() if k not in ("x_ab", "x_ba", "c_a", "c_b")}
         if use_adv:
             for i in range(self.cfg.n_critic):
                 if i == 0:
@@ -918,9 +1019,10 @@ class ContentTrainer:
                 if cfg.max_minutes is not None and self.elapsed >= cfg.max_minutes * 60.0:
                     stopped = "time"
                     break
-                xa, a, xb, b = self.pool.draw(cfg.batch, crop=cfg.crop)
+                shift = cfg.shift_vox if cfg.weights.shift_symmetry > 0 else 0.0
+                pb = self.pool.draw_batch(cfg.batch, crop=cfg.crop, shift_vox=shift)
                 self.model.train()
-                logs = self.train_step(xa, a, xb, b)
+                logs = self.train_step(pb.xa, pb.a, pb.xb, pb.b, pb.xa_plus, pb.xa_minus)
                 self.step += 1
                 self.elapsed = base_elapsed + time.perf_counter() - t_start
                 if self.step % cfg.log_every == 0 or self.step == 1:
@@ -929,7 +1031,7 @@ class ContentTrainer:
                     self.history.append(rec)
                     logf.write(json.dumps(rec) + "\n")
                     logf.flush()
-                    shown = ("total", "paired_content", "paired_translation", "cycle")
+                    shown = ("total", "paired_content", "paired_translation", "cycle", "shift_symmetry")
                     bar.set_postfix({k: f"{logs[k]:.3f}" for k in shown if k in logs})
                 bar.update(1)
                 if self.step % cfg.ckpt_every == 0:
