@@ -61,8 +61,10 @@ def cmd_train(args) -> None:
     if args.init_from and not (out / "ckpt.pt").exists():
         shutil.copyfile(args.init_from, out / "ckpt.pt")
         src_log = Path(args.init_from).with_name("log.jsonl")
-        if src_log.exists():
-            shutil.copyfile(src_log, out / "log.jsonl")
+        if src_log.exists():  # the log up to the checkpoint's step (the source run may have gone on)
+            step = int(torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["step"])
+            rows = [ln for ln in src_log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            (out / "log.jsonl").write_text("".join(ln + "\n" for ln in rows))
         _log(f"fine-tuning from {args.init_from}")
     bank = D.SubjectBank.for_split(args.bank_root, "train", args.subjects, spacing=args.spacing)
     _log(f"bank: {args.subjects} training subjects at {args.spacing:g} mm in {args.bank_root}")
@@ -77,7 +79,7 @@ def cmd_train(args) -> None:
     cfg = C.TrainConfig(steps=args.steps, batch=args.batch, crop=args.crop or None, lr=args.lr,
                         lr_critic=args.lr, n_critic=args.n_critic, max_minutes=args.max_minutes,
                         ckpt_every=args.ckpt_every, sample_every=args.sample_every, seed=args.seed,
-                        weights=weights, shift_vox=args.shift_vox)
+                        weights=weights, shift_vox=args.shift_vox, grad_clip=args.grad_clip)
     model_cfg = C.ContentConfig(base_channels=args.channels, content_dim=args.content_dim,
                                 spacing_mm=args.spacing)
     trainer = C.ContentTrainer(pool, out, cfg, model_cfg, device=dev,
@@ -501,6 +503,7 @@ def main(argv=None) -> None:
     t.add_argument("--w-shift-symmetry", type=float, default=0.0,
                    help="weight of the registration-aware shift-symmetry term (content.shift_symmetry)")
     t.add_argument("--shift-vox", type=float, default=1.0, help="max offset (voxels) of its shifted copies")
+    t.add_argument("--grad-clip", type=float, default=None, help="clip the generator-side gradient norm")
     t.add_argument("--init-from", default=None,
                    help="fine-tune: start from this checkpoint's networks and optimisers (copied into --out "
                         "when --out has none; its step count and training time carry on)")

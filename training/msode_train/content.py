@@ -907,6 +907,7 @@ class TrainConfig:
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
     shift_vox: float = 1.0  # max offset of the shift-symmetry copies (used when weights.shift_symmetry > 0)
+    grad_clip: float | None = None  # max L2 norm of the generator-side gradient (rare near-empty batches spike)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -984,10 +985,15 @@ class ContentTrainer:
             out["total"] = out["total"] + w.shift_symmetry * sym["shift_symmetry"]
         self.opt_g.zero_grad(set_to_none=True)
         out["total"].backward()
+        g_norm = None
+        if self.cfg.grad_clip:
+            g_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         self.opt_g.step()
         for p in self.critic.parameters():
             p.requires_grad_(True)
         logs = {k: float(v.detach()) for k, v in out.items() if k not in ("x_ab", "x_ba", "c_a", "c_b")}
+        if g_norm is not None:
+            logs["g_norm"] = g_norm  # before clipping
         if use_adv:
             for i in range(self.cfg.n_critic):
                 if i == 0:
