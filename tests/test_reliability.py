@@ -620,7 +620,7 @@ def test_concurrent_saves_to_one_directory(tiny_result, tmp_path):
             tiny_result.save(tmp_path / "shared")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=work) for _ in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors

@@ -312,9 +312,11 @@ class RegistrationResult:
         tmp = {k: v.with_name(f".{v.name}{token}" + "".join(v.suffixes)) for k, v in targets.items()}
         replaced = []
         try:
-            nib.save(self.warped, str(tmp["warped"]))
+            # nibabel keeps the open file in the image's file_map while saving: concurrent saves of one
+            # result would share it ("can't seek backwards"), so each call saves its own image objects
+            nib.save(_own_image(self.warped), str(tmp["warped"]))
             _io.write_itk_affine(tmp["transform"], self.matrix)
-            nib.save(self.displacement, str(tmp["displacement"]))
+            nib.save(_own_image(self.displacement), str(tmp["displacement"]))
             tmp["report"].write_text(json.dumps(self.report(), indent=2))
             if preview:
                 from ._preview import write_preview
@@ -332,6 +334,11 @@ class RegistrationResult:
                                   f"behind") from None
             raise
         return targets
+
+
+def _own_image(img):
+    """A new image object over the same data (no copy), with its own header copy and file map."""
+    return type(img)(img.dataobj, img.affine, img.header)
 
 
 def _remove_dirs(dirs) -> None:
