@@ -36,10 +36,11 @@ arm_args() {  # the only settings in which the arms differ
 mkdir -p "$WORK"
 ARMS="content mi"
 THREADS=1
-if [ -n "$REUSE_MI" ] && [ ! -d "$WORK/mi" ]; then
-  cp -r "$REUSE_MI/mi" "$WORK/mi"
+if [ -n "$REUSE_MI" ]; then
+  [ -d "$WORK/mi" ] || cp -r "$REUSE_MI/mi" "$WORK/mi"
+  ARMS="content"
+  THREADS=2
 fi
-if [ -n "$REUSE_MI" ]; then ARMS="content"; THREADS=2; fi
 if [ -z "${SKIP_TRAIN:-}" ]; then  # SKIP_TRAIN=1: export and evaluate the saved states only
   for arm in $ARMS; do
     # shellcheck disable=SC2046

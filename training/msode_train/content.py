@@ -464,7 +464,8 @@ def translation_losses(model: TranslationModel, xa, a, xb, b, weights: LossWeigh
 
 
 def code_distance(c: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mean squared difference of content codes ``(B, C, h, w)``: ``L_sim``'s metric per stack."""
+    """``(B,)`` mean squared difference of content codes ``(B, ...)`` (e.g. ``(B, C, h, w)``, one stack each):
+    ``L_sim``'s metric, used by :class:`ContentSimilarity` and :func:`shift_symmetry` alike."""
     return ((c - ref) ** 2).flatten(1).mean(1)
 
 
@@ -661,7 +662,7 @@ class ContentSimilarity(nn.Module):
         w, f = self._prepare(warped), self._prepare(fixed)
         pos = self.positions(w.shape[2:], generator)
         fw, ff = self.features(w, pos), self.features(f, pos)
-        per = [((a - b) ** 2).flatten(1).mean(1) * a[0].numel() for a, b in zip(fw, ff)]
+        per = [code_distance(a, b) * a[0].numel() for a, b in zip(fw, ff)]
         count = sum(a[0].numel() for a in fw)
         loss = sum(per) / count  # (N,): mean over all feature elements of all stacks
         return loss.mean() if self.reduction == "mean" else loss
