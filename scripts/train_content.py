@@ -10,6 +10,14 @@
     python scripts/train_content.py train --init-from out/content/run/ckpt.pt --out out/content/v2 \
         --name content_phantom_v2 --report-dir training/reports/content_v2 --max-minutes 71 --threads 2 \
         --w-shift-symmetry 30 --shift-vox 1.5 --w-paired-content 4
+    # content_phantom_v5: v2's checkpoint, 25 min with the slope-over-curvature term (shift_drift 2,
+    # shift-symmetry 10), then 25 min more from that checkpoint with --w-shift-drift 8 --w-shift-symmetry 0
+    python scripts/train_content.py train --init-from out/content/v2/ckpt_phase1.pt --out out/content/v4 \
+        --weights-out out/content/v4/content_phantom_v4.pt --max-minutes 96 --threads 2 --grad-clip 10 \
+        --w-shift-symmetry 10 --w-shift-drift 2 --shift-vox 1.5 --w-paired-content 4
+    python scripts/train_content.py train --init-from out/content/v4/ckpt.pt --out out/content/v5 \
+        --name content_phantom_v5 --report-dir training/reports/content_v5 --max-minutes 121 --threads 2 \
+        --grad-clip 10 --w-shift-symmetry 0 --w-shift-drift 8 --shift-vox 1.5 --w-paired-content 4
 
     # evaluate committed weights: translations figure, shift/rotation landscapes vs mutual information
     # on held-out subjects (SubjectBank test split), markdown + JSON + PNG under training/reports/content/
@@ -75,7 +83,8 @@ def cmd_train(args) -> None:
     weights = C.LossWeights(adv=args.w_adv, cycle=args.w_cycle, image=args.w_image,
                             paired_content=0.0 if args.unpaired else args.w_paired_content,
                             paired_translation=0.0 if args.unpaired else args.w_paired_translation,
-                            shift_symmetry=0.0 if args.unpaired else args.w_shift_symmetry)
+                            shift_symmetry=0.0 if args.unpaired else args.w_shift_symmetry,
+                            shift_drift=0.0 if args.unpaired else args.w_shift_drift)
     cfg = C.TrainConfig(steps=args.steps, batch=args.batch, crop=args.crop or None, lr=args.lr,
                         lr_critic=args.lr, n_critic=args.n_critic, max_minutes=args.max_minutes,
                         ckpt_every=args.ckpt_every, sample_every=args.sample_every, seed=args.seed,
@@ -444,7 +453,7 @@ def plot_losses(rep: Path) -> None:
     phases = json.loads(meta_path.read_text()).get("phase_boundaries", []) if meta_path.exists() else []
     keys = ["paired_content", "paired_translation", "cycle", "image", "content", "style", "adv", "wdist"]
     if any("shift_symmetry" in h for h in hist):  # the registration-aware fine-tune's term and its diagnostics
-        keys += ["shift_symmetry", "d_aligned"]
+        keys += ["shift_symmetry", "shift_drift", "d_aligned", "d_shift"]
     fig, axes = plt.subplots(2, len(keys) // 2, figsize=(3.5 * len(keys) // 2, 5.5))
     steps = np.array([h["step"] for h in hist])
     for ax, k in zip(axes.ravel(), keys):
@@ -502,6 +511,8 @@ def main(argv=None) -> None:
     t.add_argument("--w-paired-translation", type=float, default=10.0)
     t.add_argument("--w-shift-symmetry", type=float, default=0.0,
                    help="weight of the registration-aware shift-symmetry term (content.shift_symmetry)")
+    t.add_argument("--w-shift-drift", type=float, default=0.0,
+                   help="weight of the slope-over-curvature term (content.shift_symmetry's shift_drift)")
     t.add_argument("--shift-vox", type=float, default=1.0, help="max offset (voxels) of its shifted copies")
     t.add_argument("--grad-clip", type=float, default=None, help="clip the generator-side gradient norm")
     t.add_argument("--init-from", default=None,

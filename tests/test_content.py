@@ -202,12 +202,28 @@ def test_shift_symmetry_term():
     cb = m.enc_c(xb)
     same = torch.rand(2, 5, 16, 16)
     out = C.shift_symmetry(m.enc_c, cb, same, same.clone(), ca=m.enc_c(same))
-    assert float(out["shift_symmetry"]) < 1e-7 and set(out) == {"shift_symmetry", "d_shift", "d_aligned"}
+    assert float(out["shift_symmetry"]) < 1e-7 and set(out) == {"shift_symmetry", "d_shift", "d_aligned", "shift_drift"}
     out = C.shift_symmetry(m.enc_c, cb, xb.clone(), torch.rand(2, 5, 16, 16))  # d(+) = 0, d(-) > 0
     torch.testing.assert_close(out["shift_symmetry"], out["d_shift"] * 2)
     out["shift_symmetry"].backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.enc_c.parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.enc_c.parameters())
+
+
+def test_shift_drift_is_slope_over_curvature():
+    """A code linear in the shift, ``c(s) = s v``, against ``c_b = s* v``: ``d(s) = (s - s*)^2 |v|^2 / n``, a
+    parabola with its minimum at ``s*``; the term must give ``|s*|`` back as ``shift_drift * delta / 2``."""
+    identity = lambda x: x  # noqa: E731 - the codes are given directly
+    v = torch.randn(3, 8)
+    for s_star, delta in ((0.3, 1.0), (-0.2, 0.5), (0.0, 1.5)):
+        cb = s_star * v
+        out = C.shift_symmetry(identity, cb, delta * v, -delta * v, ca=0.0 * v)
+        assert abs(float(out["shift_drift"]) * delta / 2 - abs(s_star)) < 1e-5
+    # a code that does not see the shift has no curvature: the ratio is bounded by eps, not infinite
+    flat = C.shift_symmetry(identity, v + 1.0, v.clone(), v.clone(), ca=v.clone())
+    assert float(flat["shift_drift"]) == 0.0
+    # no ca (no d(0)): only the slope and d_shift
+    assert set(C.shift_symmetry(identity, cb, v, -v)) == {"shift_symmetry", "d_shift"}
 
 
 def test_trainer_with_shift_symmetry_logs_the_term(tiny_bank, tmp_path):
@@ -217,6 +233,12 @@ def test_trainer_with_shift_symmetry_logs_the_term(tiny_bank, tmp_path):
     tr = C.ContentTrainer(pool, tmp_path, cfg, TINY, progress=False)
     tr.run()
     assert all(math.isfinite(h["shift_symmetry"]) and h["d_shift"] >= 0 for h in tr.history)
+    # the slope-over-curvature term alone also draws the shifted copies and is logged
+    cfg_d = C.TrainConfig(steps=2, batch=2, crop=16, ckpt_every=10, sample_every=0, log_every=1, shift_vox=1.0,
+                          weights=C.LossWeights(shift_drift=1.0))
+    tr_d = C.ContentTrainer(pool, tmp_path / "drift", cfg_d, TINY, progress=False)
+    tr_d.run()
+    assert all(math.isfinite(h["shift_drift"]) and h["shift_drift"] >= 0 for h in tr_d.history)
     # without the term, neither the copies nor the term appear
     cfg0 = C.TrainConfig(steps=1, batch=2, crop=16, ckpt_every=10, sample_every=0, log_every=1)
     tr0 = C.ContentTrainer(pool, tmp_path / "plain", cfg0, TINY, progress=False)
@@ -369,6 +391,12 @@ def test_committed_weights_small_and_loadable():
     assert isinstance(sim, C.ContentSimilarity)
     assert C.content_similarity(str(path), n_slices=3).e3d.encoder is not None
     assert C.content_similarity(None, n_slices=3).name == C.DEFAULT_WEIGHTS  # None -> the default weights
+    # every committed content encoder (the reports and ablations name them) is small and loads by name
+    for f in sorted(C.WEIGHTS_DIR.glob("*.pt")):
+        if torch.load(f, weights_only=True).get("format") != "msode-content":
+            continue  # e.g. the tissue encoder
+        assert f.stat().st_size < 5e6
+        assert C.load_translation_model(f.stem).meta.get("name") == f.stem
     # the registration side's entry point (msode_train.losses.get_similarity) builds it too
     losses = pytest.importorskip("msode_train.losses")
     fn = losses.get_similarity("content")

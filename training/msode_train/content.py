@@ -39,8 +39,11 @@ asks the paired code distance to be symmetric about the truth: ``d(+delta) = d(-
 at small 3-D offsets ``+-delta`` (:meth:`SlicePool.draw_batch`). A slope of ``d`` at the truth is exactly
 what moves ``L_sim``'s optimum off the true alignment (measured for ``content_phantom_v1``: 0.6-0.8 mm,
 training/reports/similarity_ablation/); ``content_phantom_v2`` is v1 fine-tuned with this term
-(training/reports/content_v2/). The critic is updated once per generator step (``n_critic = 1``, not WGAN-GP's 5, to fit
-CPU budgets); an epsilon-drift term keeps critic outputs bounded.
+(training/reports/content_v2/). The slope alone can also be lowered by a code that barely sees small shifts
+(a flat ``L_sim``, whose optimum is as far off), so ``LossWeights.shift_drift`` weights slope over curvature,
+the Newton estimate of the optimum's offset (``content_phantom_v5``). The critic is updated once per
+generator step (``n_critic = 1``, not WGAN-GP's 5, to fit CPU budgets); an epsilon-drift term keeps critic
+outputs bounded.
 
 Registration loss (paper eq. 4): :class:`E3DContent` builds ``E^c_3D(x)`` of a volume ``(N, 1, D, H, W)``
 from ``n_slices`` 5-slice stacks, split evenly over the three axes (axial: stacks along D = z,
@@ -426,6 +429,11 @@ class LossWeights:
     paired_content: float = 2.0
     paired_translation: float = 10.0
     shift_symmetry: float = 0.0  # > 0: the pool draws shifted copies of x_a (TrainConfig.shift_vox)
+    shift_drift: float = 0.0  # slope over curvature of the paired distance (shift_symmetry's "shift_drift")
+
+    @property
+    def uses_shifts(self) -> bool:
+        return self.shift_symmetry > 0 or self.shift_drift > 0
 
 
 def translation_losses(model: TranslationModel, xa, a, xb, b, weights: LossWeights | None = None,
@@ -470,18 +478,25 @@ def code_distance(c: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def shift_symmetry(enc_c: "ContentEncoder", cb: torch.Tensor, xa_plus: torch.Tensor, xa_minus: torch.Tensor,
-                   ca: torch.Tensor | None = None) -> dict:
-    """Registration-aware term (beyond the paper): the paired distance ``d(s) = ||E^c(x_a(s)) - E^c(x_b)||^2``
-    of two aligned contrasts should be symmetric about the truth, ``d(+delta) = d(-delta)`` for small
-    offsets ``delta`` (``xa_plus``/``xa_minus``, from :meth:`SlicePool.draw_batch`): a slope of ``d`` at
-    ``s = 0`` moves ``L_sim``'s optimum off the truth (the bias measured in the similarity ablation,
-    training/reports/similarity_ablation/). Returns ``shift_symmetry = mean |d(+) - d(-)|`` and, as
-    diagnostics, ``d_shift`` (mean of ``d(+-delta)``) and ``d_aligned`` (``d(0)``, when ``ca`` is given)."""
+                   ca: torch.Tensor | None = None, eps: float = 1e-4) -> dict:
+    """Registration-aware terms (beyond the paper) on the paired distance ``d(s) = ||E^c(x_a(s)) - E^c(x_b)||^2``
+    of two aligned contrasts, at small offsets ``+-delta`` (``xa_plus``/``xa_minus``, from
+    :meth:`SlicePool.draw_batch`). A slope of ``d`` at ``s = 0`` moves ``L_sim``'s optimum off the truth (the
+    bias measured in the similarity ablation, training/reports/similarity_ablation/), by about the Newton step
+    ``delta * (d(+) - d(-)) / (2 (d(+) + d(-) - 2 d(0)))``: slope over curvature.
+
+    Returns ``shift_symmetry = mean |d(+) - d(-)|`` (the slope alone: an encoder can also lower it by making
+    its code insensitive to shifts, which flattens ``L_sim`` and leaves the optimum as far off), and, when
+    ``ca = E^c(x_a)`` is given, ``shift_drift = sum |d(+) - d(-)| / sum max(d(+) + d(-) - 2 d(0), eps)`` over
+    the batch (slope over curvature: the optimum's drift in units of ``delta``, which only a symmetric *and*
+    shift-sensitive code lowers), ``d_aligned`` (``d(0)``); ``d_shift`` (mean of ``d(+-delta)``) always."""
     dp = code_distance(enc_c(xa_plus), cb)
     dm = code_distance(enc_c(xa_minus), cb)
     out = {"shift_symmetry": (dp - dm).abs().mean(), "d_shift": 0.5 * (dp + dm).mean().detach()}
     if ca is not None:
-        out["d_aligned"] = code_distance(ca, cb).mean().detach()
+        d0 = code_distance(ca, cb)
+        out["shift_drift"] = (dp - dm).abs().sum() / (dp + dm - 2.0 * d0).sum().clamp_min(eps)
+        out["d_aligned"] = d0.mean().detach()
     return out
 
 
@@ -907,7 +922,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
-    shift_vox: float = 1.0  # max offset of the shift-symmetry copies (used when weights.shift_symmetry > 0)
+    shift_vox: float = 1.0  # max offset of the shift-symmetry copies (used when weights.uses_shifts)
     grad_clip: float | None = None  # max L2 norm of the generator-side gradient (rare near-empty batches spike)
 
     def to_dict(self) -> dict:
@@ -979,11 +994,12 @@ class ContentTrainer:
         for p in self.critic.parameters():
             p.requires_grad_(False)
         out = translation_losses(self.model, xa, a, xb, b, w, self.critic if use_adv else None)
-        if w.shift_symmetry > 0 and xa_plus is not None:
+        if w.uses_shifts and xa_plus is not None:
             sym = shift_symmetry(self.model.enc_c, out["c_b"], xa_plus.to(self.device), xa_minus.to(self.device),
                                  ca=out["c_a"])
             out.update(sym)
-            out["total"] = out["total"] + w.shift_symmetry * sym["shift_symmetry"]
+            out["total"] = (out["total"] + w.shift_symmetry * sym["shift_symmetry"]
+                            + w.shift_drift * sym["shift_drift"])
         self.opt_g.zero_grad(set_to_none=True)
         out["total"].backward()
         g_norm = None
@@ -1026,7 +1042,7 @@ class ContentTrainer:
                 if cfg.max_minutes is not None and self.elapsed >= cfg.max_minutes * 60.0:
                     stopped = "time"
                     break
-                shift = cfg.shift_vox if cfg.weights.shift_symmetry > 0 else 0.0
+                shift = cfg.shift_vox if cfg.weights.uses_shifts else 0.0
                 pb = self.pool.draw_batch(cfg.batch, crop=cfg.crop, shift_vox=shift)
                 self.model.train()
                 logs = self.train_step(pb.xa, pb.a, pb.xb, pb.b, pb.xa_plus, pb.xa_minus)
