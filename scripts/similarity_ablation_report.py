@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     loss_where = (f"on the same pairs rendered at {float(sim_sp):g} mm (the ODE runs on the {model_sp:g} mm grid)"
                   if sim_sp and abs(float(sim_sp) - model_sp) > 1e-9 else f"on the {model_sp:g} mm model grid")
     # runs from before the encoder was recorded in the config used content_phantom_v1, the only one then
-    encoder = (cfgs["content"]["loss"].get("sim_kwargs") or {}).get("encoder") or "content_phantom_v1"
-    n_stacks = int((cfgs["content"]["loss"].get("sim_kwargs") or {}).get("n_slices", 24))  # content_similarity's default
+    content_kwargs = cfgs["content"]["loss"].get("sim_kwargs") or {}
+    encoder = content_kwargs.get("encoder") or "content_phantom_v1"
+    n_stacks = int(content_kwargs.get("n_slices", 24))  # 24: content_similarity's default
     summary = {"date": date.today().isoformat(), "tag": args.tag, "config": "rigid_4mm_feature_gn", "steps": steps,
                "content_encoder": encoder, "content_stacks_per_call": n_stacks,
                "loss_spacing_mm": float(sim_sp or model_sp),
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
              "4 mm, Euler 0.2 per level). Each level's vector field is a Gauss-Newton step on the SSD of learned "
              "features (`rigid_feature_gn`: a small 3-D CNN with contrast FiLM, 4 learned channels + the image "
              "times a learned gain that starts at 0). Start: seeded random weights, identical for both arms.",
-             f"- L_sim = content uses the content encoder `{encoder}` (E_3D^c, {n_stacks} random 5-slice stacks per call).",
+             f"- L_sim = content uses the content encoder `{encoder}` (E_3D^c, {n_stacks} random 5-slice stacks "
+             "per call).",
              f"- Training: only the similarity loss, computed {loss_where} (lambda_self = 0, so L_sim is the only "
              "signal), Adam 1e-3, "
              "2 multi-contrast pairs per step (random ordered pairs of T1/T2/FLAIR/PD), rigid motions U(±30°), "
