@@ -90,7 +90,7 @@ def cmd_train(args) -> None:
                         ckpt_every=args.ckpt_every, sample_every=args.sample_every, seed=args.seed,
                         weights=weights, shift_vox=args.shift_vox, grad_clip=args.grad_clip)
     model_cfg = C.ContentConfig(base_channels=args.channels, content_dim=args.content_dim,
-                                spacing_mm=args.spacing)
+                                n_down=args.n_down, spacing_mm=args.spacing)
     trainer = C.ContentTrainer(pool, out, cfg, model_cfg, device=dev,
                                val_batch=C.validation_examples(val_subject), resume=not args.fresh,
                                progress=True)
@@ -140,6 +140,7 @@ def cmd_export(args) -> None:
     pool = C.SlicePool(bank, slots=1, refresh_every=0)
     trainer = C.ContentTrainer(pool, args.out, resume=True, progress=False,
                                model_cfg=C.ContentConfig(base_channels=args.channels, content_dim=args.content_dim,
+                                                         n_down=args.n_down,
                                                          spacing_mm=args.spacing))
     export(trainer, args, {"stopped": "export"}, torch.device("cpu"))
 
@@ -502,6 +503,8 @@ def main(argv=None) -> None:
     t.add_argument("--max-rot-deg", type=float, default=45.0)
     t.add_argument("--channels", type=int, default=16)
     t.add_argument("--content-dim", type=int, default=32)
+    t.add_argument("--n-down", type=int, default=2,
+                   help="stride-2 stages of E^c: the code's cell is spacing * 2^n_down (2: 8 mm at 2 mm)")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--n-critic", type=int, default=1)
     t.add_argument("--w-adv", type=float, default=1.0)
@@ -533,6 +536,7 @@ def main(argv=None) -> None:
     e.add_argument("--spacing", type=float, default=2.0)
     e.add_argument("--channels", type=int, default=16)
     e.add_argument("--content-dim", type=int, default=32)
+    e.add_argument("--n-down", type=int, default=2)
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="evaluate weights on held-out subjects")

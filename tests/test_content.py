@@ -425,3 +425,31 @@ def test_invariance_minimum_at_truth(heldout_2mm, pair, dof):
     assert np.all(np.diff(d[:4]) < 0) and np.all(np.diff(d[3:]) > 0), d
     # and contrast-invariant: the aligned cross-contrast distance is well below a 6 mm misalignment
     assert d[3] < 0.7 * min(d[0], d[-1])
+
+
+def test_one_downsampling_stage_halves_the_code_once(tiny_bank, tmp_path):
+    """``n_down=1`` (4 mm code cells at 2 mm, the GPU-trained variant): codes at half the slice size,
+    and the trainer runs, checkpoints and exports such a model."""
+    cfg_m = C.ContentConfig(base_channels=8, content_dim=16, n_res=1, style_dim=4, critic_channels=8, n_down=1)
+    m = C.TranslationModel(cfg_m)
+    x = torch.rand(2, 5, 32, 24)
+    assert m.enc_c(x).shape == (2, 16, 16, 12)
+    pool = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=0)
+    cfg = C.TrainConfig(steps=2, batch=2, crop=32, ckpt_every=2, sample_every=0, log_every=1,
+                        weights=C.LossWeights(shift_symmetry=1.0))
+    tr = C.ContentTrainer(pool, tmp_path, cfg, cfg_m, progress=False)
+    assert tr.run()["steps"] == 2
+    path = C.save_weights(tr.model, tmp_path / "w.pt", {"steps": 2})
+    assert C.load_translation_model(path).cfg.n_down == 1
+
+
+@pytest.mark.gpu
+def test_trainer_resumes_on_cuda(tiny_bank, tmp_path):
+    """A CUDA checkpoint resumes on CUDA (torch.load moved the CPU RNG state to the device: it once
+    failed with 'RNG state must be a torch.ByteTensor') and on the CPU."""
+    pool = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=0)
+    cfg = C.TrainConfig(steps=2, batch=2, crop=32, ckpt_every=2, sample_every=0, log_every=1)
+    assert C.ContentTrainer(pool, tmp_path, cfg, TINY, device="cuda", progress=False).run()["steps"] == 2
+    cfg2 = C.TrainConfig(steps=3, batch=2, crop=32, ckpt_every=1, sample_every=0, log_every=1)
+    assert C.ContentTrainer(pool, tmp_path, cfg2, TINY, device="cuda", progress=False).run()["steps"] == 3
+    assert C.ContentTrainer(pool, tmp_path, cfg2, TINY, device="cpu", progress=False).step == 3

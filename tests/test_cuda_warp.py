@@ -359,7 +359,9 @@ def test_gpu_kernels_match_reference(cuda_kernels, kinds):
     assert got.dtype == torch.float32 and got.shape == ref.shape
     err = float((got - ref).abs().max())
     assert err <= FP32_ATOL, f"{kinds}: max |kernel - reference| = {err:.3g}"
-    assert 0.05 < float((ref != 0).float().mean()) < 1.0  # samples inside and outside the volume
+    # samples inside the volume (and, for the transforms, outside: the resample case may lie wholly inside)
+    inside = float((ref != 0).float().mean())
+    assert 0.05 < inside <= 1.0 and (inside < 1.0 or not kinds)
     # the dispatching warp uses the kernel and gives the same
     assert torch.equal(warp_chain(vol, src, chain, out), got)
     # fp16 volume, fp32 arithmetic

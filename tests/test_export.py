@@ -210,7 +210,7 @@ def test_ort_vs_torch_backend_parity(small_plan, pair):
 
 def _voxel_matrix(chain, grid):
     a = chain.affine_part()
-    a = torch.eye(4, dtype=torch.float64) if a is None else a[0].double()
+    a = torch.eye(4, dtype=torch.float64) if a is None else a[0].double().cpu()
     p = torch.eye(4, dtype=torch.float64)
     for i in range(3):
         p[i, i] = grid.spacing_xyz[i]

@@ -979,7 +979,7 @@ class ContentTrainer:
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_d.load_state_dict(st["opt_d"])
         self.step, self.elapsed, self.history = int(st["step"]), float(st["elapsed"]), list(st["history"])
-        torch.set_rng_state(st["torch_rng"])
+        torch.set_rng_state(st["torch_rng"].cpu())  # map_location moved it to the device (CUDA resume)
         try:
             self.pool.rng.bit_generator.state = st["pool_rng"]
         except Exception:  # pragma: no cover - a different pool
