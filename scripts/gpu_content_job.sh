@@ -35,7 +35,7 @@ if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import nibabel" 2>/dev/null
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 COMMON=(--bank-root "$BANK" --subjects "$SUBJECTS" --n-down "$N_DOWN" --batch "$BATCH" --threads 8
-        --device "${DEVICE:-cuda}" --out "$RUN" --weights-out "$RUN/$NAME.pt" --report-dir "$RUN/report"
+        --device "${DEVICE:-cuda}" --out "$RUN" --name "$NAME" --weights-out "$RUN/$NAME.pt" --report-dir "$RUN/report"
         --w-paired-content 4 --shift-vox 1.5 --grad-clip 10 --ckpt-every 200 --sample-every 100000)
 {
   if [ "${PHASES:-AB}" != B ]; then

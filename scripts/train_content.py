@@ -109,8 +109,11 @@ def _final_losses(history: list, n: int = 20) -> dict:
 
 
 def export(trainer, args, summary: dict, dev) -> None:
+    name = args.name
+    if args.weights_out and name == C.DEFAULT_WEIGHTS:  # --weights-out alone names the weights by its file
+        name = Path(args.weights_out).stem
     meta = {
-        "name": args.name,
+        "name": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "steps": trainer.step,
         "train_seconds": round(trainer.elapsed, 1),

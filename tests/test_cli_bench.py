@@ -72,3 +72,17 @@ def test_bench_reports_unavailable_backend(analytic_plan, tmp_path, capsys):
                      "--warmup", "0", "--no-end-to-end"])
     assert rc == 1
     assert "unavailable" in capsys.readouterr().out
+
+
+def test_profile_script_dry_run_on_cpu(capsys):
+    """scripts/profile_registration.py (the GPU kernel breakdown) runs end to end; on CPU it profiles the
+    host side and still reports each stage's NFE (30 rigid, 14 B-spline: the benchmark's schedule)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import profile_registration
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert profile_registration.main(["--device", "cpu", "--shape", "32", "36", "24", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "NFE {'rigid': 30}" in out and "NFE {'rigid': 30, 'bspline': 14}" in out
+    assert out.count("Self CPU time total") == 2
