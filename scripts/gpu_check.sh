@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh
 #
 # Before the device run, here: `bash scripts/fetch_device_wheels.sh` (the device image lacks nibabel),
-# then run this with `carry: [".whl"]` and a timeout of >= 420 s. It finishes in < 6 minutes:
+# then run this with `carry: [".whl"]` and a timeout of >= 420 s. On an H100 it took 89 s (2026-11-26):
 #
 #   1. versions: nvidia-smi, python, torch/CUDA, nvcc, ninja;
 #   2. installs the carried wheels (.whl/*.whl, if any) into /tmp/site, nothing else;
@@ -13,10 +13,11 @@
 #   4. `pytest -m gpu -q` (every GPU test of the suite; kernel == reference, graphed == eager loop);
 #   5. the benchmark `python -m msode_sdk.bench --device cuda --json $OUT/bench.json` (kernel vs
 #      affine_grid + grid_sample at 240x240x160, eager vs CUDA-graph registration, peak GPU memory);
-#   6. the CPU tests of the warps (including the kernel math compiled for the host), if time is left.
+#   6. scripts/profile_registration.py (device time by kernel of the benchmark's registration), then
+#   7. the CPU tests of the warps (including the kernel math compiled for the host), if time is left.
 #
 # Logs go to $OUT (the device tool's output folder) or out/gpu_check/: env_build.txt, pytest_gpu.txt,
-# bench.txt, bench.json, pytest_cpu.txt, summary.txt (+ build_error.log when the build failed).
+# bench.txt, bench.json, profile.txt, pytest_cpu.txt, summary.txt (+ build_error.log when the build failed).
 # Exit status: 0 when the kernels loaded and the GPU tests passed, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +84,13 @@ if [ "$(elapsed)" -lt "$BUDGET" ]; then
   BENCH_RC=${PIPESTATUS[0]}
 fi
 
+PROFILE_RC=skipped
+if [ "$(elapsed)" -lt "$BUDGET" ]; then
+  echo "== profile ($(elapsed) s)"
+  timeout 90 "$PY" scripts/profile_registration.py --rows 25 > "$OUT_DIR/profile.txt" 2>&1
+  PROFILE_RC=$?
+fi
+
 CPU_RC=skipped
 if [ "$(elapsed)" -lt "$BUDGET" ]; then
   echo "== CPU tests of the warps ($(elapsed) s)"
@@ -95,6 +103,7 @@ fi
   echo "kernels build rc=$BUILD_RC (0 = loaded)"
   echo "pytest -m gpu rc=$GPU_RC: $(tail -n 1 "$OUT_DIR/pytest_gpu.txt")"
   echo "bench rc=$BENCH_RC"
+  echo "profile rc=$PROFILE_RC (profile.txt: device time by kernel, scripts/profile_registration.py)"
   [ -f "$OUT_DIR/bench.txt" ] && grep -E "^cuda |^warp |model-grid whole|peak GPU" "$OUT_DIR/bench.txt"
   echo "cpu tests rc=$CPU_RC${CPU_RC:+: $( [ -f "$OUT_DIR/pytest_cpu.txt" ] && tail -n 1 "$OUT_DIR/pytest_cpu.txt")}"
   echo "total $(elapsed) s"

@@ -67,12 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default=None, help="content encoder weights (name or path; default: the default)")
     ap.add_argument("--same-contrast", action="store_true",
                     help="control: moving and fixed in the same contrast (same pairs and motions otherwise)")
+    ap.add_argument("--split", default="test", choices=("test", "train"),
+                    help="subjects: held-out (test) or the training split, on which the content encoders were "
+                         "trained (a generalisation check of the encoder)")
     ap.add_argument("--json", help="write the per-pair results here")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out = {"protocol": vars(args), "results": {}}
     for sp in args.spacings:
-        bank = D.SubjectBank.for_split(Path(args.bank_dir).expanduser(), "test", args.pairs, spacing=sp)
+        bank = D.SubjectBank.for_split(Path(args.bank_dir).expanduser(), args.split, args.pairs, spacing=sp)
         rng = np.random.default_rng(args.seed)
         pairs = []
         contrast_pairs = SAME_CONTRAST_PAIRS if args.same_contrast else CONTRAST_PAIRS
