@@ -441,6 +441,11 @@ def test_one_downsampling_stage_halves_the_code_once(tiny_bank, tmp_path):
     assert tr.run()["steps"] == 2
     path = C.save_weights(tr.model, tmp_path / "w.pt", {"steps": 2})
     assert C.load_translation_model(path).cfg.n_down == 1
+    # resuming it with another architecture names the difference (not load_state_dict's key lists)
+    other = C.ContentConfig(base_channels=8, content_dim=16, n_res=1, style_dim=4, critic_channels=8, n_down=2)
+    with pytest.raises(ValueError, match="n_down: checkpoint 1, asked 2"):
+        C.ContentTrainer(pool, tmp_path, cfg, other, progress=False)
+    assert C.ContentTrainer(pool, tmp_path, cfg, cfg_m, progress=False).step == 2
 
 
 @pytest.mark.gpu

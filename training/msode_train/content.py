@@ -948,7 +948,17 @@ class ContentTrainer:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.cfg.seed)
-        self.model = TranslationModel(model_cfg or ContentConfig()).to(self.device)
+        model_cfg = model_cfg or ContentConfig()
+        ckpt = self.out / "ckpt.pt"
+        saved = torch.load(ckpt, map_location=self.device, weights_only=False) if resume and ckpt.exists() else None
+        if saved is not None and saved.get("model_cfg") is not None:
+            have, want = ContentConfig.from_dict(saved["model_cfg"]).to_dict(), model_cfg.to_dict()
+            diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+            if diff:  # a clear message instead of load_state_dict's missing / unexpected keys
+                raise ValueError(f"{ckpt}: its model differs from the one asked for ("
+                                 + ", ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                                 + "); pass the checkpoint's architecture settings, or start afresh")
+        self.model = TranslationModel(model_cfg).to(self.device)
         self.critic = Critic(self.model.cfg).to(self.device)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.lr_critic, betas=(0.0, 0.9))
@@ -957,8 +967,8 @@ class ContentTrainer:
         self.history: list = []
         self.progress = progress
         self.val_batch = val_batch
-        if resume and (self.out / "ckpt.pt").exists():
-            self.load(self.out / "ckpt.pt")
+        if saved is not None:
+            self._load_state(saved)
 
     # -- checkpoints
     def state(self) -> dict:
@@ -973,7 +983,9 @@ class ContentTrainer:
         return atomic_torch_save(self.state(), path)
 
     def load(self, path) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=False)
+        self._load_state(torch.load(path, map_location=self.device, weights_only=False))
+
+    def _load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
         self.critic.load_state_dict(st["critic"])
         self.opt_g.load_state_dict(st["opt_g"])
