@@ -3,8 +3,8 @@
 
     python scripts/profile_registration.py [--shape 240 240 160] [--rows 30] [--trace trace.json]
 
-Builds the plan the benchmark times (``msode_sdk.bench``: analytic rigid F(0.1) x3 + B-spline on a
-1 mm grid of ``--shape`` (x, y, z) voxels), registers its synthetic pair once to warm up, then profiles
+Builds the plan the benchmark times (``msode_sdk.bench.build_fixed_step_plan``: analytic rigid F(0.1) x3
++ B-spline on a 1 mm grid of ``--shape`` (x, y, z) voxels), registers its synthetic pair once to warm up, then profiles
 one eager registration per stage and prints the kernels by device time (self), plus each stage's wall
 time. Eager, because a replayed CUDA graph shows as one opaque launch.
 """
@@ -24,10 +24,8 @@ for sub in ("sdk", "export", "training"):
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from msode_export.analytic import build_analytic_plan  # noqa: E402
-from msode_export.pack import LevelSolver  # noqa: E402
 from msode_sdk import Registrar  # noqa: E402
-from msode_sdk.bench import synthetic_pair  # noqa: E402
+from msode_sdk.bench import build_fixed_step_plan, synthetic_pair  # noqa: E402
 from msode_sdk.transforms import Grid  # noqa: E402
 
 
@@ -46,9 +44,7 @@ def main(argv=None) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     grid = Grid(tuple(args.shape), (1.0, 1.0, 1.0))
     with tempfile.TemporaryDirectory() as tmp:
-        plan = build_analytic_plan(Path(tmp) / "p.plan", grid, stages=("rigid", "bspline"),
-                                   schedules={"rigid": (LevelSolver("euler", 0.1),) * 3},
-                                   formats=("torchscript",), name="analytic_fixed_step_profile")
+        plan = build_fixed_step_plan(Path(tmp) / "p.plan", grid)
         reg = Registrar.load(plan, device=args.device, backend="torch")
     moving, fixed = (t.to(args.device) for t in synthetic_pair(grid))
     reg.register_model_grid(moving, fixed)  # warm-up: cuDNN choices, kernel build, allocator
@@ -62,7 +58,8 @@ def main(argv=None) -> int:
         nfe = {s.name: s.nfe for s in res.stages}
         print(f"\n=== {'rigid only' if stage == 'rigid' else 'rigid + B-spline'}: wall {wall:.1f} ms under the "
               f"profiler, NFE {nfe}, stage seconds {[(s.name, round(s.seconds * 1e3, 1)) for s in res.stages]}")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=args.rows, max_name_column_width=70))
         if args.trace and stage == "bspline":
             prof.export_chrome_trace(args.trace)
     return 0

@@ -160,6 +160,18 @@ def _cuda_time(fn, warmup: int, repeats: int, inner: int = 10):
     return times, out
 
 
+def build_fixed_step_plan(path, grid: Grid):
+    """Write (at ``path``) the plan the CUDA registration benchmark times, and return its path: analytic
+    rigid + B-spline on ``grid`` (its shape and spacing are the model grid's), rigid Euler 0.1 at each of
+    three levels (NFE 30), B-spline F(0.2)-F(0.2)-F(0.25) (NFE 14), TorchScript members only. Needs the
+    ``msode_export`` package (imported here, not by the SDK)."""
+    from msode_export.analytic import build_analytic_plan
+    from msode_export.pack import LevelSolver
+    return build_analytic_plan(path, grid, stages=("rigid", "bspline"),
+                               schedules={"rigid": (LevelSolver("euler", 0.1),) * 3}, formats=("torchscript",),
+                               name=f"analytic_fixed_step_{grid.shape_xyz[0]}")
+
+
 def bench_cuda_extras(device: torch.device, repeats: int, warmup: int, shape_xyz=(240, 240, 160)) -> dict:
     """See the module docstring (``cuda``). Errors of one part are reported, not raised."""
     import tempfile
@@ -203,14 +215,9 @@ def bench_cuda_extras(device: torch.device, repeats: int, warmup: int, shape_xyz
     except Exception as exc:  # report and go on
         out["warp_rigid"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     try:  # registration, eager vs CUDA graph
-        from msode_export.analytic import build_analytic_plan
-        from msode_export.pack import LevelSolver
-
         from ._cuda_graph import run_graphed
         with tempfile.TemporaryDirectory() as tmp:
-            plan = build_analytic_plan(Path(tmp) / "analytic_fixed_step.plan", grid, stages=("rigid", "bspline"),
-                                       schedules={"rigid": (LevelSolver("euler", 0.1),) * 3}, formats=("torchscript",),
-                                       name="analytic_fixed_step_240")
+            plan = build_fixed_step_plan(Path(tmp) / "analytic_fixed_step.plan", grid)
             reg = Registrar.load(plan, device=str(device), backend="torch")  # reads every member now
         moving, fixed = (t.to(device) for t in synthetic_pair(grid))
         reps = max(2, min(repeats, 5))
