@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,3 +194,110 @@ def test_similarity_at_a_finer_spacing_than_the_ode(tmp_path, monkeypatch):
     tc, tf = coarse.compute_losses(bc), fine.compute_losses(bf)
     assert torch.isfinite(tf["loss"]) and float(tf["sim"]) != float(tc["sim"])
     torch.testing.assert_close(tf["rmse_phi"], tc["rmse_phi"])  # the ODE itself saw the same 16 mm pairs
+
+
+def test_signed_rank_null_distribution_matches_the_tables():
+    from msode_train.evaluate import _signed_rank_cdf
+    cdf = _signed_rank_cdf(10)
+    assert cdf[-1] == pytest.approx(1.0) and len(cdf) == 56
+    # n = 10: P(T+ <= 8) = 25 / 1024, P(T+ <= 9) = 33 / 1024 (the usual 5 % two-sided table value is 8)
+    assert cdf[8] == pytest.approx(25 / 1024) and cdf[9] == pytest.approx(33 / 1024)
+    assert cdf[0] == pytest.approx(1 / 1024)
+
+
+def test_shift_estimate_known_answers():
+    from msode_train.evaluate import shift_estimate
+    d = np.arange(1.0, 11.0)                       # symmetric about 5.5: the HL estimate is 5.5
+    est, lo, hi = shift_estimate(d)
+    i, j = np.triu_indices(10)
+    walsh = np.sort((d[i] + d[j]) / 2)
+    assert est == pytest.approx(5.5)
+    assert (lo, hi) == (walsh[8], walsh[46])       # c = 8: the 9th smallest and 9th largest of 55
+    est2, lo2, hi2 = shift_estimate(d + 3.0)       # equivariant under a shift
+    assert (est2, lo2, hi2) == pytest.approx((est + 3, lo + 3, hi + 3))
+    assert shift_estimate(d, 0.80)[1] > lo         # a lower level gives a narrower interval
+    _, lo5, hi5 = shift_estimate(np.arange(5.0))   # n = 5: P(T+ = 0) = 1/32 > 2.5 %, no 95 % interval
+    assert lo5 == -np.inf and hi5 == np.inf
+    # large n: the normal approximation agrees with the exact interval at the switch-over
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.2, 1.0, 301)
+    _, lo_a, hi_a = shift_estimate(x)
+    _, lo_e, hi_e = shift_estimate(x[:300])
+    assert abs(lo_a - lo_e) < 0.05 and abs(hi_a - hi_e) < 0.05 and lo_a < 0.2 < hi_a
+    with pytest.raises(ValueError):
+        shift_estimate([1.0, np.nan])
+
+
+def test_shift_interval_coverage_on_simulated_pairs():
+    from msode_train.evaluate import shift_estimate
+    rng = np.random.default_rng(1)
+    hits = sum(lo <= 0.3 <= hi for _, lo, hi in (shift_estimate(rng.laplace(0.3, 1.0, 24)) for _ in range(400)))
+    assert 0.92 <= hits / 400 <= 0.99              # nominal 95 %, exact interval is slightly conservative
+
+
+def test_paired_comparison_reports_the_shift():
+    a, b = [1.0, 1.2, 0.9, 1.4, 1.1, 1.3, 1.0, 0.8], [1.1, 1.25, 1.0, 1.5, 1.2, 1.35, 1.1, 0.9]
+    c = paired_comparison(_report(a, b), "a", "b")
+    assert c.shift == pytest.approx(-0.1, abs=0.03) and c.shift_lo <= c.shift <= c.shift_hi < 0
+
+
+def _multi_report(cols: dict):
+    return {"rows": {m: [{"pair": i, "rmse_phi_mm": float(v)} for i, v in enumerate(vals)] for m, vals in cols.items()}}
+
+
+def test_non_inferiority_pools_runs_and_checks_the_margin():
+    from msode_train.evaluate import non_inferiority
+    rng = np.random.default_rng(3)
+    b0, b1 = rng.uniform(0.3, 0.6, 24), rng.uniform(0.3, 0.6, 24)
+    # a is worse by 0.01 mm in one run and better by 0.01 in the other: averaged, no difference
+    near = non_inferiority(_multi_report({"a0": b0 + 0.01, "b0": b0, "a1": b1 - 0.01, "b1": b1}),
+                           [("a0", "b0"), ("a1", "b1")])
+    assert near.holds and near.margin == 0.05 and near.n == 24
+    assert near.shift == pytest.approx(0.0, abs=1e-12) and len(near.per_run) == 2
+    assert near.per_run[0]["shift"] == pytest.approx(0.01)
+    # worse by 0.2 mm everywhere: not within 0.05 mm
+    far = non_inferiority(_multi_report({"a0": b0 + 0.2, "b0": b0}), [("a0", "b0")])
+    assert not far.holds and far.shift == pytest.approx(0.2)
+    # the same difference passes a wider margin; better everywhere passes any margin
+    assert non_inferiority(_multi_report({"a0": b0 + 0.2, "b0": b0}), [("a0", "b0")], margin=0.3).holds
+    assert non_inferiority(_multi_report({"a0": b0 - 0.5, "b0": b0}), [("a0", "b0")], margin=0.0).holds
+    with pytest.raises(ValueError):
+        non_inferiority(_multi_report({"a0": b0, "b0": b0}), [])
+    with pytest.raises(KeyError):
+        non_inferiority(_multi_report({"a0": b0, "b0": b0}), [("a0", "c")])
+
+
+def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch):
+    """scripts/similarity_ablation_seeds_report.py on synthetic msode-eval folders: content worse by a
+    constant 0.2 mm on one set (outside the 0.05 mm margin), equal on average over two seeds on another."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+    rng = np.random.default_rng(5)
+    ev = tmp_path / "eval"
+    for name, offsets in {"rigid_paper": (0.2, 0.2), "rigid_moderate": (0.01, -0.01)}.items():
+        cols = {}
+        for s, off in enumerate(offsets):
+            mi = rng.uniform(0.3, 0.6, 24)
+            cols[f"mi_s{s}"], cols[f"content_s{s}"] = mi, mi + off
+        rows = {m: [{"pair": i, "rmse_phi_mm": float(v)} for i, v in enumerate(vals)] for m, vals in cols.items()}
+        summary = {m: {"success_rmse_phi_lt_2mm": 1.0} for m in cols}
+        (ev / name).mkdir(parents=True)
+        (ev / name / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "similarity_ablation_seeds_report.py"
+    out = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", [str(script), "--eval", str(ev), "--runs", "content_s0:mi_s0",
+                                      "content_s1:mi_s1", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["margin_mm"] == 0.05
+    paper, moderate = summary["sets"]["rigid_paper"]["headline"], summary["sets"]["rigid_moderate"]["headline"]
+    assert paper["shift"] == pytest.approx(0.2) and not paper["holds"]
+    assert moderate["shift"] == pytest.approx(0.0, abs=1e-9) and moderate["holds"]
+    text = (out / "README.md").read_text()
+    assert "rigid_t2_t1" in text and "not evaluated" in text          # a missing set is said, not skipped
+    assert "Within the 0.05 mm margin on 1 of 2 evaluation sets** (rigid_moderate)" in text
+    assert (out / "fig_differences.png").stat().st_size > 0

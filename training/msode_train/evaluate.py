@@ -59,7 +59,8 @@ from msode_sdk.warp import sample_points
 
 from . import data as D
 
-__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "PairedComparison",
+__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "PairedComparison", "shift_estimate", "NonInferiority",
+           "non_inferiority",
            "paired_comparison", "main"]
 
 _log = logging.getLogger("msode_train.evaluate")
@@ -272,7 +273,9 @@ class PairedComparison:
     for RMSE and seconds, higher for Dice: ``higher_is_better``). ``diff`` = a - b per pair;
     ``a_better`` / ``b_better`` count pairs where one is better by more than ``tie_tol`` (metric units);
     ``p_wilcoxon``: two-sided Wilcoxon signed-rank test of the differences (``None`` without SciPy or
-    when all differences are zero); ``p_sign``: two-sided exact sign test over the non-tied pairs."""
+    when all differences are zero); ``p_sign``: two-sided exact sign test over the non-tied pairs;
+    ``shift`` [``shift_lo``, ``shift_hi``]: Hodges-Lehmann estimate of a - b (metric units) and its
+    distribution-free ``confidence`` interval."""
 
     a: str
     b: str
@@ -290,13 +293,57 @@ class PairedComparison:
     higher_is_better: bool
     p_wilcoxon: float | None
     p_sign: float
+    shift: float = float("nan")
+    shift_lo: float = float("nan")
+    shift_hi: float = float("nan")
+    confidence: float = 0.95
 
 
-def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm", tie_tol: float | None = None
-                      ) -> PairedComparison:
+def _signed_rank_cdf(n: int) -> np.ndarray:
+    """P(T+ <= t), t = 0 .. n(n+1)/2, of the Wilcoxon signed-rank statistic under the null (no ties):
+    every subset of the ranks 1..n is equally likely, counted exactly by dynamic programming."""
+    counts = np.zeros(n * (n + 1) // 2 + 1, dtype=np.float64)
+    counts[0] = 1.0
+    for r in range(1, n + 1):
+        counts[r:] = counts[r:] + counts[:-r].copy()
+    return np.cumsum(counts) / 2.0 ** n
+
+
+def shift_estimate(d, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Hodges-Lehmann estimate of the centre of paired differences ``d`` (the median of the Walsh
+    averages (d_i + d_j) / 2, i <= j) and its distribution-free confidence interval, the one that
+    inverts the two-sided Wilcoxon signed-rank test: [W_(c+1), W_(M-c)] of the M sorted Walsh averages,
+    c the largest count with P(T+ <= c) <= (1 - confidence) / 2 (exact null distribution for n <= 300,
+    normal approximation beyond; coverage >= ``confidence`` for continuous differences). Returns
+    (estimate, lo, hi) in the units of ``d``; the bounds are -inf / inf when n is too small for the level."""
+    d = np.asarray(d, dtype=np.float64).ravel()
+    if d.size == 0 or not np.all(np.isfinite(d)):
+        raise ValueError(f"shift_estimate needs finite differences; got {d.size} values")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n = d.size
+    i, j = np.triu_indices(n)
+    walsh = np.sort((d[i] + d[j]) / 2.0)
+    m = walsh.size
+    alpha_half = (1.0 - confidence) / 2.0
+    if n <= 300:
+        cdf = _signed_rank_cdf(n)
+        c = int(np.searchsorted(cdf, alpha_half, side="right")) - 1    # largest t with cdf[t] <= alpha/2
+    else:
+        from statistics import NormalDist
+        mu, sd = n * (n + 1) / 4.0, math.sqrt(n * (n + 1) * (2 * n + 1) / 24.0)
+        c = int(math.floor(mu + sd * NormalDist().inv_cdf(alpha_half)))
+    lo, hi = (float(walsh[c]), float(walsh[m - 1 - c])) if c >= 0 else (-math.inf, math.inf)
+    return float(np.median(walsh)), lo, hi
+
+
+def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm", tie_tol: float | None = None,
+                      confidence: float = 0.95) -> PairedComparison:
     """Compare methods ``a`` and ``b`` of one :func:`evaluate_plans` report pair by pair (the protocol
     gives every method the same pairs). ``tie_tol`` defaults to 0.05 mm for RMSE(phi), 0.005 for Dice
-    and RMSE(x), 0 otherwise."""
+    and RMSE(x), 0 otherwise. ``shift`` [``shift_lo``, ``shift_hi``]: Hodges-Lehmann estimate of a - b
+    per pair with its ``confidence`` interval (:func:`shift_estimate`), the number a non-inferiority
+    margin is checked against."""
     rows = report["rows"]
     for m in (a, b):
         if m not in rows:
@@ -323,9 +370,50 @@ def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm",
             p_w = float(wilcoxon(va, vb).pvalue)
         except ImportError:
             p_w = None
+    shift, lo, hi = shift_estimate(d, confidence)
     return PairedComparison(a, b, metric, len(d), float(np.median(va)), float(np.median(vb)), float(va.mean()),
                             float(vb.mean()), float(np.median(d)), a_better, b_better, ties, float(tie_tol), higher,
-                            p_w, float(p_sign))
+                            p_w, float(p_sign), shift, lo, hi, float(confidence))
+
+
+@dataclass
+class NonInferiority:
+    """Is method family ``a`` at least as good as ``b`` within ``margin`` (metric units)? ``runs``: the
+    (a, b) method pairs of one report (e.g. the two arms trained with seed 0, with seed 1); per test pair
+    the difference a - b is averaged over the runs (training noise averaged out), its Hodges-Lehmann
+    ``shift`` gets a ``confidence`` interval [``shift_lo``, ``shift_hi``], and ``holds`` when the worse
+    end of that interval stays within the margin (``shift_hi <= margin`` where lower is better,
+    ``shift_lo >= -margin`` where higher is better). ``per_run``: each run's own comparison."""
+
+    runs: list
+    metric: str
+    margin: float
+    n: int
+    shift: float
+    shift_lo: float
+    shift_hi: float
+    confidence: float
+    holds: bool
+    per_run: list
+
+
+def non_inferiority(report: dict, runs, metric: str = "rmse_phi_mm", margin: float | None = None,
+                    confidence: float = 0.95) -> NonInferiority:
+    """Non-inferiority of a over b, pooling several training runs: ``runs`` = [(a_method, b_method), ...]
+    in ``report`` (all on the protocol's same test pairs). ``margin`` defaults to the metric's tie
+    tolerance of :func:`paired_comparison` (0.05 mm for RMSE(phi))."""
+    runs = [tuple(r) for r in runs]
+    if not runs:
+        raise ValueError("non_inferiority needs at least one (a, b) pair of methods")
+    per_run = [paired_comparison(report, a, b, metric, tie_tol=margin, confidence=confidence) for a, b in runs]
+    margin = per_run[0].tie_tol
+    higher = per_run[0].higher_is_better
+    rows = report["rows"]
+    d = np.mean([[ra[metric] - rb[metric] for ra, rb in zip(rows[a], rows[b])] for a, b in runs], axis=0)
+    shift, lo, hi = shift_estimate(d, confidence)
+    holds = bool(lo >= -margin) if higher else bool(hi <= margin)
+    return NonInferiority([list(r) for r in runs], metric, float(margin), int(d.size), shift, lo, hi,
+                          float(confidence), holds, [asdict(c) for c in per_run])
 
 
 def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict:
