@@ -122,9 +122,12 @@ def export(trainer, args, summary: dict, dev) -> None:
         "threads": torch.get_num_threads(),
         "host": platform.node(),
         "torch": torch.__version__,
-        "data": {"kind": "msode_train.data synthetic phantoms", "split": "train", "subjects": args.subjects,
-                 "spacing_mm": args.spacing, "generator_version": D.GENERATOR_VERSION,
-                 "contrasts": list(D.CONTRASTS), "p_rotate": args.p_rotate, "max_rot_deg": args.max_rot_deg},
+        # `export` re-writes a checkpoint: the training run's data settings are not in it (None: unknown)
+        "data": {"kind": "msode_train.data synthetic phantoms", "split": "train",
+                 "subjects": args.subjects if args.func is cmd_train else None,
+                 "spacing_mm": trainer.model.cfg.spacing_mm, "generator_version": D.GENERATOR_VERSION,
+                 "contrasts": list(D.CONTRASTS), "p_rotate": getattr(args, "p_rotate", None),
+                 "max_rot_deg": getattr(args, "max_rot_deg", None)},
         "train_config": json.loads(json.dumps(trainer.cfg.to_dict())),
         "final_losses_mean_last_20_logs": _final_losses(trainer.history),
     }
@@ -141,10 +144,13 @@ def cmd_export(args) -> None:
     """Re-export the weights file from a run's checkpoint (e.g. after a stop)."""
     bank = D.SubjectBank.for_split(args.bank_root, "train", min(args.subjects, 2), spacing=args.spacing)
     pool = C.SlicePool(bank, slots=1, refresh_every=0)
-    trainer = C.ContentTrainer(pool, args.out, resume=True, progress=False,
-                               model_cfg=C.ContentConfig(base_channels=args.channels, content_dim=args.content_dim,
-                                                         n_down=args.n_down,
-                                                         spacing_mm=args.spacing))
+    if not (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"error: {Path(args.out) / 'ckpt.pt'} does not exist (train first, or pass --out)")
+    given = {k: v for k, v in (("base_channels", args.channels), ("content_dim", args.content_dim),
+                               ("n_down", args.n_down)) if v is not None}
+    # no architecture flags: the checkpoint's own; any given: checked against it (a clear error)
+    model_cfg = C.ContentConfig(**given, spacing_mm=args.spacing) if given else None
+    trainer = C.ContentTrainer(pool, args.out, resume=True, progress=False, model_cfg=model_cfg)
     export(trainer, args, {"stopped": "export"}, torch.device("cpu"))
 
 
@@ -541,9 +547,9 @@ def main(argv=None) -> None:
         e.add_argument(a, default=d)
     e.add_argument("--subjects", type=int, default=32)
     e.add_argument("--spacing", type=float, default=2.0)
-    e.add_argument("--channels", type=int, default=16)
-    e.add_argument("--content-dim", type=int, default=32)
-    e.add_argument("--n-down", type=int, default=2)
+    e.add_argument("--channels", type=int, default=None, help="default: the checkpoint's")
+    e.add_argument("--content-dim", type=int, default=None, help="default: the checkpoint's")
+    e.add_argument("--n-down", type=int, default=None, help="default: the checkpoint's")
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="evaluate weights on held-out subjects")

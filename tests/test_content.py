@@ -3,7 +3,9 @@
 Tiny networks and 4 mm subjects keep this file fast; the invariance test uses the committed weights
 on one held-out 2 mm subject.
 """
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,6 +448,10 @@ def test_one_downsampling_stage_halves_the_code_once(tiny_bank, tmp_path):
     with pytest.raises(ValueError, match="n_down: checkpoint 1, asked 2"):
         C.ContentTrainer(pool, tmp_path, cfg, other, progress=False)
     assert C.ContentTrainer(pool, tmp_path, cfg, cfg_m, progress=False).step == 2
+    # no architecture given: the checkpoint's own (what `train_content.py export` relies on)
+    resumed = C.ContentTrainer(pool, tmp_path, cfg, None, progress=False)
+    assert resumed.model.cfg.n_down == 1 and resumed.model.cfg.base_channels == 8 and resumed.step == 2
+    assert C.ContentTrainer(pool, tmp_path / "fresh", cfg, None, progress=False).model.cfg == C.ContentConfig()
 
 
 @pytest.mark.gpu
@@ -458,3 +464,32 @@ def test_trainer_resumes_on_cuda(tiny_bank, tmp_path):
     cfg2 = C.TrainConfig(steps=3, batch=2, crop=32, ckpt_every=1, sample_every=0, log_every=1)
     assert C.ContentTrainer(pool, tmp_path, cfg2, TINY, device="cuda", progress=False).run()["steps"] == 3
     assert C.ContentTrainer(pool, tmp_path, cfg2, TINY, device="cpu", progress=False).step == 3
+
+
+def test_export_command_takes_the_architecture_from_the_checkpoint(tiny_bank, tmp_path, monkeypatch):
+    """`scripts/train_content.py export` re-writes the weights of a run's checkpoint with no architecture
+    flags (an n_down=1 run exported with the defaults once failed), and refuses flags that contradict it."""
+    import importlib.util
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_content.py"
+    spec = importlib.util.spec_from_file_location("train_content_script", script)
+    tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tc)
+    cfg_m = C.ContentConfig(base_channels=8, content_dim=16, n_res=1, style_dim=4, critic_channels=8, n_down=1,
+                            spacing_mm=4.0)
+    run = tmp_path / "run"
+    pool = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=0)
+    C.ContentTrainer(pool, run, C.TrainConfig(steps=1, batch=2, crop=32, sample_every=0), cfg_m,
+                     progress=False).run()
+    monkeypatch.setattr(tc.D.SubjectBank, "for_split", lambda *a, **k: tiny_bank)  # no phantom generation
+    out = tmp_path / "w.pt"
+    tc.main(["export", "--out", str(run), "--weights-out", str(out), "--report-dir", str(tmp_path / "rep"),
+             "--spacing", "4"])
+    model = C.load_translation_model(out)
+    assert model.cfg.n_down == 1 and model.cfg.base_channels == 8
+    meta = json.loads((tmp_path / "rep" / "train_meta.json").read_text())
+    assert meta["name"] == "w" and meta["steps"] == 1 and meta["data"]["p_rotate"] is None
+    with pytest.raises(ValueError, match="n_down: checkpoint 1, asked 2"):
+        tc.main(["export", "--out", str(run), "--weights-out", str(out), "--n-down", "2", "--channels", "8",
+                 "--content-dim", "16", "--report-dir", str(tmp_path / "rep")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        tc.main(["export", "--out", str(tmp_path / "nothing"), "--weights-out", str(out)])

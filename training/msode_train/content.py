@@ -937,6 +937,8 @@ class ContentTrainer:
     every ``ckpt_every`` steps and at the end, and read back by ``resume=True``), ``log.jsonl`` (one
     line of losses every ``log_every`` steps) and ``samples/step_XXXXXX.png`` (translations of a fixed
     validation batch). Stops after ``steps`` or ``max_minutes`` (total over resumes), whichever first.
+    ``model_cfg=None`` takes the resumed checkpoint's architecture (the default one without a
+    checkpoint); a given ``model_cfg`` that differs from the checkpoint's raises a ``ValueError``.
     """
 
     def __init__(self, pool: SlicePool, out_dir, cfg: TrainConfig | None = None,
@@ -948,10 +950,12 @@ class ContentTrainer:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.cfg.seed)
-        model_cfg = model_cfg or ContentConfig()
         ckpt = self.out / "ckpt.pt"
         saved = torch.load(ckpt, map_location=self.device, weights_only=False) if resume and ckpt.exists() else None
-        if saved is not None and saved.get("model_cfg") is not None:
+        if model_cfg is None:  # the resumed checkpoint's architecture, else the default one
+            has_cfg = saved is not None and saved.get("model_cfg") is not None
+            model_cfg = ContentConfig.from_dict(saved["model_cfg"]) if has_cfg else ContentConfig()
+        elif saved is not None and saved.get("model_cfg") is not None:
             have, want = ContentConfig.from_dict(saved["model_cfg"]).to_dict(), model_cfg.to_dict()
             diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
             if diff:  # a clear message instead of load_state_dict's missing / unexpected keys
