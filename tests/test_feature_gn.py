@@ -112,3 +112,31 @@ def test_pooled_field_is_the_field_on_the_averaged_grid():
                                BSplineSSDField(grid.downsampled(2), lat)(F.avg_pool3d(w, 2), F.avg_pool3d(f, 2), t))
     with pytest.raises(ValueError, match="divisible"):
         RigidSSDField(Grid((15, 12, 10), (2.0, 2.0, 2.0)), pool=2)
+
+
+def test_bspline_gn_step_solves_its_normal_equations():
+    """Known answer: with enough CG iterations the field is -gain * z, z the solution of the dense system
+    (B^T (sum_c g_c g_c^T) B + mu D) z = B^T sum_c r_c g_c, built here explicitly from the Kronecker
+    product of the per-axis basis matrices (a few hundred unknowns); float64 throughout."""
+    grid = Grid((10, 9, 8), (4.0, 4.0, 4.0))
+    lat = BSplineLattice(grid, (16.0, 16.0, 16.0))
+    net = BSplineSSDField(grid, lat, gain=2.0, damping=0.05, cg_iters=400, features=MINDSSC(1, 1)).double()
+    w, f = _smooth_random(grid.shape_dhw, 8).double(), _smooth_random(grid.shape_dhw, 9).double()
+    out = net(w, f, torch.zeros(1, dtype=torch.float64))                # (1, 3, cz, cy, cx)
+    r, g = net.residual(w, f)                                            # (1, C, Z, Y, X), (1, C, 3, Z, Y, X)
+    b = torch.kron(torch.kron(net.bz, net.by), net.bx)                   # (Z*Y*X, cz*cy*cx), x fastest
+    nv, nk = b.shape
+    gv = g[0].reshape(g.shape[1], 3, nv)                                 # (C, 3, voxels)
+    rv = r[0].reshape(r.shape[1], nv)
+    t_vox = torch.einsum("civ,cjv->vij", gv, gv)                         # (voxels, 3, 3)
+    h = torch.zeros(3 * nk, 3 * nk, dtype=torch.float64)
+    for i in range(3):
+        for j in range(3):
+            h[i * nk:(i + 1) * nk, j * nk:(j + 1) * nk] = b.T @ (t_vox[:, i, j, None] * b)
+    diag = b.T @ (gv * gv).sum(dim=(0, 1))
+    diag = diag + 1e-3 * diag.mean() + 1e-12
+    rhs = torch.cat([b.T @ (rv * gv[:, i]).sum(0) for i in range(3)])
+    z = torch.linalg.solve(h + 0.05 * torch.diag(diag.repeat(3)), rhs)
+    want = (-2.0 * z).reshape(3, *out.shape[2:])[None]
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-8 * float(want.abs().max()))

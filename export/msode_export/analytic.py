@@ -176,11 +176,13 @@ class RigidSSDField(nn.Module):
         y = ys.reshape(1, h, 1)
         x = xs.reshape(1, 1, w)
         gx, gy, gz = g[:, :, 0], g[:, :, 1], g[:, :, 2]
-        jac = torch.stack((y * gz - z * gy, z * gx - x * gz, x * gy - y * gx, gx, gy, gz), dim=1)  # (N, 6, C, ...)
-        n = jac.shape[0]
-        jac = jac.reshape(n, 6, -1)
-        hess = torch.bmm(jac, jac.transpose(1, 2))                      # (N, 6, 6)
-        grad = torch.bmm(jac, r.reshape(n, -1, 1))                       # (N, 6, 1)
+        # the Jacobian's 6 rows and the residual as a 7th: [J; r] [J; r]^T gives J J^T and J r in one
+        # reduction over C*D*H*W instead of two skinny products (profiled: half the rigid stage's GPU time)
+        aug = torch.stack((y * gz - z * gy, z * gx - x * gz, x * gy - y * gx, gx, gy, gz, r), dim=1)
+        n = aug.shape[0]
+        aug = aug.reshape(n, 7, -1)                                      # (N, 7, C*D*H*W)
+        normal = torch.bmm(aug, aug.transpose(1, 2))                    # (N, 7, 7)
+        hess, grad = normal[:, :6, :6], normal[:, :6, 6:]                # (N, 6, 6), (N, 6, 1)
         d = torch.diagonal(hess, dim1=1, dim2=2).clamp(min=1e-12)      # Jacobi scaling
         s = torch.rsqrt(d).unsqueeze(-1)                                  # (N, 6, 1)
         a = hess * s * s.transpose(1, 2) + self.damping * torch.eye(6, dtype=hess.dtype, device=hess.device)
@@ -239,9 +241,13 @@ class BSplineSSDField(nn.Module):
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r, g = self.residual(warped, fixed)                             # (N, C, ...), (N, C, 3, ...)
         rhs = self._adjoint((r.unsqueeze(2) * g).sum(dim=1))             # (N, 3, cz, cy, cx)
-        # per-voxel structure tensor sum_c g_c g_c^T: the CG products then cost 9 channels, not 3 C
-        tensor = torch.einsum("ncidhw,ncjdhw->nijdhw", g, g)            # (N, 3, 3, D, H, W)
-        diag = self._adjoint((g * g).sum(dim=(1, 2)).unsqueeze(1))       # (N, 1, cz, cy, cx)
+        # per-voxel structure tensor sum_c g_c g_c^T as its 6 distinct entries: every CG product then
+        # reads 6 channels (not 3 C) and never forms a (N, 3, 3, D, H, W) broadcast (profiled: it was
+        # half the B-spline stage's GPU time)
+        gx, gy, gz = g[:, :, 0], g[:, :, 1], g[:, :, 2]                  # (N, C, D, H, W)
+        sxx, syy, szz = (gx * gx).sum(dim=1), (gy * gy).sum(dim=1), (gz * gz).sum(dim=1)
+        sxy, sxz, syz = (gx * gy).sum(dim=1), (gx * gz).sum(dim=1), (gy * gz).sum(dim=1)
+        diag = self._adjoint((sxx + syy + szz).unsqueeze(1))             # (N, 1, cz, cy, cx)
         diag = diag + 1e-3 * diag.mean(dim=(2, 3, 4), keepdim=True) + 1e-12
         sol = torch.zeros_like(rhs)
         res = rhs
@@ -250,7 +256,11 @@ class BSplineSSDField(nn.Module):
         rz = (res * z).sum(dim=(1, 2, 3, 4), keepdim=True)
         for _ in range(self.cg_iters):
             v = self._synth(p)                                           # (N, 3, D, H, W)
-            hp = self._adjoint((tensor * v.unsqueeze(1)).sum(dim=2)) + self.damping * diag * p
+            vx, vy, vz = v[:, 0], v[:, 1], v[:, 2]
+            tv = torch.stack((sxx * vx + sxy * vy + sxz * vz,
+                              sxy * vx + syy * vy + syz * vz,
+                              sxz * vx + syz * vy + szz * vz), dim=1)    # (sum_c g_c g_c^T) v per voxel
+            hp = self._adjoint(tv) + self.damping * diag * p
             alpha = rz / (p * hp).sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-30)
             sol = sol + alpha * p
             res = res - alpha * hp
