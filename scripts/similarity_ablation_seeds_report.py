@@ -16,7 +16,6 @@ Every number in the README is read from the files; ``notes.md`` in ``--out`` is 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -27,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from msode_train.evaluate import non_inferiority, paired_comparison
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from similarity_ablation_report import fmt_p, read_log, rolling_median  # noqa: E402  (the single-seed report's)
 
 SETS = {
     "rigid_paper": "the paper's U(±75°), U(±20 mm), random ordered contrast pairs",
@@ -43,16 +45,6 @@ def _pairs(specs) -> list[tuple[str, str]]:
             raise SystemExit(f"error: expected CONTENT_METHOD:MI_METHOD, got {s!r}")
         out.append((a, b))
     return out
-
-
-def _rolling_median(v: np.ndarray, w: int = 25) -> np.ndarray:
-    return np.asarray([np.median(v[max(0, i - w + 1): i + 1]) for i in range(len(v))])
-
-
-def _read_log(path: Path) -> dict:
-    with open(path) as fh:
-        rows = list(csv.DictReader(fh))
-    return {k: np.asarray([float(r[k]) for r in rows]) for k in ("step", "rmse_phi_mm", "sec_per_step")}
 
 
 def _figures(out: Path, per_set: dict, logs: dict, margin: float) -> list[str]:
@@ -84,7 +76,7 @@ def _figures(out: Path, per_set: dict, logs: dict, margin: float) -> list[str]:
     if logs:
         fig, ax = plt.subplots(figsize=(6.5, 4.0))
         for label, lg in logs.items():
-            ax.plot(lg["step"], _rolling_median(lg["rmse_phi_mm"]), label=label,
+            ax.plot(lg["step"], rolling_median(lg["rmse_phi_mm"]), label=label,
                     ls="-" if label.startswith("content") else "--")
         ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -115,7 +107,7 @@ def main(argv=None) -> int:
     logs = {}
     for spec in args.log:
         label, _, path = spec.partition("=")
-        logs[label] = _read_log(Path(path))
+        logs[label] = read_log(Path(path))
         shutil.copyfile(path, out / f"train_log_{label}.csv")
     summary = {"date": date.today().isoformat(), "runs": runs, "extra": extra, "sets": {},
                "train_steps": {k: int(v["step"][-1]) for k, v in logs.items()}}
@@ -131,7 +123,7 @@ def main(argv=None) -> int:
               "RMSE(φ) in mm over the fixed brain; Δ = content − MI per test pair (negative: content better); "
               "HL: Hodges-Lehmann estimate of Δ with its distribution-free 95 % interval (inverts the Wilcoxon "
               "signed-rank test); better / worse: pairs where content is better / worse by more than the tie "
-              "tolerance.", "",
+              "tolerance (for the seed-to-seed rows: the first / the second run).", "",
               "| evaluation set | comparison | median content / MI | HL Δ [95 % CI] | content better / worse / tied "
               "| Wilcoxon p | within margin |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -153,7 +145,7 @@ def main(argv=None) -> int:
         n = ni.n
         try:
             from scipy.stats import wilcoxon
-            p_head = f"{wilcoxon(d_mean).pvalue:.2g}" if np.any(d_mean != 0) else "n/a"
+            p_head = fmt_p(float(wilcoxon(d_mean).pvalue)) if np.any(d_mean != 0) else "n/a"
         except ImportError:
             p_head = "n/a"
         lines.append(f"| `{name}` ({n} pairs) | **headline: mean over {len(runs)} run{'s' if len(runs) > 1 else ''}** | {med_c:.2f} / {med_m:.2f} "
@@ -164,11 +156,20 @@ def main(argv=None) -> int:
         for a, b in runs + extra:
             c = paired_comparison(rep, a, b)
             comps[f"{a}:{b}"] = asdict(c)
-            p = "n/a" if c.p_wilcoxon is None else (f"{c.p_wilcoxon:.2g}" if c.p_wilcoxon >= 1e-3 else "<0.001")
             ok = c.shift_hi <= ni.margin
             lines.append(f"| | `{a}` vs `{b}` | {c.median_a:.2f} / {c.median_b:.2f} "
                          f"| {c.shift:+.3f} [{c.shift_lo:+.3f}, {c.shift_hi:+.3f}] | {c.a_better} / {c.b_better} / "
-                         f"{c.ties} | {p} | {'yes' if ok else 'no'} |")
+                         f"{c.ties} | {fmt_p(c.p_wilcoxon)} | {'yes' if ok else 'no'} |")
+        # the same similarity, another training seed: the scale the content - MI differences compare with
+        for k in (0, 1):
+            for i in range(len(runs)):
+                for j in range(i + 1, len(runs)):
+                    a, b = runs[i][k], runs[j][k]
+                    c = paired_comparison(rep, a, b)
+                    comps[f"{a}:{b}"] = asdict(c)
+                    lines.append(f"| | seed to seed: `{a}` vs `{b}` | {c.median_a:.2f} / {c.median_b:.2f} "
+                                 f"| {c.shift:+.3f} [{c.shift_lo:+.3f}, {c.shift_hi:+.3f}] | {c.a_better} / "
+                                 f"{c.b_better} / {c.ties} | {fmt_p(c.p_wilcoxon)} | |")
         success = {m: f"{round(rep['summary'][m]['success_rmse_phi_lt_2mm'] * n)}/{n}" for m in rows
                    if m in rep["summary"] and "success_rmse_phi_lt_2mm" in rep["summary"][m]}
         per_set[name] = {"description": desc, "n_pairs": n, "headline": asdict(ni), "comparisons": comps,
