@@ -7,7 +7,8 @@ content at least as good as the one trained with L_sim = MI, within a stated mar
         --out training/reports/similarity_ablation/headline_nd1
 
 ``--eval`` holds one ``msode-eval`` folder per evaluation set (``rigid_paper``, ``rigid_moderate``,
-``rigid_t2_t1``), each evaluated with every plan named in ``--runs`` / ``--extra`` (same test pairs).
+``rigid_t2_t1``), each evaluated with the plans named in ``--runs`` / ``--extra``; several ``--eval``
+folders (e.g. a seed evaluated later) are merged per set after checking they ran the same test pairs.
 Headline: per test pair, content - MI averaged over the ``--runs`` seeds; Hodges-Lehmann shift with its 95 %
 interval (``msode_train.evaluate.non_inferiority``); content is "at least as good" on a set when the
 interval's upper end is <= the margin (default: the protocol's RMSE(phi) tie tolerance, 0.05 mm).
@@ -89,9 +90,30 @@ def _figures(out: Path, per_set: dict, logs: dict, margin: float) -> list[str]:
     return made
 
 
+def merged_results(paths: list[Path]) -> dict | None:
+    """The methods of several results.json of one evaluation set in one report; None if none exists.
+    Raises ValueError when they did not run the same protocol on the same test pairs."""
+    reps = [json.loads(p.read_text()) for p in paths if p.exists()]
+    if not reps:
+        return None
+    merged = {"protocol": reps[0].get("protocol"), "rows": {}, "summary": {}}
+
+    def key(rep):  # the test pairs, as the protocol drew them
+        return [(r["pair"], r.get("subject"), r.get("moving"), r.get("fixed")) for r in next(iter(rep["rows"].values()))]
+
+    for p, rep in zip([p for p in paths if p.exists()], reps):
+        if key(rep) != key(reps[0]):
+            raise ValueError(f"{p}: other test pairs than {paths[0]}; evaluate with the same protocol")
+        for m, rows in rep["rows"].items():
+            merged["rows"].setdefault(m, rows)
+            merged["summary"].setdefault(m, rep.get("summary", {}).get(m, {}))
+    return merged
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval", required=True, help="folder with one msode-eval output per evaluation set")
+    ap.add_argument("--eval", required=True, nargs="+",
+                    help="folder(s) with one msode-eval output per evaluation set (merged per set)")
     ap.add_argument("--runs", nargs="+", required=True, metavar="CONTENT:MI",
                     help="the headline: one content:mi method pair per training seed")
     ap.add_argument("--extra", nargs="*", default=[], metavar="CONTENT:MI", help="secondary pairs (reported)")
@@ -102,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     runs, extra = _pairs(args.runs), _pairs(args.extra)
-    ev, out = Path(args.eval), Path(args.out)
+    evs, out = [Path(e) for e in args.eval], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logs = {}
     for spec in args.log:
@@ -113,7 +135,7 @@ def main(argv=None) -> int:
                "train_steps": {k: int(v["step"][-1]) for k, v in logs.items()}}
     lines = [f"# Similarity ablation, {args.title}: content vs MI over training seeds", "",
              f"Written by `scripts/similarity_ablation_seeds_report.py` on {summary['date']} from the `msode-eval` "
-             f"results in `{ev}`. Headline runs (content : MI, one pair per training seed): "
+             f"results in {', '.join(f'`{e}`' for e in evs)}. Headline runs (content : MI, one pair per training seed): "
              + ", ".join(f"`{a}` : `{b}`" for a, b in runs)
              + (". Secondary: " + ", ".join(f"`{a}` : `{b}`" for a, b in extra) if extra else "") + ".", ""]
     if args.criterion:
@@ -130,11 +152,10 @@ def main(argv=None) -> int:
     per_set = {}
     margin = None
     for name, desc in SETS.items():
-        res = ev / name / "results.json"
-        if not res.exists():
-            lines.append(f"| `{name}` | not evaluated ({res} missing) | | | | | |")
+        rep = merged_results([e / name / "results.json" for e in evs])
+        if rep is None:
+            lines.append(f"| `{name}` | not evaluated (no {name}/results.json) | | | | | |")
             continue
-        rep = json.loads(res.read_text())
         ni = non_inferiority(rep, runs, margin=args.margin)
         margin = ni.margin
         rows = rep["rows"]

@@ -275,23 +275,27 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     import sys
     from pathlib import Path
     rng = np.random.default_rng(5)
-    ev = tmp_path / "eval"
+    evs = (tmp_path / "eval_s0", tmp_path / "eval_s1")   # seed 1 evaluated later, in another folder
     for name, offsets in {"rigid_paper": (0.2, 0.2), "rigid_moderate": (0.01, -0.01)}.items():
-        cols = {}
         for s, off in enumerate(offsets):
             mi = rng.uniform(0.3, 0.6, 24)
-            cols[f"mi_s{s}"], cols[f"content_s{s}"] = mi, mi + off
-        rows = {m: [{"pair": i, "rmse_phi_mm": float(v)} for i, v in enumerate(vals)] for m, vals in cols.items()}
-        summary = {m: {"success_rmse_phi_lt_2mm": 1.0} for m in cols}
-        (ev / name).mkdir(parents=True)
-        (ev / name / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}))
+            cols = {f"mi_s{s}": mi, f"content_s{s}": mi + off}
+            rows = {m: [{"pair": i, "subject": f"synth{10000 + i}", "rmse_phi_mm": float(v)}
+                        for i, v in enumerate(vals)] for m, vals in cols.items()}
+            summary = {m: {"success_rmse_phi_lt_2mm": 1.0} for m in cols}
+            (evs[s] / name).mkdir(parents=True)
+            (evs[s] / name / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}))
     script = Path(__file__).resolve().parents[1] / "scripts" / "similarity_ablation_seeds_report.py"
     out = tmp_path / "report"
-    monkeypatch.setattr(sys, "argv", [str(script), "--eval", str(ev), "--runs", "content_s0:mi_s0",
-                                      "content_s1:mi_s1", "--out", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    assert exit_info.value.code == 0
+
+    def run(*extra):
+        monkeypatch.setattr(sys, "argv", [str(script), "--eval", *map(str, evs), "--runs", "content_s0:mi_s0",
+                                          "content_s1:mi_s1", "--out", str(out), *extra])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+        return exit_info.value.code
+
+    assert run() == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["margin_mm"] == 0.05
     paper, moderate = summary["sets"]["rigid_paper"]["headline"], summary["sets"]["rigid_moderate"]["headline"]
@@ -301,3 +305,9 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     assert "rigid_t2_t1" in text and "not evaluated" in text          # a missing set is said, not skipped
     assert "Within the 0.05 mm margin on 1 of 2 evaluation sets** (rigid_moderate)" in text
     assert (out / "fig_differences.png").stat().st_size > 0
+    # a later evaluation that drew other test pairs is refused, not silently paired
+    bad = json.loads((evs[1] / "rigid_paper" / "results.json").read_text())
+    bad["rows"]["mi_s1"][0]["subject"] = bad["rows"]["content_s1"][0]["subject"] = "synth99999"
+    (evs[1] / "rigid_paper" / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="other test pairs"):
+        run()
