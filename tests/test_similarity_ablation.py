@@ -239,6 +239,8 @@ def test_paired_comparison_reports_the_shift():
     a, b = [1.0, 1.2, 0.9, 1.4, 1.1, 1.3, 1.0, 0.8], [1.1, 1.25, 1.0, 1.5, 1.2, 1.35, 1.1, 0.9]
     c = paired_comparison(_report(a, b), "a", "b")
     assert c.shift == pytest.approx(-0.1, abs=0.03) and c.shift_lo <= c.shift <= c.shift_hi < 0
+    failed = paired_comparison(_report(a, b[:-1] + [float("inf")]), "a", "b")   # counts still work, no shift
+    assert failed.a_better == 8 and np.isnan(failed.shift)
 
 
 def _multi_report(cols: dict):

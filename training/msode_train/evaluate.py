@@ -59,9 +59,8 @@ from msode_sdk.warp import sample_points
 
 from . import data as D
 
-__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "PairedComparison", "shift_estimate", "NonInferiority",
-           "non_inferiority",
-           "paired_comparison", "main"]
+__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "PairedComparison",
+           "paired_comparison", "shift_estimate", "NonInferiority", "non_inferiority", "main"]
 
 _log = logging.getLogger("msode_train.evaluate")
 
@@ -370,7 +369,8 @@ def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm",
             p_w = float(wilcoxon(va, vb).pvalue)
         except ImportError:
             p_w = None
-    shift, lo, hi = shift_estimate(d, confidence)
+    # a non-finite metric (a failed method) leaves the shift undefined rather than failing the comparison
+    shift, lo, hi = shift_estimate(d, confidence) if np.all(np.isfinite(d)) else (math.nan,) * 3
     return PairedComparison(a, b, metric, len(d), float(np.median(va)), float(np.median(vb)), float(va.mean()),
                             float(vb.mean()), float(np.median(d)), a_better, b_better, ties, float(tie_tol), higher,
                             p_w, float(p_sign), shift, lo, hi, float(confidence))
