@@ -383,7 +383,8 @@ class NonInferiority:
     the difference a - b is averaged over the runs (training noise averaged out), its Hodges-Lehmann
     ``shift`` gets a ``confidence`` interval [``shift_lo``, ``shift_hi``], and ``holds`` when the worse
     end of that interval stays within the margin (``shift_hi <= margin`` where lower is better,
-    ``shift_lo >= -margin`` where higher is better). ``per_run``: each run's own comparison."""
+    ``shift_lo >= -margin`` where higher is better). ``diffs``: the run-averaged a - b per test pair;
+    ``per_run``: each run's own comparison."""
 
     runs: list
     metric: str
@@ -394,6 +395,7 @@ class NonInferiority:
     shift_hi: float
     confidence: float
     holds: bool
+    diffs: list
     per_run: list
 
 
@@ -413,7 +415,7 @@ def non_inferiority(report: dict, runs, metric: str = "rmse_phi_mm", margin: flo
     shift, lo, hi = shift_estimate(d, confidence)
     holds = bool(lo >= -margin) if higher else bool(hi <= margin)
     return NonInferiority([list(r) for r in runs], metric, float(margin), int(d.size), shift, lo, hi,
-                          float(confidence), holds, [asdict(c) for c in per_run])
+                          float(confidence), holds, [float(x) for x in d], [asdict(c) for c in per_run])
 
 
 def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict:
