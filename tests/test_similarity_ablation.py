@@ -136,10 +136,12 @@ def test_both_arms_start_from_the_same_weights_and_see_the_same_pairs(tmp_path, 
 # ----------------------------------------------------------------------------------- paired comparison
 
 
+def _multi_report(cols: dict, metric="rmse_phi_mm"):
+    return {"rows": {m: [{"pair": i, metric: float(v)} for i, v in enumerate(vals)] for m, vals in cols.items()}}
+
+
 def _report(a_vals, b_vals, metric="rmse_phi_mm"):
-    def rows(vals):
-        return [{"pair": i, metric: float(v)} for i, v in enumerate(vals)]
-    return {"rows": {"a": rows(a_vals), "b": rows(b_vals)}}
+    return _multi_report({"a": a_vals, "b": b_vals}, metric)
 
 
 def test_paired_comparison_counts_wins_ties_and_exact_sign_test():
@@ -241,10 +243,6 @@ def test_paired_comparison_reports_the_shift():
     assert c.shift == pytest.approx(-0.1, abs=0.03) and c.shift_lo <= c.shift <= c.shift_hi < 0
     failed = paired_comparison(_report(a, b[:-1] + [float("inf")]), "a", "b")   # counts still work, no shift
     assert failed.a_better == 8 and np.isnan(failed.shift)
-
-
-def _multi_report(cols: dict):
-    return {"rows": {m: [{"pair": i, "rmse_phi_mm": float(v)} for i, v in enumerate(vals)] for m, vals in cols.items()}}
 
 
 def test_non_inferiority_pools_runs_and_checks_the_margin():

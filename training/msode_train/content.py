@@ -952,11 +952,12 @@ class ContentTrainer:
         torch.manual_seed(self.cfg.seed)
         ckpt = self.out / "ckpt.pt"
         saved = torch.load(ckpt, map_location=self.device, weights_only=False) if resume and ckpt.exists() else None
+        saved_cfg = (ContentConfig.from_dict(saved["model_cfg"])
+                     if saved is not None and saved.get("model_cfg") is not None else None)
         if model_cfg is None:  # the resumed checkpoint's architecture, else the default one
-            has_cfg = saved is not None and saved.get("model_cfg") is not None
-            model_cfg = ContentConfig.from_dict(saved["model_cfg"]) if has_cfg else ContentConfig()
-        elif saved is not None and saved.get("model_cfg") is not None:
-            have, want = ContentConfig.from_dict(saved["model_cfg"]).to_dict(), model_cfg.to_dict()
+            model_cfg = saved_cfg if saved_cfg is not None else ContentConfig()
+        elif saved_cfg is not None:
+            have, want = saved_cfg.to_dict(), model_cfg.to_dict()
             diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
             if diff:  # a clear message instead of load_state_dict's missing / unexpected keys
                 raise ValueError(f"{ckpt}: its model differs from the one asked for ("
