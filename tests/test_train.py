@@ -20,7 +20,7 @@ from msode_sdk.warp import warp_chain
 from msode_train import losses as L
 from msode_train.models import ARCHITECTURES, BSplineNet, DenseUNet, RigidNet, build_network
 from msode_train.odenet import MSODENet, StageSpec
-from msode_train.train import Trainer, load_config
+from msode_train.train import Trainer, learning_rate, load_config
 
 GRID = Grid((24, 24, 16), (8.0, 8.0, 8.0))
 BS_PARAMS = {"control_spacing_mm": [40.0, 40.0, 40.0]}
@@ -270,6 +270,38 @@ def test_resume_reproduces_the_next_step(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=k)
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
     assert log[0].startswith("step,") and len(log) == 3  # header + 2 steps (step 3 of tr was never logged)
+
+
+def test_learning_rate_schedule_known_values_and_bad_specs():
+    tr = {"lr": 1e-3, "steps": 600, "lr_decay": {"start": 400, "final": 1e-5}}
+    assert learning_rate({"lr": 1e-3, "steps": 600}, 599) == 1e-3  # no decay
+    assert learning_rate(tr, 0) == learning_rate(tr, 400) == 1e-3
+    assert math.isclose(learning_rate(tr, 500), (1e-3 + 1e-5) / 2, rel_tol=1e-12)  # cosine midpoint
+    assert math.isclose(learning_rate(tr, 450), 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2, rel_tol=1e-12)
+    assert learning_rate(tr, 600) == learning_rate(tr, 700) == 1e-5
+    lin = {**tr, "lr_decay": {"start": 400, "final": 0.0, "shape": "linear"}}
+    assert math.isclose(learning_rate(lin, 450), 0.75e-3, rel_tol=1e-12)
+    lrs = [learning_rate(tr, s) for s in range(400, 601)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
+    for bad, msg in [({"start": 400, "final": 1e-5, "shape": "step"}, "cosine"),
+                     ({"start": 400, "final": 2e-3}, "final"), ({"start": 600, "final": 0}, "start"),
+                     ({"start": 10}, "mapping"), ({"start": 10, "final": 0, "gamma": 0.5}, "mapping")]:
+        with pytest.raises(ValueError, match=msg):
+            learning_rate({**tr, "lr_decay": bad}, 0)
+    with pytest.raises(ValueError, match="lr_decay"):  # checked when the config is loaded
+        load_config({"name": "x", "train": {"steps": 10, "lr_decay": {"start": 10, "final": 0}}})
+
+
+def test_trainer_follows_the_schedule_across_a_resume(tmp_path):
+    cfg = _tiny_cfg(tmp_path, train={"steps": 4, "lr_decay": {"start": 1, "final": 3e-4, "shape": "linear"}})
+    tr = Trainer(cfg, resume=False)
+    tr.fit(steps=2)
+    tr2 = Trainer(cfg, resume=True)  # resumes at step 2; the optimiser's saved lr is that of step 2
+    tr2.fit()
+    lrs = [row["lr"] for row in tr2.history]
+    want = [3e-3, 3e-3, 2.1e-3, 1.2e-3]  # the lr of steps 1..4: learning_rate(step - 1), decaying from step 1 to 4
+    assert len(lrs) == 4 and all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(lrs, want)), lrs
+    assert all(math.isclose(g["lr"], want[-1], rel_tol=1e-9) for g in tr2.opt.param_groups)
 
 
 def test_cli_trains_exports_and_evaluates(tmp_path, capsys):

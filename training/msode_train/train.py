@@ -24,7 +24,9 @@ it over :data:`DEFAULTS` and applies ``--set a.b=value`` overrides (values parse
             ``self_metric`` (points | params), ``self_scale_mm``, ``lambda_reg``, ``lambda_sup``
             (beyond the paper, default 0: supervised point error against the simulated map of the
             multi-contrast pair itself).
-``train``   ``steps``, ``batch_size``, ``lr`` (Adam), ``grad_clip``, ``max_minutes`` (the run stops
+``train``   ``steps``, ``batch_size``, ``lr`` (Adam), ``lr_decay`` (None, or ``{start, final, shape}``: from step
+            ``start`` to ``steps`` the learning rate falls from ``lr`` to ``final`` along ``shape``
+            (cosine | linear); a function of the step, so a resumed run continues it), ``grad_clip``, ``max_minutes`` (the run stops
             itself, checkpointed, after that), ``checkpoint_every``, ``val_every``, ``val_pairs``,
             ``out_dir`` (default ``out/train/<name>``, git-ignored), ``threads``, ``seed``, ``device`` (auto | cpu | cuda[:n]), ``progress``.
 ``export``  ``plan`` (write ``<out_dir>/<name>.plan`` at the end), ``formats``, ``eval_pairs``
@@ -50,6 +52,7 @@ import copy
 import csv
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -91,7 +94,7 @@ DEFAULTS: dict = {
              "control_spacing_mm": D.DEFAULT_CONTROL_SPACING_MM, "bank_spacing_mm": None, "cache": 64},
     "loss": {"sim": "mi", "sim_kwargs": {}, "sim_spacing_mm": None, "lambda_sim": 1.0, "lambda_self": 1.0, "self_metric": "points",
              "self_scale_mm": 10.0, "lambda_reg": 0.0, "lambda_sup": 0.0, "self_points": 4096},
-    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "grad_clip": 10.0, "max_minutes": 35.0,
+    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "lr_decay": None, "grad_clip": 10.0, "max_minutes": 35.0,
               "checkpoint_every": 25, "val_every": 0, "val_pairs": 4, "out_dir": "out/train/{name}",
               "threads": None, "seed": 0, "device": "auto", "progress": True},
     "export": {"plan": True, "formats": ["torchscript", "onnx"], "eval_pairs": 0},
@@ -165,6 +168,40 @@ def _check_config(cfg: dict) -> None:
     for c in cfg["data"]["contrasts"]:
         if c not in D.CLASS_MEANS:
             raise ValueError(f"unknown contrast {c!r}; synthetic contrasts are {list(D.CLASS_MEANS)}")
+    learning_rate(cfg["train"], 0)  # validates train.lr / train.lr_decay
+
+
+LR_DECAY_SHAPES = ("cosine", "linear")
+
+
+def learning_rate(train_cfg: dict, step: int) -> float:
+    """The Adam learning rate for the optimiser step that follows ``step`` completed steps.
+
+    ``train.lr`` until ``lr_decay.start``, then down to ``lr_decay.final`` at ``train.steps`` along
+    ``lr_decay.shape`` (cosine: ``final + (lr - final) (1 + cos(pi u)) / 2``; linear: ``lr + (final - lr) u``,
+    with ``u = (step - start) / (steps - start)`` clipped to [0, 1]). A pure function of the step, so a
+    resumed run (or one whose ``steps`` was raised) continues it without scheduler state."""
+    lr = float(train_cfg["lr"])
+    if not lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {train_cfg['lr']!r}")
+    spec = train_cfg.get("lr_decay")
+    if not spec:
+        return lr
+    if not isinstance(spec, dict) or set(spec) - {"start", "final", "shape"} or "start" not in spec \
+            or "final" not in spec:
+        raise ValueError(f"train.lr_decay must be a mapping with start, final and optionally shape, got {spec!r}")
+    shape = spec.get("shape", "cosine")
+    if shape not in LR_DECAY_SHAPES:
+        raise ValueError(f"train.lr_decay.shape {shape!r} is not one of {list(LR_DECAY_SHAPES)}")
+    start, end, final = int(spec["start"]), int(train_cfg["steps"]), float(spec["final"])
+    if not 0 <= final <= lr:
+        raise ValueError(f"train.lr_decay.final must be in [0, lr = {lr}], got {final}")
+    if not 0 <= start < end:
+        raise ValueError(f"train.lr_decay.start must be in [0, train.steps = {end}), got {start}")
+    u = min(max((step - start) / (end - start), 0.0), 1.0)
+    if shape == "cosine":
+        return final + (lr - final) * 0.5 * (1.0 + math.cos(math.pi * u))
+    return lr + (final - lr) * u
 
 
 def model_grid_of(cfg: dict) -> Grid:
@@ -428,6 +465,9 @@ class Trainer:
         batch = self.sample_batch()
         t_data = time.perf_counter() - t0
         self.opt.zero_grad(set_to_none=True)
+        lr = learning_rate(self.cfg["train"], self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         terms = self.compute_losses(batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
@@ -444,7 +484,7 @@ class Trainer:
         row = {"step": self.step, "time_s": round(self.elapsed, 3), "sec_per_step": round(dt, 3),
                "data_s": round(t_data, 3), "loss": float(loss.detach()), "sim": float(terms["sim"].detach()),
                "self": float(terms["self"]), "reg": float(terms["reg"]), "sup": float(terms["sup"]),
-               "rmse_phi_mm": float(terms["rmse_phi"]), "grad_norm": float(gnorm),
+               "rmse_phi_mm": float(terms["rmse_phi"]), "grad_norm": float(gnorm), "lr": lr,
                **{f"nfe_{k}": v for k, v in terms["nfe"].items()}}
         self.history.append(row)
         return row
