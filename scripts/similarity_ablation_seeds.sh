@@ -16,6 +16,7 @@ OUT=${OUT:-training/reports/similarity_ablation/headline}
 EVAL=${EVAL:-out/ablation/headline_eval}
 CRITERION=${CRITERION:-}
 TITLE=${TITLE:-headline}
+MERGE=${MERGE:-}  # more msode-eval folders (same test pairs) merged into the report, e.g. earlier seeds' plans
 LOGS=${LOGS:-}  # more training logs to plot, "label=train_log.csv ..." (e.g. runs resumed in another folder)
 PY=${PY:-python}
 export PYTHONPATH=${PYTHONPATH:-sdk:export:training}
@@ -47,7 +48,7 @@ evaluate() {  # evaluation set, then msode-eval arguments
 evaluate rigid_paper    --motion rigid --pairs random --n 24 --baselines none
 evaluate rigid_moderate --motion rigid --pairs random --n 24 --baselines none --max-rot-deg 30 --max-trans-mm 15
 evaluate rigid_t2_t1    --motion rigid --pairs t2:t1 --n 12 --baselines none
-report_args=(--eval "$EVAL" --out "$OUT" --title "$TITLE" --runs $RUNS)
+report_args=(--eval "$EVAL" $MERGE --out "$OUT" --title "$TITLE" --runs $RUNS)
 [ -n "$EXTRA" ] && report_args+=(--extra $EXTRA)
 [ ${#log_args[@]} -gt 0 ] && report_args+=(--log "${log_args[@]}")
 [ -n "$CRITERION" ] && report_args+=(--criterion "$CRITERION")

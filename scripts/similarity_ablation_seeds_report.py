@@ -107,8 +107,15 @@ def merged_results(paths: list[Path]) -> dict | None:
         if key(rep) != key(reps[0]):
             raise ValueError(f"{p}: other test pairs than {found[0]}; evaluate with the same protocol")
         for m, rows in rep["rows"].items():
-            merged["rows"].setdefault(m, rows)
-            merged["summary"].setdefault(m, rep.get("summary", {}).get(m, {}))
+            if m in merged["rows"]:  # the same label in two folders must be the same results (e.g. identity;
+                # equal to rounding: another thread count may sum in another order)
+                here, before = ([float(r.get("rmse_phi_mm", np.nan)) for r in rr] for rr in (rows, merged["rows"][m]))
+                if not np.allclose(here, before, rtol=1e-6, atol=1e-6, equal_nan=True):
+                    raise ValueError(f"{p}: method {m!r} is also in an earlier folder with other results; "
+                                     "label the plans apart")
+                continue
+            merged["rows"][m] = rows
+            merged["summary"][m] = rep.get("summary", {}).get(m, {})
     return merged
 
 
@@ -147,7 +154,7 @@ def main(argv=None) -> int:
               "RMSE(φ) in mm over the fixed brain; Δ = content − MI per test pair (negative: content better); "
               "HL: Hodges-Lehmann estimate of Δ with its distribution-free 95 % interval (inverts the Wilcoxon "
               "signed-rank test); better / worse: pairs where content is better / worse by more than the tie "
-              "tolerance (for the seed-to-seed rows: the first / the second run).", "",
+              "tolerance (for the seed-to-seed and secondary rows: the first / the second run named).", "",
               "| evaluation set | comparison | median content / MI | HL Δ [95 % CI] | content better / worse / tied "
               "| Wilcoxon p | within margin |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

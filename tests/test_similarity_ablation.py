@@ -288,9 +288,9 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     script = Path(__file__).resolve().parents[1] / "scripts" / "similarity_ablation_seeds_report.py"
     out = tmp_path / "report"
 
-    def run(*extra):
-        monkeypatch.setattr(sys, "argv", [str(script), "--eval", *map(str, evs), "--runs", "content_s0:mi_s0",
-                                          "content_s1:mi_s1", "--out", str(out), *extra])
+    def run(*extra, runs=("content_s0:mi_s0", "content_s1:mi_s1")):
+        monkeypatch.setattr(sys, "argv", [str(script), "--eval", *map(str, evs), "--runs", *runs,
+                                          "--out", str(out), *extra])
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(script), run_name="__main__")
         return exit_info.value.code
@@ -311,3 +311,13 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     (evs[1] / "rigid_paper" / "results.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="other test pairs"):
         run()
+    # the same label in two folders: identical results merge, different ones are refused
+    (evs[1] / "rigid_paper" / "results.json").unlink()
+    (evs[1] / "rigid_moderate" / "results.json").write_text((evs[0] / "rigid_moderate" / "results.json").read_text())
+    merged = runpy.run_path(str(script))["merged_results"]([e / "rigid_moderate" / "results.json" for e in evs])
+    assert set(merged["rows"]) == {"mi_s0", "content_s0"}
+    again = json.loads((evs[0] / "rigid_moderate" / "results.json").read_text())
+    again["rows"]["mi_s0"][3]["rmse_phi_mm"] += 0.1
+    (evs[1] / "rigid_moderate" / "results.json").write_text(json.dumps(again))
+    with pytest.raises(ValueError, match="label the plans apart"):
+        run(runs=("content_s0:mi_s0",))
