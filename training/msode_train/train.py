@@ -180,7 +180,7 @@ def learning_rate(train_cfg: dict, step: int) -> float:
     ``train.lr`` until ``lr_decay.start``, then down to ``lr_decay.final`` at ``train.steps`` along
     ``lr_decay.shape`` (cosine: ``final + (lr - final) (1 + cos(pi u)) / 2``; linear: ``lr + (final - lr) u``,
     with ``u = (step - start) / (steps - start)`` clipped to [0, 1]). A pure function of the step, so a
-    resumed run (or one whose ``steps`` was raised) continues it without scheduler state."""
+    resumed run continues it without scheduler state (raising ``train.steps`` on resume re-times the rest)."""
     lr = float(train_cfg["lr"])
     if not lr > 0:
         raise ValueError(f"train.lr must be > 0, got {train_cfg['lr']!r}")
