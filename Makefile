@@ -43,10 +43,11 @@ rigid-bspline-plan: $(STAMP)
 plan-report: $(STAMP)
 	PY=$(PY) bash scripts/evaluate_bundled_plan.sh
 
-# Issue 4's ablation: the same rigid MS-ODENet trained with L_sim = content and with L_sim = MI, evaluated
-# side by side (~55 min on 2 CPU cores) -> training/reports/similarity_ablation/
+# Research (issue 4, not part of the SDK): the same rigid MS-ODENet trained with L_sim = content and with
+# L_sim = MI, evaluated side by side (~55-75 min on 2 CPU cores)
+# -> training/experiments/similarity_ablation/reports/loss_4mm/ (see docs/experiments/similarity-ablation.md)
 similarity-ablation: $(STAMP)
-	PY=$(PY) bash scripts/similarity_ablation.sh
+	PY=$(PY) bash training/experiments/similarity_ablation/scripts/ablation.sh
 
 clean:
 	rm -rf out build cpp_demo/build .pytest_cache

@@ -7,8 +7,7 @@ cd "$(dirname "$0")/.."
 PLAN=${1:-sdk/msode_sdk/models/rigid_bspline.plan}
 N=${2:-12}
 OUT=training/reports/rigid_bspline
-PY=${PY:-python}
-export PYTHONPATH=${PYTHONPATH:-sdk:export:training}
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # with the project installed (make demo)
 mkdir -p "$OUT"
 run() {  # name, then msode-eval arguments
   local name=$1; shift

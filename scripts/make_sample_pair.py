@@ -16,29 +16,26 @@ MNI-like RAS mm. Images are resampled from it with the SDK's trilinear ``sample_
 image at each fixed voxel's world point ``p``, the moving image at ``M^-1 y`` for each moving voxel's
 world point ``y`` (so moving(M p) = subject(p) = fixed(p)).
 
-Usage: ``PYTHONPATH=sdk:training python scripts/make_sample_pair.py [--out data/sample]``
+Usage (with the project installed, e.g. ``.venv/bin/python``):
+``python scripts/make_sample_pair.py [--out data/sample]``
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for sub in ("sdk", "training"):
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
+from msode_sdk.io import array_to_tensor, ras_to_lps_matrix, sample_image_at_world, world_points
+from msode_sdk.transforms import euler_to_rigid, rigid_matrix
+from msode_sdk.warp import sample_points
+from msode_train.data import GENERATOR_VERSION, SAMPLE_SEED, synthesize_subject
 
-from msode_sdk.io import array_to_tensor, ras_to_lps_matrix, sample_image_at_world, world_points  # noqa: E402
-from msode_sdk.transforms import euler_to_rigid, rigid_matrix  # noqa: E402
-from msode_sdk.warp import sample_points  # noqa: E402
-from msode_train.data import GENERATOR_VERSION, SAMPLE_SEED, synthesize_subject  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (the default output folder)
 
 SPACING_MM = 2.0
 FIXED_SHAPE = (120, 120, 64)            # 240 x 240 x 160 mm

@@ -16,17 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for sub in ("sdk", "export", "training"):
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from msode_sdk import Registrar  # noqa: E402
-from msode_sdk.bench import build_fixed_step_plan, synthetic_pair  # noqa: E402
-from msode_sdk.transforms import Grid  # noqa: E402
+from msode_sdk import Registrar
+from msode_sdk.bench import build_fixed_step_plan, synthetic_pair
+from msode_sdk.transforms import Grid
 
 
 def main(argv=None) -> int:

@@ -384,7 +384,7 @@ def _weights_available():
 
 def test_committed_weights_small_and_loadable():
     if not _weights_available():
-        pytest.skip("committed weights not present yet (run scripts/train_content.py train)")
+        pytest.skip("committed weights not present yet (train_content.py train, training/experiments/content_encoder)")
     path = C.WEIGHTS_DIR / f"{C.DEFAULT_WEIGHTS}.pt"
     assert path.stat().st_size < 5e6
     blob = torch.load(path, weights_only=True)
@@ -415,7 +415,7 @@ def heldout_2mm():
 def test_invariance_minimum_at_truth(heldout_2mm, pair, dof):
     """Two contrasts of one held-out subject: the content distance is smallest at zero shift."""
     if not _weights_available():
-        pytest.skip("committed weights not present yet (run scripts/train_content.py train)")
+        pytest.skip("committed weights not present yet (train_content.py train, training/experiments/content_encoder)")
     subj = heldout_2mm
     sim = C.content_similarity(n_slices=12, seed=0, resample=False)
     shifts = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]
@@ -467,10 +467,11 @@ def test_trainer_resumes_on_cuda(tiny_bank, tmp_path):
 
 
 def test_export_command_takes_the_architecture_from_the_checkpoint(tiny_bank, tmp_path, monkeypatch):
-    """`scripts/train_content.py export` re-writes the weights of a run's checkpoint with no architecture
-    flags (an n_down=1 run exported with the defaults once failed), and refuses flags that contradict it."""
+    """`train_content.py export` (training/experiments/content_encoder/scripts/) re-writes the weights of a
+    run's checkpoint with no architecture flags (an n_down=1 run exported with the defaults once failed), and
+    refuses flags that contradict it."""
     import importlib.util
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train_content.py"
+    script = Path(__file__).resolve().parents[1] / "training/experiments/content_encoder/scripts/train_content.py"
     spec = importlib.util.spec_from_file_location("train_content_script", script)
     tc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tc)

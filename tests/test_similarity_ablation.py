@@ -268,8 +268,9 @@ def test_non_inferiority_pools_runs_and_checks_the_margin():
 
 
 def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch):
-    """scripts/similarity_ablation_seeds_report.py on synthetic msode-eval folders: content worse by a
-    constant 0.2 mm on one set (outside the 0.05 mm margin), equal on average over two seeds on another."""
+    """The seeds report (training/experiments/similarity_ablation/scripts/seeds_report.py, run as a module from
+    the repository root) on synthetic msode-eval folders: content worse by a constant 0.2 mm on one set
+    (outside the 0.05 mm margin), equal on average over two seeds on another."""
     import json
     import runpy
     import sys
@@ -285,14 +286,15 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
             summary = {m: {"success_rmse_phi_lt_2mm": 1.0} for m in cols}
             (evs[s] / name).mkdir(parents=True)
             (evs[s] / name / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "similarity_ablation_seeds_report.py"
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the repository root, as `python -m`
+    module = "training.experiments.similarity_ablation.scripts.seeds_report"
     out = tmp_path / "report"
 
     def run(*extra, runs=("content_s0:mi_s0", "content_s1:mi_s1")):
-        monkeypatch.setattr(sys, "argv", [str(script), "--eval", *map(str, evs), "--runs", *runs,
+        monkeypatch.setattr(sys, "argv", [module, "--eval", *map(str, evs), "--runs", *runs,
                                           "--out", str(out), *extra])
         with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(script), run_name="__main__")
+            runpy.run_module(module, run_name="__main__")
         return exit_info.value.code
 
     assert run() == 0
@@ -314,7 +316,7 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     # the same label in two folders: identical results merge, different ones are refused
     (evs[1] / "rigid_paper" / "results.json").unlink()
     (evs[1] / "rigid_moderate" / "results.json").write_text((evs[0] / "rigid_moderate" / "results.json").read_text())
-    merged = runpy.run_path(str(script))["merged_results"]([e / "rigid_moderate" / "results.json" for e in evs])
+    merged = runpy.run_module(module)["merged_results"]([e / "rigid_moderate" / "results.json" for e in evs])
     assert set(merged["rows"]) == {"mi_s0", "content_s0"}
     again = json.loads((evs[0] / "rigid_moderate" / "results.json").read_text())
     again["rows"]["mi_s0"][3]["rmse_phi_mm"] += 0.1

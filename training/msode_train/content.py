@@ -38,12 +38,12 @@ recipe. A third, registration-aware term, ``LossWeights.shift_symmetry`` (:func:
 asks the paired code distance to be symmetric about the truth: ``d(+delta) = d(-delta)`` for ``x_a`` resampled
 at small 3-D offsets ``+-delta`` (:meth:`SlicePool.draw_batch`). A slope of ``d`` at the truth is exactly
 what moves ``L_sim``'s optimum off the true alignment (measured for ``content_phantom_v1``: 0.6-0.8 mm,
-training/reports/similarity_ablation/); ``content_phantom_v2`` is v1 fine-tuned with this term
-(training/reports/content_v2/). The slope alone can also be lowered by a code that barely sees small shifts
-(a flat ``L_sim``, whose optimum is as far off), so ``LossWeights.shift_drift`` weights slope over curvature,
-the Newton estimate of the optimum's offset (``content_phantom_v5``). The critic is updated once per
-generator step (``n_critic = 1``, not WGAN-GP's 5, to fit CPU budgets); an epsilon-drift term keeps critic
-outputs bounded.
+training/experiments/similarity_ablation/); ``content_phantom_v2`` is v1 fine-tuned with this term
+(training/experiments/content_encoder/reports/v2/). The slope alone can also be lowered by a code that barely sees
+small shifts (a flat ``L_sim``, whose optimum is as far off), so ``LossWeights.shift_drift`` weights slope over
+curvature, the Newton estimate of the optimum's offset (``content_phantom_v5``). The critic is updated once per
+generator step (``n_critic = 1``, not WGAN-GP's 5, to fit CPU budgets); an epsilon-drift term keeps critic outputs
+bounded.
 
 Registration loss (paper eq. 4): :class:`E3DContent` builds ``E^c_3D(x)`` of a volume ``(N, 1, D, H, W)``
 from ``n_slices`` 5-slice stacks, split evenly over the three axes (axial: stacks along D = z,
@@ -59,8 +59,8 @@ in memory, one replaced every 10 draws by a random subject, half of them in a ra
 (U(-45, 45) deg, U(-10, 10) mm, all contrasts warped together) so oblique cuts are seen too; random
 in-plane crops (64 x 64 for the committed weights) holding >= 15 % brain, random flips, an
 independent gamma U(exp(-0.2), exp(0.2)) per contrast. :class:`ContentTrainer` (tqdm, atomic
-checkpoints with resume, loss log, translation PNGs) runs it; ``scripts/train_content.py`` is the
-command line (train / export / report).
+checkpoints with resume, loss log, translation PNGs) runs it; ``train_content.py`` in
+training/experiments/content_encoder/scripts/ is the command line (train / export / report).
 
 Usage in the registration loss::
 
@@ -69,7 +69,8 @@ Usage in the registration loss::
 
 Cost of one call with 24 stacks on a 2 mm 120x120x80 pair: ~0.4 s forward, ~0.8 s forward and
 backward on one CPU thread of the shared project machine. Scale: about 0.01-0.02 for two aligned
-contrasts of one subject, 0.1-0.35 at 15 mm / 20 deg (v1, ``training/reports/content/``; v2: ``content_v2/``).
+contrasts of one subject, 0.1-0.35 at 15 mm / 20 deg (v1, ``training/experiments/content_encoder/reports/v1/``;
+v2: ``v2/``).
 
 Weights file (``torch.load(..., weights_only=True)``): a dict ``{"format": "msode-content",
 "format_version": 1, "config": {...}, "state_dict": {E^c, E^s, G tensors}, "meta": {...}}``.
@@ -482,7 +483,7 @@ def shift_symmetry(enc_c: "ContentEncoder", cb: torch.Tensor, xa_plus: torch.Ten
     """Registration-aware terms (beyond the paper) on the paired distance ``d(s) = ||E^c(x_a(s)) - E^c(x_b)||^2``
     of two aligned contrasts, at small offsets ``+-delta`` (``xa_plus``/``xa_minus``, from
     :meth:`SlicePool.draw_batch`). A slope of ``d`` at ``s = 0`` moves ``L_sim``'s optimum off the truth (the
-    bias measured in the similarity ablation, training/reports/similarity_ablation/), by about the Newton step
+    bias measured in the similarity ablation, training/experiments/similarity_ablation/), by about the Newton step
     ``delta * (d(+) - d(-)) / (2 (d(+) + d(-) - 2 d(0)))``: slope over curvature.
 
     Returns ``shift_symmetry = mean |d(+) - d(-)|`` (the slope alone: an encoder can also lower it by making
