@@ -175,7 +175,10 @@ def test_onnx_export_round_trip(kind):
         feeds = {"warped": a.numpy(), "fixed": b.numpy(), "t": t.numpy()}
         out = sess.run(None, {k: feeds[k] for k in names})[0]
         assert out.shape == ref.shape and out.shape[0] == n
-        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)  # rtol: the CG outputs reach ~100 mm
+        # an iterative solve (10 CG steps) accumulates float32 rounding relative to the whole output, not
+        # to each element: outputs reach ~100 mm, so the tolerance scales with their magnitude
+        scale = max(float(np.abs(ref).max()), 1.0)
+        np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=1e-4)
 
 
 def test_torchscript_round_trip():
