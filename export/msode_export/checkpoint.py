@@ -26,17 +26,28 @@ into the plan's manifest. Level ``l`` uses the grid ``model_grid`` downsampled b
 Architectures: networks are rebuilt at export time by a factory registered under the checkpoint's
 ``arch.name``: ``factory(level_grid, model_grid, stage_params, **kwargs) -> nn.Module`` with the
 network contract ``forward(warped, fixed, t) -> velocity`` (see :mod:`msode_sdk.backends`), then the
-level's state dict is loaded strictly. ``msode_train`` registers its networks with
-:func:`register_architecture` when imported (the registry imports ``msode_train.models`` on a miss);
-other code can register its own (``msode export --import MODULE``).
+level's state dict is loaded strictly.
+
+The registry is filled from above, never by importing a higher package from here: code that defines
+networks calls :func:`register_architecture` when it is imported (``msode_train`` does so for all of
+its architectures when ``msode_train`` or any of its modules is imported). When a checkpoint names an
+architecture that is not registered, the registry loads the plugins of the entry-point group
+:data:`ENTRY_POINT_GROUP` (``msode.architectures``, declared in ``pyproject.toml``; ``msode_train``
+declares ``msode_train.models:register_architectures`` there) once each, and looks again; an entry
+point may name a module (importing it registers) or a callable (called with no arguments). Other code
+can register its own (``msode export --import MODULE``). A name that is still unknown raises
+:class:`UnknownArchitectureError`, which lists the registered names and any plugin that failed to load
+(the first failure is its ``__cause__``).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
 import re
+import sys
+import warnings
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -47,21 +58,49 @@ from msode_sdk.errors import MsodeError
 from msode_sdk.plan import SOLVER_NAMES, TRANSFORMS
 from msode_sdk.transforms import Grid
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint",
-           "load_checkpoint", "register_architecture", "get_architecture", "architectures", "build_networks",
-           "export_checkpoints"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "ENTRY_POINT_GROUP", "CheckpointError",
+           "UnknownArchitectureError", "Checkpoint", "save_checkpoint", "load_checkpoint", "register_architecture",
+           "get_architecture", "architectures", "load_architecture_plugins", "build_networks", "export_checkpoints"]
 
 CHECKPOINT_FORMAT = "msode-checkpoint"
 CHECKPOINT_VERSION = 1
-#: modules imported (quietly, once) when an architecture name is not registered yet
-ARCHITECTURE_PROVIDERS = ("msode_train.models",)
+#: entry-point group of architecture plugins, loaded when a checkpoint names an unregistered architecture
+ENTRY_POINT_GROUP = "msode.architectures"
 
 Factory = Callable[..., nn.Module]
 _ARCHITECTURES: dict[str, Factory] = {}
+#: entry points already loaded (``"name = value"``) -> None, or the exception their loading raised
+_PLUGINS: dict[str, BaseException | None] = {}
 
 
 class CheckpointError(MsodeError, ValueError):
     """A checkpoint file is missing, not a checkpoint, of a newer format, or inconsistent."""
+
+
+class UnknownArchitectureError(CheckpointError):
+    """A checkpoint names a network architecture that no imported module or plugin registered.
+    ``name``: the architecture; ``registered``: the names known; ``plugin_errors``: ``{entry point: error}``
+    of the plugins that failed to load."""
+
+    def __init__(self, name: str, registered: list[str], plugin_errors: Mapping[str, BaseException] | None = None):
+        self.name = name
+        self.registered = list(registered)
+        self.plugin_errors = dict(plugin_errors or {})
+        msg = f"unknown network architecture {name!r}; registered: {self.registered}"
+        if self.plugin_errors:
+            msg += "; architecture plugins that failed to load: " + "; ".join(
+                f"{ep} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                for ep, e in self.plugin_errors.items())
+        if name.split("_", 1)[0] in TRANSFORMS:  # msode_train names its networks <transform>_<kind>
+            if "msode_train" in sys.modules:  # looked up, never imported from here
+                msg += (f". {name!r} looks like an msode_train architecture, but the imported msode_train does "
+                        "not define it (a checkpoint of another msode version?)")
+            else:
+                msg += (f". {name!r} looks like an msode_train architecture: `import msode_train` first (the "
+                        "training package, `pip install msode[train]`; `msode export --import msode_train`)")
+        else:
+            msg += " (import the module that registers it, e.g. `msode export --import MODULE`)"
+        super().__init__(msg)
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -87,19 +126,39 @@ def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
+def load_architecture_plugins() -> dict[str, BaseException]:
+    """Load every not yet loaded entry point of :data:`ENTRY_POINT_GROUP` (each once per process):
+    a module is imported (it registers on import), a callable is called with no arguments. Returns
+    ``{entry point: exception}`` of every plugin whose loading failed (now or before); nothing is
+    swallowed silently: :func:`get_architecture` reports them."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        key = f"{ep.name} = {ep.value}"
+        if key in _PLUGINS:
+            continue
+        try:
+            hook = ep.load()
+            if callable(hook):
+                hook()
+        except Exception as exc:  # a broken plugin (ImportError and all): reported, not hidden
+            _PLUGINS[key] = exc
+        else:
+            _PLUGINS[key] = None
+    return {k: e for k, e in _PLUGINS.items() if e is not None}
+
+
 def get_architecture(name: str) -> Factory:
-    """The factory registered under ``name`` (importing :data:`ARCHITECTURE_PROVIDERS` on a miss)."""
-    if name not in _ARCHITECTURES:
-        for mod in ARCHITECTURE_PROVIDERS:
-            try:
-                importlib.import_module(mod)
-            except ImportError:
-                continue
-    try:
+    """The factory registered under ``name``. On a miss the plugins of :data:`ENTRY_POINT_GROUP` are
+    loaded and the name looked up again; still unknown: :class:`UnknownArchitectureError` (whose
+    ``__cause__`` is the first plugin failure, if any)."""
+    if name in _ARCHITECTURES:
         return _ARCHITECTURES[name]
-    except KeyError:
-        raise CheckpointError(f"unknown network architecture {name!r}; registered: {architectures()} "
-                              f"(import the module that registers it, e.g. `msode export --import MODULE`)") from None
+    failed = load_architecture_plugins()
+    if name in _ARCHITECTURES:
+        for ep, exc in failed.items():
+            warnings.warn(f"architecture plugin {ep} failed to load: {type(exc).__name__}: {exc}", RuntimeWarning,
+                          stacklevel=2)
+        return _ARCHITECTURES[name]
+    raise UnknownArchitectureError(name, architectures(), failed) from next(iter(failed.values()), None)
 
 
 # -------------------------------------------------------------------------------------- checkpoints

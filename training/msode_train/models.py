@@ -38,9 +38,12 @@ Design choices (all networks):
 Gauss-Newton fields (the closed-form step on a feature SSD) whose features are a trainable
 :class:`LearnedFeatures` CNN; they ignore ``t``, and only their feature CNN is learned.
 
-Architectures are registered by name in :data:`ARCHITECTURES` and, when the export package provides
-it, with ``msode_export.checkpoint.register_architecture(name, factory)``; a factory is
-``factory(level_grid, model_grid, stage_params, **kwargs) -> nn.Module``.
+Architectures are listed by name (with their transform kind) in :data:`ARCHITECTURES`, this package's
+one table of them; a factory is ``factory(level_grid, model_grid, stage_params, **kwargs) -> nn.Module``.
+Importing this module (which importing ``msode_train`` does) registers every one of them with
+``msode_export.checkpoint.register_architecture``, so that ``msode export`` can rebuild the networks of
+a checkpoint; :func:`register_architectures` is also the ``msode.architectures`` entry point
+(``pyproject.toml``) through which the export package finds them without importing this package by name.
 """
 from __future__ import annotations
 
@@ -51,12 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from msode_export.analytic import BSplineSSDField, RigidSSDField
+from msode_export.checkpoint import register_architecture
 from msode_sdk.transforms import BSplineLattice, Grid
 
-from .tissue import ContextTrunk
-
-__all__ = ["RigidNet", "BSplineNet", "DenseUNet", "LearnedFeatures", "ARCHITECTURES", "DEFAULT_ARCH", "build_network",
-           "register_architectures"]
+__all__ = ["RigidNet", "BSplineNet", "DenseUNet", "ContextTrunk", "LearnedFeatures", "ARCHITECTURES", "DEFAULT_ARCH",
+           "build_network", "register_architectures"]
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
@@ -261,11 +263,41 @@ class DenseUNet(nn.Module):
 # ------------------------------------------------------------------------ learned-feature Gauss-Newton
 
 
+class ContextTrunk(nn.Module):
+    """The shared front of the contrast-aware feature CNNs (``msode_train.tissue.TissueEncoder``,
+    :class:`LearnedFeatures`): ``(N, 1, D, H, W) -> (N, width, D, H, W)``, conv3 -> conv3
+    -> FiLM -> conv3 (dilation 2), LeakyReLU(0.2). The FiLM takes the per-channel mean and mean square
+    of the features (what the image's contrast is) through Linear -> LeakyReLU -> Linear
+    (zero-initialised: the identity at the start) to ``gamma, beta`` and returns
+    ``h * (1 + gamma) + beta``. Subclasses add their heads after :meth:`trunk`; parameter names
+    (``c1``, ``c2``, ``film.0``, ``film.2``, ``c3``) are those of the committed weights."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        w = int(width)
+        self.c1 = nn.Conv3d(1, w, 3, padding=1)
+        self.c2 = nn.Conv3d(w, w, 3, padding=1)
+        self.film = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
+        nn.init.zeros_(self.film[2].weight)
+        nn.init.zeros_(self.film[2].bias)
+        self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
+        self.width = w
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.c1(x), 0.2)
+        h = F.leaky_relu(self.c2(h), 0.2)
+        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
+        gb = self.film(ctx)
+        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
+        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
+        return F.leaky_relu(self.c3(h * (1.0 + gamma) + beta), 0.2)
+
+
 class LearnedFeatures(ContextTrunk):
     """Normalised image ``(N, 1, D, H, W)`` -> ``(N, 1 + channels, D, H, W)`` features on the same grid:
     ``a * image`` (``a`` a learned scalar, ``intensity_init`` at start) followed by ``channels`` learned maps.
 
-    :class:`msode_train.tissue.ContextTrunk` (conv3 -> conv3 -> FiLM(the image's contrast) -> conv3,
+    :class:`ContextTrunk` (conv3 -> conv3 -> FiLM(the image's contrast) -> conv3,
     dilation 2) -> conv1. The learned maps start small but not zero: a Gauss-Newton step's derivative with
     respect to a feature channel that is identically zero is zero, so zero-initialised channels
     would never learn. The same holds for ``a``: with ``intensity_init`` 1 the untrained field is
@@ -340,22 +372,13 @@ def build_network(arch: str, level_grid: Grid, model_grid: Grid, stage_params: d
     return factory(level_grid, model_grid, stage_params, **kwargs)
 
 
-def register_architectures() -> bool:
-    """Register every architecture with ``msode_export.checkpoint`` (when that module exists);
-    returns whether it did."""
-    try:
-        from msode_export import checkpoint as _ckpt
-    except ImportError:
-        return False
-    reg = getattr(_ckpt, "register_architecture", None)
-    if reg is None:
-        return False
+def register_architectures() -> list[str]:
+    """Register every architecture of :data:`ARCHITECTURES` with ``msode_export.checkpoint`` (idempotent:
+    re-registering replaces); returns their names. Run on import, and the ``msode.architectures`` entry
+    point."""
     for name, (_, factory) in ARCHITECTURES.items():
-        try:
-            reg(name, factory)
-        except ValueError:  # already registered (re-import)
-            pass
-    return True
+        register_architecture(name, factory)
+    return sorted(ARCHITECTURES)
 
 
-_REGISTERED_WITH_EXPORT = register_architectures()
+register_architectures()

@@ -45,6 +45,8 @@ from msode_sdk.io import normalise_intensity
 from msode_sdk.registrar import Registrar
 from msode_sdk.warp import warp_chain
 
+from .models import ContextTrunk
+
 __all__ = ["TissueEncoder", "N_CLASSES", "CLASS_NAMES", "DEFAULT_SPACINGS", "WEIGHTS_DIR", "DEFAULT_WEIGHTS",
            "make_dataset", "train_encoders", "load_encoders", "main"]
 
@@ -54,36 +56,6 @@ DEFAULT_SPACINGS = (16.0, 8.0, 4.0)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "tissue_encoder_v1.pt"
 FORMAT = "msode-tissue-encoder"
-
-
-class ContextTrunk(nn.Module):
-    """The shared front of the contrast-aware feature CNNs (:class:`TissueEncoder`,
-    ``msode_train.models.LearnedFeatures``): ``(N, 1, D, H, W) -> (N, width, D, H, W)``, conv3 -> conv3
-    -> FiLM -> conv3 (dilation 2), LeakyReLU(0.2). The FiLM takes the per-channel mean and mean square
-    of the features (what the image's contrast is) through Linear -> LeakyReLU -> Linear
-    (zero-initialised: the identity at the start) to ``gamma, beta`` and returns
-    ``h * (1 + gamma) + beta``. Subclasses add their heads after :meth:`trunk`; parameter names
-    (``c1``, ``c2``, ``film.0``, ``film.2``, ``c3``) are those of the committed weights."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        w = int(width)
-        self.c1 = nn.Conv3d(1, w, 3, padding=1)
-        self.c2 = nn.Conv3d(w, w, 3, padding=1)
-        self.film = nn.Sequential(nn.Linear(2 * w, 2 * w), nn.LeakyReLU(0.2), nn.Linear(2 * w, 2 * w))
-        nn.init.zeros_(self.film[2].weight)
-        nn.init.zeros_(self.film[2].bias)
-        self.c3 = nn.Conv3d(w, w, 3, padding=2, dilation=2)
-        self.width = w
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.c1(x), 0.2)
-        h = F.leaky_relu(self.c2(h), 0.2)
-        ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
-        gb = self.film(ctx)
-        gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
-        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
-        return F.leaky_relu(self.c3(h * (1.0 + gamma) + beta), 0.2)
 
 
 class TissueEncoder(ContextTrunk):
