@@ -360,9 +360,9 @@ def test_spacing_resample_and_errors():
 def test_mi_and_curve_helpers():
     torch.manual_seed(0)
     x = torch.rand(1, 1, 8, 8, 8)
-    mi_self = float(C.mutual_information(x, x)[0])
-    mi_inv = float(C.mutual_information(x, 1 - x)[0])
-    mi_rand = float(C.mutual_information(x, torch.rand_like(x))[0])
+    mi_self = float(C.linear_binned_mi(x, x)[0])
+    mi_inv = float(C.linear_binned_mi(x, 1 - x)[0])
+    mi_rand = float(C.linear_binned_mi(x, torch.rand_like(x))[0])
     assert mi_self > 1.0 and abs(mi_self - mi_inv) < 0.05 and mi_rand < 0.5 * mi_self
     v = np.arange(-5, 6, 1.0)
     curve = (v - 0.3) ** 2
@@ -466,15 +466,39 @@ def test_trainer_resumes_on_cuda(tiny_bank, tmp_path):
     assert C.ContentTrainer(pool, tmp_path, cfg2, TINY, device="cpu", progress=False).step == 3
 
 
-def test_export_command_takes_the_architecture_from_the_checkpoint(tiny_bank, tmp_path, monkeypatch):
-    """`train_content.py export` (training/experiments/content_encoder/scripts/) re-writes the weights of a
-    run's checkpoint with no architecture flags (an n_down=1 run exported with the defaults once failed), and
-    refuses flags that contradict it."""
+def _train_content_script():
+    """training/experiments/content_encoder/scripts/train_content.py as a module."""
     import importlib.util
     script = Path(__file__).resolve().parents[1] / "training/experiments/content_encoder/scripts/train_content.py"
     spec = importlib.util.spec_from_file_location("train_content_script", script)
     tc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tc)
+    return tc
+
+
+def test_train_command_defaults_are_the_library_defaults():
+    """`train_content.py train` takes its defaults from TrainConfig, LossWeights, ContentConfig and SlicePool
+    (they once disagreed: steps, lr and crop)."""
+    a = _train_content_script().build_parser().parse_args(["train"])
+    tc, lw, mc = C.TrainConfig(), C.LossWeights(), C.ContentConfig()
+    assert (a.steps, a.batch, a.crop or None, a.lr, a.n_critic, a.ckpt_every, a.sample_every, a.shift_vox,
+            a.grad_clip, a.seed) == (tc.steps, tc.batch, tc.crop, tc.lr, tc.n_critic, tc.ckpt_every,
+                                     tc.sample_every, tc.shift_vox, tc.grad_clip, tc.seed)
+    assert a.lr == tc.lr_critic  # the script trains both networks at one rate
+    assert (a.w_adv, a.w_cycle, a.w_image, a.w_paired_content, a.w_paired_translation, a.w_shift_symmetry,
+            a.w_shift_drift) == (lw.adv, lw.cycle, lw.image, lw.paired_content, lw.paired_translation,
+                                 lw.shift_symmetry, lw.shift_drift)
+    assert (a.channels, a.content_dim, a.n_down, a.spacing) == (mc.base_channels, mc.content_dim, mc.n_down,
+                                                                mc.spacing_mm)
+    # the committed weights' recipe (their train_meta.json)
+    assert (tc.crop, tc.lr, tc.lr_critic) == (64, 3e-4, 3e-4)
+
+
+def test_export_command_takes_the_architecture_from_the_checkpoint(tiny_bank, tmp_path, monkeypatch):
+    """`train_content.py export` (training/experiments/content_encoder/scripts/) re-writes the weights of a
+    run's checkpoint with no architecture flags (an n_down=1 run exported with the defaults once failed), and
+    refuses flags that contradict it."""
+    tc = _train_content_script()
     cfg_m = C.ContentConfig(base_channels=8, content_dim=16, n_res=1, style_dim=4, critic_channels=8, n_down=1,
                             spacing_mm=4.0)
     run = tmp_path / "run"

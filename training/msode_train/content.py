@@ -127,7 +127,7 @@ __all__ = [
     "validation_examples",
     "n_parameters",
     "DOF_NAMES",
-    "mutual_information",
+    "linear_binned_mi",
     "similarity_landscape",
     "capture_range",
     "refine_minimum",
@@ -911,15 +911,19 @@ def _shifted_stack(vol_dhw: torch.Tensor, axis: int, centre: int, window, delta)
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    """Content-trainer settings. The defaults are the recipe of the committed weights (64 x 64 crops,
+    Adam 3e-4 for both networks; ``train_meta.json`` of training/experiments/content_encoder/reports/) and
+    the defaults of ``train_content.py train``, which reads them from here."""
+
+    steps: int = 20000
     batch: int = 4
-    crop: int | None = 96
-    lr: float = 2e-4
-    lr_critic: float = 2e-4
+    crop: int | None = 64
+    lr: float = 3e-4
+    lr_critic: float = 3e-4
     n_critic: int = 1
     max_minutes: float | None = None
-    ckpt_every: int = 100
-    sample_every: int = 250
+    ckpt_every: int = 50
+    sample_every: int = 200
     log_every: int = 10
     seed: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
@@ -1161,10 +1165,13 @@ def validation_examples(subject, modalities=("t1", "t2", "flair", "pd"), spacing
 # ------------------------------------------------------------------------------- evaluation helpers
 
 
-def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
+def linear_binned_mi(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """Mutual information (nats) of two images in [0, 1] of one shape ``(N, ...)`` -> ``(N,)``, over all
     voxels, joint histogram with linear (triangular Parzen) binning; the classical MI of Maes et al.
-    (every voxel of the fixed grid, background included, as registration tools use it unmasked)."""
+    (every voxel of the fixed grid, background included, as registration tools use it unmasked). The MI
+    of the content-encoder reports (:func:`similarity_landscape`). Not the same number as
+    ``msode_sdk.initialize.mutual_information`` (hard bins, only voxels where either image is non-zero)
+    nor as the loss ``msode_train.losses.mi_loss`` (Gaussian Parzen window, negative)."""
     n = a.shape[0]
     a = a.reshape(n, -1).clamp(0, 1) * (bins - 1)
     b = b.reshape(n, -1).clamp(0, 1) * (bins - 1)
@@ -1190,7 +1197,7 @@ DOF_NAMES = ("rx", "ry", "rz", "tx", "ty", "tz")
 @torch.no_grad()
 def similarity_landscape(moving: torch.Tensor, fixed: torch.Tensor, grid, sim: ContentSimilarity,
                          values: Sequence[float], dof: int, chunk: int = 6, mi_bins: int = 32) -> dict:
-    """Content distance and -MI of ``warp(moving, theta)`` vs ``fixed`` with ``theta`` zero except
+    """Content distance and -MI (:func:`linear_binned_mi`) of ``warp(moving, theta)`` vs ``fixed`` with ``theta`` zero except
     ``theta[dof] = v`` (degrees for rotations 0-2, mm for translations 3-5) for every ``v`` in
     ``values``. The content distance uses ``sim``'s fixed positions (call with ``resample=False``)."""
     vals = [float(v) for v in values]
@@ -1206,7 +1213,7 @@ def similarity_landscape(moving: torch.Tensor, fixed: torch.Tensor, grid, sim: C
         d = sum(((x - y) ** 2).flatten(1).sum(1) for x, y in zip(fw, [f.expand_as(x) for f, x in zip(ff, fw)]))
         d = d / sum(x[0].numel() for x in fw)
         content += d.tolist()
-        mi += mutual_information(warped, fixed.expand_as(warped), mi_bins).tolist()
+        mi += linear_binned_mi(warped, fixed.expand_as(warped), mi_bins).tolist()
     return {"values": vals, "content": content, "neg_mi": [-v for v in mi]}
 
 

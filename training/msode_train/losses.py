@@ -2,7 +2,7 @@
 
 Similarities ``L_sim(warped, fixed)`` (lower is better; images ``(N, 1, D, H, W)`` in [0, 1]):
 
-``mi``
+``mi`` (:func:`mi_loss`)
     Negative mutual information with Parzen-window (Gaussian kernel) joint histograms, ``bins`` bins
     on [0, 1], kernel sigma ``sigma_ratio`` bin widths. Differentiable in both images. Voxels are
     subsampled on a regular stride to at most ``max_voxels`` (deterministic).
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from msode_export.analytic import MINDSSC as _MINDSSC
 from msode_sdk.transforms import BSplineTransform, DenseTransform, Grid, TransformChain
 
-__all__ = ["mutual_information", "local_ncc", "mind_ssc", "mind_loss", "get_similarity", "SIMILARITIES",
+__all__ = ["mi_loss", "local_ncc", "mind_ssc", "mind_loss", "get_similarity", "SIMILARITIES",
            "self_supervision_loss", "point_error", "brain_points", "gradient_regulariser", "ContentUnavailable"]
 
 
@@ -50,9 +50,12 @@ class ContentUnavailable(RuntimeError):
 # --------------------------------------------------------------------------------------------- MI
 
 
-def mutual_information(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5,
-                       max_voxels: int = 1 << 16, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Negative Parzen-window mutual information (nats), mean over the batch."""
+def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5,
+            max_voxels: int = 1 << 16, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``mi`` similarity loss: *negative* Gaussian-Parzen-window mutual information (nats), mean over the
+    batch; differentiable in both images. Not the evaluation MIs: ``msode_sdk.initialize.mutual_information``
+    (hard bins, foreground voxels; the SDK's rigid initialiser) and
+    ``msode_train.content.linear_binned_mi`` (linear bins, all voxels; the content-encoder reports)."""
     n = warped.shape[0]
     a = warped.reshape(n, -1)
     b = fixed.reshape(n, -1)
@@ -125,7 +128,7 @@ def get_similarity(name: str, **kwargs) -> SimFn:
     """``callable(warped, fixed) -> scalar loss`` for ``name`` in :data:`SIMILARITIES`; ``kwargs`` go to
     the function (``content``: ``encoder=<name or path>``)."""
     if name == "mi":
-        return lambda w, f: mutual_information(w, f, **kwargs)
+        return lambda w, f: mi_loss(w, f, **kwargs)
     if name == "ncc":
         return lambda w, f: local_ncc(w, f, **kwargs)
     if name == "mind":

@@ -49,7 +49,7 @@ from msode_sdk.warp import warp_chain
 
 from .models import DEFAULT_ARCH, build_network
 
-__all__ = ["StageSpec", "MSODENet", "ODEOutput", "TORCHDIFFEQ_METHODS", "INTEGRATORS", "downsample", "detach_chain"]
+__all__ = ["TrainStage", "MSODENet", "ODEOutput", "TORCHDIFFEQ_METHODS", "INTEGRATORS", "downsample", "detach_chain"]
 
 # The SDK's adaptive solver reads its error ratio with float(): harmless under autograd (step-size
 # decisions are not differentiated), but torch warns once per call.
@@ -68,9 +68,11 @@ def downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid) -> torch.Tensor:
 
 
 @dataclass
-class StageSpec:
-    """One stage of a training model: transform kind, parameters, per-level solvers (coarse first),
-    and the network architecture (a name registered in :data:`msode_train.models.ARCHITECTURES`)."""
+class TrainStage:
+    """One stage of a model being trained: transform kind, parameters, per-level solvers (coarse first),
+    and the network architecture (a name registered in :data:`msode_train.models.ARCHITECTURES`).
+    Training-side only: :meth:`stage_def` gives what a plan is built from (``msode_export.pack.StageDef``),
+    and a plan's manifest describes its stages with ``msode_sdk.plan.StageSpec``."""
 
     name: str
     transform: str
@@ -157,7 +159,7 @@ class MSODENet(nn.Module):
     ``networks`` are kept in ``self.nets[f"{stage}_L{level}"]`` (levels 1 = coarse .. L = model grid).
     """
 
-    def __init__(self, model_grid: Grid, stages: Sequence[StageSpec], integrator: str = "torchdiffeq",
+    def __init__(self, model_grid: Grid, stages: Sequence[TrainStage], integrator: str = "torchdiffeq",
                  adjoint: bool = False):
         super().__init__()
         if integrator not in INTEGRATORS:
@@ -188,7 +190,7 @@ class MSODENet(nn.Module):
     def stage_defs(self) -> list[StageDef]:
         return [st.stage_def() for st in self.stages]
 
-    def stage(self, name: str) -> StageSpec:
+    def stage(self, name: str) -> TrainStage:
         for st in self.stages:
             if st.name == name:
                 return st
@@ -226,7 +228,7 @@ class MSODENet(nn.Module):
                                               level_grids(self.model_grid, st.levels)[-1]))
         return ODEOutput(chain, states, nfe)
 
-    def _integrate_stage(self, st: StageSpec, pyr_m, pyr_f, prior: TransformChain, n: int, dtype, device):
+    def _integrate_stage(self, st: TrainStage, pyr_m, pyr_f, prior: TransformChain, n: int, dtype, device):
         grids = level_grids(self.model_grid, st.levels)
         prior_c = detach_chain(prior) if self.adjoint else prior  # the adjoint differentiates params only
         y = initial_state(st.transform, st.params, self.model_grid, grids[0], n, dtype, device)

@@ -72,9 +72,9 @@ from msode_sdk.warp import warp_chain
 
 from . import data as D
 from .losses import brain_points, get_similarity, gradient_regulariser, point_error, self_supervision_loss
-from .odenet import MSODENet, StageSpec
+from .odenet import MSODENet, TrainStage
 
-__all__ = ["DEFAULTS", "CONFIG_DIR", "load_config", "Trainer", "model_grid_of", "stage_specs_of",
+__all__ = ["DEFAULTS", "CONFIG_DIR", "load_config", "Trainer", "model_grid_of", "train_stages_of",
            "git_commit", "NORMALIZATION"]
 
 _log = logging.getLogger("msode_train")
@@ -224,7 +224,7 @@ def _schedule(spec, transform: str, levels: int) -> list[LevelSolver]:
     return out
 
 
-def stage_specs_of(cfg: dict) -> list[StageSpec]:
+def train_stages_of(cfg: dict) -> list[TrainStage]:
     levels = int(cfg["model"]["levels"])
     out = []
     for s in cfg["stages"]:
@@ -234,8 +234,8 @@ def stage_specs_of(cfg: dict) -> list[StageSpec]:
         if "control_spacing_mm" in params:
             cs = params["control_spacing_mm"]
             params["control_spacing_mm"] = [float(cs)] * 3 if isinstance(cs, (int, float)) else [float(v) for v in cs]
-        out.append(StageSpec(s["name"], s["transform"], _schedule(s.get("schedule", "paper"), s["transform"], levels),
-                             params, s.get("arch"), dict(s.get("arch_kwargs") or {})))
+        out.append(TrainStage(s["name"], s["transform"], _schedule(s.get("schedule", "paper"), s["transform"], levels),
+                              params, s.get("arch"), dict(s.get("arch_kwargs") or {})))
     return out
 
 
@@ -323,13 +323,13 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(int(tr["seed"]))
         self.model_grid = model_grid_of(cfg)
-        self.specs = stage_specs_of(cfg)
-        self.model = MSODENet(self.model_grid, self.specs, integrator=cfg["model"]["integrator"],
+        self.stages = train_stages_of(cfg)
+        self.model = MSODENet(self.model_grid, self.stages, integrator=cfg["model"]["integrator"],
                               adjoint=bool(cfg["model"]["adjoint"])).to(self.device)
         self.train_names = [s["name"] for s in cfg["stages"] if s.get("train", True)]
         if not self.train_names:
             raise ValueError("no stage has train: true")
-        for st in self.specs:
+        for st in self.stages:
             for p in self.model.stage_parameters([st.name]):
                 p.requires_grad_(st.name in self.train_names)
         if cfg["model"].get("init_from"):
@@ -710,7 +710,7 @@ class Trainer:
                         self.model.nets[key].load_state_dict(sd)
                         loaded.append(key)
         if not loaded:
-            raise ValueError(f"{path}: no network matched this model's stages {[s.name for s in self.specs]}")
+            raise ValueError(f"{path}: no network matched this model's stages {[s.name for s in self.stages]}")
         self.log(f"initialised {loaded} from {path}")
 
     # ----------------------------------------------------------------------------------- export
@@ -735,7 +735,7 @@ class Trainer:
         from msode_export.checkpoint import save_checkpoint
         g = self.model_grid
         paths = []
-        for st in self.specs:
+        for st in self.stages:
             sds = {lv: self.model.network(st.name, lv).state_dict() for lv in range(1, st.levels + 1)}
             p = save_checkpoint(self.out_dir / f"{st.name}.ckpt", stage=st.to_dict(),
                                 model_grid={"shape_xyz": list(g.shape_xyz), "spacing_xyz_mm": list(g.spacing_xyz),
@@ -756,7 +756,7 @@ class Trainer:
                               formats=tuple(formats or self.cfg["export"]["formats"]), analytic=False, centre="fov",
                               normalization=dict(NORMALIZATION), modalities=list(self.cfg["data"]["contrasts"]),
                               metrics=metrics or {}, training=self.provenance(),
-                              description=f"MS-ODENet ({', '.join(s.name for s in self.specs)}) trained by msode_train "
+                              description=f"MS-ODENet ({', '.join(s.name for s in self.stages)}) trained by msode_train "
                                           f"on synthetic multi-contrast phantoms; config {self.cfg['name']}")
         finally:
             self.model.to(self.device)

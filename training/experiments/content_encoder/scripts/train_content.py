@@ -33,6 +33,7 @@ Every run is deterministic in ``--seed``. On the project's shared 2-core CPU use
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import shutil
@@ -491,7 +492,10 @@ def plot_losses(rep: Path, log: Path | None = None) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    # defaults come from the library's dataclasses (one source): the trainer, the losses, the model, the pool
+    tc, lw, mc = C.TrainConfig(), C.LossWeights(), C.ContentConfig()
+    pool_defaults = {k: v.default for k, v in inspect.signature(C.SlicePool).parameters.items()}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -507,39 +511,39 @@ def main(argv=None) -> None:
     t.add_argument("--weights-out", default=None, help="write the weights here instead")
     t.add_argument("--report-dir", default=str(REPORTS / "v1"))
     t.add_argument("--device", default="auto")
-    t.add_argument("--steps", type=int, default=20000)
+    t.add_argument("--steps", type=int, default=tc.steps)
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
-    t.add_argument("--batch", type=int, default=4)
-    t.add_argument("--crop", type=int, default=64, help="in-plane crop (0 = whole slices)")
+    t.add_argument("--batch", type=int, default=tc.batch)
+    t.add_argument("--crop", type=int, default=tc.crop or 0, help="in-plane crop (0 = whole slices)")
     t.add_argument("--subjects", type=int, default=32)
-    t.add_argument("--spacing", type=float, default=2.0)
-    t.add_argument("--slots", type=int, default=16)
-    t.add_argument("--refresh-every", type=int, default=10)
-    t.add_argument("--p-rotate", type=float, default=0.5)
-    t.add_argument("--max-rot-deg", type=float, default=45.0)
-    t.add_argument("--channels", type=int, default=16)
-    t.add_argument("--content-dim", type=int, default=32)
-    t.add_argument("--n-down", type=int, default=2,
+    t.add_argument("--spacing", type=float, default=mc.spacing_mm)
+    t.add_argument("--slots", type=int, default=pool_defaults["slots"])
+    t.add_argument("--refresh-every", type=int, default=pool_defaults["refresh_every"])
+    t.add_argument("--p-rotate", type=float, default=pool_defaults["p_rotate"])
+    t.add_argument("--max-rot-deg", type=float, default=pool_defaults["max_rot_deg"])
+    t.add_argument("--channels", type=int, default=mc.base_channels)
+    t.add_argument("--content-dim", type=int, default=mc.content_dim)
+    t.add_argument("--n-down", type=int, default=mc.n_down,
                    help="stride-2 stages of E^c: the code's cell is spacing * 2^n_down (2: 8 mm at 2 mm)")
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--n-critic", type=int, default=1)
-    t.add_argument("--w-adv", type=float, default=1.0)
-    t.add_argument("--w-cycle", type=float, default=10.0)
-    t.add_argument("--w-image", type=float, default=10.0)
-    t.add_argument("--w-paired-content", type=float, default=2.0)
-    t.add_argument("--w-paired-translation", type=float, default=10.0)
-    t.add_argument("--w-shift-symmetry", type=float, default=0.0,
+    t.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate of both networks")
+    t.add_argument("--n-critic", type=int, default=tc.n_critic)
+    t.add_argument("--w-adv", type=float, default=lw.adv)
+    t.add_argument("--w-cycle", type=float, default=lw.cycle)
+    t.add_argument("--w-image", type=float, default=lw.image)
+    t.add_argument("--w-paired-content", type=float, default=lw.paired_content)
+    t.add_argument("--w-paired-translation", type=float, default=lw.paired_translation)
+    t.add_argument("--w-shift-symmetry", type=float, default=lw.shift_symmetry,
                    help="weight of the registration-aware shift-symmetry term (content.shift_symmetry)")
-    t.add_argument("--w-shift-drift", type=float, default=0.0,
+    t.add_argument("--w-shift-drift", type=float, default=lw.shift_drift,
                    help="weight of the slope-over-curvature term (content.shift_symmetry's shift_drift)")
-    t.add_argument("--shift-vox", type=float, default=1.0, help="max offset (voxels) of its shifted copies")
-    t.add_argument("--grad-clip", type=float, default=None, help="clip the generator-side gradient norm")
+    t.add_argument("--shift-vox", type=float, default=tc.shift_vox, help="max offset (voxels) of its shifted copies")
+    t.add_argument("--grad-clip", type=float, default=tc.grad_clip, help="clip the generator-side gradient norm")
     t.add_argument("--init-from", default=None,
                    help="fine-tune: start from this checkpoint's networks and optimisers (copied into --out "
                         "when --out has none; its step count and training time carry on)")
     t.add_argument("--unpaired", action="store_true", help="the paper's unpaired recipe (no paired terms)")
-    t.add_argument("--ckpt-every", type=int, default=50)
-    t.add_argument("--sample-every", type=int, default=200)
+    t.add_argument("--ckpt-every", type=int, default=tc.ckpt_every)
+    t.add_argument("--sample-every", type=int, default=tc.sample_every)
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     t.set_defaults(func=cmd_train)
 
@@ -549,7 +553,7 @@ def main(argv=None) -> None:
                  ("--weights-out", None), ("--report-dir", str(REPORTS / "v1"))):
         e.add_argument(a, default=d)
     e.add_argument("--subjects", type=int, default=32)
-    e.add_argument("--spacing", type=float, default=2.0)
+    e.add_argument("--spacing", type=float, default=mc.spacing_mm)
     e.add_argument("--channels", type=int, default=None, help="default: the checkpoint's")
     e.add_argument("--content-dim", type=int, default=None, help="default: the checkpoint's")
     e.add_argument("--n-down", type=int, default=None, help="default: the checkpoint's")
@@ -571,8 +575,11 @@ def main(argv=None) -> None:
     r.add_argument("--wide-angle", type=float, default=90.0)
     r.add_argument("--wide-angle-step", type=float, default=5.0)
     r.set_defaults(func=cmd_report)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 
