@@ -181,20 +181,20 @@ def test_shifted_stack_matches_integer_shifts():
     win = (2, 3, 6, 7)
     for axis in range(3):
         ref = C.extract_stacks(vol[None, None], axis, torch.tensor([6]))[0]
-        torch.testing.assert_close(C._shifted_stack(vol, axis, 6, win, np.zeros(3)), ref[:, 2:8, 3:10])
+        torch.testing.assert_close(C.slices._shifted_stack(vol, axis, 6, win, np.zeros(3)), ref[:, 2:8, 3:10])
         # +1 voxel along the stack axis = the stack one slice further
         d = np.zeros(3)
         d[axis] = 1.0
         ref7 = C.extract_stacks(vol[None, None], axis, torch.tensor([7]))[0]
-        torch.testing.assert_close(C._shifted_stack(vol, axis, 6, win, d), ref7[:, 2:8, 3:10])
+        torch.testing.assert_close(C.slices._shifted_stack(vol, axis, 6, win, d), ref7[:, 2:8, 3:10])
         # +1 voxel along the first in-plane axis = the window one row further
         d = np.zeros(3)
         d[[ax for ax in range(3) if ax != axis][0]] = 1.0
-        torch.testing.assert_close(C._shifted_stack(vol, axis, 6, win, d), ref[:, 3:9, 3:10])
+        torch.testing.assert_close(C.slices._shifted_stack(vol, axis, 6, win, d), ref[:, 3:9, 3:10])
     # half a voxel: the mean of the two neighbours (trilinear)
     d = np.array([0.0, 0.0, 0.5])
     ref = C.extract_stacks(vol[None, None], 0, torch.tensor([6]))[0]
-    torch.testing.assert_close(C._shifted_stack(vol, 0, 6, win, d), 0.5 * (ref[:, 2:8, 3:10] + ref[:, 2:8, 4:11]))
+    torch.testing.assert_close(C.slices._shifted_stack(vol, 0, 6, win, d), 0.5 * (ref[:, 2:8, 3:10] + ref[:, 2:8, 4:11]))
 
 
 def test_shift_symmetry_term():

@@ -34,8 +34,8 @@ def subj2mm():
 
 
 def test_template_is_packaged_in_nilearn():
-    d = D._template_dir()
-    for name in D._TEMPLATE_FILES.values():
+    d = D.phantoms._template_dir()
+    for name in D.phantoms._TEMPLATE_FILES.values():
         assert (d / name).is_file(), f"{name} is not shipped inside nilearn"
     t = D.load_template()
     assert t["gm"].shape == t["wm"].shape == t["mask"].shape == (197, 233, 189)
@@ -111,7 +111,8 @@ def test_bank_caches_and_reloads(tmp_path, monkeypatch):
     for c in D.CONTRASTS:
         assert np.abs(s0.images[c] - fresh.images[c]).max() <= 1.0 / 65535 + 1e-7
     # a new bank on the same root reads the file: synthesis must not run again
-    monkeypatch.setattr(D, "synthesize_subject", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-synthesised")))
+    monkeypatch.setattr(D.bank, "synthesize_subject",  # the name the bank calls
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-synthesised")))
     again = D.SubjectBank(tmp_path, n_subjects=2, seed=1, spacing=4.0)[0]
     assert again.meta["cache_file"] == str(bank.path(0))
     for c in D.CONTRASTS:
