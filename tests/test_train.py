@@ -77,7 +77,10 @@ def test_networks_script_and_export_to_onnx(arch):
     feeds = {"warped": w.numpy(), "fixed": f.numpy(), "t": t.numpy()}
     names = {i.name for i in sess.get_inputs()}  # fields that ignore t (Gauss-Newton) export without it
     got = sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
-    np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-4, atol=1e-4)
+    # the Gauss-Newton fields solve a linear system: float32 rounding accumulates relative to the whole
+    # output (its B-spline velocities reach a few hundred here), not to each element; as test_export does for CG
+    scale = max(float(ref.detach().abs().max()), 1.0)
+    np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-4, atol=max(1e-4, 2e-5 * scale))
 
 
 def test_time_changes_the_output():
