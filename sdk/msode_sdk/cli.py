@@ -114,13 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_plan_info)
     lst = plsub.add_parser("list", help="list bundled plans")
     lst.set_defaults(func=_cmd_plan_list)
-    try:  # the export package adds `msode export` when installed
-        from msode_export.cli import add_export_command
-    except ImportError:
-        pass
-    else:
-        add_export_command(sub)
+    _add_plugin_commands(sub)
     return p
+
+
+CLI_ENTRY_POINT_GROUP = "msode.cli"
+
+
+def _add_plugin_commands(sub) -> None:
+    """Subcommands installed packages declare in the ``msode.cli`` entry-point group (e.g. ``msode export``
+    from msode_export): each entry point is a function called with the sub-parser set. The SDK never
+    imports a higher package by name; one that fails to load is logged and left out, never fatal."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=CLI_ENTRY_POINT_GROUP):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # a broken or half-installed plugin must not break `msode register`
+            logging.getLogger("msode_sdk").warning("msode: command %r (%s) unavailable: %s", ep.name, ep.value,
+                                                   str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def main(argv=None) -> int:
