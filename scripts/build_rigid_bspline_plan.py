@@ -3,14 +3,21 @@
 Model grid 120x120x80 at 2 mm (240x240x160 mm). Per-scale vector fields are Gauss-Newton steps on the
 SSD of modality-independent features (msode_export.analytic.RigidSSDField / BSplineSSDField):
 
-* rigid, FOUR levels 16/8/4/2 mm, A(1e-3)-A(1e-3)-F(0.2)-F(0.2): at 16 and 8 mm the features are the
+* rigid, FOUR levels 16/8/4/2 mm, F(0.2) at each (5 Euler steps, each a full Gauss-Newton step at gain 5;
+  NFE 20, the first level's 5 calls batched over the 5 multistart starts): at 16 and 8 mm the features are the
   tissue-class probabilities of the LEARNED contrast-agnostic encoders (msode_train.tissue, weights
   training/msode_train/weights/tissue_encoder_v1.pt): they set the capture range (paper motions U(+-75 deg),
   U(+-20 mm)); at 4 mm and 2 mm (on 2x averaged images) MIND (6-neighbourhood) refines;
   The rigid stage starts with init="multistart" (msode_sdk.initialize): the 16 mm level runs from the
   identity and the 4 principal-axes candidates as one batch, MI at 8 mm keeps the best;
-* B-spline, 3 levels 8/4/2 mm, the paper's F(0.2)-F(0.2)-F(0.25), 40 mm control spacing (the motion
+* B-spline, 3 levels 8/4/2 mm, the paper's F(0.2)-F(0.2)-F(0.25) (NFE 14), 40 mm control spacing (the motion
   simulator's), MIND (6-neighbourhood; dilation 1, 1, 2 voxels; 2 mm level at full resolution).
+
+Plan format 2: each level's feature network (tissue encoder or MIND, with the 2 mm rigid level's 2x
+averaging) is its own member, run once per level on the fixed image and on the warped moving image at
+every evaluation (``feature_warp`` false: the same numbers as fields that compute both features
+themselves, at about half the feature cost); every level is fixed-step and the multistart is decided on
+the device, so the whole plan replays as CUDA graphs.
 
 Measured while choosing (3-6 held-out T2 -> T1 pairs, msode-eval / direct): rigid with MIND everywhere
 captured 2/6, a soft brain mask 3/6, learned tissue features at 16/8 mm 6/6. B-spline: MIND on a 20 mm
@@ -21,6 +28,15 @@ multistart start took the 12 held-out paper-range T2 -> T1 rigid pairs from 9/12
 initial RMSE(phi), rotations of ~85 deg) to 12/12 (worst 0.29 mm); init="moments" gave 11/12. The
 6-neighbourhood MIND matched MIND-SSC's accuracy at half the cost (B-spline stage 6.1 -> 3.0 s), and fixed
 steps at the two fine rigid levels matched adaptive ones (rigid stage 7.5 -> 2.2 s).
+
+Latency choices (2026-12-04, 12 held-out pairs each, msode-eval; rigid RMSE(phi) median / worst mm):
+adaptive Heun at 16/8 mm (NFE 111-183, the previous plan) 0.19 / 0.29 on T2->T1 and 0.18 / 0.40 on the
+four other contrast pairs; F(0.2) everywhere (this plan, NFE 20) 0.20 / 0.29 and 0.16 / 0.44, 12/12 and
+12/12 captured; F(0.1)-F(0.1)-F(0.2)-F(0.2) 0.20 / 0.25 (T2->T1); fewer, larger fine rigid steps (3 at
+4 mm, 2 at 2 mm) lost accuracy on one pair (1.23 mm). Fewer B-spline steps at 2 mm lost 0.25-0.4 mm on
+the hybrid set (2 steps: 1.08 vs 0.83 median), so the B-spline schedule is unchanged. Warping the
+features instead of recomputing them (``feature_warp``) lost accuracy everywhere (rigid 0.20 -> 4.8 mm
+on a 1 mm pair; B-spline 0.83 -> 0.94 mm): these features vary at the voxel scale.
 
 What is learned and what is not, as the plan's manifest says: the encoders are trained (supervised on
 phantom tissue labels, random contrasts and orientations); the Gauss-Newton head is closed-form. The
@@ -35,15 +51,14 @@ from pathlib import Path
 
 from torch import nn
 
-from msode_export.analytic import BSplineSSDField, MINDSSC, RigidSSDField
-from msode_export.pack import LevelSolver, StageDef, build_plan, level_grids
+from msode_export.analytic import BSplineSSDField, FeatureMap, MINDSSC, RigidSSDField
+from msode_export.pack import LevelFeatures, LevelSolver, StageDef, build_plan, level_grids
 from msode_sdk.transforms import BSplineLattice, Grid
 from msode_train.tissue import DEFAULT_WEIGHTS, load_encoders
 
 MODEL_GRID = Grid((120, 120, 80), (2.0, 2.0, 2.0))
-ADAPTIVE = LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3)
-# adaptive where the large motions are resolved, 5 fixed full Gauss-Newton steps (gain 5 x 0.2) below
-RIGID_SCHEDULE = (ADAPTIVE, ADAPTIVE, LevelSolver("euler", 0.2), LevelSolver("euler", 0.2))
+# 5 fixed full Gauss-Newton steps (gain 5 x 0.2) per level: NFE 20 (the latency budget; see the docstring)
+RIGID_SCHEDULE = (LevelSolver("euler", 0.2),) * 4
 BSPLINE_SCHEDULE = (LevelSolver("euler", 0.2), LevelSolver("euler", 0.2), LevelSolver("euler", 0.25))
 CONTROL_SPACING_MM = (40.0, 40.0, 40.0)
 BSPLINE_CG_ITERS = (10, 10, 4)  # the 2 mm level: fewer CG iterations per step (measured: same accuracy, -12 % time)
@@ -61,26 +76,39 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
           rigid_init: str = "multistart",
           registrar_ts: bool = True, formats=("torchscript", "onnx"), metrics: dict | None = None,
           rigid_gain: float = 5.0, bspline_gain: float = 5.0, bspline_damping=(0.05, 0.05, 0.05),
-          name: str = "rigid_bspline") -> Path:
+          name: str = "rigid_bspline", feature_levels: bool = True, warp_features=(), bspline_schedule=BSPLINE_SCHEDULE,
+          bspline_cg_iters=BSPLINE_CG_ITERS) -> Path:
     encoders, meta = load_encoders(weights)
     enc_levels = {float(s) for s in encoder_levels}
-    nets, feats = {}, {}
+    nets, feats, feature_nets = {}, {}, {}
+
+    def level(stage, lv, g, f, pool, make_field):
+        if feature_levels:  # plan format 2: the feature network apart, the field on the (pooled) feature grid
+            fmap = FeatureMap(g, f, pool)
+            feature_nets[(stage, lv)] = LevelFeatures(fmap, fmap.grid, warp=f"{stage}_L{lv}" in warp_features)
+            nets[(stage, lv)] = make_field(fmap.grid, None, 1)
+        else:
+            nets[(stage, lv)] = make_field(g, f, pool)
+
     for lv, g in enumerate(level_grids(MODEL_GRID, len(rigid_schedule)), start=1):
         pool = rigid_pool if g == MODEL_GRID else 1
         sp = float(g.spacing_xyz[0]) * pool
         f, desc = _features_for(sp, encoders, sp in enc_levels, rigid_mind)
-        nets[("rigid", lv)] = RigidSSDField(g, gain=rigid_gain, features=f, pool=pool)
+        gain = rigid_gain[lv - 1] if isinstance(rigid_gain, (tuple, list)) else rigid_gain
+        level("rigid", lv, g, f, pool, lambda grid, f, pool, gain=gain: RigidSSDField(grid, gain=gain, features=f, pool=pool))
         feats[f"rigid_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
     lattice = BSplineLattice(MODEL_GRID, CONTROL_SPACING_MM)
-    for lv, g in enumerate(level_grids(MODEL_GRID, len(BSPLINE_SCHEDULE)), start=1):
+    for lv, g in enumerate(level_grids(MODEL_GRID, len(bspline_schedule)), start=1):
         pool = bspline_pool if g == MODEL_GRID else 1
         sp = float(g.spacing_xyz[0]) * pool
         f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind)
-        nets[("bspline", lv)] = BSplineSSDField(g, lattice, gain=bspline_gain, features=f, pool=pool,
-                                                cg_iters=BSPLINE_CG_ITERS[lv - 1], damping=bspline_damping[lv - 1])
+        gain = bspline_gain[lv - 1] if isinstance(bspline_gain, (tuple, list)) else bspline_gain
+        level("bspline", lv, g, f, pool, lambda grid, f, pool, lv=lv, gain=gain: BSplineSSDField(
+            grid, lattice, gain=gain, features=f, pool=pool, cg_iters=bspline_cg_iters[lv - 1],
+            damping=bspline_damping[lv - 1]))
         feats[f"bspline_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
     stages = [StageDef("rigid", "rigid", tuple(rigid_schedule), {"init": rigid_init} if rigid_init != "none" else {}),
-              StageDef("bspline", "bspline", BSPLINE_SCHEDULE, {"control_spacing_mm": list(CONTROL_SPACING_MM)})]
+              StageDef("bspline", "bspline", tuple(bspline_schedule), {"control_spacing_mm": list(CONTROL_SPACING_MM)})]
     wpath = Path(weights)
     training = {
         "kind": "learned-features+gauss-newton",
@@ -94,7 +122,7 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
     }
     path = build_plan(
         out, name, MODEL_GRID, stages, nets, formats=formats, analytic=False, centre="fov",
-        modalities=["t1", "t2", "flair", "pd"], metrics=metrics, training=training,
+        modalities=["t1", "t2", "flair", "pd"], metrics=metrics, training=training, features=feature_nets,
         description=("Rigid (4 levels) then cubic B-spline (3 levels, 40 mm) for multi-contrast brain MRI. "
                      "Per-level fields: Gauss-Newton steps on the SSD of learned tissue-class features "
                      "(coarse rigid levels) and MIND (6-neighbourhood, fine levels); multistart rigid init; see training.note."),

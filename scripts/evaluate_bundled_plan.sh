@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The evaluation report of the bundled multi-contrast plan (Table-1 protocol, held-out synthetic subjects,
 # msode-eval), written to training/reports/rigid_bspline/. CPU, ~15 min on 2 cores.
-#   bash scripts/evaluate_bundled_plan.sh [PLAN] [N_PAIRS]
+#   bash scripts/evaluate_bundled_plan.sh [PLAN] [N_PAIRS]      (OUT_DIR=... writes elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PLAN=${1:-sdk/msode_sdk/models/rigid_bspline.plan}
 N=${2:-12}
-OUT=training/reports/rigid_bspline
+OUT=${OUT_DIR:-training/reports/rigid_bspline}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # with the project installed (make demo)
 mkdir -p "$OUT"
 run() {  # name, then msode-eval arguments

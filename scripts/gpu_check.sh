@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (DESIGN section 1), for the device machine. From the repository root:
+# The prepared GPU check, for any machine with an NVIDIA GPU, nvcc and ninja. From the repository root:
 #
-#   bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh                 # results in out/gpu_check/ (or $OUT)
 #
-# Before the device run, here: `bash scripts/fetch_device_wheels.sh` (the device image lacks nibabel),
-# then run this with `carry: [".whl"]` and a timeout of >= 420 s. On an H100 it took 89 s (2026-11-26):
+# A machine without nibabel can take it from wheels in .whl/ (scripts/fetch_device_wheels.sh downloads them
+# on a machine with a package index). Steps (about 5 min on an H100/H200):
 #
 #   1. versions: nvidia-smi, python, torch/CUDA, nvcc, ninja;
-#   2. installs the carried wheels (.whl/*.whl, if any) into /tmp/site, nothing else;
-#   3. builds the fused warp kernels (msode_sdk.warp._cuda; cache in build/msode_cache, kept between
-#      calls on a warm machine) and says whether they loaded;
-#   4. `pytest -m gpu -q` (every GPU test of the suite; kernel == reference, graphed == eager loop);
-#   5. the benchmark `python -m msode_sdk.bench --device cuda --json $OUT/bench.json` (kernel vs
-#      affine_grid + grid_sample at 240x240x160, eager vs CUDA-graph registration, peak GPU memory);
-#   6. scripts/profile_registration.py (device time by kernel of the benchmark's registration), then
+#   2. installs the wheels in .whl/ (if any) into /tmp/site, nothing else;
+#   3. builds the fused warp kernels (msode_sdk.warp._cuda; cache in build/msode_cache) and says whether they loaded;
+#   4. `pytest -m gpu -q` (every GPU test: kernels == reference, graphed == eager loop, the bundled plan
+#      captured whole with its multistart, end to end on the GPU == the CPU);
+#   5. the benchmark of the bundled plan `python -m msode_sdk.bench --device cuda --backend torch`: model grid
+#      eager and replayed as CUDA graphs, end to end from host arrays (a 1 mm pair from
+#      scripts/make_latency_pairs.py when out/latency_pairs/pair0 exists, else the synthetic one) with the
+#      load / stage / output split, throughput at batch 1 and 8, peak GPU memory, the warp kernel vs
+#      affine_grid + grid_sample;
+#   6. scripts/profile_registration.py (device time by kernel of one eager registration of the bundled plan);
 #   7. the CPU tests of the warps (including the kernel math compiled for the host), if time is left.
 #
-# Logs go to $OUT (the device tool's output folder) or out/gpu_check/: env_build.txt, pytest_gpu.txt,
-# bench.txt, bench.json, profile.txt, pytest_cpu.txt, summary.txt (+ build_error.log when the build failed).
+# Logs go to $OUT or out/gpu_check/: env_build.txt, pytest_gpu.txt, bench.txt, bench.json, profile.txt,
+# pytest_cpu.txt, summary.txt (+ build_error.log when the build failed).
 # Exit status: 0 when the kernels loaded and the GPU tests passed, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,8 +82,10 @@ GPU_RC=${PIPESTATUS[0]}
 BENCH_RC=skipped
 if [ "$(elapsed)" -lt "$BUDGET" ]; then
   echo "== bench ($(elapsed) s)"
-  timeout $(( BUDGET + 20 - $(elapsed) )) "$PY" -m msode_sdk.bench --device cuda --backend torch --repeats 10 --warmup 2 \
-    --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt"
+  PAIR_ARG=""
+  [ -d out/latency_pairs/pair0 ] && PAIR_ARG="--pair out/latency_pairs/pair0"
+  timeout $(( BUDGET + 20 - $(elapsed) )) "$PY" -m msode_sdk.bench --device cuda --backend torch --repeats 20 --warmup 3 \
+    $PAIR_ARG --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt"
   BENCH_RC=${PIPESTATUS[0]}
 fi
 
@@ -104,7 +109,7 @@ fi
   echo "pytest -m gpu rc=$GPU_RC: $(tail -n 1 "$OUT_DIR/pytest_gpu.txt")"
   echo "bench rc=$BENCH_RC"
   echo "profile rc=$PROFILE_RC (profile.txt: device time by kernel, scripts/profile_registration.py)"
-  [ -f "$OUT_DIR/bench.txt" ] && grep -E "^cuda |^warp |model-grid whole|peak GPU" "$OUT_DIR/bench.txt"
+  [ -f "$OUT_DIR/bench.txt" ] && grep -E "^cuda |^warp |whole|throughput|peak GPU|not captured" "$OUT_DIR/bench.txt"
   echo "cpu tests rc=$CPU_RC${CPU_RC:+: $( [ -f "$OUT_DIR/pytest_cpu.txt" ] && tail -n 1 "$OUT_DIR/pytest_cpu.txt")}"
   echo "total $(elapsed) s"
 } 2>&1 | tee "$OUT_DIR/summary.txt"

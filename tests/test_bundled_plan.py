@@ -40,26 +40,38 @@ def test_plan_embeds_the_committed_encoder_weights(reg):
 
 
 def test_onnx_networks_match_torchscript(reg):
+    """Every level's ONNX feature network and vector field agree with the TorchScript ones (the field fed
+    the features of an image and of a shifted copy)."""
     ort = pytest.importorskip("onnxruntime")
     plan = reg.plan
     g = torch.Generator().manual_seed(0)
+
+    def onnx_run(member, feeds):
+        sess = ort.InferenceSession(plan.read(member), providers=["CPUExecutionProvider"])
+        # the exporter drops inputs a network does not use (these fields ignore t)
+        return sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+
+    def close(out, ref, what):
+        scale = float(ref.abs().max())
+        assert scale > 0
+        np.testing.assert_allclose(out, ref.detach().numpy(), atol=2e-3 * scale, rtol=0, err_msg=what)
+
     for st in plan.manifest.stages:
         for sc in st.scales:
             if min(sc.spacing_xyz_mm) < 4.0:  # the 2 mm levels: same modules, just slower
                 continue
+            assert sc.features, f"{st.name} L{sc.level}: the bundled plan has a feature network per level"
             shape = (1, 1, *reversed(sc.shape_xyz))
             blob = torch.nn.functional.avg_pool3d(torch.rand(shape, generator=g), 3, 1, 1)
-            w, f, t = blob, torch.roll(blob, 1, dims=4), torch.tensor([float(sc.t0)])
-            ts = torch.jit.load(io.BytesIO(plan.network(st.name, sc.level, "torchscript")))
-            ref = ts(w, f, t)
-            sess = ort.InferenceSession(plan.network(st.name, sc.level, "onnx"), providers=["CPUExecutionProvider"])
-            feeds = {"warped": w.numpy(), "fixed": f.numpy(), "t": t.numpy()}
-            # the exporter drops inputs a network does not use (these fields ignore t)
-            out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
-            scale = float(ref.abs().max())
-            assert scale > 0
-            np.testing.assert_allclose(out, ref.detach().numpy(), atol=2e-3 * scale, rtol=0,
-                                       err_msg=f"{st.name} L{sc.level}")
+            images = (blob, torch.roll(blob, 1, dims=4))
+            fts = torch.jit.load(io.BytesIO(plan.read(sc.features["torchscript"])))
+            feats = [fts(x) for x in images]
+            for x, ref in zip(images, feats):
+                close(onnx_run(sc.features["onnx"], {"image": x.numpy()}), ref, f"{st.name} L{sc.level} features")
+            w, f, t = feats[0], feats[1], torch.tensor([float(sc.t0)])
+            ref = torch.jit.load(io.BytesIO(plan.network(st.name, sc.level, "torchscript")))(w, f, t)
+            out = onnx_run(sc.networks["onnx"], {"warped": w.detach().numpy(), "fixed": f.detach().numpy(), "t": t.numpy()})
+            close(out, ref, f"{st.name} L{sc.level}")
 
 
 def test_registers_the_t2_sample_to_t1(reg):

@@ -170,22 +170,26 @@ def test_cuda_graph_flag_is_harmless_on_cpu(analytic_plan):
     assert res.warped.shape == mov.shape and len(res.stages) == 1
 
 
-@pytest.mark.parametrize("stages", [("rigid", "bspline"), ("rigid", "dense")], ids="+".join)
+@pytest.mark.parametrize("stages", [("rigid", "bspline"), ("rigid", "dense"), ("multistart", "bspline")], ids="+".join)
 def test_graph_runner_computation_equals_eager_loop_on_cpu(tmp_path, stages, monkeypatch):
-    """What the runner captures (pyramid through ``resample``, stages with their own level loop, dense
-    states carried by ``chain_displacement``, final warp), run eagerly on CPU with the reference
-    operators, gives the eager Registrar loop's result: same chain, NFE and warped image."""
+    """What the runner captures (the eager loop's own RegistrationLoop handed the ``msode::*`` operators:
+    pyramid through ``resample``, stages -- a device-side multistart included --, final warp), run eagerly
+    on CPU with the operators' reference implementations, gives the eager Registrar loop's result: same
+    chain, NFE and warped image."""
     from msode_export.analytic import build_analytic_plan
     from msode_export.pack import LevelSolver
     from msode_sdk import Registrar
     from msode_sdk import _cuda_graph as cg
+    from msode_sdk.loop import RegistrationLoop, stage_runs
     grid = Grid((24, 28, 20), (7.0, 7.0, 7.0))
-    path = build_analytic_plan(tmp_path / "p.plan", grid, stages=stages, control_spacing_mm=(30.0,) * 3,
+    kinds = tuple(k.replace("multistart", "rigid") for k in stages)
+    path = build_analytic_plan(tmp_path / "p.plan", grid, stages=kinds, control_spacing_mm=(30.0,) * 3,
                                schedules={"rigid": (LevelSolver("euler", 0.25),) * 3,
                                           "dense": (LevelSolver("heun", 0.5),) * 3}, formats=("torchscript",))
     reg = Registrar.load(path, device="cpu", backend="torch")
+    init = "multistart" if "multistart" in stages else None
     mov, fix = synthetic_pair(grid)
-    eager = reg.register_model_grid(mov, fix)
+    eager = reg.register_model_grid(mov, fix, init=init)
 
     def ref_warp(volume, src_grid, chain, out_grid):  # the operators' CPU implementation = reference
         call = _cuda._transform_args(chain)
@@ -193,13 +197,12 @@ def test_graph_runner_computation_equals_eager_loop_on_cpu(tmp_path, stages, mon
         name, targs = call
         return _ops.op(name)(volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz),
                              list(out_grid.shape_xyz))
-    monkeypatch.setattr(cg, "_kernel_warp", ref_warp)
     runner = cg.CudaGraphRunner.__new__(cg.CudaGraphRunner)
-    runner.reg, runner.stage_defs, runner.batch = reg, reg._select_stages(None), 1
-    runner.options, runner.device, runner.grid = cg.GraphOptions(), torch.device("cpu"), grid
-    runner.moving, runner.fixed = mov, fix
+    runner.batch, runner.options = 1, cg.GraphOptions()
+    runner.loop = RegistrationLoop(stage_runs(reg, reg._select_stages(None), init), grid, ref_warp)
     with torch.inference_mode():
-        chain, warped, stats = runner._run_all()
+        chain, stats = runner._run_stages(runner.loop.pyramid(mov, fix))
+        warped = runner.loop.final_warp(mov, chain)
     assert [sum(s.nfe for s in st) for st in stats] == [s.nfe for s in eager.stages]
     for te, tg in zip(eager.chain.transforms, chain.transforms):
         assert te.kind == tg.kind
@@ -484,3 +487,30 @@ def test_gpu_adaptive_plan_is_refused_or_runs_eagerly(cuda_kernels, analytic_pla
         res = reg.register_model_grid(mov, fix)
     assert res.warped.shape == mov.shape
     assert any("adaptive_heun" in r.getMessage() for r in caplog.records)
+
+
+def test_graph_runner_computation_equals_eager_loop_for_the_bundled_plan_on_cpu():
+    """The same check for the bundled plan itself (format 2 feature levels, fixed steps, multistart on the
+    device): what the runner would capture equals the eager registration."""
+    from msode_sdk import Registrar
+    from msode_sdk import _cuda_graph as cg
+    from msode_sdk.loop import RegistrationLoop, stage_runs
+    reg = Registrar.load("rigid_bspline.plan", device="cpu", backend="torch")
+    stages = reg._select_stages(["rigid"])
+    fake = SimpleNamespace(device=torch.device("cuda"), backend=SimpleNamespace(name="torch"))
+    why = cg.unsupported_reason(fake, stages)
+    assert why is None or "kernels" in why  # fixed steps and the device-side multistart are capturable
+    mov, fix = synthetic_pair(reg.model_grid)
+    eager = reg.register_model_grid(mov, fix, stages=["rigid"])
+
+    def ref_warp(volume, src_grid, chain, out_grid):
+        name, targs = _cuda._transform_args(chain)
+        return _ops.op(name)(volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz),
+                             list(out_grid.shape_xyz))
+    runner = cg.CudaGraphRunner.__new__(cg.CudaGraphRunner)
+    runner.batch, runner.options = 1, cg.GraphOptions()
+    runner.loop = RegistrationLoop(stage_runs(reg, stages), reg.model_grid, ref_warp)
+    with torch.inference_mode():
+        chain, stats = runner._run_stages(runner.loop.pyramid(mov, fix))
+    assert [sum(s.nfe for s in st) for st in stats] == [s.nfe for s in eager.stages] == [20]
+    torch.testing.assert_close(chain.transforms[0].state, eager.chain.transforms[0].state, atol=1e-4, rtol=1e-4)

@@ -123,7 +123,8 @@ def test_bspline_gn_step_solves_its_normal_equations():
     net = BSplineSSDField(grid, lat, gain=2.0, damping=0.05, cg_iters=400, features=MINDSSC(1, 1)).double()
     w, f = _smooth_random(grid.shape_dhw, 8).double(), _smooth_random(grid.shape_dhw, 9).double()
     out = net(w, f, torch.zeros(1, dtype=torch.float64))                # (1, 3, cz, cy, cx)
-    r, g = net.residual(w, f)                                            # (1, C, Z, Y, X), (1, C, 3, Z, Y, X)
+    r, gx, gy, gz = net.residual(w, f)                                   # each (1, C, Z, Y, X)
+    g = torch.stack((gx, gy, gz), dim=2)                                 # (1, C, 3, Z, Y, X)
     b = torch.kron(torch.kron(net.bz, net.by), net.bx)                   # (Z*Y*X, cz*cy*cx), x fastest
     nv, nk = b.shape
     gv = g[0].reshape(g.shape[1], 3, nv)                                 # (C, 3, voxels)

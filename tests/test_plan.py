@@ -14,7 +14,6 @@ import os
 import random
 import struct
 import tempfile
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -243,7 +242,7 @@ def test_write_fills_defaults_and_returns_manifest(tmp_path: Path):
     for key in ("format", "format_version", "created"):
         del m[key]
     man = P.write_plan(tmp_path / "x.plan", m, _blobs(m))
-    assert isinstance(man, P.Manifest) and man.format_version == P.FORMAT_VERSION and man.created
+    assert isinstance(man, P.Manifest) and man.format_version == 1 and man.created
     raw = P.load_plan(tmp_path / "x.plan").manifest.raw
     assert raw["format"] == "msode-plan" and raw["format_version"] == 1
 
@@ -299,7 +298,7 @@ def test_read_absent_member_and_network_errors(plan_file: Path):
 def test_make_manifest_skeleton():
     grid = dict(MODEL_GRID)
     m = P.make_manifest("x", grid, [], analytic=True, description="d")
-    assert m["format"] == P.FORMAT and m["format_version"] == P.FORMAT_VERSION and m["name"] == "x"
+    assert m["format"] == P.FORMAT and m["format_version"] == 1 and m["name"] == "x"
     assert m["created"].endswith("Z") and m["analytic"] is True and m["description"] == "d"
     assert m["normalization"]["method"] == "percentile" and m["modalities"] == []
     assert m["model_grid"] == grid and m["model_grid"] is not grid
@@ -445,7 +444,7 @@ def test_deflated_members_are_accepted():
     assert all(plan.read(n) == b for n, b in blobs.items())
 
 
-def test_oversized_member_600_mib_of_zeros():
+def test_oversized_member_600_mib_of_zeros(monkeypatch):
     """A real 600 MiB deflated member (~2.7 MB compressed) is refused from its declared size."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
@@ -456,10 +455,19 @@ def test_oversized_member_600_mib_of_zeros():
                 f.write(zeros)
     data = buf.getvalue()
     assert len(data) < 8 * 1024**2
-    t = time.perf_counter()
+    inflated = []  # refused from the declared size: no byte of the member is ever decompressed
+    real_read = zipfile.ZipExtFile.read
+
+    def counting_read(self, *args, **kwargs):
+        out = real_read(self, *args, **kwargs)
+        if self.name == "networks/bomb.ts":
+            inflated.append(len(out))
+        return out
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting_read)
     msg = _load_error(data)
-    assert time.perf_counter() - t < 1.0
     assert "networks/bomb.ts" in msg and "declares 629145600 bytes" in msg
+    assert sum(inflated) == 0
 
 
 def test_declared_sizes_are_capped(monkeypatch):
@@ -653,13 +661,13 @@ def test_validate_accepts_valid_and_ignores_unknown_keys():
 
 def test_future_format_version():
     m = _valid_manifest_with_members()
-    m["format_version"] = 2
+    m["format_version"] = 3
     m["stages"] = "whatever a future version has"
     assert _validate_error(m) == (
-        "plan format_version 2 is newer than this SDK supports (1); upgrade msode"
+        "plan format_version 3 is newer than this SDK supports (2); upgrade msode"
     )
     msg = _load_error(_zip([("manifest.json", json.dumps(m).encode()), ("new_member.bin", b"")]))
-    assert msg.endswith("plan format_version 2 is newer than this SDK supports (1); upgrade msode")
+    assert msg.endswith("plan format_version 3 is newer than this SDK supports (2); upgrade msode")
 
 
 def _mutated(path: list, value=None, delete=False) -> dict:
@@ -1016,14 +1024,17 @@ def test_property_mutated_plan_only_plan_error(plan_bytes, data):
     _check_load(bytes(buf), plan_bytes)
 
 
-def test_fuzz_five_seconds(plan_bytes: bytes):
-    """Random structural mutations for a fixed time budget; only PlanError may escape."""
+FUZZ_CASES = 300
+
+
+def test_fuzz_seeded_mutations(plan_bytes: bytes):
+    """A fixed number of seeded random structural mutations (the same cases on every machine); only
+    PlanError may escape."""
     rng = random.Random(1234)
     # Bias mutations towards the zip headers, where the interesting parsing happens.
     hot = [i for i in range(len(plan_bytes) - 3) if plan_bytes[i : i + 2] == b"PK"]
-    deadline = time.monotonic() + 5.0
     runs = 0
-    while time.monotonic() < deadline:
+    for _ in range(FUZZ_CASES):
         buf = bytearray(plan_bytes)
         for _ in range(rng.randint(1, 6)):
             if rng.random() < 0.6:
@@ -1044,4 +1055,4 @@ def test_fuzz_five_seconds(plan_bytes: bytes):
                 break
         _check_load(bytes(buf), plan_bytes)
         runs += 1
-    assert runs > 100
+    assert runs == FUZZ_CASES

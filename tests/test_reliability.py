@@ -657,7 +657,7 @@ def test_out_of_memory_becomes_resource_error(tiny, pair, tiny_result, monkeypat
         key = next(k for k in tiny._networks if k[0] == "bspline")
         monkeypatch.setitem(tiny._networks, key, oom)
     else:
-        monkeypatch.setattr("msode_sdk.registrar.warp_chain", oom)
+        monkeypatch.setattr("msode_sdk.loop.warp_chain", oom)
     with pytest.raises(ResourceError) as ei:
         tiny.register(*pair)
     err = ei.value
@@ -673,7 +673,7 @@ def test_out_of_memory_becomes_resource_error(tiny, pair, tiny_result, monkeypat
 def test_other_runtime_errors_are_not_masked(tiny, pair, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("shape mismatch in some kernel")
-    monkeypatch.setattr("msode_sdk.registrar.warp_chain", bug)
+    monkeypatch.setattr("msode_sdk.loop.warp_chain", bug)
     with pytest.raises(RuntimeError, match="shape mismatch") as ei:
         tiny.register(*pair)
     assert not isinstance(ei.value, MsodeError)
@@ -696,7 +696,7 @@ def test_cli_out_of_memory_exit_code(files, tiny_plan, tmp_path, capsys, monkeyp
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr("msode_sdk.registrar.warp_chain", oom)
+    monkeypatch.setattr("msode_sdk.loop.warp_chain", oom)
     rc, _, err = _cli(capsys, ["register", good, good, "-o", tmp_path / "o", "--plan", tiny_plan, "-q"])
     assert rc == 2 and err.count("\n") == 1 and "out of GPU memory" in err and not (tmp_path / "o").exists()
 

@@ -23,7 +23,9 @@ namespace {
 
 constexpr const char* kManifest = "manifest.json";
 constexpr const char* kRegistrarMember = "registrar.ts";
-constexpr int kFormatVersion = 1;  // newest plan format this reader understands
+// newest plan format this reader understands: version 2 adds per-level feature networks, which registrar.ts
+// embeds (this reader runs registrar.ts only, so it needs nothing else from them)
+constexpr int kFormatVersion = 2;
 constexpr std::uint64_t kMaxPlanBytes = std::uint64_t(2) << 30;
 constexpr std::uint64_t kMaxManifestBytes = 1 << 20;
 constexpr double kSpacingTolMm = 1e-3;

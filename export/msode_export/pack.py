@@ -19,8 +19,8 @@ from torch import nn
 from msode_sdk.plan import load_plan, make_manifest, write_plan
 from msode_sdk.transforms import Grid
 
-__all__ = ["LevelSolver", "StageDef", "PAPER_SCHEDULES", "export_torchscript", "export_onnx", "build_plan",
-           "level_grids"]
+__all__ = ["LevelSolver", "StageDef", "LevelFeatures", "PAPER_SCHEDULES", "export_torchscript", "export_onnx",
+           "export_features_onnx", "build_plan", "level_grids"]
 
 ONNX_OPSET = 17
 
@@ -33,6 +33,17 @@ class LevelSolver:
     step_size: float | None = None
     tol: float | None = None
     max_steps: int = 1000
+
+
+@dataclass(frozen=True)
+class LevelFeatures:
+    """A level's feature network for plan format 2: ``image (N, 1, D, H, W) -> (N, C, D', H', W')`` on
+    ``grid``; ``warp``: the moving features are computed once per level and warped with the state
+    (``feature_warp``), else recomputed from the warped image at every evaluation (exact)."""
+
+    network: nn.Module
+    grid: Grid
+    warp: bool = False
 
 
 @dataclass
@@ -59,8 +70,8 @@ def level_grids(model_grid: Grid, levels: int) -> list[Grid]:
     return [model_grid.downsampled(2 ** (levels - l)) for l in range(1, levels + 1)]
 
 
-def _example_inputs(grid: Grid, batch: int = 1):
-    shape = (batch, 1, *grid.shape_dhw)
+def _example_inputs(grid: Grid, batch: int = 1, channels: int = 1):
+    shape = (batch, channels, *grid.shape_dhw)
     return torch.rand(shape), torch.rand(shape), torch.zeros(batch)
 
 
@@ -77,19 +88,38 @@ def export_torchscript(module: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def export_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET) -> bytes:
-    """ONNX with inputs ``warped``, ``fixed`` ``(N, 1, D, H, W)`` and ``t`` ``(N,)``, output ``velocity``;
-    dynamic batch. Checked with ``onnx.checker`` when onnx is installed."""
+def export_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET, channels: int = 1) -> bytes:
+    """ONNX of a vector field with inputs ``warped``, ``fixed`` ``(N, C, D, H, W)`` (``C = channels``: 1 for
+    images, the feature count for a format-2 level) and ``t`` ``(N,)``, output ``velocity``; dynamic batch.
+    Checked with ``onnx.checker`` when onnx is installed."""
     module = module.eval()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, _example_inputs(grid), buf, opset_version=opset, dynamo=False,
+            module, _example_inputs(grid, channels=channels), buf, opset_version=opset, dynamo=False,
             input_names=["warped", "fixed", "t"], output_names=["velocity"],
             dynamic_axes={"warped": {0: "N"}, "fixed": {0: "N"}, "t": {0: "N"}, "velocity": {0: "N"}},
         )
-    data = buf.getvalue()
+    return _checked_onnx(buf.getvalue())
+
+
+def export_features_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET) -> bytes:
+    """ONNX of a feature network: input ``image`` ``(N, 1, D, H, W)`` on the level ``grid``, output
+    ``features`` ``(N, C, D', H', W')``; dynamic batch."""
+    module = module.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (torch.rand(1, 1, *grid.shape_dhw),), buf, opset_version=opset, dynamo=False,
+            input_names=["image"], output_names=["features"],
+            dynamic_axes={"image": {0: "N"}, "features": {0: "N"}},
+        )
+    return _checked_onnx(buf.getvalue())
+
+
+def _checked_onnx(data: bytes) -> bytes:
     try:
         import onnx
     except ImportError:  # pragma: no cover
@@ -106,12 +136,17 @@ def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
                networks: Mapping[tuple[str, int], nn.Module], formats: Sequence[str] = ("torchscript", "onnx"),
                analytic: bool = False, centre: str = "fov", normalization: dict | None = None,
                modalities: Sequence[str] = (), metrics: dict | None = None, training: dict | None = None,
-               description: str = "", extra_members: Mapping[str, bytes] | None = None) -> Path:
+               description: str = "", extra_members: Mapping[str, bytes] | None = None,
+               features: Mapping[tuple[str, int], "LevelFeatures"] | None = None) -> Path:
     """Export every network and write a validated plan at ``path``; returns the path.
 
     ``networks[(stage_name, level)]`` for level 1 (coarse) .. L (fine); level ``l`` integrates over
-    ``[l - 1, l]`` (the paper's L = T).
+    ``[l - 1, l]`` (the paper's L = T). ``features[(stage_name, level)]`` (:class:`LevelFeatures`) gives
+    a level a feature network (plan format 2, :mod:`msode_sdk.loop`): its field then takes
+    ``(moving features, fixed features, t)`` on the feature grid (e.g. :class:`msode_export.analytic.FeatureMap`
+    and a field on its ``grid``).
     """
+    features = dict(features or {})
     members: dict[str, bytes] = dict(extra_members or {})
     stage_dicts = []
     for st in stages:
@@ -120,16 +155,37 @@ def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
         scales = []
         for lv, (sched, grid) in enumerate(zip(st.schedule, grids), start=1):
             net = networks[(st.name, lv)]
-            nets = {}
+            nets, feats = {}, {}
+            field_grid, channels = grid, 1
+            if (st.name, lv) in features:
+                lf = features[(st.name, lv)]
+                fnet, field_grid = lf.network, lf.grid
+                with torch.no_grad():
+                    probe = fnet.eval()(torch.rand(1, 1, *grid.shape_dhw))
+                if tuple(probe.shape[2:]) != field_grid.shape_dhw:
+                    raise ValueError(f"feature network of {st.name} L{lv} gives {tuple(probe.shape)}, not the "
+                                     f"feature grid {field_grid.shape_dhw}")
+                channels = int(probe.shape[1])
+                if "torchscript" in formats:
+                    feats["torchscript"] = f"networks/{st.name}_L{lv}.features.ts"
+                    members[feats["torchscript"]] = export_torchscript(fnet)
+                if "onnx" in formats:
+                    feats["onnx"] = f"networks/{st.name}_L{lv}.features.onnx"
+                    members[feats["onnx"]] = export_features_onnx(fnet, grid)
             if "torchscript" in formats:
                 nets["torchscript"] = f"networks/{st.name}_L{lv}.ts"
                 members[nets["torchscript"]] = export_torchscript(net)
             if "onnx" in formats:
                 nets["onnx"] = f"networks/{st.name}_L{lv}.onnx"
-                members[nets["onnx"]] = export_onnx(net, grid)
+                members[nets["onnx"]] = export_onnx(net, field_grid, channels=channels)
             scale = {"level": lv, "shape_xyz": list(grid.shape_xyz), "spacing_xyz_mm": list(grid.spacing_xyz),
                      "solver": sched.solver, "t0": float(lv - 1), "t1": float(lv), "networks": nets,
                      "max_steps": sched.max_steps}
+            if feats:
+                scale["features"] = feats
+                scale["feature_grid"] = {"shape_xyz": list(field_grid.shape_xyz),
+                                         "spacing_xyz_mm": list(field_grid.spacing_xyz), "channels": channels}
+                scale["feature_warp"] = bool(lf.warp)
             if sched.step_size is not None:
                 scale["step_size"] = sched.step_size
             if sched.tol is not None:

@@ -60,7 +60,7 @@ from msode_sdk.initialize import mutual_information, thetas_of_points
 from msode_sdk.integrate import fixed_step_grid
 from msode_sdk.plan import Plan, load_plan, write_plan
 from msode_sdk.transforms import (Grid, apply_matrix, bspline_displacement_at, bspline_kernel, lattice_for,
-                                  rigid_matrix_unchecked)
+                                  rigid_inverse, rigid_matrix_unchecked)
 
 __all__ = ["REGISTRAR_MEMBER", "RegistrarModule", "build_registrar_module", "build_registrar_ts",
            "add_registrar_ts", "load_registrar_ts"]
@@ -102,6 +102,7 @@ def _sample(volume: Tensor, shape: List[int], spacing: List[float], points: Tens
 # The rotation convention, point mapping and B-spline kernel are the SDK's own functions (TorchScript
 # compiles them into the module): one definition, no drift.
 _rigid_matrix = rigid_matrix_unchecked
+_rigid_inverse = rigid_inverse
 _apply_matrix = apply_matrix
 _bspline_kernel = bspline_kernel
 
@@ -213,10 +214,20 @@ def _transform_module(kind: str, index: int, params: List[float]) -> nn.Module:
     return _DenseT(index, params)
 
 
+class _NoFeatures(nn.Module):
+    """Placeholder feature network of a level without one (format 1): never called."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        return image
+
+
 class _Level(nn.Module):
     """One pyramid level of one stage: network, grid, transform (its own, on the level grid), the
-    earlier stages as fixed priors (``phi = prior_1 o ... o prior_k o own``), time segment.
-    Subclasses implement ``integrate`` (one per solver)."""
+    earlier stages as fixed priors (``phi = prior_1 o ... o prior_k o own``), time segment, and (plan
+    format 2) the feature network with its grid and mode (:mod:`msode_sdk.loop`: fixed features once
+    per level; moving features of the warped image at every evaluation, or warped with the state).
+    Subclasses implement ``integrate`` (one per solver); :meth:`prepare` computes what a level holds
+    fixed (moving source, fixed input, level-start frame) and :meth:`field` one evaluation."""
 
     shape: List[int]
     spacing: List[float]
@@ -226,9 +237,15 @@ class _Level(nn.Module):
     carry: bool
     prev_params: List[float]
     label: str
+    has_features: bool
+    feature_warp: bool
+    rigid: bool
+    fshape: List[int]
+    fspacing: List[float]
 
     def __init__(self, network: nn.Module, own: nn.Module, priors: List[nn.Module], grid: Grid, t0: float,
-                 t1: float, pyr: int, prev_grid: Optional[Grid], kind: str, label: str):
+                 t1: float, pyr: int, prev_grid: Optional[Grid], kind: str, label: str,
+                 features: Optional[nn.Module] = None, feature_grid: Optional[Grid] = None, feature_warp: bool = False):
         super().__init__()
         self.network = network
         self.own = own
@@ -243,14 +260,55 @@ class _Level(nn.Module):
         self.prev_params = ([float(v) for v in prev_grid.shape_xyz] + [float(v) for v in prev_grid.spacing_xyz]
                             if prev_grid is not None else [])
         self.label = label
+        self.has_features = features is not None
+        self.features = features if features is not None else _NoFeatures()
+        self.feature_warp = bool(feature_warp) and features is not None
+        self.rigid = kind == "rigid"
+        fg = feature_grid if feature_grid is not None else grid
+        self.fshape = [int(v) for v in fg.shape_xyz]
+        self.fspacing = [float(v) for v in fg.spacing_xyz]
 
-    def field(self, t: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
+    def _chain_points(self, y: Tensor, states: List[Tensor], n: int) -> Tensor:
+        """``prior o own(y)`` at every voxel of the level grid, batch ``n``."""
         pts = self.own.map_grid(y, self.shape, self.spacing)
         for pr in self.priors:
             pts = pr.map_points(states[pr.index], pts)
-        if pts.shape[0] != mov.shape[0]:
-            pts = pts.expand([mov.shape[0], pts.shape[1], pts.shape[2], pts.shape[3], 3])
-        warped = _sample(mov, self.shape, self.spacing, pts)
+        if pts.shape[0] != n:
+            pts = pts.expand([n, pts.shape[1], pts.shape[2], pts.shape[3], 3])
+        return pts
+
+    def prepare(self, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(moving source, fixed input, inverse level-start matrix)`` of this level for states from ``y``."""
+        m0_inv = torch.zeros([1, 4, 4], dtype=torch.float32, device=mov.device)
+        if not self.has_features:
+            return mov, fix, m0_inv
+        fix_feat = self.features(fix)
+        if not self.feature_warp:
+            return mov, fix_feat, m0_inv
+        if self.rigid:  # level-start frame prior o M0; evaluations warp by M0^-1 M(y)
+            start = _sample(mov, self.shape, self.spacing, self._chain_points(y, states, mov.shape[0]))
+            m0_inv = _rigid_inverse(_rigid_matrix(y))
+        elif len(self.priors) > 0:  # frame: the prior stages; evaluations warp by the own transform
+            pts = _expand(_grid_points(self.shape, self.spacing, mov.device), mov.shape[0])
+            for pr in self.priors:
+                pts = pr.map_points(states[pr.index], pts)
+            start = _sample(mov, self.shape, self.spacing, pts)
+        else:
+            start = mov
+        return self.features(start), fix_feat, m0_inv
+
+    def field(self, t: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]) -> Tensor:
+        if self.feature_warp:
+            if self.rigid:
+                pts = _apply_matrix(m0_inv @ _rigid_matrix(y),
+                                    _expand(_grid_points(self.fshape, self.fspacing, y.device), y.shape[0]))
+            else:
+                pts = self.own.map_grid(y, self.fshape, self.fspacing)
+            warped = _sample(mov, self.fshape, self.fspacing, pts)
+        else:
+            warped = _sample(mov, self.shape, self.spacing, self._chain_points(y, states, mov.shape[0]))
+            if self.has_features:
+                warped = self.features(warped)
         tt = torch.full([warped.shape[0]], t, dtype=torch.float32, device=warped.device)
         v = self.network(warped, fix, tt)
         if v.shape != y.shape:
@@ -286,32 +344,34 @@ class _FixedStepLevel(_Level):
         super().__init__(*args, **kwargs)
         self.times = [float(v) for v in times]
 
-    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
+    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor,
+             states: List[Tensor]) -> Tensor:
         raise NotImplementedError("subclass implements one step")
 
     def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
-        mov = pyr_m[self.pyr]
-        fix = pyr_f[self.pyr]
         y = self.carried(y)
+        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
         for i in range(len(self.times) - 1):
             ta = self.times[i]
-            y = self.step(ta, self.times[i + 1] - ta, y, mov, fix, states)
+            y = self.step(ta, self.times[i + 1] - ta, y, mov, fix, m0_inv, states)
         return y
 
 
 class _EulerLevel(_FixedStepLevel):
     """Forward Euler."""
 
-    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
-        return y + dt * self.field(t, y, mov, fix, states)
+    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor,
+             states: List[Tensor]) -> Tensor:
+        return y + dt * self.field(t, y, mov, fix, m0_inv, states)
 
 
 class _HeunLevel(_FixedStepLevel):
     """Heun's method (explicit trapezoid)."""
 
-    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tensor:
-        k1 = self.field(t, y, mov, fix, states)
-        k2 = self.field(t + dt, y + dt * k1, mov, fix, states)
+    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor,
+             states: List[Tensor]) -> Tensor:
+        k1 = self.field(t, y, mov, fix, m0_inv, states)
+        k2 = self.field(t + dt, y + dt * k1, mov, fix, m0_inv, states)
         return y + 0.5 * dt * (k1 + k2)
 
 class _AdaptiveHeunLevel(_Level):
@@ -330,9 +390,8 @@ class _AdaptiveHeunLevel(_Level):
         self.max_steps = int(max_steps)
 
     def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
-        mov = pyr_m[self.pyr]
-        fix = pyr_f[self.pyr]
         y = self.carried(y)
+        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
         safety = 0.9
         fac_min = 0.2
         fac_max = 5.0
@@ -352,10 +411,10 @@ class _AdaptiveHeunLevel(_Level):
             attempts += 1
             dt = min(dt, t1 - t)
             if not have_k1:
-                k1 = self.field(t, y, mov, fix, states)
+                k1 = self.field(t, y, mov, fix, m0_inv, states)
                 have_k1 = True
             y_new_euler = y + dt * k1
-            k2 = self.field(t + dt, y_new_euler, mov, fix, states)
+            k2 = self.field(t + dt, y_new_euler, mov, fix, m0_inv, states)
             y_new = y + 0.5 * dt * (k1 + k2)
             err = 0.5 * dt * (k2 - k1)
             scale = self.tol + self.tol * torch.maximum(y.abs(), y_new.abs())
@@ -569,6 +628,19 @@ def _as_plan(plan) -> Plan:
     return load_plan(plan)
 
 
+def _load_ts(plan: Plan, networks: dict, what: str) -> torch.jit.ScriptModule:
+    member = networks.get("torchscript")
+    if member is None:
+        raise PlanError(f"{what} has no TorchScript network (has {sorted(networks)}); registrar.ts embeds "
+                        "TorchScript networks")
+    try:
+        net = torch.jit.load(io.BytesIO(plan.read(member)), map_location="cpu")
+    except Exception as exc:
+        raise PlanError(f"plan member {member} is not a loadable TorchScript module: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return net.eval()
+
+
 def build_registrar_module(plan, stages=None) -> RegistrarModule:
     """The (unscripted) :class:`RegistrarModule` of a plan (path or :class:`~msode_sdk.plan.Plan`),
     with the plan's TorchScript networks loaded as submodules. ``stages``: subset of stage names."""
@@ -585,23 +657,17 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
         prev = None
         grids = [Grid(sc.shape_xyz, sc.spacing_xyz_mm) for sc in st.scales]
         for sc, lg in zip(st.scales, grids):
-            member = sc.networks.get("torchscript")
-            if member is None:
-                raise PlanError(f"stage {st.name!r} level {sc.level} has no TorchScript network "
-                                f"(has {sorted(sc.networks)}); registrar.ts embeds TorchScript networks")
-            try:
-                net = torch.jit.load(io.BytesIO(plan.read(member)), map_location="cpu")
-            except Exception as exc:
-                raise PlanError(f"plan member {member} is not a loadable TorchScript module: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-            net.eval()
+            net = _load_ts(plan, sc.networks, f"stage {st.name!r} level {sc.level}")
+            feats = _load_ts(plan, sc.features, f"stage {st.name!r} level {sc.level} features") if sc.features else None
+            fgrid = Grid(*sc.feature_grid) if sc.feature_grid is not None else None
             if lg not in pyramid_grids:
                 pyramid_grids.append(lg)
             own = _transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, lg))
             priors = [copy.deepcopy(f) for f in finals[::-1]]  # the finest earlier stage acts first
             common = dict(network=net, own=own, priors=priors, grid=lg, t0=sc.t0, t1=sc.t1,
                           pyr=pyramid_grids.index(lg), prev_grid=prev, kind=st.transform,
-                          label=f"{st.name}_L{sc.level}")
+                          label=f"{st.name}_L{sc.level}", features=feats, feature_grid=fgrid,
+                          feature_warp=sc.feature_warp)
             if sc.solver == "adaptive_heun":
                 levels.append(_AdaptiveHeunLevel(step0=sc.step_size or 0.0, tol=sc.tol, max_steps=sc.max_steps, **common))
             elif sc.solver in ("euler", "heun"):

@@ -14,18 +14,17 @@ with :mod:`torch.cuda.graphs` and replayed for every later pair:
 * the result is the :class:`~msode_sdk.registrar.ModelGridResult` of the eager loop: same chain kinds,
   warped image, per-level solver statistics (NFE, steps) and stage times.
 
-Everything in the graphs runs on the device: warps through the fused CUDA kernels (:mod:`.warp._cuda`;
-the PyTorch reference copies a host tensor per call and cannot be captured), pyramid levels through
-the same ``resample`` kernel (the eager loop uses ``grid_sample``; they agree to ~1e-6), dense states
-carried between levels by the ``chain_displacement`` kernel, networks through the torch backend's
-TorchScript modules (warmed up on a side stream before capture, as TorchScript's profiling executor
-and cuDNN need).
+The computation is the eager loop's own (:class:`msode_sdk.loop.RegistrationLoop`, one implementation),
+handed a warp that always takes the fused CUDA kernels (:mod:`.warp._cuda`): pyramid levels, feature
+warps and image warps. Initialisers run on the device too (``moments`` and ``multistart``: Jacobi
+eigen-decompositions, fixed-size MI histograms, argmax and gather; :mod:`msode_sdk.initialize`), and the
+networks through the torch backend's TorchScript modules (warmed up on a side stream before capture, as
+TorchScript's profiling executor and cuDNN need).
 
 Not capturable, and reported as such (:class:`GraphCaptureUnsupported`, or with ``cuda_graph=True`` on
 the Registrar a warning, once, and the eager loop): adaptive solvers (their step count is a host
-decision on the data), the ``moments`` initialiser (eigen-decompositions and host-side choices), a
-non-CUDA device, a backend other than ``torch``, chains without a fused kernel, or the kernels not
-building.
+decision on the data), a non-CUDA device, a backend other than ``torch``, chains without a fused
+kernel, or the kernels not building.
 
 Options (:class:`GraphOptions`): ``fp16_networks`` runs the networks under ``torch.autocast`` float16
 (weights stay fp32; only for networks validated in fp16 -- the analytic SSD fields are not),
@@ -44,9 +43,9 @@ from typing import Sequence
 
 import torch
 
-from .errors import MsodeError, PlanError
-from .integrate import LevelSchedule, get_solver
-from .transforms import DenseTransform, Grid, TransformChain, initial_state, make_transform
+from .errors import InputError, MsodeError, PlanError
+from .loop import RegistrationLoop, stage_runs
+from .transforms import Grid, TransformChain
 
 __all__ = ["GraphOptions", "GraphCaptureUnsupported", "CudaGraphRunner", "run_graphed", "unsupported_reason"]
 
@@ -88,14 +87,12 @@ def unsupported_reason(reg, stage_defs, init: str | None = None) -> str | None:
                 return (f"stage {st.name!r} level {sc.level} uses the {sc.solver!r} solver, whose number of steps "
                         f"is decided on the host from the data; only fixed-step {list(FIXED_STEP_SOLVERS)} "
                         "schedules can be captured")
-        mode = init or st.params.get("init", "none")
-        if st.transform == "rigid" and mode not in (None, "none"):
-            return f"stage {st.name!r} starts from the {mode!r} initialiser, which makes host-side decisions"
     from .warp import _cuda
     ok, why = _cuda.available()
     if not ok:
         return f"the CUDA warp kernels are unavailable ({why})"
-    for kinds in [()] + _kinds_chains(stage_defs):
+    own = [(st.transform,) for st in stage_defs]  # feature levels warp by a stage's own transform alone
+    for kinds in [(), ("rigid",)] + own + _kinds_chains(stage_defs):
         if kinds not in _cuda.KINDS:
             return f"no fused CUDA kernel for the chain {list(kinds)}"
     return None
@@ -113,7 +110,7 @@ def _kernel_warp(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, ou
 
 
 class CudaGraphRunner:
-    """The captured registration of one Registrar for one stage selection and batch size."""
+    """The captured registration of one Registrar for one stage selection, initialiser and batch size."""
 
     def __init__(self, reg, stage_defs: Sequence, batch: int, options: GraphOptions = GraphOptions(),
                  init: str | None = None):
@@ -126,89 +123,30 @@ class CudaGraphRunner:
         self.options = options
         self.device = reg.device
         self.grid = reg.model_grid
+        self.loop = RegistrationLoop(stage_runs(reg, self.stage_defs, init), self.grid, self._warp)
         self._lock = threading.Lock()
         self._capture()
 
-    # ---------------------------------------------------------------------------- the computation
+    def _warp(self, volume, src_grid, chain, out_grid):
+        out = _kernel_warp(volume, src_grid, chain, out_grid)
+        if self.options.channels_last and out.dim() == 5:
+            out = out.contiguous(memory_format=torch.channels_last_3d)
+        return out
 
-    def _downsample(self, vol: torch.Tensor, level_grid: Grid) -> torch.Tensor:
-        """:meth:`Registrar._downsample` (same factor-2 steps) through the ``resample`` kernel."""
-        cur_grid, cur = self.grid, vol
-        while cur_grid.spacing_xyz[0] * 1.5 < level_grid.spacing_xyz[0]:
-            nxt = cur_grid.downsampled(2)
-            cur = _kernel_warp(cur, cur_grid, TransformChain(), nxt)
-            cur_grid = nxt
-        if cur_grid != level_grid:
-            cur = _kernel_warp(cur, cur_grid, TransformChain(), level_grid)
-        return cur
-
-    def _pyramid(self) -> dict:
-        pyr = {self.grid: (self.moving, self.fixed)}
-        for st in self.stage_defs:
-            for sc in st.scales:
-                lg = Grid(sc.shape_xyz, sc.spacing_xyz_mm)
-                if lg not in pyr:
-                    pyr[lg] = (self._downsample(self.moving, lg), self._downsample(self.fixed, lg))
-        return pyr
-
-    def _network_inputs(self, vol: torch.Tensor) -> torch.Tensor:
-        if self.options.channels_last:
-            vol = vol.contiguous(memory_format=torch.channels_last_3d)
-        return vol
-
-    def _stage(self, st, pyr: dict, prior: TransformChain):
-        """One stage, as the eager loop runs it (:func:`msode_sdk.integrate.integrate_multiscale`)."""
-        grid = self.grid
-        levels = [LevelSchedule(Grid(sc.shape_xyz, sc.spacing_xyz_mm),
-                                get_solver(sc.solver, step_size=sc.step_size, tol=sc.tol, max_steps=sc.max_steps),
-                                sc.t0, sc.t1) for sc in st.scales]
-        fp16 = self.options.fp16_networks
-        from .registrar import checked_velocity  # registrar imports this module lazily: no cycle at import
-
-        def make_field(i):
-            lg = levels[i].grid
-            mov_l, fix_l = pyr[lg]
-            fix_in = self._network_inputs(fix_l)
-            net = self.reg._networks[(st.name, st.scales[i].level)]
-
-            def f(t, state):
-                tr = make_transform(st.transform, state, st.params, grid, lg)
-                warped = self._network_inputs(_kernel_warp(mov_l, lg, prior.then(tr), lg))
-                if fp16:
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        v = net(warped, fix_in, t)
-                else:
-                    v = net(warped, fix_in, t)
-                return checked_velocity(net, v, state, st.transform)
-            return f
-
-        y = initial_state(st.transform, st.params, grid, levels[0].grid, self.batch, torch.float32, self.device)
-        stats = []
-        for i, lv in enumerate(levels):
-            if i > 0 and st.transform == "dense" and levels[i - 1].grid != lv.grid:
-                y = self._carry_dense(y, levels[i - 1].grid, lv.grid)
-            y, s = lv.solver.integrate(make_field(i), y, lv.t0, lv.t1)
-            stats.append(s)
-        return y, stats, levels[-1].grid
-
-    @staticmethod
-    def _carry_dense(y: torch.Tensor, from_grid: Grid, to_grid: Grid) -> torch.Tensor:
-        """:func:`msode_sdk.transforms.carry_state` for a dense field, by the displacement kernel."""
-        from .warp import _ops
-        return _ops.op("chain_displacement")(None, None, y, [], list(from_grid.spacing_xyz),
-                                             list(to_grid.spacing_xyz), list(to_grid.shape_xyz))
-
-    def _run_all(self):
-        """Eager run of the whole computation on the static buffers (the warm-up; the graphs capture
-        exactly these calls): returns ``(chain, warped, per-stage statistics)``."""
-        pyr = self._pyramid()
+    def _run_stages(self, pyr):
         chain = TransformChain()
         stats = []
-        for st in self.stage_defs:
-            y, st_stats, last_grid = self._stage(st, pyr, chain)
-            chain = chain.then(make_transform(st.transform, y, st.params, self.grid, last_grid))
+        for k in range(len(self.loop.stages)):
+            y, st_stats = self._stage(k, pyr, chain)
+            chain = self.loop.chain_after(chain, k, y)
             stats.append(st_stats)
-        return chain, _kernel_warp(self.moving, self.grid, chain, self.grid), stats
+        return chain, stats
+
+    def _stage(self, k: int, pyr: dict, chain: TransformChain):
+        if self.options.fp16_networks:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.loop.run_stage(k, pyr, chain, self.batch)
+        return self.loop.run_stage(k, pyr, chain, self.batch)
 
     # ------------------------------------------------------------------------------------ capture
 
@@ -224,29 +162,29 @@ class CudaGraphRunner:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(max(1, int(self.options.warmup))):
-                    self._run_all()
+                    chain, _ = self._run_stages(self.loop.pyramid(self.moving, self.fixed))
+                    self.loop.final_warp(self.moving, chain)
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
 
             self.graphs: list[tuple[str, torch.cuda.CUDAGraph]] = []
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                pyr = self._pyramid()
+                pyr = self.loop.pyramid(self.moving, self.fixed)
             pool = g.pool()
             self.graphs.append(("pyramid", g))
             chain = TransformChain()
-            self.stats, self.last_grids = [], []
-            for st in self.stage_defs:
+            self.stats = []
+            for k, st in enumerate(self.loop.stages):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                    y, stats, last_grid = self._stage(st, pyr, chain)
-                chain = chain.then(make_transform(st.transform, y, st.params, self.grid, last_grid))
+                    y, stats = self._stage(k, pyr, chain)
+                chain = self.loop.chain_after(chain, k, y)
                 self.graphs.append((st.name, g))
                 self.stats.append(stats)
-                self.last_grids.append(last_grid)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                self.warped = _kernel_warp(self.moving, self.grid, chain, self.grid)
+                self.warped = self.loop.final_warp(self.moving, chain)
             self.graphs.append(("final", g))
             self.pyramid = pyr  # keeps the captured buffers alive
             self.chain = chain
@@ -262,7 +200,7 @@ class CudaGraphRunner:
         expect = (self.batch, 1, *self.grid.shape_dhw)
         for name, t in (("moving", moving), ("fixed", fixed)):
             if tuple(t.shape) != expect:
-                raise ValueError(f"{name}: this graph was captured for {expect}, got {tuple(t.shape)}")
+                raise InputError(f"{name}: this graph was captured for {expect}, got {tuple(t.shape)}")
         dev = self.device
         with self._lock, torch.cuda.device(dev), torch.inference_mode():
             stream = torch.cuda.current_stream(dev)
@@ -277,13 +215,13 @@ class CudaGraphRunner:
             warped = self.warped.clone()
             finite = torch.stack([torch.isfinite(s).all() for s in states]).tolist()  # the one host sync
             ms = [events[i].elapsed_time(events[i + 1]) for i in range(len(self.graphs))]
-        for st, ok in zip(self.stage_defs, finite):
+        for st, ok in zip(self.loop.stages, finite):
             if not ok:
                 raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
-        chain = TransformChain([make_transform(st.transform, s, st.params, self.grid, lg)
-                                for st, s, lg in zip(self.stage_defs, states, self.last_grids)])
+        chain = TransformChain([self.loop.chain_after(TransformChain(), k, s).transforms[0]
+                                for k, s in enumerate(states)])
         reports = []
-        for k, (st, stats) in enumerate(zip(self.stage_defs, self.stats)):
+        for k, (st, stats) in enumerate(zip(self.loop.stages, self.stats)):
             seconds = ms[k + 1] / 1000.0 + (ms[0] / 1000.0 if k == 0 else 0.0)  # pyramid counted in stage 1
             reports.append(StageReport(st.name, st.transform, copy.deepcopy(stats), seconds))
         return ModelGridResult(chain, warped, reports)

@@ -1,6 +1,6 @@
 """Principal-axes (image moments) initialiser for the rigid state theta_0.
 
-Beyond the paper (DESIGN section 5): before a rigid stage integrates, theta_0 may come from matching
+Beyond the paper: before a rigid stage integrates, theta_0 may come from matching
 the principal axes of the two images' foregrounds. The foreground is ``intensity > threshold`` of the
 normalised images (binary, so T1 and T2 of one head give nearly the same moments). With centroids
 ``c_f, c_m`` and covariance eigenvectors ``V_f, V_m`` (eigenvalues sorted), every
@@ -15,22 +15,32 @@ level, and the rest of the stage continues from the best. Scoring *after* the co
 it reliable: a wrong start either converges to the same optimum or stalls at a visibly worse MI, while
 scoring the raw starts (``moments``) sometimes prefers a wrong axis assignment.
 
+Everything here runs on the tensors' device with static shapes and no host synchronisation (no
+``.item()``, boolean indexing, LAPACK info checks or data-dependent sizes), so a CUDA graph can capture
+it: the 3x3 eigen-decompositions are cyclic Jacobi sweeps (:func:`symmetric_eigh3`), determinants are
+written out, MI histograms are fixed-size scatter-adds, and the choice is ``argmax`` + gather. The
+functions are TorchScript-compatible (``registrar.ts`` runs the same code).
+
 Points are model-frame mm (centre-relative, ``(x, y, z)``); tensors ``(N, 1, D, H, W)``.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
-from .transforms import Grid, RigidTransform, TransformChain, matrix_to_rigid
-from .warp import warp_chain
+from .transforms import Grid, matrix_to_rigid
 
 __all__ = ["foreground_moments", "principal_axes_candidates", "candidate_thetas", "mutual_information",
-           "moments_initial_theta"]
+           "choose_start", "moments_initial_theta", "symmetric_eigh3", "JACOBI_SWEEPS", "MI_BINS"]
+
+JACOBI_SWEEPS = 8  # cyclic sweeps of 3 rotations; convergence is quadratic: 8 reach float64 round-off
+MI_BINS = 32
 
 
-def moments_of_points(vol: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05):
+def moments_of_points(vol: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`foreground_moments` with the voxel centres given as ``pts (P, 3)`` float64 mm, in the
-    volume's flattened order (TorchScript-able: ``registrar.ts`` runs it too)."""
+    volume's flattened order."""
     w = (vol.reshape(vol.shape[0], -1) > threshold).to(torch.float64)
     mass = w.sum(1).clamp(min=1.0)
     c = (w @ pts) / mass[:, None]
@@ -44,20 +54,69 @@ def foreground_moments(vol: torch.Tensor, grid: Grid, threshold: float = 0.05):
     return moments_of_points(vol, grid.points(torch.float64, vol.device).reshape(-1, 3), threshold)
 
 
+def _det3(m: torch.Tensor) -> torch.Tensor:
+    """Determinants of ``(N, 3, 3)`` matrices, written out (no LU, no error check, no host sync)."""
+    return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+
+
+def symmetric_eigh3(a: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of symmetric ``(N, 3, 3)`` matrices by cyclic Jacobi rotations: eigenvalues
+    ``(N, 3)`` ascending and orthonormal eigenvectors as columns ``(N, 3, 3)`` (the signs of the columns
+    are arbitrary, as with LAPACK). Fixed work, static shapes: each rotation zeroes one off-diagonal
+    pair ``(p, q)`` with the numerically stable ``t = sign(tau) / (|tau| + sqrt(1 + tau^2))``."""
+    n = a.shape[0]
+    a = 0.5 * (a + a.transpose(1, 2))
+    v = torch.eye(3, dtype=a.dtype, device=a.device).unsqueeze(0).repeat(n, 1, 1)
+    eye = torch.eye(3, dtype=a.dtype, device=a.device).unsqueeze(0)
+    scale = a.abs().amax(dim=(1, 2)).clamp(min=1e-300)
+    pairs = [[0, 1], [0, 2], [1, 2]]
+    for _ in range(sweeps):
+        for pq in pairs:
+            p = pq[0]
+            q = pq[1]
+            apq = a[:, p, q]
+            rotate = apq.abs() > 1e-300 * scale
+            safe = torch.where(rotate, apq, torch.ones_like(apq))
+            tau = (a[:, q, q] - a[:, p, p]) / (2.0 * safe)
+            sgn = torch.where(tau >= 0, torch.ones_like(tau), -torch.ones_like(tau))
+            t = sgn / (tau.abs() + torch.sqrt(1.0 + tau * tau))
+            t = torch.where(rotate, t, torch.zeros_like(t))
+            c = 1.0 / torch.sqrt(1.0 + t * t)
+            s = t * c
+            # the rotation J: identity except J[p,p] = J[q,q] = c, J[p,q] = s, J[q,p] = -s
+            j = eye.repeat(n, 1, 1)
+            j[:, p, p] = c
+            j[:, q, q] = c
+            j[:, p, q] = s
+            j[:, q, p] = -s
+            a = j.transpose(1, 2) @ a @ j
+            v = v @ j
+    vals = torch.diagonal(a, dim1=1, dim2=2)
+    order = torch.argsort(vals, dim=1)
+    vals = torch.gather(vals, 1, order)
+    v = torch.gather(v, 2, order.unsqueeze(1).expand(n, 3, 3))
+    return vals, v
+
+
 def candidates_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor,
                          threshold: float = 0.05) -> torch.Tensor:
     """:func:`principal_axes_candidates` with the voxel centres given as ``pts (P, 3)`` float64 mm."""
     c_m, cov_m = moments_of_points(moving, pts, threshold)
     c_f, cov_f = moments_of_points(fixed, pts, threshold)
-    _, v_m = torch.linalg.eigh(cov_m)  # ascending eigenvalues, orthonormal columns
-    _, v_f = torch.linalg.eigh(cov_f)
+    _, v_m = symmetric_eigh3(cov_m)  # ascending eigenvalues, orthonormal columns
+    _, v_f = symmetric_eigh3(cov_f)
     n = moving.shape[0]
     out = []
-    for s in [[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]]:
-        sgn = torch.tensor(s, dtype=torch.float64, device=moving.device)
-        r = v_m @ torch.diag_embed(sgn.expand(n, 3)) @ v_f.transpose(1, 2)
-        det = torch.linalg.det(r)
-        r = r * det.sign()[:, None, None]  # make every candidate a proper rotation
+    for flip in [-1, 0, 1, 2]:  # S = I, then the sign pairs (y, z), (x, z), (x, y)
+        sgn = torch.ones([n, 3], dtype=torch.float64, device=moving.device)  # no host copy: capturable
+        if flip >= 0:
+            sgn[:, :] = -1.0
+            sgn[:, flip] = 1.0
+        r = v_m @ torch.diag_embed(sgn) @ v_f.transpose(1, 2)
+        det = _det3(r)
+        r = r * torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))[:, None, None]  # proper rotations
         m = torch.eye(4, dtype=torch.float64, device=moving.device).repeat(n, 1, 1)
         m[:, :3, :3] = r
         m[:, :3, 3] = c_m - (r @ c_f[:, :, None])[:, :, 0]
@@ -81,39 +140,50 @@ def thetas_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tenso
     return matrix_to_rigid(cands.reshape(n * k, 4, 4)).to(torch.float32).reshape(n, k, 6)
 
 
-def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.Tensor:
-    """MI ``(N,)`` of intensities in [0, 1] over voxels where either image is non-zero (hard bins)."""
-    n = a.shape[0]
-    out = []
-    for i in range(n):
-        x, y = a[i].reshape(-1), b[i].reshape(-1)
-        keep = (x > 0) | (y > 0)
-        x, y = x[keep], y[keep]
-        if x.numel() == 0:
-            out.append(torch.zeros((), dtype=torch.float64, device=a.device))
-            continue
-        ix = (x.clamp(0, 1) * (bins - 1)).round().long()
-        iy = (y.clamp(0, 1) * (bins - 1)).round().long()
-        joint = torch.bincount(ix * bins + iy, minlength=bins * bins).reshape(bins, bins).to(torch.float64)
-        p = joint / joint.sum()
-        px, py = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
-        nz = p > 0
-        out.append((p[nz] * torch.log(p[nz] / (px @ py)[nz])).sum())
-    return torch.stack(out)
-
-
 def candidate_thetas(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
     """``(N, 5, 6)`` float32 rigid parameters: the identity, then the 4 principal-axes candidates."""
     return thetas_of_points(moving, fixed, grid.points(torch.float64, moving.device).reshape(-1, 3), threshold)
 
 
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
+    """MI ``(N,)`` float64 (nats) of intensities in [0, 1] over the voxels where either image is non-zero,
+    from a hard ``bins x bins`` joint histogram (intensities rounded to the nearest bin). Batched and
+    with static shapes: the voxels outside both images weigh 0 in a fixed-size scatter-add; a pair with
+    no such voxel scores 0."""
+    n = a.shape[0]
+    x = a.reshape(n, -1)
+    y = b.reshape(n, -1)
+    w = ((x > 0) | (y > 0)).to(torch.float64)
+    ix = torch.round(x.clamp(0.0, 1.0) * (bins - 1)).long()
+    iy = torch.round(y.clamp(0.0, 1.0) * (bins - 1)).long()
+    joint = torch.zeros([n, bins * bins], dtype=torch.float64, device=a.device)
+    joint = joint.scatter_add(1, ix * bins + iy, w).reshape(n, bins, bins)
+    total = joint.sum(dim=(1, 2), keepdim=True)
+    p = joint / total.clamp(min=1.0)
+    px = p.sum(2, keepdim=True)
+    py = p.sum(1, keepdim=True)
+    nz = p > 0
+    ratio = torch.where(nz, p / (px * py).clamp(min=1e-300), torch.ones_like(p))
+    return torch.where(nz, p * torch.log(ratio), torch.zeros_like(p)).sum(dim=(1, 2))
+
+
+def choose_start(thetas: torch.Tensor, scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the candidate with the highest score: ``thetas (N, K, P)``, ``scores (N, K)`` ->
+    ``(chosen (N, P), index (N,))``, on the device (first maximum on ties)."""
+    best = scores.argmax(1)
+    chosen = torch.gather(thetas, 1, best[:, None, None].expand(thetas.shape[0], 1, thetas.shape[2]))[:, 0]
+    return chosen, best
+
+
 def moments_initial_theta(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
-    """Best of {identity, 4 principal-axes candidates} by MI: rigid parameters ``(N, 6)`` float32."""
-    thetas = candidate_thetas(moving, fixed, grid, threshold)
-    n, k = thetas.shape[:2]
-    scores = []
-    for j in range(k):
-        warped = warp_chain(moving, grid, TransformChain([RigidTransform(thetas[:, j])]), grid)
-        scores.append(mutual_information(warped, fixed))
-    best = torch.stack(scores, 1).argmax(1)
-    return thetas[torch.arange(n, device=thetas.device), best]
+    """Best of {identity, 4 principal-axes candidates} by MI on ``grid``: rigid parameters ``(N, 6)``
+    float32 (what ``init="moments"`` starts from)."""
+    from .transforms import RigidTransform, TransformChain
+    from .warp import warp_chain
+
+    thetas = candidate_thetas(moving, fixed, grid, threshold)                     # (N, K, 6)
+    n, k = thetas.shape[0], thetas.shape[1]
+    warped = warp_chain(moving.repeat_interleave(k, 0), grid,
+                        TransformChain([RigidTransform(thetas.reshape(n * k, 6))]), grid)
+    scores = mutual_information(warped, fixed.repeat_interleave(k, 0)).reshape(n, k)
+    return choose_start(thetas, scores)[0]

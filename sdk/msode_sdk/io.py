@@ -47,6 +47,9 @@ __all__ = [
     "tensor_to_array",
     "image_centre",
     "resample_to_model_grid",
+    "native_tensor",
+    "native_sampling_theta",
+    "sample_native",
     "normalise_intensity",
     "sample_image_at_world",
     "world_points",
@@ -449,39 +452,96 @@ def sample_image_at_world(img_tensor: torch.Tensor, affine: np.ndarray, points_r
     return out.reshape(img_tensor.shape[0], img_tensor.shape[1], *lead)
 
 
-def resample_to_model_grid(img: Image, grid: Grid, centre_ras: np.ndarray, device=None) -> torch.Tensor:
+def native_tensor(arr: np.ndarray, device=None) -> torch.Tensor:
+    """``(X, Y, Z)`` array -> ``(1, 1, X, Y, Z)`` float32 tensor in the array's own order: no transposing
+    copy (one host-to-device copy on a GPU). Sample it with :func:`native_sampling_theta` coordinates."""
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)[None, None]
+
+
+def _normalised_to_index(shape) -> np.ndarray:
+    """4x4: ``grid_sample`` coordinates of an ``(n0, n1, n2)`` tensor, given in its order ``(c2, c1, c0)``
+    (align_corners), -> voxel index ``(i0, i1, i2, 1)``."""
+    half = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    m = np.zeros((4, 4))
+    for a in range(3):
+        m[a, 2 - a] = half[a]
+        m[a, 3] = half[a]
+    m[3, 3] = 1.0
+    return m
+
+
+def native_sampling_theta(out_to_src: np.ndarray, out_shape, src_shape) -> torch.Tensor:
+    """``(1, 3, 4)`` float32 ``affine_grid`` matrix that samples a native-order source tensor of spatial
+    shape ``src_shape`` on an output tensor of spatial shape ``out_shape``, given the 4x4 map
+    ``out_to_src`` from output voxel indices to source voxel indices (float64, composed on the host)."""
+    m = np.linalg.inv(_normalised_to_index(src_shape)) @ np.asarray(out_to_src, dtype=np.float64) \
+        @ _normalised_to_index(out_shape)
+    return torch.from_numpy(m[:3].astype(np.float32))[None]
+
+
+def sample_native(vol: torch.Tensor, theta: torch.Tensor, out_shape) -> torch.Tensor:
+    """Trilinear samples (zeros outside, ``align_corners``) of ``vol`` ``(N, C, n0, n1, n2)`` at the output
+    voxels that ``theta`` (:func:`native_sampling_theta`) maps into it: ``(N, C, *out_shape)``."""
+    grid = F.affine_grid(theta.to(vol.device).expand(vol.shape[0], 3, 4), [vol.shape[0], 1, *out_shape],
+                         align_corners=True)
+    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def resample_to_model_grid(img: Image, grid: Grid, centre_ras: np.ndarray, device=None,
+                           tensor: torch.Tensor | None = None) -> torch.Tensor:
     """Resample an image onto the axis-aligned RAS model ``grid`` centred at ``centre_ras``:
-    ``(1, 1, D, H, W)`` float32.
+    ``(1, 1, D, H, W)`` float32 on ``device`` (``tensor``: the image as :func:`native_tensor` already on the
+    device, so it is not copied again).
 
     Anti-aliasing for inputs finer than the grid: along each source axis whose voxels are ``r``
     times smaller than the grid's finest spacing, ``floor(r)`` voxels are first averaged (a strided
     box filter, one cheap pass; the pooled voxel centres are tracked exactly in the affine), then a
-    Gaussian of ``sigma = 0.5 * sqrt(r'^2 - 1)`` pooled voxels takes the remaining ratio ``r'``."""
-    vol = array_to_tensor(img.array, device)
+    Gaussian of ``sigma = 0.5 * sqrt(r'^2 - 1)`` pooled voxels takes the remaining ratio ``r'``.
+    The sampling positions are composed in float64 on the host and applied by ``affine_grid``."""
+    vol = native_tensor(img.array, device) if tensor is None else tensor
     affine = np.asarray(img.affine, dtype=np.float64)
     ratio = np.min(grid.spacing_xyz) / img.spacing  # per source axis x, y, z
     pool = np.maximum(np.floor(ratio + 1e-6), 1).astype(int)
     pool = np.minimum(pool, np.asarray(img.shape) // 2).clip(min=1)
     if np.any(pool > 1):
-        vol = F.avg_pool3d(vol, kernel_size=(int(pool[2]), int(pool[1]), int(pool[0])))
+        vol = F.avg_pool3d(vol, kernel_size=(int(pool[0]), int(pool[1]), int(pool[2])))
         # pooled voxel i covers source voxels [f i, f i + f - 1]: its centre is f i + (f - 1) / 2
         scale = np.diag([*pool.astype(np.float64), 1.0])
         scale[:3, 3] = (pool - 1) / 2.0
         affine = affine @ scale
     rest = ratio / pool
     sig_xyz = 0.5 * np.sqrt(np.clip(rest ** 2 - 1.0, 0.0, None))
-    vol = _gaussian_blur_axes(vol, (sig_xyz[2], sig_xyz[1], sig_xyz[0]))
-    pts = grid.points(torch.float64, device) + torch.as_tensor(centre_ras, dtype=torch.float64, device=device)
-    return sample_image_at_world(vol, affine, pts).float()
+    vol = _gaussian_blur_axes(vol, tuple(sig_xyz))
+    # model voxel (x, y, z) -> world -> source voxel
+    model_to_world = np.eye(4)
+    model_to_world[:3, :3] = np.diag(grid.spacing_xyz)
+    model_to_world[:3, 3] = np.asarray(centre_ras, dtype=np.float64) - \
+        (np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0) / 2.0 * np.asarray(grid.spacing_xyz)
+    vox = np.linalg.inv(affine) @ model_to_world
+    # the output tensor is (Z, Y, X): its index order is the reverse of the model voxel (x, y, z)
+    rev = np.eye(4)[[2, 1, 0, 3]]
+    theta = native_sampling_theta(vox @ rev, grid.shape_dhw, tuple(vol.shape[2:]))
+    return sample_native(vol, theta, grid.shape_dhw)
 
 
-def normalise_intensity(vol: torch.Tensor, low_pct: float, high_pct: float, reference: np.ndarray | None = None) -> torch.Tensor:
+def normalise_intensity(vol: torch.Tensor, low_pct: float, high_pct: float,
+                        reference: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """Map intensities so that the ``low_pct``/``high_pct`` percentiles (of ``reference`` when given,
-    e.g. the native image, else of ``vol``) become 0 and 1, clipped to ``[0, 1]``."""
-    src = reference if reference is not None else vol.detach().cpu().numpy()
-    lo, hi = np.percentile(src, [low_pct, high_pct])
-    if not hi > lo:  # very sparse images: fall back to the full range
-        lo, hi = float(np.min(src)), float(np.max(src))
+    e.g. a sample of the native image, else of ``vol``) become 0 and 1, clipped to ``[0, 1]``.
+    Percentiles interpolate linearly (numpy's default); a CUDA ``reference`` is summarised on its device
+    (``torch.quantile``, float64), anything else by numpy."""
+    src = reference if reference is not None else vol.detach()
+    if isinstance(src, torch.Tensor) and src.is_cuda:
+        flat = src.reshape(-1).double()
+        q = torch.tensor([low_pct / 100.0, high_pct / 100.0], dtype=torch.float64, device=flat.device)
+        lo, hi = (float(v) for v in torch.quantile(flat, q))
+        if not hi > lo:  # very sparse images: fall back to the full range
+            lo, hi = (float(v) for v in torch.aminmax(flat))
+    else:
+        src = src.cpu().numpy() if isinstance(src, torch.Tensor) else src
+        lo, hi = np.percentile(src, [low_pct, high_pct])
+        if not hi > lo:  # very sparse images: fall back to the full range
+            lo, hi = float(np.min(src)), float(np.max(src))
     if not hi > lo:
         raise InputError("image has no intensity range to normalise")
     return ((vol - float(lo)) / float(hi - lo)).clamp(0.0, 1.0)

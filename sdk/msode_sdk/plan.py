@@ -1,4 +1,4 @@
-"""The ``.plan`` bundle: read, validate and write (format version 1).
+"""The ``.plan`` bundle: read, validate and write (format versions 1 and 2).
 
 A plan is everything the runtime needs to register a pair of images with one trained (or analytic)
 multi-scale neural-ODE model, in a single file.
@@ -12,13 +12,19 @@ memory-mapped; the reader also accepts deflated members. Members:
 ``manifest.json``
     UTF-8 JSON object (at most 1 MiB) describing the plan; its schema is enforced by
     :func:`validate_manifest` (see that function for every rule). In short: ``format``
-    (``"msode-plan"``), ``format_version`` (int, this SDK reads version 1 and refuses newer ones),
+    (``"msode-plan"``), ``format_version`` (int, this SDK reads versions 1 and 2 and refuses newer ones),
     ``name``, ``created``, optional ``description`` and ``analytic`` (the networks are
     gradient-descent stand-ins, not trained), ``model_grid`` (RAS grid the images are resampled to),
     ``normalization``, ``modalities``, ``stages`` (ordered, e.g. rigid then bspline, each with its
     ``transform``, ``params`` and per-level ``scales``: grid, solver, step size / tolerance, time
     segment, network members), optional free-form ``metrics`` and ``training`` provenance, and
-    ``members``: the sha256 and size of every other member.
+    ``members``: the sha256 and size of every other member. Version 2 adds, per scale, an optional
+    ``features`` network (``image -> (N, C, D', H', W')``, same formats as ``networks``) and the
+    ``feature_grid`` (``shape_xyz``, ``spacing_xyz_mm``) its output lives on, and ``feature_warp``
+    (bool, default false): the runtime computes the fixed image's features once per level and, at every
+    evaluation, the features of the warped moving image (or, with ``feature_warp``, the moving
+    features once per level, warped with the state); the level's network then takes
+    ``(moving features, fixed features, t)``.
 ``networks/<stage>_L<level>.ts`` / ``networks/<stage>_L<level>.onnx``
     The per-scale networks (TorchScript and ONNX). Opaque bytes to this module.
 ``engines/<gpu>-<cc>-trt<version>/<stage>_L<level>.engine``, ``registrar.ts``, ...
@@ -71,7 +77,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Union
 
 from msode_sdk.errors import PlanError
@@ -100,7 +106,11 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 FORMAT = "msode-plan"
-FORMAT_VERSION = 1  # the newest format version this SDK reads and the one it writes
+FORMAT_VERSION = 2  # the newest format version this SDK reads
+# Version 2 adds per-level feature networks (``features`` + ``feature_grid`` on a scale): features of
+# each image computed once per level, the moving one warped with the state. A plan is written as
+# version 2 only when it uses them, so plans without them stay readable by version-1 SDKs.
+FEATURES_VERSION = 2
 
 #: Solver names a scale may use. (The integrator module will own the solvers; the names live here
 #: so that validating a plan needs nothing but the standard library.)
@@ -190,6 +200,14 @@ class ScaleSpec:
     t0: float
     t1: float
     networks: dict[str, str]  # network format ("torchscript" / "onnx") -> member name
+    # format 2: the level's feature network (format -> member) and the grid its output lives on;
+    # empty / None when the field takes the images themselves
+    features: dict[str, str] = field(default_factory=dict)
+    feature_grid: tuple[tuple[int, int, int], tuple[float, float, float]] | None = None
+    # how the moving features follow the state: False = the feature network runs on the warped moving
+    # image at every evaluation (exact; the fixed features are still computed once), True = the moving
+    # features are computed once per level and warped with the state ("feature_warp": true)
+    feature_warp: bool = False
 
 
 @dataclass(frozen=True)
@@ -466,7 +484,7 @@ def validate_manifest(obj: object) -> Manifest:
     stages: list[StageSpec] = []
     seen: set[str] = set()
     for i, item in enumerate(stage_items):
-        stage = _validate_stage(item, f"{stages_path}[{i}]", model_grid, members)
+        stage = _validate_stage(item, f"{stages_path}[{i}]", model_grid, members, version)
         if stage.name in seen:
             _fail(f"{stages_path}[{i}].name", f"duplicate stage name {stage.name!r}")
         seen.add(stage.name)
@@ -538,7 +556,7 @@ def _validate_members(value: object, path: str) -> dict[str, dict[str, Any]]:
 
 
 def _validate_stage(
-    value: object, path: str, model_grid: ModelGrid, members: Mapping[str, Any]
+    value: object, path: str, model_grid: ModelGrid, members: Mapping[str, Any], version: int = 1
 ) -> StageSpec:
     s = _dict(value, path)
     name = _str(_require(s, "name", path), _child(path, "name"))
@@ -560,7 +578,7 @@ def _validate_stage(
     items = _list(_require(s, "scales", path), scales_path)
     if not items:
         _fail(scales_path, "a stage needs at least one scale")
-    scales = [_validate_scale(item, f"{scales_path}[{i}]", i + 1, members) for i, item in enumerate(items)]
+    scales = [_validate_scale(item, f"{scales_path}[{i}]", i + 1, members, version) for i, item in enumerate(items)]
     for i in range(len(scales) - 1):
         if scales[i].t1 != scales[i + 1].t0:
             _fail(
@@ -585,7 +603,8 @@ def _validate_stage(
     return StageSpec(name=name, transform=transform, params=params, scales=tuple(scales))
 
 
-def _validate_scale(value: object, path: str, expected_level: int, members: Mapping[str, Any]) -> ScaleSpec:
+def _validate_scale(value: object, path: str, expected_level: int, members: Mapping[str, Any],
+                    version: int = 1) -> ScaleSpec:
     sc = _dict(value, path)
     level = _int(_require(sc, "level", path), _child(path, "level"))
     if level != expected_level:
@@ -625,17 +644,20 @@ def _validate_scale(value: object, path: str, expected_level: int, members: Mapp
     elif "tol" in sc:
         tol = _float_in(sc["tol"], tol_path, 0.0, 1.0, True, True)
 
-    net_path = _child(path, "networks")
-    nets = _dict(_require(sc, "networks", path), net_path)
-    networks: dict[str, str] = {}
-    for fmt in NETWORK_FORMATS:
-        if fmt in nets:
-            member = _str(nets[fmt], _child(net_path, fmt))
-            if member not in members:
-                _fail(_child(net_path, fmt), f"member {member!r} is not listed in manifest.members")
-            networks[fmt] = member
-    if not networks:
-        _fail(net_path, f"needs at least one of {list(NETWORK_FORMATS)}")
+    networks = _network_members(_require(sc, "networks", path), _child(path, "networks"), members)
+    features: dict[str, str] = {}
+    feature_grid = None
+    feature_warp = False
+    if version >= FEATURES_VERSION and "features" in sc:
+        feat_path = _child(path, "features")
+        features = _network_members(sc["features"], feat_path, members)
+        if set(features) != set(networks):
+            _fail(feat_path, f"needs the same formats as the networks ({sorted(networks)}), got {sorted(features)}")
+        fg_path = _child(path, "feature_grid")
+        fg = _dict(_require(sc, "feature_grid", path), fg_path)
+        feature_grid = (_shape3(_require(fg, "shape_xyz", fg_path), _child(fg_path, "shape_xyz")),
+                        _spacing3(_require(fg, "spacing_xyz_mm", fg_path), _child(fg_path, "spacing_xyz_mm")))
+        feature_warp = _bool(sc.get("feature_warp", False), _child(path, "feature_warp"))
 
     return ScaleSpec(
         level=level,
@@ -648,7 +670,25 @@ def _validate_scale(value: object, path: str, expected_level: int, members: Mapp
         t0=t0,
         t1=t1,
         networks=networks,
+        features=features,
+        feature_grid=feature_grid,
+        feature_warp=feature_warp,
     )
+
+
+def _network_members(value: object, path: str, members: Mapping[str, Any]) -> dict[str, str]:
+    """``{format: member}`` of a scale's ``networks`` / ``features``: known formats, listed members."""
+    nets = _dict(value, path)
+    out: dict[str, str] = {}
+    for fmt in NETWORK_FORMATS:
+        if fmt in nets:
+            member = _str(nets[fmt], _child(path, fmt))
+            if member not in members:
+                _fail(_child(path, fmt), f"member {member!r} is not listed in manifest.members")
+            out[fmt] = member
+    if not out:
+        _fail(path, f"needs at least one of {list(NETWORK_FORMATS)}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -954,7 +994,7 @@ def make_manifest(
 ) -> dict[str, Any]:
     """A manifest dict skeleton for :func:`write_plan`.
 
-    Sets ``format``, ``format_version``, ``name``, ``created`` (now, UTC, ISO 8601 with ``Z``),
+    Sets ``format``, ``format_version`` (2 when a scale has ``features``, else 1), ``name``, ``created`` (now, UTC, ISO 8601 with ``Z``),
     ``model_grid``, ``stages`` and defaults for ``normalization`` (percentile 0.5-99.5) and
     ``modalities`` (empty); keyword arguments add or override top-level keys (``description``,
     ``analytic``, ``metrics``, ``training``, ...). ``members`` is filled in by :func:`write_plan`.
@@ -962,7 +1002,7 @@ def make_manifest(
     """
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": required_format_version(stages),
         "name": name,
         "created": _utc_now(),
         "model_grid": _json_copy(dict(model_grid)),
@@ -973,6 +1013,15 @@ def make_manifest(
     for key, value in extra.items():
         manifest[key] = _json_copy(value)
     return manifest
+
+
+def required_format_version(stages: Any) -> int:
+    """The oldest format version that can hold ``stages`` (manifest dicts): 2 with feature networks, else 1."""
+    try:
+        uses_features = any("features" in sc for st in stages for sc in st.get("scales", ()))
+    except (TypeError, AttributeError):  # malformed stages: validation reports them
+        uses_features = False
+    return FEATURES_VERSION if uses_features else 1
 
 
 def _aligned_info(name: str, offset: int) -> zipfile.ZipInfo:
@@ -1007,7 +1056,7 @@ def write_plan(
         raise PlanError(f"{label}: manifest must be a mapping, got {type(manifest).__name__}")
     m: dict[str, Any] = _json_copy(dict(manifest))
     m.setdefault("format", FORMAT)
-    m.setdefault("format_version", FORMAT_VERSION)
+    m.setdefault("format_version", required_format_version(m.get("stages", ())))
     m.setdefault("created", _utc_now())
 
     blobs: dict[str, bytes] = {}
@@ -1142,6 +1191,10 @@ def plan_summary(plan: Plan) -> str:
                 f"       L{sc.level}: {_fmt_vec(sc.shape_xyz)} at {_fmt_vec(sc.spacing_xyz_mm)} mm, "
                 f"t=[{sc.t0:g}, {sc.t1:g}], {solver}, networks: {', '.join(sorted(sc.networks))}"
             )
+            if sc.feature_grid is not None:
+                how = "moving features warped with the state" if sc.feature_warp else "moving features per evaluation"
+                lines.append(f"           feature network ({', '.join(sorted(sc.features))}) on "
+                             f"{_fmt_vec(sc.feature_grid[0])} at {_fmt_vec(sc.feature_grid[1])} mm: fixed features once, {how}")
     engine_dirs = sorted({n.split("/")[1] for n in m.members if n.startswith("engines/") and n.count("/") >= 2})
     lines.append(f"  registrar.ts:  {'yes (whole loop as one TorchScript module)' if 'registrar.ts' in m.members else 'no'}")
     lines.append(f"  TensorRT engines: {', '.join(engine_dirs) if engine_dirs else 'none (built from ONNX on first use)'}")

@@ -52,22 +52,20 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import io as _io
 from .backends import BACKENDS, get_backend
 from .errors import (BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError,
                      ResourceError)
-from .integrate import LevelSchedule, SegmentStats, get_solver, integrate_multiscale
+from .integrate import SegmentStats
+from .loop import INIT_MODES, RegistrationLoop, checked_velocity, downsample, stage_runs
 from .plan import Plan, load_plan
-from .transforms import Grid, TransformChain, initial_state, make_transform
-from .initialize import candidate_thetas, moments_initial_theta, mutual_information
-from .transforms import carry_state
-from .warp import sample_points, warp_chain
+from .transforms import Grid, TransformChain
 
 __all__ = ["Registrar", "RegistrationResult", "ModelGridResult", "StageReport", "bundled_plans", "resolve_plan_path"]
 
 _log = logging.getLogger("msode_sdk")
-INIT_MODES = ("none", "moments", "multistart")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -114,17 +112,16 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 _AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("torch", "onnxruntime")}
 
 
-def checked_velocity(net, v: torch.Tensor, state: torch.Tensor, transform: str) -> torch.Tensor:
-    """A network's output as the state's velocity: same shape as the state (else ``PlanError``)."""
-    if v.shape != state.shape:
-        raise PlanError(f"network {net.member} returned shape {tuple(v.shape)}, "
-                        f"expected {tuple(state.shape)} for a {transform} state")
-    return v.to(state.dtype)
-
-
-def _load_networks(backend, plan: Plan) -> dict:
-    return {(st.name, sc.level): backend.load_network(plan, sc.networks)
-            for st in plan.manifest.stages for sc in st.scales}
+def _load_networks(backend, plan: Plan) -> tuple[dict, dict]:
+    """``(fields, features)``: the vector field of every (stage, level), and its feature network where the
+    plan has one (format 2)."""
+    fields, features = {}, {}
+    for st in plan.manifest.stages:
+        for sc in st.scales:
+            fields[(st.name, sc.level)] = backend.load_network(plan, sc.networks)
+            if sc.features:
+                features[(st.name, sc.level)] = backend.load_features(plan, sc.features)
+    return fields, features
 
 
 def _pick_backend(name: str, device: torch.device, plan: Plan):
@@ -361,7 +358,7 @@ class Registrar:
         if self.device.type == "cuda":
             from .warp import ensure_kernels
             ensure_kernels("cuda")  # build/load the fused warp kernels now, not in the first registration
-        self.backend, self._networks = _pick_backend(backend, self.device, plan)
+        self.backend, (self._networks, self._features) = _pick_backend(backend, self.device, plan)
         m = plan.manifest
         self.model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
         if m.analytic:
@@ -438,114 +435,49 @@ class Registrar:
             if res is not None:
                 return res
         n = moving.shape[0]
-        pyramids: dict[Grid, tuple[torch.Tensor, torch.Tensor]] = {grid: (moving, fixed)}
+        loop = RegistrationLoop(stage_runs(self, self._select_stages(stages), init), self.model_grid)
         chain = TransformChain()
         reports = []
         with torch.inference_mode():
-            for st in self._select_stages(stages):
+            pyr = loop.pyramid(moving, fixed)
+            for k, st in enumerate(loop.stages):
                 t_start = time.perf_counter()
-                levels = []
-                for sc in st.scales:
-                    lg = Grid(sc.shape_xyz, sc.spacing_xyz_mm)
-                    if lg not in pyramids:
-                        pyramids[lg] = tuple(self._downsample(v, grid, lg) for v in (moving, fixed))
-                    solver = get_solver(sc.solver, step_size=sc.step_size, tol=sc.tol, max_steps=sc.max_steps)
-                    levels.append(LevelSchedule(lg, solver, sc.t0, sc.t1))
-
-                def make_field(i, st=st, levels=levels, prior=chain):
-                    lg = levels[i].grid
-                    mov_l, fix_l = pyramids[lg]
-                    net = self._networks[(st.name, st.scales[i].level)]
-
-                    def f(t, state):
-                        tr = make_transform(st.transform, state, st.params, grid, lg)
-                        warped = warp_chain(mov_l, lg, prior.then(tr), lg)
-                        return checked_velocity(net, net(warped, fix_l, t), state, st.transform)
-                    return f
-
-                y0 = initial_state(st.transform, st.params, grid, levels[0].grid, n, torch.float32, self.device)
-                mode = init or st.params.get("init", "none")
-                if st.transform == "rigid" and mode == "multistart" and len(chain):
-                    _log.warning("init='multistart' needs the rigid stage first; stage %r follows %d transform(s): "
-                                 "using init='moments'", st.name, len(chain))
-                    mode = "moments"
-                if st.transform == "rigid" and mode == "moments":
-                    mov0, fix0 = pyramids[levels[0].grid]
-                    y0 = moments_initial_theta(warp_chain(mov0, levels[0].grid, chain, levels[0].grid) if len(chain) else mov0,
-                                               fix0, levels[0].grid)
-                if st.transform == "rigid" and mode == "multistart":
-                    y, seg_stats = self._multistart(st, levels, make_field, pyramids, n)
-                else:
-                    y, seg_stats = integrate_multiscale(st.transform, levels, make_field, y0)
+                y, seg_stats = loop.run_stage(k, pyr, chain, n)
+                if st.init == "multistart":
+                    best, score = loop.last_multistart
+                    _log.info("multistart: start %s chosen (MI %s)", best.tolist(),
+                              [[round(float(v), 3) for v in row] for row in score])
                 if not bool(torch.isfinite(y).all()):
                     raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
-                chain = chain.then(make_transform(st.transform, y, st.params, grid, levels[-1].grid))
+                chain = loop.chain_after(chain, k, y)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 reports.append(StageReport(st.name, st.transform, seg_stats, time.perf_counter() - t_start))
                 _log.info("stage %s done: %.1f ms, NFE %d", st.name, reports[-1].seconds * 1000, reports[-1].nfe)
-            warped = warp_chain(moving, grid, chain, grid)
+            warped = loop.final_warp(moving, chain)
         return ModelGridResult(chain, warped, reports)
-
-    def _multistart(self, st, levels, make_field, pyramids, n: int):
-        """Rigid stage from 5 starts (identity + 4 principal-axes candidates, :mod:`.initialize`): the
-        coarsest level integrates all of them as one batch, MI on the next level picks each pair's best
-        end point, the remaining levels continue from it. The first level's NFE counts batched calls."""
-        grid = self.model_grid
-        lg0 = levels[0].grid
-        mov0, fix0 = pyramids[lg0]
-        thetas = candidate_thetas(mov0, fix0, lg0)                                   # (N, K, 6)
-        k = thetas.shape[1]
-        mov_r, fix_r = mov0.repeat_interleave(k, 0), fix0.repeat_interleave(k, 0)
-        net = self._networks[(st.name, st.scales[0].level)]
-
-        def f(t, state):
-            tr = make_transform(st.transform, state, st.params, grid, lg0)
-            warped = warp_chain(mov_r, lg0, TransformChain([tr]), lg0)
-            return checked_velocity(net, net(warped, fix_r, t), state, st.transform)
-
-        y1, stats0 = levels[0].solver.integrate(f, thetas.reshape(n * k, 6), levels[0].t0, levels[0].t1)
-        lg_s = levels[1].grid if len(levels) > 1 else lg0
-        mov_s, fix_s = pyramids[lg_s]
-        ys = carry_state(st.transform, y1, lg0, lg_s)
-        warped = warp_chain(mov_s.repeat_interleave(k, 0), lg_s,
-                            TransformChain([make_transform(st.transform, ys, st.params, grid, lg_s)]), lg_s)
-        score = mutual_information(warped, fix_s.repeat_interleave(k, 0)).reshape(n, k)
-        best = score.argmax(1)
-        y = y1.reshape(n, k, -1)[torch.arange(n, device=y1.device), best]
-        _log.info("multistart: start %s chosen (MI %s)", best.tolist(),
-                  [[round(float(v), 3) for v in row] for row in score])
-        if len(levels) == 1:
-            return y, [stats0]
-        y = carry_state(st.transform, y, lg0, levels[1].grid)
-        y, rest = integrate_multiscale(st.transform, levels[1:], lambda i: make_field(i + 1), y)
-        return y, [stats0, *rest]
 
     @staticmethod
     def _downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid) -> torch.Tensor:
-        """Pyramid level by repeated factor-2 steps; each step samples the finer level at the coarser
-        voxel centres (mm-exact; for even sizes this is 2x2x2 averaging)."""
-        cur_grid, cur = grid, vol
-        while cur_grid.spacing_xyz[0] * 1.5 < level_grid.spacing_xyz[0]:
-            nxt = cur_grid.downsampled(2)
-            pts = nxt.points(cur.dtype, cur.device)
-            cur = sample_points(cur, cur_grid, pts.unsqueeze(0).expand(cur.shape[0], *pts.shape))
-            cur_grid = nxt
-        if cur_grid != level_grid:
-            pts = level_grid.points(cur.dtype, cur.device)
-            cur = sample_points(cur, cur_grid, pts.unsqueeze(0).expand(cur.shape[0], *pts.shape))
-        return cur
+        """A pyramid level of ``vol`` (:func:`msode_sdk.loop.downsample`; kept for training code)."""
+        return downsample(vol, grid, level_grid)
 
     # ------------------------------------------------------------------------------ world space
 
     def prepare(self, image, name: str) -> tuple[_io.Image, np.ndarray, torch.Tensor]:
         """Validate an input and put it on the model grid: ``(image, centre RAS, tensor (1,1,D,H,W))``."""
-        img = _io.load_image(image, name)
+        img, centre, vol, _ = self._prepare(_io.load_image(image, name), name)
+        return img, centre, vol
+
+    def _prepare(self, img: _io.Image, name: str):
+        """:meth:`prepare` of a validated image; also returns the image as a native-order device tensor
+        (:func:`msode_sdk.io.native_tensor`: the one host-to-device copy, reused for the world outputs)."""
         m = self.plan.manifest
         centre = _io.image_centre(img, m.model_grid.centre)
-        vol = _io.resample_to_model_grid(img, self.model_grid, centre, self.device)
-        flat = img.array.reshape(-1)
-        sample = flat[:: max(1, flat.size // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
+        native = _io.native_tensor(img.array, self.device)
+        vol = _io.resample_to_model_grid(img, self.model_grid, centre, self.device, tensor=native)
+        flat = native.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
         norm = m.normalization
         try:
             vol = _io.normalise_intensity(vol, norm["low"], norm["high"], reference=sample)
@@ -553,7 +485,7 @@ class Registrar:
             raise InputError(f"{name}: {exc}") from None
         if float(vol.max()) <= 0.0:
             raise InputError(f"{name}: no image content inside the model grid around its centre")
-        return img, centre, vol
+        return img, centre, vol, native
 
     @_typed_failures
     def register(self, moving, fixed, stages: Sequence[str] | None = None, init: str | None = None) -> RegistrationResult:
@@ -572,12 +504,12 @@ class Registrar:
         self._select_stages(stages)  # argument errors first
         moving = _io.load_image(moving, "moving")  # both inputs validated before either is resampled
         fixed = _io.load_image(fixed, "fixed")
-        mov_img, c_m, mov = self.prepare(moving, "moving")
-        fix_img, c_f, fix = self.prepare(fixed, "fixed")
+        mov_img, c_m, mov, mov_native = self._prepare(moving, "moving")
+        fix_img, c_f, fix, _ = self._prepare(fixed, "fixed")
         t1 = time.perf_counter()
         res = self.register_model_grid(mov, fix, stages, init=init)
         t2 = time.perf_counter()
-        warped, matrix, disp = self._to_world(res.chain, mov_img, c_m, fix_img, c_f)
+        warped, matrix, disp = self._to_world(res.chain, mov_img, c_m, fix_img, c_f, mov_native)
         t3 = time.perf_counter()
         timings = {"load": t1 - t0, **{s.name: s.seconds for s in res.stages}, "output": t3 - t2, "total": t3 - t0}
         return RegistrationResult(
@@ -588,61 +520,131 @@ class Registrar:
             fixed_image=fix_img, moving_image=mov_img,
         )
 
-    def _to_world(self, chain: TransformChain, mov_img, c_m, fix_img, c_f):
-        """World outputs on the fixed native grid (see RegistrationResult).
+    def _to_world(self, chain: TransformChain, mov_img, c_m, fix_img, c_f, mov_native: torch.Tensor | None = None):
+        """World outputs on the fixed native grid (see RegistrationResult), on the registrar's device.
 
-        Everything is computed in float32 in centre-relative frames (|x| < ~1 m, so ~1e-4 mm
-        resolution): ``x = p - c_f`` for fixed world points ``p``, ``y = phi(x)``, moving world point
-        ``q = y + c_m``. Fixed grids whose axes are parallel to RAS (any permutation and flips) take a
-        separable path (exact B-spline by 1-D basis matrices); oblique grids evaluate B-spline stages
-        through exact samples on a grid of half the model spacing (max error ~0.02 mm for N(0, 8 mm^2)
-        coefficients on a 20 mm lattice) instead of the 64-term sum at every native voxel.
+        Frames: fixed voxel ``v`` -> fixed model-frame point ``x = aff_f v - c_f`` (mm, centre-relative)
+        -> ``phi(x)`` -> moving world point ``q = phi(x) + c_m`` -> moving voxel ``aff_m^-1 q``. For the
+        chains plans produce, ``phi(x) = A (x + u(x))`` (``A`` the rigid part, ``u`` the deformable stage),
+        every map but ``u`` is affine: composed in float64 on the host and applied by ``affine_grid`` in
+        one pass per output (sampling positions and displacement), to which ``A u`` is added. ``u`` on the
+        native grid: fixed grids whose axes are parallel to RAS (any permutation and flips) evaluate a
+        B-spline separably and exactly; oblique grids sample its exact values on a grid of half the model
+        spacing (max error ~0.02 mm for N(0, 8 mm^2) coefficients on a 20 mm lattice); dense fields are
+        sampled trilinearly (border-extended). Other chains map every point through the chain.
+        The moving image is sampled once (trilinear, zeros outside) in its native array order.
         """
         dev = self.device
-        shape = fix_img.shape
-        aff = np.asarray(fix_img.affine, dtype=np.float64)
-        offset = aff[:3, 3] - np.asarray(c_f, dtype=np.float64)
+        shape = tuple(fix_img.shape)
+        aff_f = np.asarray(fix_img.affine, dtype=np.float64)
+        t_f, t_m = np.eye(4), np.eye(4)
+        t_f[:3, 3] = -np.asarray(c_f, dtype=np.float64)
+        t_m[:3, 3] = np.asarray(c_m, dtype=np.float64)
+        vox_to_x = t_f @ aff_f                                                # fixed voxel -> model frame
+        inv_m = np.linalg.inv(np.asarray(mov_img.affine, dtype=np.float64))
+        lps = np.diag([-1.0, -1.0, 1.0])
+        if mov_native is None:
+            mov_native = _io.native_tensor(mov_img.array, dev)
+        kinds = [t.kind for t in chain.transforms]
+        standard = kinds in ([], ["rigid"], ["bspline"], ["dense"], ["rigid", "bspline"], ["rigid", "dense"])
+        a = chain.affine_part()
+        a_model = np.eye(4) if a is None else a[0].detach().cpu().double().numpy()
         with torch.inference_mode():
-            axis_of = _axis_permutation(aff[:3, :3])
-            if axis_of is not None:
-                # model axis m is native array axis axis_of[m]; 1-D coordinates along each model axis
-                coords = [torch.as_tensor(aff[m, axis_of[m]] * np.arange(shape[axis_of[m]]) + offset[m],
-                                          dtype=torch.float32, device=dev) for m in range(3)]
-                phi = chain.map_axes(*coords)[0]                              # (Z', Y', X', 3) model order
-                x = torch.stack(torch.meshgrid(coords[2], coords[1], coords[0], indexing="ij")[::-1], -1)
-                # tensor dim of model axis m is 2 - m; reorder to native array order (n0, n1, n2, 3)
-                order = [2 - [m for m in range(3) if axis_of[m] == a][0] for a in range(3)]
-                phi, x = phi.permute(*order, 3), x.permute(*order, 3)
-            else:
-                ijk = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=dev) for n in shape),
-                                                 indexing="ij"), -1)
-                x = ijk @ torch.as_tensor(aff[:3, :3].T, dtype=torch.float32, device=dev) \
-                    + torch.as_tensor(offset, dtype=torch.float32, device=dev)
-                fast = chain.densified(tuple(s / 2.0 for s in self.model_grid.spacing_xyz))
-                phi = fast.map_points(x[None])[0]
-            # moving voxel index of q = phi + c_m, then grid_sample coordinates (align_corners=True)
-            inv = np.linalg.inv(np.asarray(mov_img.affine, dtype=np.float64))
-            lin = torch.as_tensor(inv[:3, :3].T, dtype=torch.float32, device=dev)
-            off = torch.as_tensor(inv[:3, :3] @ np.asarray(c_m) + inv[:3, 3], dtype=torch.float32, device=dev)
-            half = torch.tensor([(n - 1) / 2.0 for n in mov_img.shape], dtype=torch.float32, device=dev)
-            g = (phi @ lin + off) / half - 1.0
-            mov_t = _io.array_to_tensor(mov_img.array, dev)
-            warped = torch.nn.functional.grid_sample(mov_t, g[None], mode="bilinear", padding_mode="zeros",
-                                                     align_corners=True)[0, 0]          # (n0, n1, n2)
-            # total displacement, converted to LPS in the same pass (the NIfTI stores ITK's convention)
-            lps = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float32, device=dev)
-            disp = (phi - x + torch.as_tensor(np.asarray(c_m) - np.asarray(c_f), dtype=torch.float32, device=dev)) * lps
-        warped_img = nib.Nifti1Image(warped.cpu().numpy().astype(np.float32, copy=False), fix_img.affine)
+            axis_of = _axis_permutation(vox_to_x[:3, :3])
+            deform = chain.transforms[-1] if standard and kinds and kinds[-1] != "rigid" else None
+            # index -> grid_sample coordinates of the moving tensor, and index -> LPS displacement (3 x 4)
+            to_g = np.linalg.inv(_io._normalised_to_index(mov_img.shape)) @ inv_m @ t_m
+            g_map = (to_g @ a_model @ vox_to_x)[:3]
+            d_map = lps @ np.hstack([(a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, :3],
+                                     (a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, 3:]
+                                     + a_model[:3, 3:] + t_m[:3, 3:] + t_f[:3, 3:]])
+            k_g = to_g[:3, :3] @ a_model[:3, :3]      # d(grid_sample coordinates) / d(u), u in model mm
+            k_d = lps @ a_model[:3, :3]               # d(LPS displacement) / d(u)
+            if standard and (deform is None or deform.kind != "bspline" or axis_of is not None):
+                g = _affine_field(g_map, shape, dev)
+                disp = _affine_field(d_map, shape, dev)
+                if deform is not None and deform.kind == "bspline":  # separable and exact, mixed by k_g / k_d
+                    g.add_(self._bspline_native(deform, vox_to_x, axis_of, shape, k_g))
+                    disp.add_(self._bspline_native(deform, vox_to_x, axis_of, shape, k_d))
+                elif deform is not None:
+                    u = self._deformation_on(deform, vox_to_x, shape)
+                    g.add_(u @ torch.from_numpy(k_g.T.astype(np.float32)).to(dev))
+                    disp.add_(u @ torch.from_numpy(k_d.T.astype(np.float32)).to(dev))
+            elif standard:  # oblique fixed grid with a B-spline stage: exact samples on a half-spacing grid
+                g = _affine_field(g_map, shape, dev)
+                disp = _affine_field(d_map, shape, dev)
+                u = self._deformation_on(deform, vox_to_x, shape)
+                g.add_(u @ torch.from_numpy(k_g.T.astype(np.float32)).to(dev))
+                disp.add_(u @ torch.from_numpy(k_d.T.astype(np.float32)).to(dev))
+            else:  # any other chain: map every native point through it
+                x = _affine_field(vox_to_x[:3], shape, dev)[None]
+                fast = chain.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz))
+                phi = fast.map_points(x)
+                g = (phi @ torch.from_numpy(to_g[:3, :3].T.astype(np.float32)).to(dev)
+                     + torch.from_numpy(to_g[:3, 3].astype(np.float32)).to(dev))[0]
+                shift = torch.from_numpy((np.asarray(c_m) - np.asarray(c_f)).astype(np.float32)).to(dev)
+                disp = ((phi - x + shift) * torch.tensor([-1.0, -1.0, 1.0], device=dev))[0]
+            warped = F.grid_sample(mov_native, g[None], mode="bilinear", padding_mode="zeros",
+                                   align_corners=True)[0, 0]                           # (n0, n1, n2)
+        warped_img = nib.Nifti1Image(warped.cpu().numpy(), fix_img.affine)
         warped_img.set_qform(fix_img.affine, code=1)
         warped_img.set_sform(fix_img.affine, code=1)
         disp_img = _io.displacement_nifti(disp.cpu().numpy(), fix_img.affine, vectors="lps")
-        a = chain.affine_part()
-        a_model = np.eye(4) if a is None else a[0].detach().cpu().double().numpy()
-        t_m, t_f = np.eye(4), np.eye(4)
-        t_m[:3, 3] = c_m
-        t_f[:3, 3] = -np.asarray(c_f)
         matrix = t_m @ a_model @ t_f
         return warped_img, matrix, disp_img
+
+    @staticmethod
+    def _bspline_native(deform, vox_to_x: np.ndarray, axis_of, shape, mix: np.ndarray) -> torch.Tensor:
+        """``mix @ u(x)`` of a B-spline stage at every voxel of a fixed grid whose axes are parallel to the
+        model axes: ``(n0, n1, n2, 3)``, by separable synthesis of the mixed coefficients (exact)."""
+        dev = deform.state.device
+        coeffs = torch.einsum("ij,jzyx->izyx", torch.from_numpy(mix.astype(np.float32)).to(dev),
+                              deform.state[0].float())                                   # (3, cz, cy, cx)
+        basis = []
+        for m in range(3):  # model axis m runs along native axis axis_of[m]
+            a = axis_of[m]
+            coords = torch.as_tensor(vox_to_x[m, a] * np.arange(shape[a]) + vox_to_x[m, 3], dtype=torch.float32,
+                                     device=dev)
+            basis.append(deform.lattice.basis_matrix(coords, m))                          # (n_a, c_m)
+        letters = "pqr"  # native axes 0, 1, 2 of the output
+        lx, ly, lz = (letters[axis_of[m]] for m in range(3))
+        return torch.einsum(f"czyx,{lz}z,{ly}y,{lx}x->pqrc", coeffs, basis[2], basis[1], basis[0])
+
+    def _deformation_on(self, deform, vox_to_x: np.ndarray, shape) -> torch.Tensor:
+        """``u(x)`` (mm, model axes) of a B-spline or dense stage at every fixed native voxel: ``(n0, n1, n2, 3)``."""
+        dev = self.device
+        axis_of = _axis_permutation(vox_to_x[:3, :3])
+        if deform.kind == "bspline" and axis_of is not None:
+            # model axis m is native array axis axis_of[m]; 1-D model coordinates along each axis
+            coords = [torch.as_tensor(vox_to_x[m, axis_of[m]] * np.arange(shape[axis_of[m]]) + vox_to_x[m, 3],
+                                      dtype=torch.float32, device=dev) for m in range(3)]
+            u = deform.lattice.displacement_on_axes(deform.state, *coords)[0]          # (3, Z', Y', X')
+            # tensor dim of model axis m is 1 + (2 - m); reorder to native array order (n0, n1, n2, 3)
+            order = [1 + 2 - [m for m in range(3) if axis_of[m] == a][0] for a in range(3)]
+            return u.permute(*order, 0)
+        if deform.kind == "bspline":
+            deform = deform.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz))
+        grid = deform.grid  # dense: sample the field (border-extended) at each native point
+        to_field = np.linalg.inv(_io._normalised_to_index(grid.shape_dhw)) @ np.eye(4)[[2, 1, 0, 3]]
+        field_index = np.diag([1.0 / sp for sp in grid.spacing_xyz] + [1.0])
+        field_index[:3, 3] = (np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0) / 2.0
+        theta = torch.from_numpy((to_field @ field_index @ vox_to_x @ _io._normalised_to_index(shape))[:3]
+                                 .astype(np.float32))[None].to(dev)
+        pts = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
+        u = F.grid_sample(deform.state[:1].float(), pts, mode="bilinear", padding_mode="border", align_corners=True)
+        return u[0].permute(1, 2, 3, 0)
+
+
+def _affine_field(m34: np.ndarray, shape, device) -> torch.Tensor:
+    """``m34 @ (i, j, k, 1)`` at every voxel of a grid of ``shape``: ``(n0, n1, n2, 3)`` float32, as the
+    broadcast sum of one term per axis (composed in float64; cheaper than ``affine_grid``'s product)."""
+    terms = []
+    for a in range(3):
+        idx = np.arange(shape[a], dtype=np.float64)[:, None] * m34[:, a][None, :] + (m34[:, 3][None, :] if a == 0 else 0.0)
+        view = [1, 1, 1, 3]
+        view[a] = shape[a]
+        terms.append(torch.from_numpy(idx.astype(np.float32)).to(device).reshape(view))
+    return terms[0] + terms[1] + terms[2]
 
 
 def _axis_permutation(direction: np.ndarray) -> list[int] | None:

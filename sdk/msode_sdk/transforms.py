@@ -36,6 +36,8 @@ __all__ = [
     "BSplineLattice",
     "Transform",
     "RigidTransform",
+    "MatrixTransform",
+    "rigid_inverse",
     "BSplineTransform",
     "DenseTransform",
     "TransformChain",
@@ -93,11 +95,10 @@ class Grid:
         return torch.stack((x, y, z), dim=-1)
 
     def normalise(self, points: torch.Tensor) -> torch.Tensor:
-        """mm points -> ``grid_sample`` coordinates (align_corners=True, -1/+1 = first/last voxel)."""
-        half = torch.tensor(
-            [max(e, 1e-12) / 2.0 for e in self.extent_xyz], dtype=points.dtype, device=points.device
-        )
-        return points / half
+        """mm points -> ``grid_sample`` coordinates (align_corners=True, -1/+1 = first/last voxel).
+        Scalar arithmetic per axis, no host-to-device copy (so a CUDA graph can capture it)."""
+        hx, hy, hz = (max(e, 1e-12) / 2.0 for e in self.extent_xyz)
+        return torch.stack((points[..., 0] / hx, points[..., 1] / hy, points[..., 2] / hz), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------- rigid
@@ -195,6 +196,13 @@ def apply_matrix(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     flat = points.reshape(n, -1, 3)
     out = flat @ matrix[:, :3, :3].transpose(1, 2) + matrix[:, None, :3, 3]
     return out.reshape(points.shape)
+
+
+def rigid_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of rigid ``(N, 4, 4)`` matrices, exactly (``[R^T, -R^T t]``; no general inversion)."""
+    rt = matrix[:, :3, :3].transpose(1, 2)
+    top = torch.cat((rt, -(rt @ matrix[:, :3, 3:])), dim=-1)
+    return torch.cat((top, matrix[:, 3:, :]), dim=-2)
 
 
 # ------------------------------------------------------------------------------------------ B-spline
@@ -352,6 +360,28 @@ class RigidTransform(Transform):
 
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
         return apply_matrix(self.matrix, points)
+
+
+class MatrixTransform(Transform):
+    """A batch of 3x4 / 4x4 matrices as a :class:`Transform` (the rigid stage given by its matrix)."""
+
+    kind = "rigid"
+
+    def __init__(self, matrix: torch.Tensor):
+        if matrix.ndim != 3 or matrix.shape[1] not in (3, 4) or matrix.shape[2] != 4:
+            raise InputError(f"matrix must be (N, 3, 4) or (N, 4, 4), got {tuple(matrix.shape)}")
+        if matrix.shape[1] == 3:
+            last = torch.zeros(matrix.shape[0], 1, 4, dtype=matrix.dtype, device=matrix.device)
+            last[:, 0, 3] = 1
+            matrix = torch.cat((matrix, last), dim=1)
+        self.state = matrix
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.state
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        return apply_matrix(self.state, points)
 
 
 class BSplineTransform(Transform):

@@ -15,26 +15,62 @@ def register_backend(cls: type["Backend"]) -> type["Backend"]:
     return cls
 
 
-class NetworkRunner:
-    """One loaded per-scale network. Call with ``warped, fixed`` ``(N, 1, D, H, W)`` float32 tensors
-    on the model grid level and the scalar time ``t``; returns the state velocity (``(N, 6)`` rigid,
-    ``(N, 3, cz, cy, cx)`` B-spline, ``(N, 3, D, H, W)`` dense; mm or rad per unit time)."""
+# The two kinds of plan network and their inputs (by name; a member may omit the optional ones):
+#   field    f(warped, fixed, t) -> state velocity: the per-level vector field
+#   features image -> (N, C, D', H', W'): a level's feature map (plan format 2, computed once per level)
+FIELD_INPUTS = ("warped", "fixed", "t")
+FIELD_REQUIRED = ("warped", "fixed")
+FEATURE_INPUTS = ("image",)
+RunFn = Callable[[dict], torch.Tensor]
 
-    def __init__(self, member: str, run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+
+def check_input_names(member: str, names, kind: str) -> None:
+    """A network's input names must be those of its kind (see :data:`FIELD_INPUTS`)."""
+    allowed, required = (FIELD_INPUTS, FIELD_REQUIRED) if kind == "field" else (FEATURE_INPUTS, FEATURE_INPUTS)
+    if not set(required) <= set(names) or not set(names) <= set(allowed):
+        raise PlanError(f"{kind} network {member} must take inputs named ({', '.join(required)}"
+                        f"{'[, t]' if kind == 'field' else ''}); it has {list(names)}")
+
+
+class NetworkRunner:
+    """One loaded per-scale vector field. Call with ``warped, fixed`` ``(N, C, D, H, W)`` float32 tensors
+    on the level grid (the images, ``C = 1``, or for plans with feature members the feature maps) and the
+    scalar time ``t``; returns the state velocity (``(N, 6)`` rigid, ``(N, 3, cz, cy, cx)`` B-spline,
+    ``(N, 3, D, H, W)`` dense; mm or rad per unit time)."""
+
+    def __init__(self, member: str, run: RunFn):
         self.member = member
         self._run = run
 
     def __call__(self, warped: torch.Tensor, fixed: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((warped.shape[0],), float(t), dtype=torch.float32, device=warped.device)
-        out = self._run(warped, fixed, tt)
+        out = self._run({"warped": warped, "fixed": fixed, "t": tt})
         if not isinstance(out, torch.Tensor):
             raise PlanError(f"network {self.member} returned {type(out).__name__}, expected a tensor")
         return out
 
 
+class FeatureRunner:
+    """One loaded feature network: ``image (N, 1, D, H, W)`` -> ``(N, C, D', H', W')`` float32 on the
+    level's feature grid (plan format 2)."""
+
+    def __init__(self, member: str, run: RunFn):
+        self.member = member
+        self._run = run
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        out = self._run({"image": image})
+        if not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != image.shape[0]:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise PlanError(f"feature network {self.member} returned {got}, expected (N, C, D, H, W) with "
+                            f"N = {image.shape[0]}")
+        return out.to(torch.float32)
+
+
 class Backend:
     """Loads networks from a plan for one device. Subclasses: ``name``, ``formats`` (plan member
-    formats they can run, in order of preference), ``_check_available``, ``_load_impl``."""
+    formats they can run, in order of preference), ``unavailable_reason``, ``_load_impl`` (bytes ->
+    a function of the named input tensors, checked with :func:`check_input_names`)."""
 
     name = ""
     formats: tuple[str, ...] = ()
@@ -55,15 +91,24 @@ class Backend:
         """What actually executes the networks (reported in results, never silently changed)."""
         return [self.name]
 
-    def load_network(self, plan, networks: dict[str, str]) -> NetworkRunner:
-        """Load the member of ``networks`` (format -> member name) this backend prefers."""
+    def _member(self, networks: dict[str, str]) -> str:
         for fmt in self.formats:
             member = networks.get(fmt)
             if member is not None:
-                return NetworkRunner(member, self._load_impl(plan.read(member), member, plan))
+                return member
         raise PlanError(f"backend {self.name!r} needs one of {list(self.formats)} networks; the plan has {sorted(networks)}")
 
-    def _load_impl(self, data: bytes, member: str, plan) -> Callable:
+    def load_network(self, plan, networks: dict[str, str]) -> NetworkRunner:
+        """Load the vector field of ``networks`` (format -> member name) in the format this backend prefers."""
+        member = self._member(networks)
+        return NetworkRunner(member, self._load_impl(plan.read(member), member, plan, "field"))
+
+    def load_features(self, plan, networks: dict[str, str]) -> FeatureRunner:
+        """Load a level's feature network (format -> member name)."""
+        member = self._member(networks)
+        return FeatureRunner(member, self._load_impl(plan.read(member), member, plan, "features"))
+
+    def _load_impl(self, data: bytes, member: str, plan, kind: str) -> RunFn:
         raise NotImplementedError
 
 

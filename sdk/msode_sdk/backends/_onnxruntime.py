@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable, PlanError
-from ._base import Backend, register_backend
+from ._base import Backend, check_input_names, register_backend
 
 try:  # onnxruntime is a runtime dependency, but keep the SDK importable without it
     import onnxruntime as ort
@@ -43,7 +43,7 @@ class OnnxRuntimeBackend(Backend):
     def providers(self):
         return self._in_use or [p if isinstance(p, str) else p[0] for p in self._providers]
 
-    def _load_impl(self, data, member, plan):
+    def _load_impl(self, data, member, plan, kind):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -56,15 +56,13 @@ class OnnxRuntimeBackend(Backend):
         self._in_use = used
         names = [i.name for i in sess.get_inputs()]
         # Inputs are bound by name; an exporter may drop an unused ``t`` (analytic networks).
-        if not {"warped", "fixed"} <= set(names) or not set(names) <= {"warped", "fixed", "t"}:
-            raise PlanError(f"ONNX network {member} must take inputs named (warped, fixed[, t]); it has {names}")
+        check_input_names(member, names, kind)
         out_name = sess.get_outputs()[0].name
         device = self.device
 
         if device.type == "cuda":
-            def run(warped, fixed, t):
+            def run(feeds):
                 binding = sess.io_binding()
-                feeds = {"warped": warped, "fixed": fixed, "t": t}
                 for name in names:
                     tensor = feeds[name].contiguous()
                     binding.bind_input(name, "cuda", device.index or 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
@@ -73,7 +71,6 @@ class OnnxRuntimeBackend(Backend):
                 sess.run_with_iobinding(binding)
                 return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(device)
         else:
-            def run(warped, fixed, t):
-                feeds = {"warped": warped, "fixed": fixed, "t": t}
+            def run(feeds):
                 return torch.from_numpy(sess.run([out_name], {n: feeds[n].detach().contiguous().numpy() for n in names})[0])
         return run

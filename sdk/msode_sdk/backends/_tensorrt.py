@@ -17,7 +17,8 @@ Where an engine comes from, per network (first that applies):
    network named by :func:`engine_cache_key` = sha256 of (GPU name, compute capability, TensorRT version,
    precision, ONNX sha256, max batch). An unreadable cached engine is logged, deleted and rebuilt.
 3. **Built from the ONNX member**: ``OnnxParser`` -> ``build_serialized_network`` with one
-   optimisation profile (batch 1 .. ``$MSODE_TRT_MAX_BATCH``, default 4; other dimensions fixed),
+   optimisation profile (batch 1 .. ``$MSODE_TRT_MAX_BATCH``, default 8: one pair with a 5-start multistart
+   needs 5; other dimensions fixed),
    FP32, or FP16 kernels allowed with ``$MSODE_TRT_PRECISION=fp16`` (``BuilderFlag.FP16``; where that
    flag is gone, as in TensorRT 11, the build falls back to FP32 with a warning). The engine is written
    to the cache atomically; a cache that cannot be written is logged and the engine is used anyway.
@@ -42,7 +43,7 @@ from typing import Callable
 import torch
 
 from ..errors import BackendUnavailable, InputError, PlanError
-from ._base import Backend, register_backend
+from ._base import Backend, check_input_names, register_backend
 
 __all__ = ["TensorRTBackend", "HardwareKey", "engine_dir_name", "engine_member_name", "engine_cache_key",
            "engine_cache_dir", "shipped_engine", "obtain_engine", "build_engine", "gpu_slug",
@@ -307,7 +308,7 @@ class TensorRTBackend(Backend):
         self.hw = HardwareKey.current(self.device, trt.__version__)
         self.precision = _effective_precision(trt, os.environ.get(PRECISION_ENV, "fp32").strip().lower())
         try:
-            self.max_batch = max(1, int(os.environ.get(MAX_BATCH_ENV, "4")))
+            self.max_batch = max(1, int(os.environ.get(MAX_BATCH_ENV, "8")))
         except ValueError:
             raise InputError(f"${MAX_BATCH_ENV} must be a positive integer") from None
         self.cache = engine_cache_dir()
@@ -323,7 +324,7 @@ class TensorRTBackend(Backend):
             _log.warning("tensorrt: deserialise failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return None
 
-    def _load_impl(self, data, member, plan):
+    def _load_impl(self, data, member, plan, kind):
         trt = self._trt
         sha = plan.manifest.members.get(member, {}).get("sha256") or hashlib.sha256(data).hexdigest()
         with torch.cuda.device(self.device):
@@ -341,19 +342,18 @@ class TensorRTBackend(Backend):
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
             if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise PlanError(f"TensorRT engine for {member}: tensor {name} is not float32")
-        if not {"warped", "fixed"} <= set(inputs) or not set(inputs) <= {"warped", "fixed", "t"} or len(outputs) != 1:
-            raise PlanError(f"TensorRT engine for {member} must take (warped, fixed[, t]) and give one output; "
-                            f"it has inputs {inputs}, outputs {outputs}")
+        check_input_names(member, inputs, kind)
+        if len(outputs) != 1:
+            raise PlanError(f"TensorRT engine for {member} must give one output; it has {outputs}")
         out_name = outputs[0]
         device = self.device
         lock = threading.Lock()
         max_batch = self.max_batch
 
-        def run(warped, fixed, t):
-            n = warped.shape[0]
+        def run(feeds):
+            n = next(iter(feeds.values())).shape[0]
             if n > max_batch:
                 raise InputError(f"batch {n} exceeds the TensorRT profile's maximum {max_batch} (set ${MAX_BATCH_ENV})")
-            feeds = {"warped": warped, "fixed": fixed, "t": t}
             bound = {k: feeds[k].to(device=device, dtype=torch.float32).contiguous() for k in inputs}
             with lock, torch.cuda.device(device):
                 for k, tensor in bound.items():

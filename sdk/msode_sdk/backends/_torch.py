@@ -20,10 +20,12 @@ class TorchBackend(Backend):
             return "torch was built without CUDA or no CUDA device is visible"
         return None
 
-    def _load_impl(self, data, member, plan):
+    def _load_impl(self, data, member, plan, kind):
         try:
             module = torch.jit.load(io.BytesIO(data), map_location=self.device)
         except Exception as exc:  # a corrupted or foreign TorchScript archive
             raise PlanError(f"plan member {member} is not a loadable TorchScript module: {exc}".splitlines()[0]) from None
         module.eval()
-        return module
+        if kind == "features":
+            return lambda feeds: module(feeds["image"])
+        return lambda feeds: module(feeds["warped"], feeds["fixed"], feeds["t"])

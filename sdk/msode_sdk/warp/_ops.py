@@ -29,8 +29,8 @@ import threading
 
 import torch
 
-from ..transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, Transform, TransformChain,
-                          apply_matrix)
+from ..transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, MatrixTransform, Transform,
+                          TransformChain)
 from ._reference import warp_chain_reference
 
 __all__ = ["SCHEMAS", "ensure_defined", "chain_from_args"]
@@ -59,28 +59,6 @@ _libs: list = []  # keep the torch.library.Library objects alive
 
 
 # ------------------------------------------------------------------------ arguments -> transforms
-
-
-class MatrixTransform(Transform):
-    """A batch of 3x4 / 4x4 matrices as a :class:`Transform` (the rigid stage given by its matrix)."""
-
-    kind = "rigid"
-
-    def __init__(self, matrix: torch.Tensor):
-        if matrix.ndim != 3 or matrix.shape[1] not in (3, 4) or matrix.shape[2] != 4:
-            raise ValueError(f"matrix must be (N, 3, 4) or (N, 4, 4), got {tuple(matrix.shape)}")
-        if matrix.shape[1] == 3:
-            last = torch.zeros(matrix.shape[0], 1, 4, dtype=matrix.dtype, device=matrix.device)
-            last[:, 0, 3] = 1
-            matrix = torch.cat((matrix, last), dim=1)
-        self.state = matrix
-
-    @property
-    def matrix(self) -> torch.Tensor:
-        return self.state
-
-    def map_points(self, points: torch.Tensor) -> torch.Tensor:
-        return apply_matrix(self.state, points)
 
 
 def _xyz(values, what: str, kind=float) -> tuple:
