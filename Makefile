@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   registers the bundled sample pair with the bundled plan on CPU (writes out/demo/)
-#   make test   runs the test suite (fast default; `make test-slow` adds the slow training tests)
+#   make test   lint, format and type checks, then the test suite (fast default; `make test-slow` adds slow tests)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.msode-installed
@@ -21,7 +21,13 @@ demo: $(STAMP)
 		-o out/demo --device cpu --preview
 	$(PY) scripts/check_demo.py out/demo data/sample/truth.json
 
+LINTED := sdk export training scripts tests
+
+# lint (ruff), format check (ruff format), type check of msode_sdk (mypy), then the suite
 test: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -514,3 +514,30 @@ def test_graph_runner_computation_equals_eager_loop_for_the_bundled_plan_on_cpu(
         chain, stats = runner._run_stages(runner.loop.pyramid(mov, fix))
     assert [sum(s.nfe for s in st) for st in stats] == [s.nfe for s in eager.stages] == [20]
     torch.testing.assert_close(chain.transforms[0].state, eager.chain.transforms[0].state, atol=1e-4, rtol=1e-4)
+
+
+OP_OF_KINDS = {(): "resample", ("rigid",): "warp_affine", ("bspline",): "warp_bspline", ("dense",): "warp_dense",
+               ("rigid", "bspline"): "warp_affine_bspline", ("rigid", "dense"): "warp_affine_dense"}
+
+
+@pytest.mark.parametrize("kinds", list(OP_OF_KINDS), ids=lambda k: "+".join(k) or "resample")
+def test_opcheck_warp_operators(kinds):
+    """torch.library.opcheck on every msode:: warp operator (schema, fake/meta implementation, dispatch
+    under FakeTensor and AOT): on CPU against the reference implementation; with CUDA also on the GPU,
+    where the compiled kernels serve the same schema."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        vol, src, chain, out = make_case(kinds, dev)
+        if kinds == ():
+            args = [vol, list(src.spacing_xyz), list(out.spacing_xyz), list(out.shape_xyz)]
+        else:
+            args = op_args(vol, src, chain, out)
+        torch.library.opcheck(_ops.op(OP_OF_KINDS[kinds]), tuple(args))
+
+
+@pytest.mark.parametrize("kinds", [("rigid",), ("bspline",), ("rigid", "bspline"), ("rigid", "dense")], ids="+".join)
+def test_opcheck_chain_displacement(kinds):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        _, _, chain, out = make_case(kinds, dev)
+        torch.library.opcheck(_ops.op("chain_displacement"), tuple(displacement_args(chain, out)))

@@ -13,7 +13,7 @@ from msode_export.pack import LevelFeatures, LevelSolver, StageDef, build_plan, 
 from msode_export.scripted import build_registrar_ts
 from msode_sdk import PlanError, Registrar
 from msode_sdk import plan as P
-from msode_sdk.transforms import BSplineLattice, Grid, RigidTransform, TransformChain, euler_to_rigid, matrix_to_rigid, rigid_matrix
+from msode_sdk.transforms import BSplineLattice, Grid, RigidTransform, TransformChain, euler_to_rigid, rigid_matrix
 from msode_sdk.warp import warp_chain
 
 GRID = Grid((24, 28, 20), (7.0, 7.0, 7.0))

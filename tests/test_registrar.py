@@ -1,7 +1,6 @@
 """End to end through Registrar with the analytic SSD plan: recovery of known motions, world geometry,
 outputs read back by SimpleITK, bundled plans, selection errors."""
 import json
-import math
 
 import nibabel as nib
 import numpy as np

@@ -16,9 +16,8 @@ from conftest import Phantom
 from msode_export.pack import LevelSolver, PAPER_SCHEDULES, build_plan, export_onnx, export_torchscript, level_grids
 from msode_sdk import Registrar
 from msode_sdk.transforms import BSplineLattice, Grid, RigidTransform, TransformChain
-from msode_sdk.warp import warp_chain
 from msode_train import losses as L
-from msode_train.models import ARCHITECTURES, BSplineNet, DenseUNet, RigidNet, build_network
+from msode_train.models import ARCHITECTURES, RigidNet, build_network
 from msode_train.odenet import MSODENet, TrainStage
 from msode_train.train import Trainer, learning_rate, load_config
 

@@ -57,10 +57,10 @@ from torch import Tensor, nn
 
 from msode_sdk.errors import PlanError
 from msode_sdk.initialize import mutual_information, thetas_of_points
-from msode_sdk.integrate import fixed_step_grid
+from msode_sdk.integrate import fixed_step_grid, heun_step_control
 from msode_sdk.plan import Plan, load_plan, write_plan
-from msode_sdk.transforms import (Grid, apply_matrix, bspline_displacement_at, bspline_kernel, lattice_for,
-                                  rigid_inverse, rigid_matrix_unchecked)
+from msode_sdk.transforms import (Grid, affine_bspline_coords, apply_matrix, bspline_displacement_at, bspline_kernel,
+                                  lattice_for, rigid_inverse, rigid_matrix_unchecked)
 
 __all__ = ["REGISTRAR_MEMBER", "RegistrarModule", "build_registrar_module", "build_registrar_ts",
            "add_registrar_ts", "load_registrar_ts"]
@@ -95,14 +95,42 @@ def _normalise(points: Tensor, shape: List[int], spacing: List[float]) -> Tensor
 
 
 def _sample(volume: Tensor, shape: List[int], spacing: List[float], points: Tensor) -> Tensor:
-    return F.grid_sample(volume, _normalise(points, shape, spacing).to(volume.dtype), mode="bilinear",
-                         padding_mode="zeros", align_corners=True)
+    return _sample_coords(volume, _normalise(points, shape, spacing))
+
+
+def _sample_coords(volume: Tensor, coords: Tensor) -> Tensor:
+    return F.grid_sample(volume, coords.to(volume.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def _fast_coords(matrix: Optional[Tensor], coeffs: Optional[Tensor], bparams: List[float], shape: List[int],
+                 spacing: List[float], n: int, device: torch.device) -> Tensor:
+    """``grid_sample`` coordinates of ``A (x + u(x))`` on a grid that is also the source grid: the SDK's
+    own :func:`msode_sdk.transforms.affine_bspline_coords` (what its reference warp computes for
+    ``[rigid?, bspline?]`` chains), so the warps agree bit for bit."""
+    xs = _axis_coords(shape[0], spacing[0], device)
+    ys = _axis_coords(shape[1], spacing[1], device)
+    zs = _axis_coords(shape[2], spacing[2], device)
+    bx: Optional[Tensor] = None
+    by: Optional[Tensor] = None
+    bz: Optional[Tensor] = None
+    if coeffs is not None:
+        bx = _bspline_basis(xs, int(bparams[3]), bparams[0])
+        by = _bspline_basis(ys, int(bparams[4]), bparams[1])
+        bz = _bspline_basis(zs, int(bparams[5]), bparams[2])
+    inv_half: List[float] = []
+    for i in range(3):
+        inv_half.append(2.0 / max((shape[i] - 1) * spacing[i], 1e-12))
+    c = _affine_bspline_coords(matrix, coeffs, xs, ys, zs, bx, by, bz, inv_half)
+    if c.shape[0] != n:
+        c = c.expand([n, c.shape[1], c.shape[2], c.shape[3], 3])
+    return c
 
 
 # The rotation convention, point mapping and B-spline kernel are the SDK's own functions (TorchScript
 # compiles them into the module): one definition, no drift.
 _rigid_matrix = rigid_matrix_unchecked
 _rigid_inverse = rigid_inverse
+_affine_bspline_coords = affine_bspline_coords
 _apply_matrix = apply_matrix
 _bspline_kernel = bspline_kernel
 
@@ -242,10 +270,14 @@ class _Level(nn.Module):
     rigid: bool
     fshape: List[int]
     fspacing: List[float]
+    fast: int
+    prior_rigid: int
+    bparams: List[float]
 
     def __init__(self, network: nn.Module, own: nn.Module, priors: List[nn.Module], grid: Grid, t0: float,
                  t1: float, pyr: int, prev_grid: Optional[Grid], kind: str, label: str,
-                 features: Optional[nn.Module] = None, feature_grid: Optional[Grid] = None, feature_warp: bool = False):
+                 features: Optional[nn.Module] = None, feature_grid: Optional[Grid] = None, feature_warp: bool = False,
+                 prior_kinds: Optional[List[str]] = None):
         super().__init__()
         self.network = network
         self.own = own
@@ -267,6 +299,19 @@ class _Level(nn.Module):
         fg = feature_grid if feature_grid is not None else grid
         self.fshape = [int(v) for v in fg.shape_xyz]
         self.fspacing = [float(v) for v in fg.spacing_xyz]
+        # which [rigid?, bspline?] chain the warps take through the SDK's affine_bspline_coords (as its
+        # reference warp does): 1 own rigid, 2 own B-spline, 3 a rigid prior then the own B-spline; 0 points
+        prior_kinds = list(prior_kinds or [])
+        self.prior_rigid = priors[0].index if prior_kinds == ["rigid"] else -1
+        self.bparams = [float(v) for v in own.params] if kind == "bspline" else []
+        if kind == "rigid" and not prior_kinds:
+            self.fast = 1
+        elif kind == "bspline" and not prior_kinds:
+            self.fast = 2
+        elif kind == "bspline" and prior_kinds == ["rigid"]:
+            self.fast = 3
+        else:
+            self.fast = 0
 
     def _chain_points(self, y: Tensor, states: List[Tensor], n: int) -> Tensor:
         """``prior o own(y)`` at every voxel of the level grid, batch ``n``."""
@@ -277,6 +322,18 @@ class _Level(nn.Module):
             pts = pts.expand([n, pts.shape[1], pts.shape[2], pts.shape[3], 3])
         return pts
 
+    def _warp(self, mov: Tensor, y: Tensor, states: List[Tensor]) -> Tensor:
+        """``mov`` (on the level grid) warped by ``prior o own(y)`` onto the level grid."""
+        n = mov.shape[0]
+        if self.fast == 1:
+            return _sample_coords(mov, _fast_coords(_rigid_matrix(y), None, self.bparams, self.shape, self.spacing, n, mov.device))
+        if self.fast == 2:
+            return _sample_coords(mov, _fast_coords(None, y, self.bparams, self.shape, self.spacing, n, mov.device))
+        if self.fast == 3:
+            return _sample_coords(mov, _fast_coords(_rigid_matrix(states[self.prior_rigid]), y, self.bparams,
+                                                    self.shape, self.spacing, n, mov.device))
+        return _sample(mov, self.shape, self.spacing, self._chain_points(y, states, n))
+
     def prepare(self, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """``(moving source, fixed input, inverse level-start matrix)`` of this level for states from ``y``."""
         m0_inv = torch.zeros([1, 4, 4], dtype=torch.float32, device=mov.device)
@@ -286,9 +343,12 @@ class _Level(nn.Module):
         if not self.feature_warp:
             return mov, fix_feat, m0_inv
         if self.rigid:  # level-start frame prior o M0; evaluations warp by M0^-1 M(y)
-            start = _sample(mov, self.shape, self.spacing, self._chain_points(y, states, mov.shape[0]))
+            start = self._warp(mov, y, states)
             m0_inv = _rigid_inverse(_rigid_matrix(y))
-        elif len(self.priors) > 0:  # frame: the prior stages; evaluations warp by the own transform
+        elif self.prior_rigid >= 0:  # frame: the (rigid) prior stage; evaluations warp by the own transform
+            start = _sample_coords(mov, _fast_coords(_rigid_matrix(states[self.prior_rigid]), None, self.bparams,
+                                                     self.shape, self.spacing, mov.shape[0], mov.device))
+        elif len(self.priors) > 0:
             pts = _expand(_grid_points(self.shape, self.spacing, mov.device), mov.shape[0])
             for pr in self.priors:
                 pts = pr.map_points(states[pr.index], pts)
@@ -300,13 +360,15 @@ class _Level(nn.Module):
     def field(self, t: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]) -> Tensor:
         if self.feature_warp:
             if self.rigid:
-                pts = _apply_matrix(m0_inv @ _rigid_matrix(y),
-                                    _expand(_grid_points(self.fshape, self.fspacing, y.device), y.shape[0]))
+                warped = _sample_coords(mov, _fast_coords(m0_inv @ _rigid_matrix(y), None, self.bparams, self.fshape,
+                                                          self.fspacing, y.shape[0], y.device))
+            elif len(self.bparams) > 0:
+                warped = _sample_coords(mov, _fast_coords(None, y, self.bparams, self.fshape, self.fspacing,
+                                                          y.shape[0], y.device))
             else:
-                pts = self.own.map_grid(y, self.fshape, self.fspacing)
-            warped = _sample(mov, self.fshape, self.fspacing, pts)
+                warped = _sample(mov, self.fshape, self.fspacing, self.own.map_grid(y, self.fshape, self.fspacing))
         else:
-            warped = _sample(mov, self.shape, self.spacing, self._chain_points(y, states, mov.shape[0]))
+            warped = self._warp(mov, y, states)
             if self.has_features:
                 warped = self.features(warped)
         tt = torch.full([warped.shape[0]], t, dtype=torch.float32, device=warped.device)
@@ -324,8 +386,12 @@ class _Level(nn.Module):
 
     def mi_of(self, y: Tensor, mov: Tensor, fix: Tensor) -> Tensor:
         """MI ``(N,)`` between ``fix`` and ``mov`` warped by this level's own transform of state ``y``."""
-        pts = self.own.map_grid(y, self.shape, self.spacing)
-        return mutual_information(_sample(mov, self.shape, self.spacing, pts), fix)
+        if self.fast == 1:
+            warped = _sample_coords(mov, _fast_coords(_rigid_matrix(y), None, self.bparams, self.shape, self.spacing,
+                                                      mov.shape[0], mov.device))
+        else:
+            warped = _sample(mov, self.shape, self.spacing, self.own.map_grid(y, self.shape, self.spacing))
+        return mutual_information(warped, fix)
 
     def carried(self, y: Tensor) -> Tensor:
         if self.carry:
@@ -375,9 +441,9 @@ class _HeunLevel(_FixedStepLevel):
         return y + 0.5 * dt * (k1 + k2)
 
 class _AdaptiveHeunLevel(_Level):
-    """msode_sdk.integrate.AdaptiveHeunSolver: Heun-Euler pair, RMS of ``err / (tol + tol max(|y|,
-    |y_new|))`` <= 1 accepts, next step ``dt * clip(0.9 ratio^-1/2, 0.2, 5)``, at most ``max_steps``
-    attempts (then a warning and the segment stops early)."""
+    """msode_sdk.integrate.AdaptiveHeunSolver: Heun-Euler pair with the SDK's own step controller
+    (:func:`msode_sdk.integrate.heun_step_control`), at most ``max_steps`` attempts (then a warning and the
+    segment stops early)."""
 
     step0: float
     tol: float
@@ -392,9 +458,6 @@ class _AdaptiveHeunLevel(_Level):
     def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
         y = self.carried(y)
         mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
-        safety = 0.9
-        fac_min = 0.2
-        fac_max = 5.0
         t0 = self.t0
         t1 = self.t1
         span = t1 - t0
@@ -416,15 +479,9 @@ class _AdaptiveHeunLevel(_Level):
             y_new_euler = y + dt * k1
             k2 = self.field(t + dt, y_new_euler, mov, fix, m0_inv, states)
             y_new = y + 0.5 * dt * (k1 + k2)
-            err = 0.5 * dt * (k2 - k1)
-            scale = self.tol + self.tol * torch.maximum(y.abs(), y_new.abs())
-            ratio = float(torch.sqrt(torch.mean((err / scale) ** 2)))
+            ratio, factor = heun_step_control(0.5 * dt * (k2 - k1), y, y_new, self.tol)  # the SDK's controller
             if not math.isfinite(ratio):
                 raise RuntimeError("adaptive_heun: non-finite error estimate in " + self.label)
-            if ratio == 0.0:
-                factor = fac_max
-            else:
-                factor = min(fac_max, max(fac_min, safety * ratio ** -0.5))
             if ratio <= 1.0:
                 if t1 - (t + dt) > eps:
                     t = t + dt
@@ -507,9 +564,13 @@ class RegistrarModule(nn.Module):
     pyr_shapes: List[List[List[int]]]
     pyr_spacings: List[List[List[float]]]
     info_json: str
+    final_rigid: int
+    final_bspline: int
+    final_bparams: List[float]
+    final_fast: bool
 
     def __init__(self, model_grid: Grid, stages: List[_Stage], final: List[nn.Module], rigid_indices: List[int],
-                 pyramid: List[List[Grid]], info: dict):
+                 pyramid: List[List[Grid]], info: dict, kinds: Optional[List[str]] = None):
         super().__init__()
         self.shape = [int(v) for v in model_grid.shape_xyz]
         self.spacing = [float(v) for v in model_grid.spacing_xyz]
@@ -520,6 +581,13 @@ class RegistrarModule(nn.Module):
         self.pyr_shapes = [[[int(v) for v in g.shape_xyz] for g in steps] for steps in pyramid]
         self.pyr_spacings = [[[float(v) for v in g.spacing_xyz] for g in steps] for steps in pyramid]
         self.info_json = json.dumps(info, sort_keys=True)
+        # the final warp of a [rigid?, bspline?] chain through affine_bspline_coords, as the SDK's reference warp
+        kinds = list(kinds or [])
+        fast = kinds in (["rigid"], ["bspline"], ["rigid", "bspline"])
+        self.final_rigid = kinds.index("rigid") if fast and "rigid" in kinds else -1
+        self.final_bspline = kinds.index("bspline") if fast and "bspline" in kinds else -1
+        self.final_bparams = [float(v) for v in final[-1].params] if self.final_bspline >= 0 else []
+        self.final_fast = fast
 
     @torch.jit.export
     def describe(self) -> str:
@@ -567,7 +635,17 @@ class RegistrarModule(nn.Module):
                 pts = tr.map_points(states[tr.index], pts)
             if pts.shape[0] != n:
                 pts = pts.expand([n, pts.shape[1], pts.shape[2], pts.shape[3], 3])
-            warped = _sample(moving, self.shape, self.spacing, pts)
+            if self.final_fast:
+                m: Optional[Tensor] = None
+                c: Optional[Tensor] = None
+                if self.final_rigid >= 0:
+                    m = _rigid_matrix(states[self.final_rigid])
+                if self.final_bspline >= 0:
+                    c = states[self.final_bspline]
+                warped = _sample_coords(moving, _fast_coords(m, c, self.final_bparams, self.shape, self.spacing, n,
+                                                             moving.device))
+            else:
+                warped = _sample(moving, self.shape, self.spacing, pts)
             disp_mm = (pts - _grid_points(self.shape, self.spacing, pts.device)).permute(0, 4, 1, 2, 3)
             sp = torch.tensor(self.spacing, dtype=disp_mm.dtype, device=disp_mm.device).reshape(1, 3, 1, 1, 1)
             disp_vox = disp_mm / sp
@@ -667,7 +745,7 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
             common = dict(network=net, own=own, priors=priors, grid=lg, t0=sc.t0, t1=sc.t1,
                           pyr=pyramid_grids.index(lg), prev_grid=prev, kind=st.transform,
                           label=f"{st.name}_L{sc.level}", features=feats, feature_grid=fgrid,
-                          feature_warp=sc.feature_warp)
+                          feature_warp=sc.feature_warp, prior_kinds=[s.transform for s in selected[:index]][::-1])
             if sc.solver == "adaptive_heun":
                 levels.append(_AdaptiveHeunLevel(step0=sc.step_size or 0.0, tol=sc.tol, max_steps=sc.max_steps, **common))
             elif sc.solver in ("euler", "heun"):
@@ -706,7 +784,8 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
                     "matrix": "float64 (4, 4) for N = 1 else (N, 4, 4): rigid part, fixed voxel (x, y, z, 1) -> moving voxel"},
         "torch": torch.__version__,
     }
-    return RegistrarModule(model_grid, stage_modules, finals, rigid_indices, pyramid, info)
+    return RegistrarModule(model_grid, stage_modules, finals, rigid_indices, pyramid, info,
+                           kinds=[s.transform for s in selected])
 
 
 def build_registrar_ts(plan, stages=None) -> bytes:

@@ -68,7 +68,8 @@ class GraphOptions:
 
 
 def _kinds_chains(stage_defs) -> list[tuple[str, ...]]:
-    out, prior = [], ()
+    out: list[tuple[str, ...]] = []
+    prior: tuple[str, ...] = ()
     for st in stage_defs:
         prior = prior + (st.transform,)
         out.append(prior)

@@ -29,6 +29,7 @@ import platform
 import resource
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def _host_pair(grid: Grid, moving: torch.Tensor, fixed: torch.Tensor, pair_dir: 
             names = sorted(glob.glob(os.path.join(pair_dir, f"{role}*.nii*")))
             if not names:
                 raise SystemExit(f"--pair {pair_dir}: no {role}*.nii[.gz] file")
-            img = nib.load(names[0])
+            img: Any = nib.load(names[0])
             found[role] = (np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine))
         return found["moving"], found["fixed"], f"{pair_dir} ({found['fixed'][0].shape})"
     mov_np, fix_np = _upsample_to_1mm(moving, grid), _upsample_to_1mm(fixed, grid)
@@ -108,7 +109,7 @@ def _host_pair(grid: Grid, moving: torch.Tensor, fixed: torch.Tensor, pair_dir: 
     return (mov_np, aff), (fix_np, aff), f"synthetic 1 mm {fix_np.shape}"
 
 
-def _model_grid_run(reg: Registrar, moving, fixed, warmup, repeats) -> dict:
+def _model_grid_run(reg: Registrar, moving, fixed, warmup, repeats) -> tuple[dict, dict]:
     stage_times: dict[str, list[float]] = {}
     nfe: dict[str, int] = {}
 
@@ -223,7 +224,7 @@ def bench_cuda_warp(device: torch.device, repeats: int, warmup: int, shape_xyz=(
         g = torch.Generator(device=device).manual_seed(0)
         vol = torch.rand(1, 1, *grid.shape_dhw, device=device, generator=g)
         chain = TransformChain([RigidTransform(torch.tensor([[0.1, 0.2, -0.1, 3.0, 1.0, -2.0]], device=device))])
-        m = chain.transforms[0].matrix[0]
+        m = RigidTransform(chain.transforms[0].state).matrix[0]
         half = torch.tensor([max(e, 1e-12) / 2.0 for e in grid.extent_xyz], device=device)
         theta_n = torch.cat((m[:3, :3] * half[None, :] / half[:, None], (m[:3, 3] / half)[:, None]), 1)[None]
 
@@ -324,9 +325,10 @@ def main(argv=None) -> int:
     device = _resolve_device(args.device)
     backends = args.backend or [b for b, why in available_backends(device).items() if why is None]
     batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
-    results = {"torch": torch.__version__, "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
-               + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU"),
-               "runs": []}
+    results: dict[str, Any] = {
+        "torch": torch.__version__, "runs": [],
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU")}
     for b in backends:
         try:
             results["runs"].append(bench_backend(args.plan, str(device), b, args.repeats, args.warmup,

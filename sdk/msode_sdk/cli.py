@@ -33,7 +33,7 @@ def _default_plan() -> str:
     return plans[0]
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     """Newlines and other control characters (e.g. from file names) cannot break the one-line contract."""
     text = " ".join(str(text).split())
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

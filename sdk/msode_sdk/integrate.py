@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 
@@ -37,6 +37,7 @@ __all__ = [
     "get_solver",
     "fixed_step_grid",
     "SegmentStats",
+    "heun_step_control",
 ]
 
 _log = logging.getLogger(__name__)
@@ -130,6 +131,21 @@ class HeunSolver(FixedGridSolver):
         return y + 0.5 * dt * (k1 + k2)
 
 
+def heun_step_control(err: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, tol: float) -> Tuple[float, float]:
+    """The adaptive Heun-Euler controller, one step: ``(ratio, factor)``. ``ratio`` is the RMS of
+    ``err / (tol + tol * max(|y|, |y_new|))`` (the step is accepted when it is <= 1; ``nan``/``inf`` when
+    the estimate is not finite), ``factor`` the next step's multiplier ``clip(0.9 ratio^-1/2, 0.2, 5)``.
+    TorchScript-compatible: ``registrar.ts`` runs this very function (one controller, not two copies)."""
+    safety, fac_min, fac_max = 0.9, 0.2, 5.0  # locals: TorchScript takes no float globals
+    scale = tol + tol * torch.maximum(y.abs(), y_new.abs())
+    ratio = float(torch.sqrt(torch.mean((err / scale) ** 2)))
+    if ratio == 0.0:
+        return ratio, fac_max
+    if not math.isfinite(ratio):
+        return ratio, fac_min
+    return ratio, min(fac_max, max(fac_min, safety * ratio ** -0.5))
+
+
 class AdaptiveHeunSolver(Solver):
     """Heun-Euler embedded pair with error control (the paper's A(tol)).
 
@@ -142,7 +158,6 @@ class AdaptiveHeunSolver(Solver):
     """
 
     name = "adaptive_heun"
-    safety, fac_min, fac_max = 0.9, 0.2, 5.0
 
     def __init__(self, step_size: float | None = None, tol: float | None = None, max_steps: int = 1000):
         if tol is None or not (0 < tol < 1):
@@ -170,12 +185,9 @@ class AdaptiveHeunSolver(Solver):
             k2 = f(t + dt, y_new_euler)
             stats.nfe += 1
             y_new = y + 0.5 * dt * (k1 + k2)
-            err = 0.5 * dt * (k2 - k1)
-            scale = self.tol + self.tol * torch.maximum(y.abs(), y_new.abs())
-            ratio = float(torch.sqrt(torch.mean((err / scale) ** 2)))
+            ratio, factor = heun_step_control(0.5 * dt * (k2 - k1), y, y_new, self.tol)
             if not math.isfinite(ratio):
                 raise FloatingPointError(f"adaptive_heun: non-finite error estimate at t={t:.4g}")
-            factor = self.fac_max if ratio == 0 else min(self.fac_max, max(self.fac_min, self.safety * ratio ** -0.5))
             if ratio <= 1.0:
                 t = t + dt if t1 - (t + dt) > eps else t1
                 y = y_new

@@ -329,7 +329,7 @@ def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> 
         got = 0
         if opener is gzip.open and _gzip_may_hold(path, offset + nbytes):
             buf = np.empty(nbytes, dtype=np.uint8)
-            view = memoryview(buf)
+            view = memoryview(buf)  # type: ignore[arg-type]  # numpy arrays are buffers
             while got < nbytes:
                 k = f.readinto(view[got:got + (1 << 24)])
                 if not k:
@@ -383,7 +383,7 @@ def tensor_to_array(t: torch.Tensor) -> np.ndarray:
         return t.permute(2, 1, 0).numpy()
     if t.ndim == 4:  # (3, D, H, W) vectors
         return t.permute(3, 2, 1, 0).numpy()
-    raise ValueError(f"unexpected tensor shape {tuple(t.shape)}")
+    raise InputError(f"expected a (D, H, W), (1, 1, D, H, W) or (1, 3, D, H, W) tensor, got shape {tuple(t.shape)}")
 
 
 def world_points(shape_xyz, affine: np.ndarray, dtype=torch.float32, device=None) -> torch.Tensor:

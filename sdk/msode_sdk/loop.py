@@ -169,7 +169,8 @@ class RegistrationLoop:
         for st in self.stages:
             for lv in st.levels:
                 if lv.grid not in pyr:
-                    pyr[lv.grid] = tuple(downsample(v, self.grid, lv.grid, self.warp) for v in (moving, fixed))
+                    pyr[lv.grid] = (downsample(moving, self.grid, lv.grid, self.warp),
+                                    downsample(fixed, self.grid, lv.grid, self.warp))
         return pyr
 
     def final_warp(self, moving: torch.Tensor, chain: TransformChain) -> torch.Tensor:
@@ -199,14 +200,15 @@ class RegistrationLoop:
         self._check_features(lv, fix_feat)
         if not lv.feature_warp:  # exact: features of the warped moving image at every evaluation
             mov = rep(mov)
+            features = lv.features
 
-            def f(t, state):
+            def f_exact(t, state):
                 warped = warp(mov, lg, prior.then(self._transform(st, state, lg)), lg)
-                mov_feat = lv.features(warped)
+                mov_feat = features(warped)
                 if mov_feat.shape != fix_feat.shape:
                     self._check_features(lv, mov_feat)
                 return checked_velocity(net, net(mov_feat, fix_feat, t), state, kind)
-            return f
+            return f_exact
         if kind == "rigid":  # level-start frame: prior o M0 (see the module docstring)
             m0_inv = rigid_inverse(rigid_matrix(y0))
             start = warp(rep(mov), lg, prior.then(self._transform(st, y0, lg)), lg)
@@ -216,22 +218,23 @@ class RegistrationLoop:
         mov_feat = lv.features(start)
         self._check_features(lv, mov_feat)
 
-        def f(t, state):
+        def f_warped(t, state):
             if m0_inv is not None:
                 rel = TransformChain([MatrixTransform(m0_inv @ rigid_matrix(state))])
             else:
                 rel = TransformChain([self._transform(st, state, lg)])
             warped = warp(mov_feat, fg, rel, fg)
             return checked_velocity(net, net(warped, fix_feat, t), state, kind)
-        return f
+        return f_warped
 
     @staticmethod
     def _check_features(lv: LevelRun, feat: torch.Tensor) -> None:
         """Static shape check (no host sync): features live on the level's feature grid."""
+        assert lv.feature_grid is not None
         want = lv.feature_grid.shape_dhw
         if tuple(feat.shape[2:]) != want:
             from .errors import PlanError
-            raise PlanError(f"feature network {lv.features.member} returned {tuple(feat.shape)}, expected "
+            raise PlanError(f"feature network {getattr(lv.features, 'member', '?')} returned {tuple(feat.shape)}, expected "
                             f"(N, C, {', '.join(map(str, want))}) on the level's feature grid")
 
     def _start(self, st: StageRun, lv: LevelRun, pyr: dict, prior: TransformChain, n: int):

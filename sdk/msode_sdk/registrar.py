@@ -59,7 +59,7 @@ from .backends import BACKENDS, get_backend
 from .errors import (BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError,
                      ResourceError)
 from .integrate import SegmentStats
-from .loop import INIT_MODES, RegistrationLoop, checked_velocity, downsample, stage_runs
+from .loop import INIT_MODES, RegistrationLoop, downsample, stage_runs
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain
 
@@ -287,7 +287,7 @@ class RegistrationResult:
             from ._preview import _require_matplotlib
             _require_matplotlib()  # fail before writing anything
         out = Path(out_dir)
-        created = []  # directories this call creates, deepest last; removed again on failure
+        created: list[Path] = []  # directories this call creates, deepest last; removed again on failure
         try:
             if out.exists() and not out.is_dir():
                 raise InputError(f"output path {out} exists and is not a directory")

@@ -100,7 +100,8 @@ class HardwareKey:
     @classmethod
     def current(cls, device: torch.device, trt_version: str) -> "HardwareKey":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return cls(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)), str(trt_version))
+        major, minor = torch.cuda.get_device_capability(index)
+        return cls(torch.cuda.get_device_name(index), (int(major), int(minor)), str(trt_version))
 
     @property
     def dir_name(self) -> str:
@@ -363,7 +364,8 @@ class TensorRTBackend(Backend):
                 out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=torch.float32, device=device)
                 context.set_tensor_address(out_name, out.data_ptr())
                 if not context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
-                    raise RuntimeError(f"TensorRT execution of {member} failed")
+                    raise BackendUnavailable(f"TensorRT execution of {member} failed (execute_async_v3 returned "
+                                             "false; see the TensorRT log above)")
             return out
 
         return run

@@ -31,6 +31,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ CXX_FLAGS = ["-O3"]
 KINDS: tuple[tuple[str, ...], ...] = ((), ("rigid",), ("bspline",), ("dense",), ("rigid", "bspline"), ("rigid", "dense"))
 
 _lock = threading.Lock()
-_state = {"tried": False, "ok": False, "reason": "not loaded yet", "path": None}
+_state: dict[str, Any] = {"tried": False, "ok": False, "reason": "not loaded yet", "path": None}
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -114,7 +115,7 @@ def load() -> bool:
     :func:`available`."""
     with _lock:
         if _state["tried"]:
-            return _state["ok"]
+            return bool(_state["ok"])
         _state["tried"] = True
         why = _precheck()
         if why is not None:
@@ -142,10 +143,10 @@ def load() -> bool:
                 raise RuntimeError(f"extension loaded but registers no CUDA kernel for {missing}")
         except Exception as exc:  # compiler errors, missing headers, ABI problems: report, never crash
             text = str(exc)
-            log_path = build_dir / "build_error.log"
+            log_path: Path | None = build_dir / "build_error.log"
             try:
                 build_dir.mkdir(parents=True, exist_ok=True)
-                log_path.write_text(f"{type(exc).__name__}: {text}\n")
+                Path(build_dir / "build_error.log").write_text(f"{type(exc).__name__}: {text}\n")
             except OSError:
                 log_path = None
             first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
@@ -191,7 +192,7 @@ def _eligible(volume: torch.Tensor | None, chain: TransformChain, device: torch.
 def _transform_args(chain: TransformChain) -> tuple[str, list] | None:
     """Operator suffix and transform arguments of a chain of :data:`KINDS`."""
     kinds = tuple(t.kind for t in chain.transforms)
-    ts = chain.transforms
+    ts: list[Any] = chain.transforms  # attributes by kind (matrix / lattice / grid)
     if kinds == ():
         return "resample", []
     if kinds == ("rigid",):
@@ -236,9 +237,9 @@ def displacement(chain: TransformChain, grid: Grid, batch: int = 1, dtype=torch.
         spec = _transform_args(chain)
         if spec is not None and _eligible(None, chain, dev):
             kinds = tuple(t.kind for t in chain.transforms)
-            ts = chain.transforms
+            ts: list[Any] = chain.transforms
             matrix = ts[0].matrix if kinds[0] == "rigid" else None
-            deform = ts[-1] if kinds[-1] in ("bspline", "dense") else None
+            deform: Any = ts[-1] if kinds[-1] in ("bspline", "dense") else None
             coeffs = deform.state if deform is not None and deform.kind == "bspline" else None
             field = deform.state if deform is not None and deform.kind == "dense" else None
             cs = list(deform.lattice.control_spacing) if coeffs is not None else []

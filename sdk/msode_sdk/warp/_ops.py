@@ -31,6 +31,7 @@ import torch
 
 from ..transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, MatrixTransform, Transform,
                           TransformChain)
+from ..errors import InputError
 from ._reference import warp_chain_reference
 
 __all__ = ["SCHEMAS", "ensure_defined", "chain_from_args"]
@@ -64,7 +65,7 @@ _libs: list = []  # keep the torch.library.Library objects alive
 def _xyz(values, what: str, kind=float) -> tuple:
     vals = tuple(kind(v) for v in values)
     if len(vals) != 3:
-        raise ValueError(f"{what} must have 3 values (x, y, z), got {list(values)}")
+        raise InputError(f"{what} must have 3 values (x, y, z), got {list(values)}")
     return vals
 
 
@@ -74,7 +75,7 @@ def lattice_with_shape(shape_xyz, control_spacing) -> BSplineLattice:
     cs = _xyz(control_spacing, "control_spacing")
     n = _xyz(shape_xyz, "lattice shape", int)
     if min(n) < 3:
-        raise ValueError(f"a B-spline lattice has >= 3 control points per axis, got {n}")
+        raise InputError(f"a B-spline lattice has >= 3 control points per axis, got {n}")
     lat = BSplineLattice(Grid(tuple(k - 2 for k in n), cs), cs)
     assert lat.shape_xyz == n, (lat.shape_xyz, n)
     return lat
@@ -86,15 +87,15 @@ def chain_from_args(matrix=None, coeffs=None, control_spacing=None, field=None, 
     if matrix is not None:
         stages.append(MatrixTransform(matrix))
     if coeffs is not None and field is not None:
-        raise ValueError("give either B-spline coefficients or a dense field, not both")
+        raise InputError("give either B-spline coefficients or a dense field, not both")
     if coeffs is not None:
         if coeffs.ndim != 5 or coeffs.shape[1] != 3:
-            raise ValueError(f"coeffs must be (N, 3, cz, cy, cx), got {tuple(coeffs.shape)}")
+            raise InputError(f"coeffs must be (N, 3, cz, cy, cx), got {tuple(coeffs.shape)}")
         cz, cy, cx = coeffs.shape[2:]
         stages.append(BSplineTransform(coeffs, lattice_with_shape((cx, cy, cz), control_spacing)))
     if field is not None:
         if field.ndim != 5 or field.shape[1] != 3:
-            raise ValueError(f"field must be (N, 3, fD, fH, fW), got {tuple(field.shape)}")
+            raise InputError(f"field must be (N, 3, fD, fH, fW), got {tuple(field.shape)}")
         fd, fh, fw = field.shape[2:]
         stages.append(DenseTransform(field, Grid((fw, fh, fd), _xyz(field_spacing, "field_spacing"))))
     return TransformChain(stages)
@@ -102,7 +103,7 @@ def chain_from_args(matrix=None, coeffs=None, control_spacing=None, field=None, 
 
 def _grids(volume, src_spacing, out_spacing, out_shape) -> tuple[Grid, Grid]:
     if volume.ndim != 5:
-        raise ValueError(f"volume must be (N, C, D, H, W), got {tuple(volume.shape)}")
+        raise InputError(f"volume must be (N, C, D, H, W), got {tuple(volume.shape)}")
     d, h, w = volume.shape[2:]
     return (Grid((w, h, d), _xyz(src_spacing, "src_spacing")),
             Grid(_xyz(out_shape, "out_shape", int), _xyz(out_spacing, "out_spacing")))
@@ -149,7 +150,7 @@ def _warp_affine_dense(volume, matrix, field, field_spacing, src_spacing, out_sp
 def _chain_displacement(matrix, coeffs, field, control_spacing, field_spacing, out_spacing, out_shape):
     chain = chain_from_args(matrix, coeffs, control_spacing, field, field_spacing)
     if not len(chain):
-        raise ValueError("chain_displacement needs a matrix, B-spline coefficients or a dense field")
+        raise InputError("chain_displacement needs a matrix, B-spline coefficients or a dense field")
     grid = Grid(_xyz(out_shape, "out_shape", int), _xyz(out_spacing, "out_spacing"))
     ref = next(t.state for t in chain.transforms)
     batch = max(t.batch for t in chain.transforms)
@@ -180,7 +181,7 @@ def _fake_warp(volume, *args):
 def _fake_displacement(matrix, coeffs, field, control_spacing, field_spacing, out_spacing, out_shape):
     given = [t for t in (matrix, coeffs, field) if t is not None]
     if not given:
-        raise ValueError("chain_displacement needs a matrix, B-spline coefficients or a dense field")
+        raise InputError("chain_displacement needs a matrix, B-spline coefficients or a dense field")
     batch = max(t.shape[0] for t in given)
     return given[0].new_empty((batch, 3, *_out_zyx(out_shape)), dtype=torch.float32)
 
