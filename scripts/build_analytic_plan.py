@@ -8,6 +8,7 @@ U(+-20 mm), T1->T1, msode-eval), with the 16 mm level 6/6 (RMSE(phi) <= 0.01 mm)
 also carries `registrar.ts`, the whole loop as one TorchScript module for C++ embedding
 (msode_export.scripted). (`msode export --analytic` builds the same plan with the paper's 3-level rigid schedule.)
 """
+
 import argparse
 
 from msode_export.analytic import build_analytic_plan
@@ -21,7 +22,13 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("out", nargs="?", default="sdk/msode_sdk/models/analytic_ssd.plan")
 ap.add_argument("--no-registrar-ts", action="store_true", help="do not embed registrar.ts")
 args = ap.parse_args()
-build_analytic_plan(args.out, Grid((120, 120, 80), (2.0, 2.0, 2.0)), stages=("rigid", "bspline"),
-                    control_spacing_mm=(20.0, 20.0, 20.0), name="analytic_ssd", schedules={"rigid": RIGID_SCHEDULE},
-                    registrar_ts=not args.no_registrar_ts)
+build_analytic_plan(
+    args.out,
+    Grid((120, 120, 80), (2.0, 2.0, 2.0)),
+    stages=("rigid", "bspline"),
+    control_spacing_mm=(20.0, 20.0, 20.0),
+    name="analytic_ssd",
+    schedules={"rigid": RIGID_SCHEDULE},
+    registrar_ts=not args.no_registrar_ts,
+)
 print(args.out)

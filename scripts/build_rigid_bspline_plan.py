@@ -42,6 +42,7 @@ What is learned and what is not, as the plan's manifest says: the encoders are t
 phantom tissue labels, random contrasts and orientations); the Gauss-Newton head is closed-form. The
 paper's free CNN fields trained end to end through the ODE (msode-train) are not what this plan ships.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,20 +65,38 @@ CONTROL_SPACING_MM = (40.0, 40.0, 40.0)
 BSPLINE_CG_ITERS = (10, 10, 4)  # the 2 mm level: fewer CG iterations per step (measured: same accuracy, -12 % time)
 
 
-def _features_for(spacing: float, encoders: dict, use_encoder: bool, neighbourhood: str = "ssc") -> tuple[nn.Module, str]:
+def _features_for(
+    spacing: float, encoders: dict, use_encoder: bool, neighbourhood: str = "ssc"
+) -> tuple[nn.Module, str]:
     if use_encoder and spacing in encoders:
         return encoders[spacing], f"tissue_encoder_{spacing:g}mm"
     dil = 2 if spacing < 4.0 else 1
     return MINDSSC(radius=1, dilation=dil, neighbourhood=neighbourhood), f"mind_{neighbourhood}(r=1,d={dil})"
 
 
-def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_levels=("16", "8"), bspline_encoder: bool = False,
-          rigid_pool: int = 2, bspline_pool: int = 1, bspline_mind: str = "six", rigid_mind: str = "six",
-          rigid_init: str = "multistart",
-          registrar_ts: bool = True, formats=("torchscript", "onnx"), metrics: dict | None = None,
-          rigid_gain: float = 5.0, bspline_gain: float = 5.0, bspline_damping=(0.05, 0.05, 0.05),
-          name: str = "rigid_bspline", feature_levels: bool = True, warp_features=(), bspline_schedule=BSPLINE_SCHEDULE,
-          bspline_cg_iters=BSPLINE_CG_ITERS) -> Path:
+def build(
+    out,
+    weights=DEFAULT_WEIGHTS,
+    rigid_schedule=RIGID_SCHEDULE,
+    encoder_levels=("16", "8"),
+    bspline_encoder: bool = False,
+    rigid_pool: int = 2,
+    bspline_pool: int = 1,
+    bspline_mind: str = "six",
+    rigid_mind: str = "six",
+    rigid_init: str = "multistart",
+    registrar_ts: bool = True,
+    formats=("torchscript", "onnx"),
+    metrics: dict | None = None,
+    rigid_gain: float = 5.0,
+    bspline_gain: float = 5.0,
+    bspline_damping=(0.05, 0.05, 0.05),
+    name: str = "rigid_bspline",
+    feature_levels: bool = True,
+    warp_features=(),
+    bspline_schedule=BSPLINE_SCHEDULE,
+    bspline_cg_iters=BSPLINE_CG_ITERS,
+) -> Path:
     encoders, meta = load_encoders(weights)
     enc_levels = {float(s) for s in encoder_levels}
     nets, feats, feature_nets = {}, {}, {}
@@ -95,7 +114,14 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
         sp = float(g.spacing_xyz[0]) * pool
         f, desc = _features_for(sp, encoders, sp in enc_levels, rigid_mind)
         gain = rigid_gain[lv - 1] if isinstance(rigid_gain, (tuple, list)) else rigid_gain
-        level("rigid", lv, g, f, pool, lambda grid, f, pool, gain=gain: RigidSSDField(grid, gain=gain, features=f, pool=pool))
+        level(
+            "rigid",
+            lv,
+            g,
+            f,
+            pool,
+            lambda grid, f, pool, gain=gain: RigidSSDField(grid, gain=gain, features=f, pool=pool),
+        )
         feats[f"rigid_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
     lattice = BSplineLattice(MODEL_GRID, CONTROL_SPACING_MM)
     for lv, g in enumerate(level_grids(MODEL_GRID, len(bspline_schedule)), start=1):
@@ -103,32 +129,61 @@ def build(out, weights=DEFAULT_WEIGHTS, rigid_schedule=RIGID_SCHEDULE, encoder_l
         sp = float(g.spacing_xyz[0]) * pool
         f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind)
         gain = bspline_gain[lv - 1] if isinstance(bspline_gain, (tuple, list)) else bspline_gain
-        level("bspline", lv, g, f, pool, lambda grid, f, pool, lv=lv, gain=gain: BSplineSSDField(
-            grid, lattice, gain=gain, features=f, pool=pool, cg_iters=bspline_cg_iters[lv - 1],
-            damping=bspline_damping[lv - 1]))
+        level(
+            "bspline",
+            lv,
+            g,
+            f,
+            pool,
+            lambda grid, f, pool, lv=lv, gain=gain: BSplineSSDField(
+                grid,
+                lattice,
+                gain=gain,
+                features=f,
+                pool=pool,
+                cg_iters=bspline_cg_iters[lv - 1],
+                damping=bspline_damping[lv - 1],
+            ),
+        )
         feats[f"bspline_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
-    stages = [StageDef("rigid", "rigid", tuple(rigid_schedule), {"init": rigid_init} if rigid_init != "none" else {}),
-              StageDef("bspline", "bspline", tuple(bspline_schedule), {"control_spacing_mm": list(CONTROL_SPACING_MM)})]
+    stages = [
+        StageDef("rigid", "rigid", tuple(rigid_schedule), {"init": rigid_init} if rigid_init != "none" else {}),
+        StageDef("bspline", "bspline", tuple(bspline_schedule), {"control_spacing_mm": list(CONTROL_SPACING_MM)}),
+    ]
     wpath = Path(weights)
     training = {
         "kind": "learned-features+gauss-newton",
         "features": feats,
-        "tissue_encoder": {"file": wpath.name, "sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(),
-                           "meta": meta},
-        "note": ("Trained: the contrast-agnostic tissue encoders (msode_train.tissue; supervised on phantom "
-                 "tissue labels, random contrasts and orientations). Closed-form: the Gauss-Newton heads, the multistart "
-                 "initialiser (msode_sdk.initialize) and MIND. Not the paper's end-to-end trained CNN fields."),
+        "tissue_encoder": {"file": wpath.name, "sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(), "meta": meta},
+        "note": (
+            "Trained: the contrast-agnostic tissue encoders (msode_train.tissue; supervised on phantom "
+            "tissue labels, random contrasts and orientations). Closed-form: the Gauss-Newton heads, the multistart "
+            "initialiser (msode_sdk.initialize) and MIND. Not the paper's end-to-end trained CNN fields."
+        ),
         "builder": "scripts/build_rigid_bspline_plan.py",
     }
     path = build_plan(
-        out, name, MODEL_GRID, stages, nets, formats=formats, analytic=False, centre="fov",
-        modalities=["t1", "t2", "flair", "pd"], metrics=metrics, training=training, features=feature_nets,
-        description=("Rigid (4 levels) then cubic B-spline (3 levels, 40 mm) for multi-contrast brain MRI. "
-                     "Per-level fields: Gauss-Newton steps on the SSD of learned tissue-class features "
-                     "(coarse rigid levels) and MIND (6-neighbourhood, fine levels); multistart rigid init; see training.note."),
+        out,
+        name,
+        MODEL_GRID,
+        stages,
+        nets,
+        formats=formats,
+        analytic=False,
+        centre="fov",
+        modalities=["t1", "t2", "flair", "pd"],
+        metrics=metrics,
+        training=training,
+        features=feature_nets,
+        description=(
+            "Rigid (4 levels) then cubic B-spline (3 levels, 40 mm) for multi-contrast brain MRI. "
+            "Per-level fields: Gauss-Newton steps on the SSD of learned tissue-class features "
+            "(coarse rigid levels) and MIND (6-neighbourhood, fine levels); multistart rigid init; see training.note."
+        ),
     )
     if registrar_ts:
         from msode_export.scripted import add_registrar_ts
+
         add_registrar_ts(path)
     return path
 
@@ -140,15 +195,25 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder-levels", default="16,8", help="rigid level spacings (mm) that use the encoder")
     ap.add_argument("--bspline-encoder", action="store_true", help="also use the encoder on B-spline levels")
     ap.add_argument("--rigid-pool", type=int, default=2, help="average the rigid 2 mm level's images by this factor")
-    ap.add_argument("--bspline-pool", type=int, default=1, help="average the B-spline 2 mm level's images by this factor")
+    ap.add_argument(
+        "--bspline-pool", type=int, default=1, help="average the B-spline 2 mm level's images by this factor"
+    )
     ap.add_argument("--metrics", help="JSON file with evaluation metrics to record in the manifest")
     ap.add_argument("--no-registrar-ts", action="store_true")
     ap.add_argument("--formats", default="torchscript,onnx")
     args = ap.parse_args(argv)
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-    p = build(args.out, args.weights, encoder_levels=tuple(s for s in args.encoder_levels.split(",") if s),
-              bspline_encoder=args.bspline_encoder, rigid_pool=args.rigid_pool, bspline_pool=args.bspline_pool,
-              registrar_ts=not args.no_registrar_ts, formats=tuple(args.formats.split(",")), metrics=metrics)
+    p = build(
+        args.out,
+        args.weights,
+        encoder_levels=tuple(s for s in args.encoder_levels.split(",") if s),
+        bspline_encoder=args.bspline_encoder,
+        rigid_pool=args.rigid_pool,
+        bspline_pool=args.bspline_pool,
+        registrar_ts=not args.no_registrar_ts,
+        formats=tuple(args.formats.split(",")),
+        metrics=metrics,
+    )
     print(p)
     return 0
 

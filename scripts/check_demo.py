@@ -3,6 +3,7 @@
 Usage: python scripts/check_demo.py OUT_DIR TRUTH_JSON. Exits non-zero when the outputs are missing
 or the rigid error over the head exceeds 2 mm (the demo must actually register, not just run).
 """
+
 import json
 import sys
 from pathlib import Path
@@ -22,8 +23,12 @@ pts = idx @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
 err = np.sqrt((((pts @ m_est[:3, :3].T + m_est[:3, 3]) - (pts @ m_true[:3, :3].T + m_true[:3, 3])) ** 2).sum(1))
 before = np.sqrt((((pts @ m_true[:3, :3].T + m_true[:3, 3]) - pts) ** 2).sum(1))
 disp = nib.load(str(out / "displacement.nii.gz"))
-print(f"demo: plan {report['plan']} ({'ANALYTIC stand-in' if report['analytic_plan'] else report.get('plan_kind', 'trained')}), "
-      f"backend {report['backend']} on {report['device']}, total {report['timings_s']['total']:.2f} s, NFE {report['nfe']}")
-print(f"demo: rigid map error over the head: before {before.mean():.2f} mm -> after median {np.median(err):.3f} mm, "
-      f"max {err.max():.3f} mm; displacement field {disp.shape}, outputs in {out}/")
+print(
+    f"demo: plan {report['plan']} ({'ANALYTIC stand-in' if report['analytic_plan'] else report.get('plan_kind', 'trained')}), "
+    f"backend {report['backend']} on {report['device']}, total {report['timings_s']['total']:.2f} s, NFE {report['nfe']}"
+)
+print(
+    f"demo: rigid map error over the head: before {before.mean():.2f} mm -> after median {np.median(err):.3f} mm, "
+    f"max {err.max():.3f} mm; displacement field {disp.shape}, outputs in {out}/"
+)
 sys.exit(0 if np.median(err) < 2.0 else 1)

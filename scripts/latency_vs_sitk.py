@@ -16,6 +16,7 @@ Pairs: folders from ``scripts/make_latency_pairs.py`` (240x240x160 1 mm T2 -> T1
 Torch uses its default intra-op threads (printed); SimpleITK its default threads. Benchmarks measure;
 nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,11 @@ def main(argv=None) -> int:
     rows = []
     for folder in folders:
         mov, fix = _load(folder)
-        truth = TransformChain([RigidTransform(torch.tensor([json.loads((folder / "truth.json").read_text())
-                                                              ["theta_model_frame"]]))])
+        truth = TransformChain(
+            [RigidTransform(torch.tensor([json.loads((folder / "truth.json").read_text())["theta_model_frame"]]))]
+        )
         _, _, fix_t = reg.prepare(fix, "fixed")
-        mask = (fix_t > 0.05)
+        mask = fix_t > 0.05
         row = {"pair": str(folder), "shape": list(fix[0].shape)}
         reg.register(mov, fix)  # warm-up
         for label, stages in (("rigid", ["rigid"]), ("rigid_bspline", None)):
@@ -74,17 +76,23 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - t0)
                 for k, v in res.timings.items():
                     parts.setdefault(k, []).append(v)
-            err = float(rmse_phi(TransformChain(res.model_grid.chain.transforms[:1]), truth, reg.model_grid,
-                                 mask=mask))
-            row[label] = {"seconds_median": statistics.median(times), "seconds": times,
-                          "split_median": {k: statistics.median(v) for k, v in parts.items()},
-                          "rigid_rmse_phi_mm": err, "nfe": res.nfe}
+            err = float(rmse_phi(TransformChain(res.model_grid.chain.transforms[:1]), truth, reg.model_grid, mask=mask))
+            row[label] = {
+                "seconds_median": statistics.median(times),
+                "seconds": times,
+                "split_median": {k: statistics.median(v) for k, v in parts.items()},
+                "rigid_rmse_phi_mm": err,
+                "nfe": res.nfe,
+            }
         if not args.no_sitk:
             grid = Grid(fix[0].shape, tuple(float(s) for s in np.linalg.norm(fix[1][:3, :3], axis=0)))
             to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 1, 0)))[None, None]  # noqa: E731
             lo, hi = (np.percentile(a, [0.5, 99.5]) for a in (mov[0], fix[0]))
-            pair = SimpleNamespace(grid=grid, moving=to_t(np.clip((mov[0] - lo[0]) / (lo[1] - lo[0]), 0, 1)),
-                                   fixed=to_t(np.clip((fix[0] - hi[0]) / (hi[1] - hi[0]), 0, 1)))
+            pair = SimpleNamespace(
+                grid=grid,
+                moving=to_t(np.clip((mov[0] - lo[0]) / (lo[1] - lo[0]), 0, 1)),
+                fixed=to_t(np.clip((fix[0] - hi[0]) / (hi[1] - hi[0]), 0, 1)),
+            )
             pts, secs, _ = run_sitk(pair, deformable=False)
             gt = truth.map_grid(grid)
             fmask = torch.from_numpy(np.ascontiguousarray((pair.fixed[0, 0].numpy() > 0.05)))
@@ -92,18 +100,23 @@ def main(argv=None) -> int:
             row["sitk_rigid"] = {"seconds": secs, "rmse_phi_mm": err}
         rows.append(row)
         r, rb = row["rigid"], row["rigid_bspline"]
-        line = (f"{folder.name}: msode rigid {r['seconds_median']:.2f} s ({r['rigid_rmse_phi_mm']:.2f} mm; "
-                f"load {r['split_median']['load']:.2f} rigid {r['split_median']['rigid']:.2f} output "
-                f"{r['split_median']['output']:.2f}), rigid + B-spline {rb['seconds_median']:.2f} s (B-spline "
-                f"{rb['split_median']['bspline']:.2f}, output {rb['split_median']['output']:.2f})")
+        line = (
+            f"{folder.name}: msode rigid {r['seconds_median']:.2f} s ({r['rigid_rmse_phi_mm']:.2f} mm; "
+            f"load {r['split_median']['load']:.2f} rigid {r['split_median']['rigid']:.2f} output "
+            f"{r['split_median']['output']:.2f}), rigid + B-spline {rb['seconds_median']:.2f} s (B-spline "
+            f"{rb['split_median']['bspline']:.2f}, output {rb['split_median']['output']:.2f})"
+        )
         if "sitk_rigid" in row:
             s = row["sitk_rigid"]
-            line += (f"; SimpleITK rigid {s['seconds']:.1f} s ({s['rmse_phi_mm']:.2f} mm) -> "
-                     f"{s['seconds'] / r['seconds_median']:.1f}x")
+            line += (
+                f"; SimpleITK rigid {s['seconds']:.1f} s ({s['rmse_phi_mm']:.2f} mm) -> "
+                f"{s['seconds'] / r['seconds_median']:.1f}x"
+            )
         print(line, flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=2)
+        )
     return 0
 
 

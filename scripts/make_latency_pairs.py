@@ -7,6 +7,7 @@ seeds 95000 + k (outside the train / test / val splits: ``msode_train.data.split
 2-core CPU. Both images share one grid, so the model frames of the two images coincide and the estimate
 ``RegistrationResult.model_grid.chain`` is compared with the truth directly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,17 @@ def main(argv=None) -> int:
             img.set_sform(subject.affine, code=1)
             nib.save(img, str(folder / f"{name}.nii.gz"))
         theta = pair.chain.transforms[0].state[0].tolist()
-        (folder / "truth.json").write_text(json.dumps({
-            "seed": SEED_BASE + k, "motion": "rigid U(+-75 deg), U(+-20 mm)", "theta_model_frame": theta,
-            "convention": "msode_sdk.transforms.RigidTransform: fixed model-frame mm -> moving model-frame mm",
-        }, indent=2))
+        (folder / "truth.json").write_text(
+            json.dumps(
+                {
+                    "seed": SEED_BASE + k,
+                    "motion": "rigid U(+-75 deg), U(+-20 mm)",
+                    "theta_model_frame": theta,
+                    "convention": "msode_sdk.transforms.RigidTransform: fixed model-frame mm -> moving model-frame mm",
+                },
+                indent=2,
+            )
+        )
         print(folder, [round(v, 3) for v in theta])
     return 0
 

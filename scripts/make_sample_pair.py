@@ -19,6 +19,7 @@ world point ``y`` (so moving(M p) = subject(p) = fixed(p)).
 Usage (with the project installed, e.g. ``.venv/bin/python``):
 ``python scripts/make_sample_pair.py [--out data/sample]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,14 @@ from msode_train.data import GENERATOR_VERSION, SAMPLE_SEED, synthesize_subject
 ROOT = Path(__file__).resolve().parents[1]  # the repository root (the default output folder)
 
 SPACING_MM = 2.0
-FIXED_SHAPE = (120, 120, 64)            # 240 x 240 x 160 mm
+FIXED_SHAPE = (120, 120, 64)  # 240 x 240 x 160 mm
 FIXED_SPACING = (2.0, 2.0, 2.5)
 FIXED_OBLIQUE_DEG_Z = 10.0
 FIXED_CENTRE_OFFSET = (3.0, -4.0, 2.0)  # mm from the subject centre
-MOVING_SHAPE = (108, 126, 84)           # 216 x 252 x 168 mm
+MOVING_SHAPE = (108, 126, 84)  # 216 x 252 x 168 mm
 MOVING_SPACING = 2.0
 MOVING_CENTRE_OFFSET = (4.0, -6.0, 2.0)
-MOTION_ROT_DEG = (8.0, -6.0, 10.0)      # about x, y, z (R = Rz @ Ry @ Rx), through the subject centre
+MOTION_ROT_DEG = (8.0, -6.0, 10.0)  # about x, y, z (R = Rz @ Ry @ Rx), through the subject centre
 MOTION_TRANS_MM = (6.0, -5.0, 6.0)
 
 
@@ -72,7 +73,7 @@ def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(np.clip(arr, 0.0, 1.0).astype(np.float32), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    img.set_data_dtype(np.int16)   # nibabel picks scl_slope / scl_inter for the float data
+    img.set_data_dtype(np.int16)  # nibabel picks scl_slope / scl_inter for the float data
     img.header["descrip"] = b"msode synthetic sample (see truth.json)"
     nib.save(img, str(path))
 
@@ -88,8 +89,10 @@ def main(argv=None) -> int:
     c = subject.centre_ras
 
     # ground truth: M p = R (p - c) + c + t  (fixed world point -> moving world point)
-    theta = euler_to_rigid(torch.tensor([np.deg2rad(MOTION_ROT_DEG)], dtype=torch.float64),
-                           torch.tensor([MOTION_TRANS_MM], dtype=torch.float64))
+    theta = euler_to_rigid(
+        torch.tensor([np.deg2rad(MOTION_ROT_DEG)], dtype=torch.float64),
+        torch.tensor([MOTION_TRANS_MM], dtype=torch.float64),
+    )
     rot = rigid_matrix(theta)[0, :3, :3].numpy()
     m = np.eye(4)
     m[:3, :3] = rot
@@ -98,13 +101,14 @@ def main(argv=None) -> int:
     angle = math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(rot) - 1.0) / 2.0))))
 
     fixed_aff = _affine(_rz(FIXED_OBLIQUE_DEG_Z), FIXED_SPACING, FIXED_SHAPE, c + np.asarray(FIXED_CENTRE_OFFSET))
-    moving_aff = _affine(np.diag([-1.0, 1.0, 1.0]), (MOVING_SPACING,) * 3, MOVING_SHAPE,
-                         c + np.asarray(MOVING_CENTRE_OFFSET))
+    moving_aff = _affine(
+        np.diag([-1.0, 1.0, 1.0]), (MOVING_SPACING,) * 3, MOVING_SHAPE, c + np.asarray(MOVING_CENTRE_OFFSET)
+    )
 
     fixed_world = world_points(FIXED_SHAPE, fixed_aff, torch.float64)
     moving_world = world_points(MOVING_SHAPE, moving_aff, torch.float64)
     m_inv_t = torch.as_tensor(m_inv)
-    moving_src = moving_world @ m_inv_t[:3, :3].T + m_inv_t[:3, 3]   # subject point shown at y: M^-1 y
+    moving_src = moving_world @ m_inv_t[:3, :3].T + m_inv_t[:3, 3]  # subject point shown at y: M^-1 y
 
     files = {
         "fixed_t1.nii.gz": (_sample(subject, "t1", fixed_world), fixed_aff),
@@ -126,14 +130,18 @@ def main(argv=None) -> int:
     rmse = float(np.sqrt(np.mean((fixed[brain] - back[brain]) ** 2)))
 
     truth = {
-        "description": ("One held-out synthetic subject (msode_train.data.synthesize_subject, seed "
-                        f"{SAMPLE_SEED}, 2 mm). fixed_t1 shows it on an oblique anisotropic grid; moving_t1 "
-                        "and moving_t2 show it moved by a known rigid motion on another grid."),
+        "description": (
+            "One held-out synthetic subject (msode_train.data.synthesize_subject, seed "
+            f"{SAMPLE_SEED}, 2 mm). fixed_t1 shows it on an oblique anisotropic grid; moving_t1 "
+            "and moving_t2 show it moved by a known rigid motion on another grid."
+        ),
         "fixed": "fixed_t1.nii.gz",
         "moving": ["moving_t1.nii.gz", "moving_t2.nii.gz"],
         "fixed_to_moving_world_ras": m.tolist(),
-        "convention": ("world RAS mm (nibabel): p_moving = M @ p_fixed for the same anatomical point, the "
-                       "convention of msode RegistrationResult.matrix; moving(M p) = fixed(p)"),
+        "convention": (
+            "world RAS mm (nibabel): p_moving = M @ p_fixed for the same anatomical point, the "
+            "convention of msode RegistrationResult.matrix; moving(M p) = fixed(p)"
+        ),
         "fixed_to_moving_world_lps": ras_to_lps_matrix(m).tolist(),
         "moving_to_fixed_world_ras": m_inv.tolist(),
         "motion": {
@@ -145,13 +153,26 @@ def main(argv=None) -> int:
             "total_translation_mm": float(np.linalg.norm(MOTION_TRANS_MM)),
             "formula": "M p = R (p - centre) + centre + t",
         },
-        "fixed_grid": {"shape": list(FIXED_SHAPE), "spacing_mm": list(FIXED_SPACING),
-                       "oblique_rotation_deg_about_z": FIXED_OBLIQUE_DEG_Z, "affine": fixed_aff.tolist()},
-        "moving_grid": {"shape": list(MOVING_SHAPE), "spacing_mm": [MOVING_SPACING] * 3,
-                        "orientation": "LAS (x flipped)", "affine": moving_aff.tolist()},
-        "subject": {"seed": SAMPLE_SEED, "generator_version": GENERATOR_VERSION, "spacing_mm": SPACING_MM,
-                    "centre_ras": c.tolist(), "tumour_core_radius_mm": subject.meta["tumour_core_radius_mm"],
-                    "tumour_oedema_radius_mm": subject.meta["tumour_oedema_radius_mm"]},
+        "fixed_grid": {
+            "shape": list(FIXED_SHAPE),
+            "spacing_mm": list(FIXED_SPACING),
+            "oblique_rotation_deg_about_z": FIXED_OBLIQUE_DEG_Z,
+            "affine": fixed_aff.tolist(),
+        },
+        "moving_grid": {
+            "shape": list(MOVING_SHAPE),
+            "spacing_mm": [MOVING_SPACING] * 3,
+            "orientation": "LAS (x flipped)",
+            "affine": moving_aff.tolist(),
+        },
+        "subject": {
+            "seed": SAMPLE_SEED,
+            "generator_version": GENERATOR_VERSION,
+            "spacing_mm": SPACING_MM,
+            "centre_ras": c.tolist(),
+            "tumour_core_radius_mm": subject.meta["tumour_core_radius_mm"],
+            "tumour_oedema_radius_mm": subject.meta["tumour_oedema_radius_mm"],
+        },
         "self_check": {"corr_fixed_vs_moving_at_Mp": corr, "rmse_fixed_vs_moving_at_Mp": rmse},
         "made_by": "scripts/make_sample_pair.py",
     }
@@ -159,8 +180,10 @@ def main(argv=None) -> int:
     total = sum((out / n).stat().st_size for n in [*files, "truth.json"])
     for n in [*files, "truth.json"]:
         print(f"{out / n}: {(out / n).stat().st_size / 1024:.0f} KiB")
-    print(f"total {total / 1e6:.2f} MB; rotation {angle:.1f} deg, translation "
-          f"{np.linalg.norm(MOTION_TRANS_MM):.1f} mm; self-check corr {corr:.4f}, rmse {rmse:.4f}")
+    print(
+        f"total {total / 1e6:.2f} MB; rotation {angle:.1f} deg, translation "
+        f"{np.linalg.norm(MOTION_TRANS_MM):.1f} mm; self-check corr {corr:.4f}, rmse {rmse:.4f}"
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Summarise a plan report folder (``scripts/evaluate_bundled_plan.sh`` output) as the ``metrics`` a plan's
 manifest records: ``python scripts/report_metrics.py training/reports/rigid_bspline > metrics.json``, then
 ``python scripts/build_rigid_bspline_plan.py --metrics metrics.json``."""
+
 from __future__ import annotations
 
 import json
@@ -19,17 +20,25 @@ def summarise(folder: Path) -> dict:
         proto = res["protocol"]
         err = [r["rmse_phi_mm"] for r in rows]
         out[sub.name] = {
-            "pairs": proto["pairs"], "motion": proto["motion"], "stages": proto["stages"] or ["rigid", "bspline"],
-            "rmse_phi_mm_median": round(statistics.median(err), 3), "rmse_phi_mm_max": round(max(err), 3),
+            "pairs": proto["pairs"],
+            "motion": proto["motion"],
+            "stages": proto["stages"] or ["rigid", "bspline"],
+            "rmse_phi_mm_median": round(statistics.median(err), 3),
+            "rmse_phi_mm_max": round(max(err), 3),
             "rmse_phi_mm_mean": round(statistics.fmean(err), 3),
             "dice_tumour_mean": round(statistics.fmean(r["dice_tumour"] for r in rows), 4),
             "success_lt_2mm": round(sum(e < 2.0 for e in err) / len(err), 3),
             "seconds_median": round(statistics.median(r["seconds"] for r in rows), 2),
         }
         seeds = proto["test_seeds"]
-    out = {"protocol": (f"msode-eval Table-1 protocol, {len(seeds)} held-out synthetic subjects (test split seeds "
-                        f"{seeds[0]}-{seeds[-1]}), 2 mm, protocol seed {proto['seed']}, {proto['device']} "
-                        f"(times end to end from arrays); full report {folder}"), **out}
+    out = {
+        "protocol": (
+            f"msode-eval Table-1 protocol, {len(seeds)} held-out synthetic subjects (test split seeds "
+            f"{seeds[0]}-{seeds[-1]}), 2 mm, protocol seed {proto['seed']}, {proto['device']} "
+            f"(times end to end from arrays); full report {folder}"
+        ),
+        **out,
+    }
     return out
 
 

@@ -4,6 +4,7 @@ The phantom is a continuous object O(p) in world RAS mm (a sum of Gaussian blobs
 so images of it can be sampled exactly on any grid, and a pair with a known fixed->moving map phi is
 ``fixed(p) = O(phi(p))``, ``moving(q) = O(q)`` with no interpolation error in the truth.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ class Phantom:
         self.radii = torch.tensor(radii, dtype=torch.float64)
         self.centre = torch.tensor(centre, dtype=torch.float64)
         u = torch.rand(n_blobs, 3, generator=g, dtype=torch.float64) * 2 - 1
-        u = u[(u ** 2).sum(-1) < 1]
+        u = u[(u**2).sum(-1) < 1]
         self.mu = self.centre + u * self.radii * 0.9
         self.sigma = 4.0 + 5.0 * torch.rand(len(self.mu), generator=g, dtype=torch.float64)
         self.amp = 0.2 + 0.8 * torch.rand(len(self.mu), generator=g, dtype=torch.float64)
@@ -44,9 +45,9 @@ class Phantom:
         out = torch.zeros(p.shape[0], dtype=torch.float64)
         amp = self.amp if contrast == "a" else 1.0 - 0.8 * self.amp  # "b": another contrast, same anatomy
         for s in range(0, p.shape[0], 1 << 16):
-            q = p[s:s + (1 << 16)]
+            q = p[s : s + (1 << 16)]
             d2 = ((q[:, None, :] - self.mu[None]) ** 2).sum(-1)
-            out[s:s + (1 << 16)] = (amp * torch.exp(-0.5 * d2 / self.sigma ** 2)).sum(-1)
+            out[s : s + (1 << 16)] = (amp * torch.exp(-0.5 * d2 / self.sigma**2)).sum(-1)
         r = (((p - self.centre) / self.radii) ** 2).sum(-1)
         envelope = torch.sigmoid((1.0 - r) * 12.0)
         return (0.3 * envelope + 0.5 * out * envelope).reshape(points.shape[:-1])
@@ -87,6 +88,7 @@ def phantom() -> Phantom:
 def analytic_plan(tmp_path_factory):
     """Rigid + B-spline analytic plan on :data:`MODEL_GRID` (paper schedules)."""
     from msode_export.analytic import build_analytic_plan
+
     path = tmp_path_factory.mktemp("plans") / "analytic_rb.plan"
     build_analytic_plan(path, MODEL_GRID, stages=("rigid", "bspline"), control_spacing_mm=(21.0, 21.0, 21.0))
     return path

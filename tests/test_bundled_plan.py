@@ -1,6 +1,7 @@
 """The bundled multi-contrast plan ``rigid_bspline.plan``: loads by name right after install, says what
 it is, matches the committed encoder weights, its ONNX networks agree with TorchScript, and it registers
 multi-contrast pairs it has never seen (the sample pair, held-out phantom subjects)."""
+
 import hashlib
 import io
 import json
@@ -30,11 +31,12 @@ def test_loads_by_name_and_says_what_it_is(reg):
     assert m.analytic is False and m.kind == "learned-features+gauss-newton"
     assert {"t1", "t2", "flair", "pd"} <= set(m.modalities)
     assert "not the paper's end-to-end trained cnn fields" in m.training["note"].lower()
-    assert reg.plan.path and Path(reg.plan.path).stat().st_size <= 25 * 2 ** 20
+    assert reg.plan.path and Path(reg.plan.path).stat().st_size <= 25 * 2**20
 
 
 def test_plan_embeds_the_committed_encoder_weights(reg):
     from msode_train.tissue import DEFAULT_WEIGHTS
+
     enc = reg.plan.manifest.training["tissue_encoder"]
     assert enc["sha256"] == hashlib.sha256(Path(DEFAULT_WEIGHTS).read_bytes()).hexdigest()
 
@@ -70,7 +72,9 @@ def test_onnx_networks_match_torchscript(reg):
                 close(onnx_run(sc.features["onnx"], {"image": x.numpy()}), ref, f"{st.name} L{sc.level} features")
             w, f, t = feats[0], feats[1], torch.tensor([float(sc.t0)])
             ref = torch.jit.load(io.BytesIO(plan.network(st.name, sc.level, "torchscript")))(w, f, t)
-            out = onnx_run(sc.networks["onnx"], {"warped": w.detach().numpy(), "fixed": f.detach().numpy(), "t": t.numpy()})
+            out = onnx_run(
+                sc.networks["onnx"], {"warped": w.detach().numpy(), "fixed": f.detach().numpy(), "t": t.numpy()}
+            )
             close(out, ref, f"{st.name} L{sc.level}")
 
 
@@ -95,6 +99,7 @@ def test_recovers_paper_range_rigid_motion_on_held_out_subject(reg, tmp_path_fac
     through Registrar.register's rigid stage: RMSE(phi) over the brain under the issue's 1.5 mm median
     (measured 0.1-0.2 mm; the B-spline stage after it adds 0.3-1.4 mm on an exactly rigid motion)."""
     from msode_train import data as D
+
     bank = D.SubjectBank.for_split(tmp_path_factory.mktemp("bank"), "test", 1, spacing=2.0)
     subj = bank[0]
     chain = D.sample_motion(np.random.default_rng(seed), "rigid", subj.grid)
@@ -102,8 +107,9 @@ def test_recovers_paper_range_rigid_motion_on_held_out_subject(reg, tmp_path_fac
     aff = subj.affine
     to_np = lambda t: t[0, 0].permute(2, 1, 0).numpy()  # (1,1,D,H,W) -> (X,Y,Z)  # noqa: E731
     res = reg.register((to_np(pair.moving), aff), (to_np(pair.fixed), aff), stages=["rigid"])
-    before = D.rmse_phi(TransformChain([RigidTransform(torch.zeros(1, 6))]), pair.chain, pair.grid,
-                        mask=pair.fixed_brain)
+    before = D.rmse_phi(
+        TransformChain([RigidTransform(torch.zeros(1, 6))]), pair.chain, pair.grid, mask=pair.fixed_brain
+    )
     assert before > 10.0
     err = D.rmse_phi(res.model_grid.chain, pair.chain, pair.grid, mask=pair.fixed_brain)
     assert err < 1.5, (moving, err, before)

@@ -1,4 +1,5 @@
 """The command-line face and the benchmark: success paths (bad-input paths: test_reliability.py)."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,24 @@ SAMPLE = ROOT / "data" / "sample"
 def test_cli_register_sample_pair(tmp_path, capsys):
     truth = json.loads((SAMPLE / "truth.json").read_text())
     out = tmp_path / "out"
-    rc = cli.main(["register", str(SAMPLE / "moving_t1.nii.gz"), str(SAMPLE / "fixed_t1.nii.gz"), "-o", str(out),
-                   "--plan", "analytic_ssd", "--device", "cpu", "--stages", "rigid", "--init", "multistart", "-q"])
+    rc = cli.main(
+        [
+            "register",
+            str(SAMPLE / "moving_t1.nii.gz"),
+            str(SAMPLE / "fixed_t1.nii.gz"),
+            "-o",
+            str(out),
+            "--plan",
+            "analytic_ssd",
+            "--device",
+            "cpu",
+            "--stages",
+            "rigid",
+            "--init",
+            "multistart",
+            "-q",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary["outputs"]) == {"warped", "transform", "displacement", "report"}
@@ -33,9 +50,23 @@ def test_cli_register_sample_pair(tmp_path, capsys):
 
 def test_cli_bad_input_one_line_and_exit_code(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "msode_sdk", "register", str(tmp_path / "missing.nii.gz"),
-                           str(SAMPLE / "fixed_t1.nii.gz"), "-o", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msode_sdk",
+            "register",
+            str(tmp_path / "missing.nii.gz"),
+            str(SAMPLE / "fixed_t1.nii.gz"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     err_lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("msode: error")]
     assert len(err_lines) == 1 and "not found" in err_lines[0]
@@ -53,8 +84,23 @@ def test_cli_plan_info_and_list(capsys):
 
 def test_bench_runs_and_writes_json(analytic_plan, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench.main(["--plan", str(analytic_plan), "--device", "cpu", "--backend", "torch", "--repeats", "2",
-                     "--warmup", "0", "--no-end-to-end", "--json", str(out)])
+    rc = bench.main(
+        [
+            "--plan",
+            str(analytic_plan),
+            "--device",
+            "cpu",
+            "--backend",
+            "torch",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--no-end-to-end",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     run = res["runs"][0]
@@ -67,8 +113,21 @@ def test_bench_runs_and_writes_json(analytic_plan, tmp_path, capsys):
 
 
 def test_bench_reports_unavailable_backend(analytic_plan, tmp_path, capsys):
-    rc = bench.main(["--plan", str(analytic_plan), "--device", "cpu", "--backend", "tensorrt", "--repeats", "1",
-                     "--warmup", "0", "--no-end-to-end"])
+    rc = bench.main(
+        [
+            "--plan",
+            str(analytic_plan),
+            "--device",
+            "cpu",
+            "--backend",
+            "tensorrt",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-end-to-end",
+        ]
+    )
     assert rc == 1
     assert "unavailable" in capsys.readouterr().out
 

@@ -3,6 +3,7 @@
 Tiny networks and 4 mm subjects keep this file fast; the invariance test uses the committed weights
 on one held-out 2 mm subject.
 """
+
 import json
 import math
 from pathlib import Path
@@ -111,6 +112,7 @@ def test_gradient_penalty_is_one_for_a_unit_slope_critic():
     class Lin(torch.nn.Module):
         def forward(self, x, mod):  # D(x) = sum(x) / sqrt(numel): gradient norm exactly 1
             return x.flatten(1).sum(1) / math.sqrt(x[0].numel())
+
     real, fake = torch.rand(3, 5, 8, 8), torch.rand(3, 5, 8, 8)
     gp = C.gradient_penalty(Lin(), real, fake, torch.zeros(3, dtype=torch.long))
     assert float(gp) < 1e-8
@@ -194,7 +196,9 @@ def test_shifted_stack_matches_integer_shifts():
     # half a voxel: the mean of the two neighbours (trilinear)
     d = np.array([0.0, 0.0, 0.5])
     ref = C.extract_stacks(vol[None, None], 0, torch.tensor([6]))[0]
-    torch.testing.assert_close(C.slices._shifted_stack(vol, 0, 6, win, d), 0.5 * (ref[:, 2:8, 3:10] + ref[:, 2:8, 4:11]))
+    torch.testing.assert_close(
+        C.slices._shifted_stack(vol, 0, 6, win, d), 0.5 * (ref[:, 2:8, 3:10] + ref[:, 2:8, 4:11])
+    )
 
 
 def test_shift_symmetry_term():
@@ -230,14 +234,30 @@ def test_shift_drift_is_slope_over_curvature():
 
 def test_trainer_with_shift_symmetry_logs_the_term(tiny_bank, tmp_path):
     pool = C.SlicePool(tiny_bank, slots=2, refresh_every=0, seed=0)
-    cfg = C.TrainConfig(steps=2, batch=2, crop=16, ckpt_every=10, sample_every=0, log_every=1, shift_vox=1.0,
-                        weights=C.LossWeights(shift_symmetry=5.0))
+    cfg = C.TrainConfig(
+        steps=2,
+        batch=2,
+        crop=16,
+        ckpt_every=10,
+        sample_every=0,
+        log_every=1,
+        shift_vox=1.0,
+        weights=C.LossWeights(shift_symmetry=5.0),
+    )
     tr = C.ContentTrainer(pool, tmp_path, cfg, TINY, progress=False)
     tr.run()
     assert all(math.isfinite(h["shift_symmetry"]) and h["d_shift"] >= 0 for h in tr.history)
     # the slope-over-curvature term alone also draws the shifted copies and is logged
-    cfg_d = C.TrainConfig(steps=2, batch=2, crop=16, ckpt_every=10, sample_every=0, log_every=1, shift_vox=1.0,
-                          weights=C.LossWeights(shift_drift=1.0))
+    cfg_d = C.TrainConfig(
+        steps=2,
+        batch=2,
+        crop=16,
+        ckpt_every=10,
+        sample_every=0,
+        log_every=1,
+        shift_vox=1.0,
+        weights=C.LossWeights(shift_drift=1.0),
+    )
     tr_d = C.ContentTrainer(pool, tmp_path / "drift", cfg_d, TINY, progress=False)
     tr_d.run()
     assert all(math.isfinite(h["shift_drift"]) and h["shift_drift"] >= 0 for h in tr_d.history)
@@ -267,8 +287,8 @@ def test_extract_stacks_axes():
     c = torch.tensor([3, 5])
     ax = C.extract_stacks(vol, 0, c)
     assert ax.shape == (4, 5, 10, 11)
-    torch.testing.assert_close(ax[1], vol[0, 0, 3:8])           # sample 0, centre 5
-    torch.testing.assert_close(ax[2], vol[1, 0, 1:6])           # sample 1, centre 3
+    torch.testing.assert_close(ax[1], vol[0, 0, 3:8])  # sample 0, centre 5
+    torch.testing.assert_close(ax[2], vol[1, 0, 1:6])  # sample 1, centre 3
     co = C.extract_stacks(vol, 1, c)
     assert co.shape == (4, 5, 9, 11)
     torch.testing.assert_close(co[0], vol[0, 0, :, 1:6, :].permute(1, 0, 2))
@@ -333,6 +353,7 @@ def test_similarity_gradient_flows_to_warped_only():
     # through a differentiable warp: gradient w.r.t. rigid parameters
     from msode_sdk.transforms import RigidTransform, TransformChain
     from msode_sdk.warp import warp_chain
+
     grid = Grid((28, 24, 20), (2.0, 2.0, 2.0))
     theta = torch.zeros(1, 6, requires_grad=True)
     w = warp_chain(fixed[:1] * 0 + warped.detach()[:1], grid, TransformChain([RigidTransform(theta)]), grid)
@@ -419,8 +440,7 @@ def test_invariance_minimum_at_truth(heldout_2mm, pair, dof):
     subj = heldout_2mm
     sim = C.content_similarity(n_slices=12, seed=0, resample=False)
     shifts = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]
-    land = C.similarity_landscape(subj.tensor(pair[0]), subj.tensor(pair[1]), subj.grid, sim, shifts, dof,
-                                  chunk=7)
+    land = C.similarity_landscape(subj.tensor(pair[0]), subj.tensor(pair[1]), subj.grid, sim, shifts, dof, chunk=7)
     d = np.asarray(land["content"])
     assert int(np.argmin(d)) == 3, d
     # monotone towards the truth over +-6 mm
@@ -437,8 +457,9 @@ def test_one_downsampling_stage_halves_the_code_once(tiny_bank, tmp_path):
     x = torch.rand(2, 5, 32, 24)
     assert m.enc_c(x).shape == (2, 16, 16, 12)
     pool = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=0)
-    cfg = C.TrainConfig(steps=2, batch=2, crop=32, ckpt_every=2, sample_every=0, log_every=1,
-                        weights=C.LossWeights(shift_symmetry=1.0))
+    cfg = C.TrainConfig(
+        steps=2, batch=2, crop=32, ckpt_every=2, sample_every=0, log_every=1, weights=C.LossWeights(shift_symmetry=1.0)
+    )
     tr = C.ContentTrainer(pool, tmp_path, cfg, cfg_m, progress=False)
     assert tr.run()["steps"] == 2
     path = C.save_weights(tr.model, tmp_path / "w.pt", {"steps": 2})
@@ -469,6 +490,7 @@ def test_trainer_resumes_on_cuda(tiny_bank, tmp_path):
 def _train_content_script():
     """training/experiments/content_encoder/scripts/train_content.py as a module."""
     import importlib.util
+
     script = Path(__file__).resolve().parents[1] / "training/experiments/content_encoder/scripts/train_content.py"
     spec = importlib.util.spec_from_file_location("train_content_script", script)
     tc = importlib.util.module_from_spec(spec)
@@ -481,15 +503,45 @@ def test_train_command_defaults_are_the_library_defaults():
     (they once disagreed: steps, lr and crop)."""
     a = _train_content_script().build_parser().parse_args(["train"])
     tc, lw, mc = C.TrainConfig(), C.LossWeights(), C.ContentConfig()
-    assert (a.steps, a.batch, a.crop or None, a.lr, a.n_critic, a.ckpt_every, a.sample_every, a.shift_vox,
-            a.grad_clip, a.seed) == (tc.steps, tc.batch, tc.crop, tc.lr, tc.n_critic, tc.ckpt_every,
-                                     tc.sample_every, tc.shift_vox, tc.grad_clip, tc.seed)
+    assert (
+        a.steps,
+        a.batch,
+        a.crop or None,
+        a.lr,
+        a.n_critic,
+        a.ckpt_every,
+        a.sample_every,
+        a.shift_vox,
+        a.grad_clip,
+        a.seed,
+    ) == (
+        tc.steps,
+        tc.batch,
+        tc.crop,
+        tc.lr,
+        tc.n_critic,
+        tc.ckpt_every,
+        tc.sample_every,
+        tc.shift_vox,
+        tc.grad_clip,
+        tc.seed,
+    )
     assert a.lr == tc.lr_critic  # the script trains both networks at one rate
-    assert (a.w_adv, a.w_cycle, a.w_image, a.w_paired_content, a.w_paired_translation, a.w_shift_symmetry,
-            a.w_shift_drift) == (lw.adv, lw.cycle, lw.image, lw.paired_content, lw.paired_translation,
-                                 lw.shift_symmetry, lw.shift_drift)
-    assert (a.channels, a.content_dim, a.n_down, a.spacing) == (mc.base_channels, mc.content_dim, mc.n_down,
-                                                                mc.spacing_mm)
+    assert (
+        a.w_adv,
+        a.w_cycle,
+        a.w_image,
+        a.w_paired_content,
+        a.w_paired_translation,
+        a.w_shift_symmetry,
+        a.w_shift_drift,
+    ) == (lw.adv, lw.cycle, lw.image, lw.paired_content, lw.paired_translation, lw.shift_symmetry, lw.shift_drift)
+    assert (a.channels, a.content_dim, a.n_down, a.spacing) == (
+        mc.base_channels,
+        mc.content_dim,
+        mc.n_down,
+        mc.spacing_mm,
+    )
     # the committed weights' recipe (their train_meta.json)
     assert (tc.crop, tc.lr, tc.lr_critic) == (64, 3e-4, 3e-4)
 
@@ -499,22 +551,48 @@ def test_export_command_takes_the_architecture_from_the_checkpoint(tiny_bank, tm
     run's checkpoint with no architecture flags (an n_down=1 run exported with the defaults once failed), and
     refuses flags that contradict it."""
     tc = _train_content_script()
-    cfg_m = C.ContentConfig(base_channels=8, content_dim=16, n_res=1, style_dim=4, critic_channels=8, n_down=1,
-                            spacing_mm=4.0)
+    cfg_m = C.ContentConfig(
+        base_channels=8, content_dim=16, n_res=1, style_dim=4, critic_channels=8, n_down=1, spacing_mm=4.0
+    )
     run = tmp_path / "run"
     pool = C.SlicePool(tiny_bank, slots=2, refresh_every=3, seed=0)
-    C.ContentTrainer(pool, run, C.TrainConfig(steps=1, batch=2, crop=32, sample_every=0), cfg_m,
-                     progress=False).run()
+    C.ContentTrainer(pool, run, C.TrainConfig(steps=1, batch=2, crop=32, sample_every=0), cfg_m, progress=False).run()
     monkeypatch.setattr(tc.D.SubjectBank, "for_split", lambda *a, **k: tiny_bank)  # no phantom generation
     out = tmp_path / "w.pt"
-    tc.main(["export", "--out", str(run), "--weights-out", str(out), "--report-dir", str(tmp_path / "rep"),
-             "--spacing", "4"])
+    tc.main(
+        [
+            "export",
+            "--out",
+            str(run),
+            "--weights-out",
+            str(out),
+            "--report-dir",
+            str(tmp_path / "rep"),
+            "--spacing",
+            "4",
+        ]
+    )
     model = C.load_translation_model(out)
     assert model.cfg.n_down == 1 and model.cfg.base_channels == 8
     meta = json.loads((tmp_path / "rep" / "train_meta.json").read_text())
     assert meta["name"] == "w" and meta["steps"] == 1 and meta["data"]["p_rotate"] is None
     with pytest.raises(ValueError, match="n_down: checkpoint 1, asked 2"):
-        tc.main(["export", "--out", str(run), "--weights-out", str(out), "--n-down", "2", "--channels", "8",
-                 "--content-dim", "16", "--report-dir", str(tmp_path / "rep")])
+        tc.main(
+            [
+                "export",
+                "--out",
+                str(run),
+                "--weights-out",
+                str(out),
+                "--n-down",
+                "2",
+                "--channels",
+                "8",
+                "--content-dim",
+                "16",
+                "--report-dir",
+                str(tmp_path / "rep"),
+            ]
+        )
     with pytest.raises(SystemExit, match="does not exist"):
         tc.main(["export", "--out", str(tmp_path / "nothing"), "--weights-out", str(out)])

@@ -11,6 +11,7 @@ a `registrar.ts` member:
 * a stand-in TorchScript module with the same signature, cheap and independent of the export code,
   for the plumbing (layouts, channels, matrices, NIfTI readers), threads and every error path.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -63,12 +64,18 @@ def cpp_bin():
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL="2")
     t0 = time.perf_counter()
     if not cache.exists() or prefix not in cache.read_text(errors="replace"):
-        cfg = subprocess.run(["cmake", "-S", str(SRC), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
-                              f"-DCMAKE_PREFIX_PATH={prefix}"], capture_output=True, text=True, env=env)
+        cfg = subprocess.run(
+            ["cmake", "-S", str(SRC), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={prefix}"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if cfg.returncode != 0:
             if torch.version.cuda and "CUDA" in cfg.stdout + cfg.stderr:
-                pytest.skip("a CUDA torch wheel's TorchConfig needs the CUDA toolkit to configure; "
-                            f"install it or use the CPU wheel:\n{cfg.stderr[-1000:]}")
+                pytest.skip(
+                    "a CUDA torch wheel's TorchConfig needs the CUDA toolkit to configure; "
+                    f"install it or use the CPU wheel:\n{cfg.stderr[-1000:]}"
+                )
             pytest.fail(f"cmake configure failed:\n{cfg.stdout[-3000:]}\n{cfg.stderr[-3000:]}")
     build = subprocess.run(["cmake", "--build", str(BUILD), "-j2"], capture_output=True, text=True, env=env)
     if build.returncode != 0:
@@ -134,8 +141,9 @@ def _with_members(src, dst, extra: dict[str, bytes]):
 @pytest.fixture(scope="module")
 def standin_plan(analytic_plan, tmp_path_factory):
     """The analytic plan plus the stand-in registrar.ts (fast; for plumbing, readers and errors)."""
-    return _with_members(analytic_plan, tmp_path_factory.mktemp("cpp") / "standin.plan",
-                         {"registrar.ts": _standin_ts()})
+    return _with_members(
+        analytic_plan, tmp_path_factory.mktemp("cpp") / "standin.plan", {"registrar.ts": _standin_ts()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +152,7 @@ def ts_plan(analytic_plan, standin_plan, tmp_path_factory):
     if not HAVE_SCRIPTED:
         return standin_plan
     from msode_export.scripted import add_registrar_ts
+
     return add_registrar_ts(analytic_plan, tmp_path_factory.mktemp("cpp") / "registrar.plan")
 
 
@@ -155,8 +164,9 @@ GRID_AFFINE = affine_from(MODEL_GRID.spacing_xyz, shape=MODEL_GRID.shape_xyz, ce
 def _world_map(pts):
     """A rigid motion (about 6 degrees and 6 mm) of the phantom in world space."""
     a = np.radians(6.0)
-    rot = torch.tensor([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]],
-                       dtype=torch.float64)
+    rot = torch.tensor(
+        [[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
     c = torch.tensor([2.0, -8.0, 5.0], dtype=torch.float64)
     return (pts - c) @ rot.T + c + torch.tensor([4.0, -3.0, 2.0], dtype=torch.float64)
 
@@ -199,8 +209,14 @@ def _sample_voxels(volume_xyz: np.ndarray, disp_vox: torch.Tensor) -> np.ndarray
     vol = torch.from_numpy(np.ascontiguousarray(volume_xyz.transpose(2, 1, 0)))[None, None]
     d, h, w = vol.shape[2:]
     zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (d, h, w)), indexing="ij")
-    g = torch.stack(((xx + disp_vox[0, 0]) * 2 / (w - 1) - 1, (yy + disp_vox[0, 1]) * 2 / (h - 1) - 1,
-                     (zz + disp_vox[0, 2]) * 2 / (d - 1) - 1), -1)[None]
+    g = torch.stack(
+        (
+            (xx + disp_vox[0, 0]) * 2 / (w - 1) - 1,
+            (yy + disp_vox[0, 1]) * 2 / (h - 1) - 1,
+            (zz + disp_vox[0, 2]) * 2 / (d - 1) - 1,
+        ),
+        -1,
+    )[None]
     out = F.grid_sample(vol, g, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0, 0].numpy().transpose(2, 1, 0)
 
@@ -259,6 +275,7 @@ def test_cpp_matches_python_sdk(cpp_bin, ts_plan, pair):
     warped images within 1e-3 of the intensity range, same voxel and world matrices."""
     report, warped_m, warped_n = _run_ok(cpp_bin, ts_plan, pair["moving"], pair["fixed"], pair["dir"])
     from msode_sdk import Registrar
+
     plan = load_plan(ts_plan)
     moving_arr, mov_t = _normalised(pair["moving"], plan)
     _, fix_t = _normalised(pair["fixed"], plan)
@@ -280,8 +297,9 @@ def test_cpp_matches_python_sdk(cpp_bin, ts_plan, pair):
     want = _voxel_matrix(np.eye(4) if a is None else a[0].double().numpy())
     mat = np.asarray(report["matrix_voxel"])
     np.testing.assert_allclose(mat, want, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(report["matrix_ras"]), GRID_AFFINE @ mat @ np.linalg.inv(GRID_AFFINE),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(report["matrix_ras"]), GRID_AFFINE @ mat @ np.linalg.inv(GRID_AFFINE), atol=1e-4
+    )
 
 
 def test_cpp_plumbing_standin(cpp_bin, standin_plan, pair, tmp_path):
@@ -310,7 +328,7 @@ def test_embed_example_two_threads(cpp_bin, standin_plan):
     r = _run(cpp_bin / "embed_example", standin_plan)
     assert r.returncode == 0, r.stderr
     words = r.stdout.split()
-    t = [float(v.rstrip(";")) for v in words[words.index("(voxels)") + 1:][:3]]
+    t = [float(v.rstrip(";")) for v in words[words.index("(voxels)") + 1 :][:3]]
     np.testing.assert_allclose(t, [2.0, -1.0, 1.0], atol=0.25)  # stand-in: centre-of-mass shift
     assert float(words[-1]) == 0.0
 
@@ -320,13 +338,18 @@ def test_bundled_plan(cpp_bin, pair, tmp_path, name):
     """Each bundled plan opens, verifies and loads its registrar.ts in C++ (checked cheaply: inputs on
     the wrong grid are refused with the plan's 120x120x80 model grid in the message, after loading)."""
     from msode_sdk.registrar import MODELS_DIR
+
     path = MODELS_DIR / name
     plan = load_plan(path)
     if not plan.has("registrar.ts"):
         pytest.skip(f"the bundled {name} has no registrar.ts")
     g = plan.manifest.model_grid
-    _expect_error(cpp_bin, [path, pair["moving"], pair["fixed"], tmp_path / "w.nii"], "do not match",
-                  "x".join(str(v) for v in g.shape_xyz))
+    _expect_error(
+        cpp_bin,
+        [path, pair["moving"], pair["fixed"], tmp_path / "w.nii"],
+        "do not match",
+        "x".join(str(v) for v in g.shape_xyz),
+    )
 
 
 def _expect_error(cpp_bin, args, *phrases, rc=1):
@@ -397,8 +420,13 @@ def test_bad_images(cpp_bin, standin_plan, pair, tmp_path):
     _expect_error(cpp_bin, [ts_plan, m, short, w], "fixed", "truncated")
     x, y, z = MODEL_GRID.shape_xyz
     arr = np.random.default_rng(0).random((x, y, z - 2)).astype(np.float32)
-    _expect_error(cpp_bin, [ts_plan, m, _save(tmp_path / "dims.nii", arr, GRID_AFFINE), w],
-                  "dimensions", f"{x}x{y}x{z - 2}", "model grid")
+    _expect_error(
+        cpp_bin,
+        [ts_plan, m, _save(tmp_path / "dims.nii", arr, GRID_AFFINE), w],
+        "dimensions",
+        f"{x}x{y}x{z - 2}",
+        "model grid",
+    )
     aff = GRID_AFFINE.copy()
     aff[0, 0] *= 1.01
     arr = np.asarray(nib.load(str(f)).dataobj)
@@ -410,12 +438,10 @@ def test_bad_images(cpp_bin, standin_plan, pair, tmp_path):
     gz = tmp_path / "img.nii"
     gz.write_bytes(gzip.compress(Path(f).read_bytes()))
     _expect_error(cpp_bin, [ts_plan, m, gz, w], "gzip")
-    _expect_error(cpp_bin, [ts_plan, m, _save(tmp_path / "const.nii", np.ones_like(arr), GRID_AFFINE), w],
-                  "constant")
+    _expect_error(cpp_bin, [ts_plan, m, _save(tmp_path / "const.nii", np.ones_like(arr), GRID_AFFINE), w], "constant")
     nan = arr.copy()
     nan[3, 4, 5] = np.nan
     _expect_error(cpp_bin, [ts_plan, m, _save(tmp_path / "nan.nii", nan, GRID_AFFINE), w], "NaN")
-    _expect_error(cpp_bin, [ts_plan, m, _save(tmp_path / "i32.nii", arr * 1000, GRID_AFFINE, np.int32), w],
-                  "datatype")
+    _expect_error(cpp_bin, [ts_plan, m, _save(tmp_path / "i32.nii", arr * 1000, GRID_AFFINE, np.int32), w], "datatype")
     r = _run(cpp_bin / "msode_register", ts_plan, m, f)  # usage
     assert r.returncode == 2 and "usage" in r.stderr

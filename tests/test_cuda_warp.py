@@ -12,6 +12,7 @@ fp32; the differences are coordinate rounding, measured ~4e-6); displacements to
 relative. float16 volumes are read and written in fp16 and interpolated in fp32: they match the fp32
 reference of the same (fp16-rounded) volume to 1e-3 (the fp16 output rounding is <= 4.9e-4).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,8 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from msode_sdk.transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, RigidTransform,
-                                  TransformChain)
+from msode_sdk.transforms import BSplineLattice, BSplineTransform, DenseTransform, Grid, RigidTransform, TransformChain
 from msode_sdk.warp import _cuda, _ops, registered_kernels, warp_chain, warp_chain_reference
 
 from conftest import MODEL_GRID
@@ -38,8 +38,14 @@ FP16_ATOL = 1e-3
 
 # Chains the kernels implement -> (operator, how to call it).
 CHAIN_KINDS = [(), ("rigid",), ("bspline",), ("dense",), ("rigid", "bspline"), ("rigid", "dense")]
-OP_OF = {(): "resample", ("rigid",): "warp_affine", ("bspline",): "warp_bspline", ("dense",): "warp_dense",
-         ("rigid", "bspline"): "warp_affine_bspline", ("rigid", "dense"): "warp_affine_dense"}
+OP_OF = {
+    (): "resample",
+    ("rigid",): "warp_affine",
+    ("bspline",): "warp_bspline",
+    ("dense",): "warp_dense",
+    ("rigid", "bspline"): "warp_affine_bspline",
+    ("rigid", "dense"): "warp_affine_dense",
+}
 
 
 def make_case(kinds, device="cpu", n=2, c=2, seed=0, tbatch=None):
@@ -64,8 +70,13 @@ def make_case(kinds, device="cpu", n=2, c=2, seed=0, tbatch=None):
             ts.append(DenseTransform(torch.randn(tb, 3, *fg.shape_dhw, generator=g) * 4, fg))
     dev = torch.device(device)
     vol = vol.to(dev)
-    ts = [type(t)(t.state.to(dev), *([t.lattice] if isinstance(t, BSplineTransform) else
-                                      [t.grid] if isinstance(t, DenseTransform) else [])) for t in ts]
+    ts = [
+        type(t)(
+            t.state.to(dev),
+            *([t.lattice] if isinstance(t, BSplineTransform) else [t.grid] if isinstance(t, DenseTransform) else []),
+        )
+        for t in ts
+    ]
     return vol, src, TransformChain(ts), out
 
 
@@ -117,8 +128,10 @@ def test_cpu_operators_are_the_reference(kinds):
     half = fn(*op_args(vol.half(), src, chain, out))
     assert half.dtype == torch.float16
     assert (half.float() - warp_chain_reference(vol.half().float(), src, chain, out)).abs().max() <= FP16_ATOL
-    meta = fn(*op_args(vol.to("meta"), src, chain, out)[:1], *[a.to("meta") if isinstance(a, torch.Tensor) else a
-                                                               for a in op_args(vol, src, chain, out)[1:]])
+    meta = fn(
+        *op_args(vol.to("meta"), src, chain, out)[:1],
+        *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in op_args(vol, src, chain, out)[1:]],
+    )
     assert meta.device.type == "meta" and meta.shape == got.shape
     if kinds:
         d = _ops.op("chain_displacement")(*displacement_args(chain, out))
@@ -136,6 +149,7 @@ def test_cpu_operator_errors_are_clear():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 def test_without_cuda_kernels_report_why_and_warps_fall_back(caplog):
     from msode_sdk.warp import ensure_kernels
+
     with caplog.at_level(logging.INFO):
         assert ensure_kernels("cuda") is False
     ok, why = _cuda.available()
@@ -150,11 +164,14 @@ def test_without_cuda_kernels_report_why_and_warps_fall_back(caplog):
 def test_graph_runner_refuses_what_it_cannot_capture(analytic_plan):
     from msode_sdk import Registrar
     from msode_sdk._cuda_graph import GraphCaptureUnsupported, run_graphed, unsupported_reason
+
     reg = Registrar.load(analytic_plan, device="cpu", backend="torch")
     stages = reg._select_stages(None)
     assert "not CUDA" in unsupported_reason(reg, stages)
     with pytest.raises(GraphCaptureUnsupported, match="not CUDA"):
-        run_graphed(reg, torch.zeros(1, 1, *MODEL_GRID.shape_dhw), torch.zeros(1, 1, *MODEL_GRID.shape_dhw), strict=True)
+        run_graphed(
+            reg, torch.zeros(1, 1, *MODEL_GRID.shape_dhw), torch.zeros(1, 1, *MODEL_GRID.shape_dhw), strict=True
+        )
     # The paper's rigid schedule is adaptive: named as the reason, before any CUDA is touched.
     fake = SimpleNamespace(device=torch.device("cuda"), backend=SimpleNamespace(name="torch"))
     assert "adaptive_heun" in unsupported_reason(fake, stages)
@@ -164,6 +181,7 @@ def test_graph_runner_refuses_what_it_cannot_capture(analytic_plan):
 
 def test_cuda_graph_flag_is_harmless_on_cpu(analytic_plan):
     from msode_sdk import Registrar
+
     reg = Registrar.load(analytic_plan, device="cpu", backend="torch", cuda_graph=True)
     mov, fix = synthetic_pair(MODEL_GRID)
     res = reg.register_model_grid(mov, fix, stages=["rigid"])
@@ -181,11 +199,17 @@ def test_graph_runner_computation_equals_eager_loop_on_cpu(tmp_path, stages, mon
     from msode_sdk import Registrar
     from msode_sdk import _cuda_graph as cg
     from msode_sdk.loop import RegistrationLoop, stage_runs
+
     grid = Grid((24, 28, 20), (7.0, 7.0, 7.0))
     kinds = tuple(k.replace("multistart", "rigid") for k in stages)
-    path = build_analytic_plan(tmp_path / "p.plan", grid, stages=kinds, control_spacing_mm=(30.0,) * 3,
-                               schedules={"rigid": (LevelSolver("euler", 0.25),) * 3,
-                                          "dense": (LevelSolver("heun", 0.5),) * 3}, formats=("torchscript",))
+    path = build_analytic_plan(
+        tmp_path / "p.plan",
+        grid,
+        stages=kinds,
+        control_spacing_mm=(30.0,) * 3,
+        schedules={"rigid": (LevelSolver("euler", 0.25),) * 3, "dense": (LevelSolver("heun", 0.5),) * 3},
+        formats=("torchscript",),
+    )
     reg = Registrar.load(path, device="cpu", backend="torch")
     init = "multistart" if "multistart" in stages else None
     mov, fix = synthetic_pair(grid)
@@ -195,8 +219,10 @@ def test_graph_runner_computation_equals_eager_loop_on_cpu(tmp_path, stages, mon
         call = _cuda._transform_args(chain)
         assert call is not None, chain
         name, targs = call
-        return _ops.op(name)(volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz),
-                             list(out_grid.shape_xyz))
+        return _ops.op(name)(
+            volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz), list(out_grid.shape_xyz)
+        )
+
     runner = cg.CudaGraphRunner.__new__(cg.CudaGraphRunner)
     runner.batch, runner.options = 1, cg.GraphOptions()
     runner.loop = RegistrationLoop(stage_runs(reg, reg._select_stages(None), init), grid, ref_warp)
@@ -214,17 +240,35 @@ def test_graph_runner_computation_equals_eager_loop_on_cpu(tmp_path, stages, mon
 
 
 class _Axis(ctypes.Structure):
-    _fields_ = [("n", ctypes.c_int64), ("spacing", ctypes.c_float), ("centre", ctypes.c_float), ("half", ctypes.c_float)]
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("spacing", ctypes.c_float),
+        ("centre", ctypes.c_float),
+        ("half", ctypes.c_float),
+    ]
 
 
 class _Params(ctypes.Structure):  # mirrors msode::WarpParams (warp_kernels.cuh)
-    _fields_ = [("batch", ctypes.c_int64), ("out", _Axis * 3), ("matrix", ctypes.c_void_p),
-                ("matrix_bstride", ctypes.c_int64), ("deform", ctypes.c_int32), ("src_kind", ctypes.c_int32),
-                ("coeffs", ctypes.c_void_p), ("coeff_bstride", ctypes.c_int64), ("ctrl_n", ctypes.c_int64 * 3),
-                ("ctrl_spacing", ctypes.c_float * 3), ("ctrl_centre", ctypes.c_float * 3),
-                ("field", ctypes.c_void_p), ("field_bstride", ctypes.c_int64), ("field_axis", _Axis * 3),
-                ("src", ctypes.c_void_p), ("channels", ctypes.c_int64), ("src_axis", _Axis * 3),
-                ("dst", ctypes.c_void_p)]
+    _fields_ = [
+        ("batch", ctypes.c_int64),
+        ("out", _Axis * 3),
+        ("matrix", ctypes.c_void_p),
+        ("matrix_bstride", ctypes.c_int64),
+        ("deform", ctypes.c_int32),
+        ("src_kind", ctypes.c_int32),
+        ("coeffs", ctypes.c_void_p),
+        ("coeff_bstride", ctypes.c_int64),
+        ("ctrl_n", ctypes.c_int64 * 3),
+        ("ctrl_spacing", ctypes.c_float * 3),
+        ("ctrl_centre", ctypes.c_float * 3),
+        ("field", ctypes.c_void_p),
+        ("field_bstride", ctypes.c_int64),
+        ("field_axis", _Axis * 3),
+        ("src", ctypes.c_void_p),
+        ("channels", ctypes.c_int64),
+        ("src_axis", _Axis * 3),
+        ("dst", ctypes.c_void_p),
+    ]
 
 
 def _axis(n, s):
@@ -246,8 +290,23 @@ def host_kernels(tmp_path_factory):
         lib_path = tmp_path_factory.mktemp("host_kernels") / f"warp_host_{digest}.so"
     if not lib_path.exists():
         tmp = lib_path.with_suffix(f".{digest}.tmp.so")
-        proc = subprocess.run([nvcc, "-std=c++17", "-O2", "-DMSODE_WARP_HOST_TEST", "-Xcompiler", "-fPIC", "-shared",
-                               str(src), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                nvcc,
+                "-std=c++17",
+                "-O2",
+                "-DMSODE_WARP_HOST_TEST",
+                "-Xcompiler",
+                "-fPIC",
+                "-shared",
+                str(src),
+                "-o",
+                str(tmp),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if proc.returncode != 0:
             pytest.fail(f"nvcc failed on warp_kernels.cu:\n{proc.stderr[-3000:]}")
         tmp.replace(lib_path)
@@ -323,12 +382,16 @@ def test_kernel_math_on_host_edge_cases(host_kernels):
     out = Grid((5, 12, 9), (1.0, 1.5, 1.0))
     vol = torch.rand(3, 1, *src.shape_dhw)
     chain = TransformChain([RigidTransform(torch.tensor([[0.0, 0.0, 0.0, 0.0, 2.3, -1.2]]))])
-    assert (_host_run(host_kernels, chain, out, 3, vol, src) - warp_chain_reference(vol, src, chain, out)).abs().max() <= FP32_ATOL
+    assert (
+        _host_run(host_kernels, chain, out, 3, vol, src) - warp_chain_reference(vol, src, chain, out)
+    ).abs().max() <= FP32_ATOL
     # dense field on the output grid itself, far and non-finite transforms give zeros
     g = Grid((10, 12, 9), (1.0, 1.5, 1.0))
     vol = torch.rand(2, 2, *g.shape_dhw)
     dense = TransformChain([DenseTransform(torch.randn(2, 3, *g.shape_dhw) * 3, g)])
-    assert (_host_run(host_kernels, dense, g, 2, vol, g) - warp_chain_reference(vol, g, dense, g)).abs().max() <= FP32_ATOL
+    assert (
+        _host_run(host_kernels, dense, g, 2, vol, g) - warp_chain_reference(vol, g, dense, g)
+    ).abs().max() <= FP32_ATOL
     far = TransformChain([RigidTransform(torch.tensor([[0.0, 0.0, 0.0, 1e30, 0.0, 0.0], [float("nan")] * 6]))])
     assert _host_run(host_kernels, far, g, 2, vol, g).abs().max() == 0
 
@@ -441,9 +504,16 @@ def fixed_step_plan(tmp_path_factory):
     """Rigid + B-spline analytic plan on MODEL_GRID with fixed-step schedules only (capturable)."""
     from msode_export.analytic import build_analytic_plan
     from msode_export.pack import LevelSolver
+
     path = tmp_path_factory.mktemp("plans") / "analytic_fixed.plan"
-    build_analytic_plan(path, MODEL_GRID, stages=("rigid", "bspline"), control_spacing_mm=(21.0, 21.0, 21.0),
-                        schedules={"rigid": (LevelSolver("euler", 0.1),) * 3}, formats=("torchscript",))
+    build_analytic_plan(
+        path,
+        MODEL_GRID,
+        stages=("rigid", "bspline"),
+        control_spacing_mm=(21.0, 21.0, 21.0),
+        schedules={"rigid": (LevelSolver("euler", 0.1),) * 3},
+        formats=("torchscript",),
+    )
     return path
 
 
@@ -451,6 +521,7 @@ def fixed_step_plan(tmp_path_factory):
 def test_gpu_graphed_loop_equals_eager_loop(cuda_kernels, fixed_step_plan):
     from msode_sdk import Registrar
     from msode_sdk._cuda_graph import run_graphed
+
     reg = Registrar.load(fixed_step_plan, device="cuda", backend="torch")
     mov, fix = synthetic_pair(MODEL_GRID)
     mov, fix = mov.cuda(), fix.cuda()
@@ -479,6 +550,7 @@ def test_gpu_graphed_loop_equals_eager_loop(cuda_kernels, fixed_step_plan):
 def test_gpu_adaptive_plan_is_refused_or_runs_eagerly(cuda_kernels, analytic_plan, caplog):
     from msode_sdk import Registrar
     from msode_sdk._cuda_graph import GraphCaptureUnsupported, run_graphed
+
     reg = Registrar.load(analytic_plan, device="cuda", backend="torch", cuda_graph=True)
     mov, fix = (t.cuda() for t in synthetic_pair(MODEL_GRID))
     with pytest.raises(GraphCaptureUnsupported, match="adaptive_heun"):
@@ -495,6 +567,7 @@ def test_graph_runner_computation_equals_eager_loop_for_the_bundled_plan_on_cpu(
     from msode_sdk import Registrar
     from msode_sdk import _cuda_graph as cg
     from msode_sdk.loop import RegistrationLoop, stage_runs
+
     reg = Registrar.load("rigid_bspline.plan", device="cpu", backend="torch")
     stages = reg._select_stages(["rigid"])
     fake = SimpleNamespace(device=torch.device("cuda"), backend=SimpleNamespace(name="torch"))
@@ -505,8 +578,10 @@ def test_graph_runner_computation_equals_eager_loop_for_the_bundled_plan_on_cpu(
 
     def ref_warp(volume, src_grid, chain, out_grid):
         name, targs = _cuda._transform_args(chain)
-        return _ops.op(name)(volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz),
-                             list(out_grid.shape_xyz))
+        return _ops.op(name)(
+            volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz), list(out_grid.shape_xyz)
+        )
+
     runner = cg.CudaGraphRunner.__new__(cg.CudaGraphRunner)
     runner.batch, runner.options = 1, cg.GraphOptions()
     runner.loop = RegistrationLoop(stage_runs(reg, stages), reg.model_grid, ref_warp)
@@ -516,8 +591,14 @@ def test_graph_runner_computation_equals_eager_loop_for_the_bundled_plan_on_cpu(
     torch.testing.assert_close(chain.transforms[0].state, eager.chain.transforms[0].state, atol=1e-4, rtol=1e-4)
 
 
-OP_OF_KINDS = {(): "resample", ("rigid",): "warp_affine", ("bspline",): "warp_bspline", ("dense",): "warp_dense",
-               ("rigid", "bspline"): "warp_affine_bspline", ("rigid", "dense"): "warp_affine_dense"}
+OP_OF_KINDS = {
+    (): "resample",
+    ("rigid",): "warp_affine",
+    ("bspline",): "warp_bspline",
+    ("dense",): "warp_dense",
+    ("rigid", "bspline"): "warp_affine_bspline",
+    ("rigid", "dense"): "warp_affine_dense",
+}
 
 
 @pytest.mark.parametrize("kinds", list(OP_OF_KINDS), ids=lambda k: "+".join(k) or "resample")

@@ -2,6 +2,7 @@
 
 Small grids only (4 mm subjects: 60x60x40; one 2 mm subject) so the whole file runs in seconds.
 """
+
 import json
 import math
 from pathlib import Path
@@ -111,8 +112,11 @@ def test_bank_caches_and_reloads(tmp_path, monkeypatch):
     for c in D.CONTRASTS:
         assert np.abs(s0.images[c] - fresh.images[c]).max() <= 1.0 / 65535 + 1e-7
     # a new bank on the same root reads the file: synthesis must not run again
-    monkeypatch.setattr(D.bank, "synthesize_subject",  # the name the bank calls
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-synthesised")))
+    monkeypatch.setattr(
+        D.bank,
+        "synthesize_subject",  # the name the bank calls
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-synthesised")),
+    )
     again = D.SubjectBank(tmp_path, n_subjects=2, seed=1, spacing=4.0)[0]
     assert again.meta["cache_file"] == str(bank.path(0))
     for c in D.CONTRASTS:
@@ -142,6 +146,7 @@ def test_splits_never_share_subjects(tmp_path):
 def _euler_deg(theta):
     """Euler angles (R = Rz @ Ry @ Rx) in degrees of SDK rigid parameters (rotation vectors)."""
     from msode_sdk.transforms import rigid_matrix
+
     r = rigid_matrix(theta.double())[:, :3, :3]
     ry = torch.asin(torch.clamp(-r[:, 2, 0], -1, 1))
     rx = torch.atan2(r[:, 2, 1], r[:, 2, 2])
@@ -156,6 +161,7 @@ def test_motion_distributions():
     deg = _euler_deg(th)
     assert deg.abs().max() <= 75.001 and deg.abs().max() > 74.0 and abs(float(deg.mean())) < 2.0
     from msode_sdk.transforms import rigid_matrix
+
     trans = rigid_matrix(th.double())[:, :3, 3]  # the motion's translation (x -> R x + trans)
     assert trans.abs().max() <= 20.0 + 1e-4 and trans.abs().max() > 19.8
     assert abs(float(deg.std()) - 75 / math.sqrt(3)) < 1.5  # uniform
@@ -253,8 +259,8 @@ def test_pair_identity_batch_contrasts_and_model_grid(subj):
 def test_dice_by_hand():
     a = np.zeros((4, 4, 4), bool)
     b = np.zeros((4, 4, 4), bool)
-    a[:2] = True          # 32 voxels
-    b[1:3] = True         # 32 voxels, 16 shared
+    a[:2] = True  # 32 voxels
+    b[1:3] = True  # 32 voxels, 16 shared
     assert D.dice(a, b) == pytest.approx(0.5)
     assert D.dice(a, a) == 1.0 and D.dice(a, ~a) == 0.0
     assert D.dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
@@ -369,11 +375,19 @@ def test_sample_pair_files_match_truth():
     f = np.asarray(fixed.dataobj, dtype=np.float32)
     pts = world_points(fixed.shape, fixed.affine, torch.float64)
     mt = torch.as_tensor(m)
-    back = sample_image_at_world(array_to_tensor(np.asarray(moving.dataobj, dtype=np.float32)), moving.affine,
-                                 pts @ mt[:3, :3].T + mt[:3, 3])[0, 0].permute(2, 1, 0).numpy()
+    back = (
+        sample_image_at_world(
+            array_to_tensor(np.asarray(moving.dataobj, dtype=np.float32)), moving.affine, pts @ mt[:3, :3].T + mt[:3, 3]
+        )[0, 0]
+        .permute(2, 1, 0)
+        .numpy()
+    )
     brain = f > 0.05
     assert np.corrcoef(f[brain], back[brain])[0, 1] > 0.98
     # the identity instead of the truth is clearly worse
-    ident = sample_image_at_world(array_to_tensor(np.asarray(moving.dataobj, dtype=np.float32)), moving.affine,
-                                  pts)[0, 0].permute(2, 1, 0).numpy()
+    ident = (
+        sample_image_at_world(array_to_tensor(np.asarray(moving.dataobj, dtype=np.float32)), moving.affine, pts)[0, 0]
+        .permute(2, 1, 0)
+        .numpy()
+    )
     assert np.corrcoef(f[brain], ident[brain])[0, 1] < 0.9

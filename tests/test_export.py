@@ -1,6 +1,7 @@
 """Export and engines: ONNX / TorchScript round trips, registrar.ts parity with the SDK loop, backend
 parity (ONNX Runtime vs torch), training checkpoints and `msode export`, the TensorRT backend's GPU-free
 parts (cache keys, shipped-engine selection, cache reuse, logged fallbacks, availability reasons)."""
+
 import io
 import json
 import logging
@@ -17,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from msode_export.analytic import analytic_network, build_analytic_plan
-from msode_export.checkpoint import (CheckpointError, export_checkpoints, load_checkpoint, register_architecture,
-                                     save_checkpoint)
+from msode_export.checkpoint import (
+    CheckpointError,
+    export_checkpoints,
+    load_checkpoint,
+    register_architecture,
+    save_checkpoint,
+)
 from msode_export.pack import LevelSolver, export_onnx, export_torchscript
 from msode_export.scripted import REGISTRAR_MEMBER, build_registrar_ts, load_registrar_ts
 from msode_sdk import BackendUnavailable, InputError, Registrar
@@ -76,10 +82,19 @@ def three_stage_plan(tmp_path_factory):
     """Rigid (adaptive Heun, adaptive Heun, Euler) + B-spline (Heun, Euler, Euler) + dense (Euler): every
     solver, a B-spline stage acting as a prior of a later stage, and dense state carried across levels."""
     path = tmp_path_factory.mktemp("export") / "small_rbd.plan"
-    schedules = {"bspline": (LevelSolver("heun", 0.5), LevelSolver("euler", 0.5), LevelSolver("euler", 0.5)),
-                 "dense": (LevelSolver("euler", 0.5), LevelSolver("euler", 0.5), LevelSolver("euler", 0.5))}
-    return build_analytic_plan(path, GRID, stages=("rigid", "bspline", "dense"), control_spacing_mm=CS,
-                               schedules=schedules, formats=("torchscript",), gains={"bspline": 2.0, "dense": 1.0})
+    schedules = {
+        "bspline": (LevelSolver("heun", 0.5), LevelSolver("euler", 0.5), LevelSolver("euler", 0.5)),
+        "dense": (LevelSolver("euler", 0.5), LevelSolver("euler", 0.5), LevelSolver("euler", 0.5)),
+    }
+    return build_analytic_plan(
+        path,
+        GRID,
+        stages=("rigid", "bspline", "dense"),
+        control_spacing_mm=CS,
+        schedules=schedules,
+        formats=("torchscript",),
+        gains={"bspline": 2.0, "dense": 1.0},
+    )
 
 
 # --------------------------------------------------------------------- tiny trainable architectures
@@ -123,17 +138,24 @@ def _save_ckpt(path, kind, seed=0, **over):
     torch.manual_seed(seed)
     params = {"control_spacing_mm": [30.0, 30.0, 30.0]} if kind == "bspline" else {}
     cls = TinyRigidNet if kind == "rigid" else TinyBSplineNet
-    sched = ([{"solver": "adaptive_heun", "step_size": 0.25, "tol": 1e-3}, {"solver": "euler", "step_size": 0.5}]
-             if kind == "rigid" else [LevelSolver("euler", 0.5), LevelSolver("heun", 0.5)])
+    sched = (
+        [{"solver": "adaptive_heun", "step_size": 0.25, "tol": 1e-3}, {"solver": "euler", "step_size": 0.5}]
+        if kind == "rigid"
+        else [LevelSolver("euler", 0.5), LevelSolver("heun", 0.5)]
+    )
     grids = [CKPT_GRID.downsampled(2), CKPT_GRID]
     kw = dict(
         stage={"name": kind, "transform": kind, "params": params, "schedule": sched},
-        model_grid={"shape_xyz": list(CKPT_GRID.shape_xyz), "spacing_xyz_mm": list(CKPT_GRID.spacing_xyz),
-                    "centre": "fov"},
+        model_grid={
+            "shape_xyz": list(CKPT_GRID.shape_xyz),
+            "spacing_xyz_mm": list(CKPT_GRID.spacing_xyz),
+            "centre": "fov",
+        },
         arch={"name": f"test_{kind}_cnn", "kwargs": {"width": 4} if kind == "rigid" else {}},
         state_dicts={lv: cls(g, CKPT_GRID, params).state_dict() for lv, g in enumerate(grids, start=1)},
         training={"steps": 10, "loss": [1.0, 0.5], "config": {"lr": 1e-3}},
-        modalities=["t1", "t2"], metrics={"rmse_mm": 1.5},
+        modalities=["t1", "t2"],
+        metrics={"rmse_mm": 1.5},
     )
     kw.update(over)
     return save_checkpoint(path, **kw)
@@ -184,7 +206,10 @@ def test_onnx_export_round_trip(kind):
 def test_torchscript_round_trip():
     grid = GRID.downsampled(2)
     torch.manual_seed(0)
-    for net in (TinyRigidNet(grid, GRID, {}).eval(), analytic_network("bspline", grid, GRID, {"control_spacing_mm": list(CS)})):
+    for net in (
+        TinyRigidNet(grid, GRID, {}).eval(),
+        analytic_network("bspline", grid, GRID, {"control_spacing_mm": list(CS)}),
+    ):
         loaded = torch.jit.load(io.BytesIO(export_torchscript(net)))
         a, b, t = torch.rand(2, 1, *grid.shape_dhw), torch.rand(2, 1, *grid.shape_dhw), torch.zeros(2)
         with torch.no_grad():
@@ -261,6 +286,7 @@ def test_registrar_ts_in_plan_and_in_a_bare_process(small_plan, pair, tmp_path):
     """add_registrar_ts rewrites the plan with the member listed; a Python process without msode on its
     path (torch only) loads and runs it with the same results."""
     from msode_export.scripted import add_registrar_ts
+
     out = add_registrar_ts(small_plan, tmp_path / "with_ts.plan")
     plan = load_plan(out)
     assert REGISTRAR_MEMBER in plan.manifest.members and plan.manifest.raw["registrar_ts"]["member"] == REGISTRAR_MEMBER
@@ -269,13 +295,29 @@ def test_registrar_ts_in_plan_and_in_a_bare_process(small_plan, pair, tmp_path):
     _, (warped, disp, matrix) = _check_parity(out, moving, fixed, plan.read(REGISTRAR_MEMBER))
     (tmp_path / "registrar.ts").write_bytes(plan.read(REGISTRAR_MEMBER))
     torch.save({"moving": moving, "fixed": fixed}, tmp_path / "inputs.pt")
-    code = ("import torch, sys, json; m = torch.jit.load(sys.argv[1]); d = torch.load(sys.argv[2]); "
-            "w, u, a = m(d['moving'], d['fixed']); torch.save({'w': w, 'u': u, 'a': a}, sys.argv[3]); "
-            "print(json.loads(m.describe())['plan'])")
+    code = (
+        "import torch, sys, json; m = torch.jit.load(sys.argv[1]); d = torch.load(sys.argv[2]); "
+        "w, u, a = m(d['moving'], d['fixed']); torch.save({'w': w, 'u': u, 'a': a}, sys.argv[3]); "
+        "print(json.loads(m.describe())['plan'])"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-I", "-c", code, str(tmp_path / "registrar.ts"), str(tmp_path / "inputs.pt"),
-                        str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            code,
+            str(tmp_path / "registrar.ts"),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == plan.manifest.name
     got = torch.load(tmp_path / "out.pt")
@@ -324,10 +366,12 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a loadable"):
         load_checkpoint(tmp_path / "evil.ckpt")
     good = torch.load(_save_ckpt(tmp_path / "ok.ckpt", "rigid"), weights_only=True)
-    for mutate, msg in ((lambda d: d.update(format_version=99), "newer"),
-                        (lambda d: d["state_dicts"].pop(2), "levels"),
-                        (lambda d: d["stage"].update(transform="affine"), "transform"),
-                        (lambda d: d.update(format="other"), "not an msode checkpoint")):
+    for mutate, msg in (
+        (lambda d: d.update(format_version=99), "newer"),
+        (lambda d: d["state_dicts"].pop(2), "levels"),
+        (lambda d: d["stage"].update(transform="affine"), "transform"),
+        (lambda d: d.update(format="other"), "not an msode checkpoint"),
+    ):
         bad = {**good, "stage": dict(good["stage"]), "state_dicts": dict(good["state_dicts"])}
         mutate(bad)
         torch.save(bad, tmp_path / "bad.ckpt")
@@ -370,15 +414,37 @@ def test_export_cli_from_checkpoints(tmp_path, capsys):
 
 def test_export_cli_analytic_and_errors(tmp_path, capsys):
     out = tmp_path / "an.plan"
-    assert sdk_cli.main(["export", "--analytic", "--model-grid", "16,16,12", "--spacing", "10", "--stages", "rigid",
-                         "-o", str(out), "-q"]) == 0
+    assert (
+        sdk_cli.main(
+            [
+                "export",
+                "--analytic",
+                "--model-grid",
+                "16,16,12",
+                "--spacing",
+                "10",
+                "--stages",
+                "rigid",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     m = load_plan(out).manifest
-    assert m.name == "an" and m.analytic and m.model_grid.shape_xyz == (16, 16, 12) and m.model_grid.spacing_xyz_mm == (10.0, 10.0, 10.0)
+    assert (
+        m.name == "an"
+        and m.analytic
+        and m.model_grid.shape_xyz == (16, 16, 12)
+        and m.model_grid.spacing_xyz_mm == (10.0, 10.0, 10.0)
+    )
     assert REGISTRAR_MEMBER in m.members
     capsys.readouterr()
     r = _save_ckpt(tmp_path / "rigid.ckpt", "rigid")
-    other = _save_ckpt(tmp_path / "other.ckpt", "bspline",
-                       model_grid={"shape_xyz": [8, 8, 6], "spacing_xyz_mm": [20, 20, 20]})
+    other = _save_ckpt(
+        tmp_path / "other.ckpt", "bspline", model_grid={"shape_xyz": [8, 8, 6], "spacing_xyz_mm": [20, 20, 20]}
+    )
     cases = [
         (["export", "-o", str(tmp_path / "x.plan")], "CHECKPOINT"),
         (["export", str(tmp_path / "nope.ckpt"), "-o", str(tmp_path / "x.plan")], "no such checkpoint"),
@@ -440,17 +506,21 @@ def test_trt_availability_reasons(monkeypatch, small_plan):
 def test_trt_names_and_cache_key(monkeypatch, tmp_path):
     assert trt_backend.gpu_slug("NVIDIA GeForce RTX 4090 (laptop)") == "nvidia-geforce-rtx-4090-laptop"
     assert HW.dir_name == "nvidia-h100-80gb-hbm3-sm90-trt10.3.0"
-    assert trt_backend.engine_member_name(HW, "networks/rigid_L2.onnx") == \
-        "engines/nvidia-h100-80gb-hbm3-sm90-trt10.3.0/rigid_L2.engine"
+    assert (
+        trt_backend.engine_member_name(HW, "networks/rigid_L2.onnx")
+        == "engines/nvidia-h100-80gb-hbm3-sm90-trt10.3.0/rigid_L2.engine"
+    )
     sha = "ab" * 32
     key = trt_backend.engine_cache_key(HW, "fp32", sha, 4)
     assert len(key) == 64 and key == trt_backend.engine_cache_key(HW, "fp32", sha.upper(), 4)
-    variants = [trt_backend.engine_cache_key(trt_backend.HardwareKey("NVIDIA H200", (9, 0), "10.3.0"), "fp32", sha, 4),
-                trt_backend.engine_cache_key(trt_backend.HardwareKey(HW.gpu, (8, 9), "10.3.0"), "fp32", sha, 4),
-                trt_backend.engine_cache_key(trt_backend.HardwareKey(HW.gpu, (9, 0), "10.4.0"), "fp32", sha, 4),
-                trt_backend.engine_cache_key(HW, "fp16", sha, 4),
-                trt_backend.engine_cache_key(HW, "fp32", "cd" * 32, 4),
-                trt_backend.engine_cache_key(HW, "fp32", sha, 8)]
+    variants = [
+        trt_backend.engine_cache_key(trt_backend.HardwareKey("NVIDIA H200", (9, 0), "10.3.0"), "fp32", sha, 4),
+        trt_backend.engine_cache_key(trt_backend.HardwareKey(HW.gpu, (8, 9), "10.3.0"), "fp32", sha, 4),
+        trt_backend.engine_cache_key(trt_backend.HardwareKey(HW.gpu, (9, 0), "10.4.0"), "fp32", sha, 4),
+        trt_backend.engine_cache_key(HW, "fp16", sha, 4),
+        trt_backend.engine_cache_key(HW, "fp32", "cd" * 32, 4),
+        trt_backend.engine_cache_key(HW, "fp32", sha, 8),
+    ]
     assert len({key, *variants}) == 7
     monkeypatch.setenv(trt_backend.ENGINE_CACHE_ENV, str(tmp_path / "c"))
     assert trt_backend.engine_cache_dir() == tmp_path / "c"
@@ -468,9 +538,16 @@ def engine_plan(small_plan, tmp_path_factory):
     mine = trt_backend.engine_member_name(HW, "networks/rigid_L1.onnx")
     members[mine] = b"ENGINE rigid_L1"
     members["engines/nvidia-a100-sxm4-40gb-sm80-trt10.3.0/rigid_L1.engine"] = b"ENGINE a100"
-    manifest["engines"] = {HW.dir_name: {"precision": "fp32", "max_batch": 4, "onnx_sha256": {
-        mine: plan.manifest.members["networks/rigid_L1.onnx"]["sha256"],
-        trt_backend.engine_member_name(HW, "networks/rigid_L2.onnx"): "0" * 64}}}
+    manifest["engines"] = {
+        HW.dir_name: {
+            "precision": "fp32",
+            "max_batch": 4,
+            "onnx_sha256": {
+                mine: plan.manifest.members["networks/rigid_L1.onnx"]["sha256"],
+                trt_backend.engine_member_name(HW, "networks/rigid_L2.onnx"): "0" * 64,
+            },
+        }
+    }
     path = tmp_path_factory.mktemp("engines") / "with_engines.plan"
     write_plan(path, manifest, members)
     return load_plan(path)
@@ -490,8 +567,10 @@ def test_trt_shipped_engine_selection(engine_plan, small_plan, capsys):
     assert member is None and "no TensorRT engines" in why
     # plan info lists the engine directories
     assert sdk_cli.main(["plan", "info", str(engine_plan.path)]) == 0
-    assert "TensorRT engines: nvidia-a100-sxm4-40gb-sm80-trt10.3.0, nvidia-h100-80gb-hbm3-sm90-trt10.3.0" \
+    assert (
+        "TensorRT engines: nvidia-a100-sxm4-40gb-sm80-trt10.3.0, nvidia-h100-80gb-hbm3-sm90-trt10.3.0"
         in capsys.readouterr().out
+    )
 
 
 def test_trt_obtain_engine_cache_and_fallbacks(engine_plan, tmp_path, caplog):
@@ -508,8 +587,16 @@ def test_trt_obtain_engine_cache_and_fallbacks(engine_plan, tmp_path, caplog):
     cache = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="msode_sdk.tensorrt")
     args = dict(hw=HW, max_batch=4, build=build, deserialize=deserialize, cache=cache)
-    l1 = ("networks/rigid_L1.onnx", plan.read("networks/rigid_L1.onnx"), plan.manifest.members["networks/rigid_L1.onnx"]["sha256"])
-    l2 = ("networks/rigid_L2.onnx", plan.read("networks/rigid_L2.onnx"), plan.manifest.members["networks/rigid_L2.onnx"]["sha256"])
+    l1 = (
+        "networks/rigid_L1.onnx",
+        plan.read("networks/rigid_L1.onnx"),
+        plan.manifest.members["networks/rigid_L1.onnx"]["sha256"],
+    )
+    l2 = (
+        "networks/rigid_L2.onnx",
+        plan.read("networks/rigid_L2.onnx"),
+        plan.manifest.members["networks/rigid_L2.onnx"]["sha256"],
+    )
     fail_shipped = False
     engine, source = trt_backend.obtain_engine(plan, *l1, precision="fp32", **args)
     assert source.startswith("plan:engines/nvidia-h100") and engine == ("engine", b"ENGINE rigid_L1") and not built
@@ -521,7 +608,10 @@ def test_trt_obtain_engine_cache_and_fallbacks(engine_plan, tmp_path, caplog):
     # L2's recorded ONNX sha does not match: fallback logged; second call comes from the cache
     caplog.clear()
     _, source = trt_backend.obtain_engine(plan, *l2, precision="fp16", **args)
-    assert source == "built" and "the plan has no engines/nvidia-h100-80gb-hbm3-sm90-trt10.3.0/rigid_L2.engine" in caplog.text
+    assert (
+        source == "built"
+        and "the plan has no engines/nvidia-h100-80gb-hbm3-sm90-trt10.3.0/rigid_L2.engine" in caplog.text
+    )
     assert "building a fp16 engine" in caplog.text
     _, source = trt_backend.obtain_engine(plan, *l2, precision="fp16", **args)
     assert source.startswith("cache:") and len(built) == 2
@@ -556,19 +646,33 @@ def test_trt_precision_fallback_and_builder_calls(caplog):
         def __init__(self, **kw):
             self.__dict__.update(kw)
 
-    inputs = [Obj(name="warped", shape=(-1, 1, 5, 6, 7)), Obj(name="fixed", shape=(-1, 1, 5, 6, 7)), Obj(name="t", shape=(-1,))]
+    inputs = [
+        Obj(name="warped", shape=(-1, 1, 5, 6, 7)),
+        Obj(name="fixed", shape=(-1, 1, 5, 6, 7)),
+        Obj(name="t", shape=(-1,)),
+    ]
     network = Obj(num_inputs=3, get_input=lambda i: inputs[i])
     profile = Obj(set_shape=lambda name, mn, opt, mx: calls.append(("shape", name, mn, opt, mx)))
-    config = Obj(set_memory_pool_limit=lambda pool, size: calls.append(("pool", pool, size)),
-                 set_flag=lambda f: calls.append(("flag", f)),
-                 add_optimization_profile=lambda p: calls.append(("profile", p is profile)))
-    builder = Obj(create_network=lambda flags: calls.append(("network", flags)) or network,
-                  create_builder_config=lambda: config, create_optimization_profile=lambda: profile,
-                  build_serialized_network=lambda n, c: b"SERIALIZED")
+    config = Obj(
+        set_memory_pool_limit=lambda pool, size: calls.append(("pool", pool, size)),
+        set_flag=lambda f: calls.append(("flag", f)),
+        add_optimization_profile=lambda p: calls.append(("profile", p is profile)),
+    )
+    builder = Obj(
+        create_network=lambda flags: calls.append(("network", flags)) or network,
+        create_builder_config=lambda: config,
+        create_optimization_profile=lambda: profile,
+        build_serialized_network=lambda n, c: b"SERIALIZED",
+    )
     parser = Obj(parse=lambda data: calls.append(("parse", data)) or True, num_errors=0)
     trt = types.SimpleNamespace(
-        __version__="10.3.0", Logger=Obj, Builder=lambda logger: builder, OnnxParser=lambda n, logger: parser,
-        MemoryPoolType=Obj(WORKSPACE="ws"), BuilderFlag=Obj(FP16="fp16"))
+        __version__="10.3.0",
+        Logger=Obj,
+        Builder=lambda logger: builder,
+        OnnxParser=lambda n, logger: parser,
+        MemoryPoolType=Obj(WORKSPACE="ws"),
+        BuilderFlag=Obj(FP16="fp16"),
+    )
     trt.Logger.WARNING = 2
     assert trt_backend.build_engine(trt, b"onnx", "fp16", 3, logger="log", workspace_mib=64) == b"SERIALIZED"
     assert ("network", 0) in calls and ("parse", b"onnx") in calls and ("flag", "fp16") in calls
@@ -606,12 +710,15 @@ def test_tensorrt_backend_on_gpu(small_plan, pair, tmp_path, monkeypatch):
     in a plan and used from there; registration agrees with the torch backend."""
     pytest.importorskip("tensorrt")
     from msode_export.engines import add_tensorrt_engines
+
     monkeypatch.setenv(trt_backend.ENGINE_CACHE_ENV, str(tmp_path / "cache"))
     moving, fixed = (t.cuda() for t in pair)
     reg = Registrar.load(small_plan, device="cuda", backend="tensorrt")
     assert set(reg.backend.sources.values()) == {"built"}
     d_trt = reg.register_model_grid(moving, fixed).displacement(GRID)
-    d_torch = Registrar.load(small_plan, device="cuda", backend="torch").register_model_grid(moving, fixed).displacement(GRID)
+    d_torch = (
+        Registrar.load(small_plan, device="cuda", backend="torch").register_model_grid(moving, fixed).displacement(GRID)
+    )
     assert float(((d_trt - d_torch) ** 2).sum(1).mean().sqrt()) <= 0.05
     again = Registrar.load(small_plan, device="cuda", backend="tensorrt")
     assert all(s.startswith("cache:") for s in again.backend.sources.values())

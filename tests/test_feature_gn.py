@@ -1,5 +1,6 @@
 """Multi-contrast Gauss-Newton fields: MIND-SSC and learned tissue features (msode_export.analytic,
 msode_train.tissue), and the bundled multi-contrast plan."""
+
 import io
 
 import numpy as np
@@ -60,6 +61,7 @@ def test_gn_step_is_invariant_to_duplicated_feature_channels(kind):
 
 def test_feature_fields_script_and_export(tmp_path):
     from msode_export.pack import export_onnx, export_torchscript
+
     grid = Grid((14, 12, 10), (4.0, 4.0, 4.0))
     lat = BSplineLattice(grid, (16.0, 16.0, 16.0))
     w, f, t = _smooth_random(grid.shape_dhw, 4), _smooth_random(grid.shape_dhw, 5), torch.zeros(1)
@@ -79,8 +81,10 @@ def test_mind_plan_recovers_rigid_motion_across_contrasts(tmp_path, phantom):
     """Contrast 'b' of the conftest phantom inverts its blobs' amplitudes: intensity SSD is meaningless,
     MIND-SSC Gauss-Newton must still recover a known rigid motion."""
     from msode_sdk.transforms import rigid_matrix
-    plan = build_analytic_plan(tmp_path / "mind.plan", MODEL_GRID, stages=("rigid",), features="mind",
-                               formats=("torchscript",))
+
+    plan = build_analytic_plan(
+        tmp_path / "mind.plan", MODEL_GRID, stages=("rigid",), features="mind", formats=("torchscript",)
+    )
     reg = Registrar.load(plan, device="cpu", backend="torch")
     c0 = phantom.centre.numpy()
     m = rigid_matrix(torch.tensor([[0.10, -0.08, 0.12, 5.0, -4.0, 3.0]], dtype=torch.float64))[0].numpy()
@@ -93,8 +97,7 @@ def test_mind_plan_recovers_rigid_motion_across_contrasts(tmp_path, phantom):
     fixed = render(phantom, shape, aff, lambda p: apply(truth, p), contrast="a")
     moving = render(phantom, shape, aff, contrast="b")
     res = reg.register((moving, aff), (fixed, aff))
-    pts = torch.from_numpy(np.stack(np.meshgrid(*[np.linspace(-40, 40, 9)] * 3, indexing="ij"), -1).reshape(-1, 3)
-                           + c0)
+    pts = torch.from_numpy(np.stack(np.meshgrid(*[np.linspace(-40, 40, 9)] * 3, indexing="ij"), -1).reshape(-1, 3) + c0)
     err = float(((apply(res.matrix, pts) - apply(truth, pts)) ** 2).sum(-1).mean().sqrt())
     before = float(((apply(truth, pts) - pts) ** 2).sum(-1).mean().sqrt())
     assert before > 8.0
@@ -108,8 +111,10 @@ def test_pooled_field_is_the_field_on_the_averaged_grid():
     coarse = RigidSSDField(grid.downsampled(2))(F.avg_pool3d(w, 2), F.avg_pool3d(f, 2), t)
     torch.testing.assert_close(pooled, coarse)
     lat = BSplineLattice(grid, (8.0, 8.0, 8.0))
-    torch.testing.assert_close(BSplineSSDField(grid, lat, pool=2)(w, f, t),
-                               BSplineSSDField(grid.downsampled(2), lat)(F.avg_pool3d(w, 2), F.avg_pool3d(f, 2), t))
+    torch.testing.assert_close(
+        BSplineSSDField(grid, lat, pool=2)(w, f, t),
+        BSplineSSDField(grid.downsampled(2), lat)(F.avg_pool3d(w, 2), F.avg_pool3d(f, 2), t),
+    )
     with pytest.raises(ValueError, match="divisible"):
         RigidSSDField(Grid((15, 12, 10), (2.0, 2.0, 2.0)), pool=2)
 
@@ -122,18 +127,18 @@ def test_bspline_gn_step_solves_its_normal_equations():
     lat = BSplineLattice(grid, (16.0, 16.0, 16.0))
     net = BSplineSSDField(grid, lat, gain=2.0, damping=0.05, cg_iters=400, features=MINDSSC(1, 1)).double()
     w, f = _smooth_random(grid.shape_dhw, 8).double(), _smooth_random(grid.shape_dhw, 9).double()
-    out = net(w, f, torch.zeros(1, dtype=torch.float64))                # (1, 3, cz, cy, cx)
-    r, gx, gy, gz = net.residual(w, f)                                   # each (1, C, Z, Y, X)
-    g = torch.stack((gx, gy, gz), dim=2)                                 # (1, C, 3, Z, Y, X)
-    b = torch.kron(torch.kron(net.bz, net.by), net.bx)                   # (Z*Y*X, cz*cy*cx), x fastest
+    out = net(w, f, torch.zeros(1, dtype=torch.float64))  # (1, 3, cz, cy, cx)
+    r, gx, gy, gz = net.residual(w, f)  # each (1, C, Z, Y, X)
+    g = torch.stack((gx, gy, gz), dim=2)  # (1, C, 3, Z, Y, X)
+    b = torch.kron(torch.kron(net.bz, net.by), net.bx)  # (Z*Y*X, cz*cy*cx), x fastest
     nv, nk = b.shape
-    gv = g[0].reshape(g.shape[1], 3, nv)                                 # (C, 3, voxels)
+    gv = g[0].reshape(g.shape[1], 3, nv)  # (C, 3, voxels)
     rv = r[0].reshape(r.shape[1], nv)
-    t_vox = torch.einsum("civ,cjv->vij", gv, gv)                         # (voxels, 3, 3)
+    t_vox = torch.einsum("civ,cjv->vij", gv, gv)  # (voxels, 3, 3)
     h = torch.zeros(3 * nk, 3 * nk, dtype=torch.float64)
     for i in range(3):
         for j in range(3):
-            h[i * nk:(i + 1) * nk, j * nk:(j + 1) * nk] = b.T @ (t_vox[:, i, j, None] * b)
+            h[i * nk : (i + 1) * nk, j * nk : (j + 1) * nk] = b.T @ (t_vox[:, i, j, None] * b)
     diag = b.T @ (gv * gv).sum(dim=(0, 1))
     diag = diag + 1e-3 * diag.mean() + 1e-12
     rhs = torch.cat([b.T @ (rv * gv[:, i]).sum(0) for i in range(3)])

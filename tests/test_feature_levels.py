@@ -1,6 +1,7 @@
 """Plan format 2: per-level feature networks (msode_sdk.loop). The exact mode equals a format-1 plan whose
 fields compute the features themselves; feature warping composes exactly for intensities; registrar.ts,
 ONNX Runtime and the manifest rules follow."""
+
 import io
 import json
 import math
@@ -55,22 +56,28 @@ def _plan(path, with_features: bool, warp=(), pool_last: int = 1, formats=("torc
                 if stage == "rigid":
                     return RigidSSDField(grid, gain=5.0, features=f, pool=pool)
                 return BSplineSSDField(grid, lattice, gain=2.0, features=f, pool=pool, cg_iters=6)
+
             if with_features:
                 fmap = FeatureMap(g, _mind(g.spacing_xyz[0]), pool)
                 feats[(stage, lv)] = LevelFeatures(fmap, fmap.grid, warp=f"{stage}_L{lv}" in warp)
                 nets[(stage, lv)] = field(fmap.grid, None, 1)
             else:
                 nets[(stage, lv)] = field(g, _mind(g.spacing_xyz[0]), pool)
-    stages = [StageDef("rigid", "rigid", (LevelSolver("euler", 0.2),) * 2),
-              StageDef("bspline", "bspline", (LevelSolver("euler", 0.5),) * 2, {"control_spacing_mm": list(CS)})]
+    stages = [
+        StageDef("rigid", "rigid", (LevelSolver("euler", 0.2),) * 2),
+        StageDef("bspline", "bspline", (LevelSolver("euler", 0.5),) * 2, {"control_spacing_mm": list(CS)}),
+    ]
     return build_plan(path, "feat", GRID, stages, nets, formats=formats, features=feats)
 
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
     d = tmp_path_factory.mktemp("feat")
-    return {"v1": _plan(d / "v1.plan", False, pool_last=2), "v2": _plan(d / "v2.plan", True, pool_last=2),
-            "v2_onnx": _plan(d / "v2o.plan", True, pool_last=2, formats=("torchscript", "onnx"))}
+    return {
+        "v1": _plan(d / "v1.plan", False, pool_last=2),
+        "v2": _plan(d / "v2.plan", True, pool_last=2),
+        "v2_onnx": _plan(d / "v2o.plan", True, pool_last=2, formats=("torchscript", "onnx")),
+    }
 
 
 def test_format_version_and_manifest(plans):
@@ -137,13 +144,22 @@ def test_feature_warping_composes_exactly_for_intensities(tmp_path, phantom):
             fmap = FeatureMap(g, None, 1)
             feats[("rigid", lv)] = LevelFeatures(fmap, g, warp=warp)
             nets[("rigid", lv)] = RigidSSDField(g, gain=5.0)
-        path = build_plan(tmp_path / f"i{warp}.plan", "i", GRID, [StageDef("rigid", "rigid", (LevelSolver("euler", 0.1),) * 2)],
-                          nets, formats=("torchscript",), features=feats)
+        path = build_plan(
+            tmp_path / f"i{warp}.plan",
+            "i",
+            GRID,
+            [StageDef("rigid", "rigid", (LevelSolver("euler", 0.1),) * 2)],
+            nets,
+            formats=("torchscript",),
+            features=feats,
+        )
         assert P.load_plan(path).manifest.stages[0].scales[0].feature_warp is warp
         moving, fixed = _pair(phantom, contrast="a")
         results[warp] = Registrar.load(path, device="cpu", backend="torch").register_model_grid(moving, fixed)
     pts = GRID.points().reshape(1, -1, 3)
-    gap = float(((results[True].chain.map_points(pts) - results[False].chain.map_points(pts)) ** 2).sum(-1).mean().sqrt())
+    gap = float(
+        ((results[True].chain.map_points(pts) - results[False].chain.map_points(pts)) ** 2).sum(-1).mean().sqrt()
+    )
     assert gap < 0.1 * GRID.spacing_xyz[0], gap
 
 
@@ -152,11 +168,18 @@ def test_feature_warping_of_a_rotated_start_uses_the_relative_transform(tmp_path
     not moving o M0 o M(theta): with a 40 deg start the two differ by tens of mm."""
     g = GRID
     fmap = FeatureMap(g, None, 1)
-    path = build_plan(tmp_path / "r.plan", "r", g, [StageDef("rigid", "rigid", (LevelSolver("euler", 0.5),), {"init": "moments"})],
-                      {("rigid", 1): RigidSSDField(g, gain=0.0)}, formats=("torchscript",),
-                      features={("rigid", 1): LevelFeatures(fmap, g, warp=True)})
+    path = build_plan(
+        tmp_path / "r.plan",
+        "r",
+        g,
+        [StageDef("rigid", "rigid", (LevelSolver("euler", 0.5),), {"init": "moments"})],
+        {("rigid", 1): RigidSSDField(g, gain=0.0)},
+        formats=("torchscript",),
+        features={("rigid", 1): LevelFeatures(fmap, g, warp=True)},
+    )
     reg = Registrar.load(path, device="cpu", backend="torch")
     from msode_sdk.loop import RegistrationLoop, stage_runs
+
     loop = RegistrationLoop(stage_runs(reg, reg._select_stages(None)), g)
     moving, fixed = _pair(phantom)
     y0 = euler_to_rigid(torch.tensor([[0.0, 0.0, math.radians(40.0)]]), torch.tensor([[3.0, 0.0, 0.0]]))
@@ -167,8 +190,14 @@ def test_feature_warping_of_a_rotated_start_uses_the_relative_transform(tmp_path
     def spy(warped, fix, t):
         seen["warped"] = warped
         return net(warped, fix, t)
-    loop.stages[0] = type(st)(st.name, st.transform, st.params, (type(lv)(lv.schedule, lv.level, spy, lv.features,
-                                                                             lv.feature_grid, True),), "none")
+
+    loop.stages[0] = type(st)(
+        st.name,
+        st.transform,
+        st.params,
+        (type(lv)(lv.schedule, lv.level, spy, lv.features, lv.feature_grid, True),),
+        "none",
+    )
     f = loop._field(loop.stages[0], loop.stages[0].levels[0], y0, moving, fixed, TransformChain())
     y = y0 + torch.tensor([[0.02, -0.01, 0.03, 1.0, -1.0, 0.5]])
     f(0.0, y)
@@ -182,14 +211,35 @@ def test_feature_warping_of_a_rotated_start_uses_the_relative_transform(tmp_path
 
 
 def _v2_manifest():
-    sc = {"level": 1, "shape_xyz": [4, 4, 4], "spacing_xyz_mm": [2.0, 2.0, 2.0], "solver": "euler", "step_size": 0.5,
-          "t0": 0.0, "t1": 1.0, "networks": {"torchscript": "n.ts"}, "features": {"torchscript": "f.ts"},
-          "feature_grid": {"shape_xyz": [2, 2, 2], "spacing_xyz_mm": [4.0, 4.0, 4.0]}}
+    sc = {
+        "level": 1,
+        "shape_xyz": [4, 4, 4],
+        "spacing_xyz_mm": [2.0, 2.0, 2.0],
+        "solver": "euler",
+        "step_size": 0.5,
+        "t0": 0.0,
+        "t1": 1.0,
+        "networks": {"torchscript": "n.ts"},
+        "features": {"torchscript": "f.ts"},
+        "feature_grid": {"shape_xyz": [2, 2, 2], "spacing_xyz_mm": [4.0, 4.0, 4.0]},
+    }
     members = {k: {"sha256": "0" * 64, "size": 1} for k in ("n.ts", "f.ts", "o.onnx")}
-    return {"format": "msode-plan", "format_version": 2, "name": "x", "created": "now",
-            "model_grid": {"shape_xyz": [4, 4, 4], "spacing_xyz_mm": [2.0, 2.0, 2.0], "orientation": "RAS", "centre": "fov"},
-            "normalization": {"method": "percentile", "low": 1, "high": 99}, "modalities": [],
-            "stages": [{"name": "rigid", "transform": "rigid", "scales": [sc]}], "members": members}
+    return {
+        "format": "msode-plan",
+        "format_version": 2,
+        "name": "x",
+        "created": "now",
+        "model_grid": {
+            "shape_xyz": [4, 4, 4],
+            "spacing_xyz_mm": [2.0, 2.0, 2.0],
+            "orientation": "RAS",
+            "centre": "fov",
+        },
+        "normalization": {"method": "percentile", "low": 1, "high": 99},
+        "modalities": [],
+        "stages": [{"name": "rigid", "transform": "rigid", "scales": [sc]}],
+        "members": members,
+    }
 
 
 def test_manifest_feature_rules():
@@ -220,9 +270,15 @@ def test_manifest_feature_rules():
 def test_feature_network_of_the_wrong_grid_is_a_plan_error(tmp_path, phantom):
     g = GRID
     fmap = FeatureMap(g, None, 1)
-    path = build_plan(tmp_path / "x.plan", "x", g, [StageDef("rigid", "rigid", (LevelSolver("euler", 0.5),))],
-                      {("rigid", 1): RigidSSDField(g)}, formats=("torchscript",),
-                      features={("rigid", 1): LevelFeatures(fmap, g)})
+    path = build_plan(
+        tmp_path / "x.plan",
+        "x",
+        g,
+        [StageDef("rigid", "rigid", (LevelSolver("euler", 0.5),))],
+        {("rigid", 1): RigidSSDField(g)},
+        formats=("torchscript",),
+        features={("rigid", 1): LevelFeatures(fmap, g)},
+    )
     raw = P.load_plan(path)
     manifest = json.loads(raw.read("manifest.json"))
     manifest["stages"][0]["scales"][0]["feature_grid"]["shape_xyz"] = [12, 14, 10]

@@ -1,6 +1,7 @@
 """The bundled plan on a GPU: captured whole as CUDA graphs (multistart decided on the device) and equal
 to the eager loop; the end-to-end pipeline (resampling, normalisation, world outputs) on the device equal
 to the CPU's; the initialiser's operations capturable. Skipped without CUDA (`gpu` marker)."""
+
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +28,7 @@ def _sample_arrays():
 @pytest.fixture(scope="module")
 def cuda_kernels():
     from msode_sdk.warp import _cuda
+
     ok, why = _cuda.available()
     if not ok:
         pytest.fail(f"CUDA is present but the warp kernels did not load: {why}")
@@ -34,6 +36,7 @@ def cuda_kernels():
 
 def test_bundled_plan_is_captured_and_equals_the_eager_loop(cuda_kernels):
     from msode_sdk._cuda_graph import run_graphed, unsupported_reason
+
     reg = Registrar.load("rigid_bspline.plan", device="cuda", backend="torch")
     assert unsupported_reason(reg, reg._select_stages(None)) is None
     mov_h, fix_h = _sample_arrays()
@@ -70,6 +73,7 @@ def test_end_to_end_on_the_gpu_equals_the_cpu(cuda_kernels):
 def test_initialiser_is_capturable(cuda_kernels):
     from msode_sdk.initialize import candidate_thetas, choose_start, mutual_information
     from msode_sdk.transforms import Grid
+
     grid = Grid((15, 15, 10), (16.0, 16.0, 16.0))
     g = torch.Generator(device="cuda").manual_seed(0)
     mov = torch.rand(2, 1, *grid.shape_dhw, device="cuda", generator=g)

@@ -1,11 +1,17 @@
 """Principal-axes initialiser: candidates contain the true rotation, MI picks it, registrar wiring."""
+
 import math
 
 import pytest
 import torch
 
 from msode_sdk.errors import InputError
-from msode_sdk.initialize import foreground_moments, moments_initial_theta, mutual_information, principal_axes_candidates
+from msode_sdk.initialize import (
+    foreground_moments,
+    moments_initial_theta,
+    mutual_information,
+    principal_axes_candidates,
+)
 from msode_sdk.transforms import Grid, RigidTransform, TransformChain, euler_to_rigid, rigid_matrix
 from msode_sdk.warp import warp_chain
 
@@ -37,14 +43,16 @@ def test_candidates_contain_truth_and_mi_selects_it(angles):
     # moving(phi(x)) = fixed(x) <=> moving = fixed o phi^-1
     inv = torch.linalg.inv(rigid_matrix(theta.double())).float()
     from msode_sdk.transforms import matrix_to_rigid
+
     moving = warp_chain(fixed, GRID, TransformChain([RigidTransform(matrix_to_rigid(inv))]), GRID)
     cands = principal_axes_candidates(moving, fixed, GRID)
     truth = rigid_matrix(theta.double())[0]
     errs = [float(torch.linalg.norm(cands[0, k, :3, :3] - truth[:3, :3])) for k in range(4)]
     assert min(errs) < 0.1
     est = moments_initial_theta(moving, fixed, GRID)
-    angle_err = math.degrees(float(torch.linalg.norm(matrix_to_rigid(
-        (rigid_matrix(est.double()).inverse() @ truth[None]))[0, :3])))
+    angle_err = math.degrees(
+        float(torch.linalg.norm(matrix_to_rigid((rigid_matrix(est.double()).inverse() @ truth[None]))[0, :3]))
+    )
     assert angle_err < 6.0
 
 
@@ -56,6 +64,7 @@ def test_mutual_information_is_maximal_at_alignment():
 
 def test_registrar_init_option(analytic_plan):
     from msode_sdk import Registrar
+
     reg = Registrar.load(analytic_plan, device="cpu", backend="torch")
     x = torch.rand(1, 1, 40, 56, 48)
     with pytest.raises(InputError, match="init"):
@@ -65,20 +74,24 @@ def test_registrar_init_option(analytic_plan):
 def _rigid_plan(tmp_path, levels=2):
     from msode_export.analytic import build_analytic_plan
     from msode_export.pack import LevelSolver
+
     sched = {"rigid": (LevelSolver("adaptive_heun", 0.1, tol=1e-3),) * (levels - 1) + (LevelSolver("euler", 0.2),)}
-    return build_analytic_plan(tmp_path / "rigid.plan", GRID, stages=("rigid",), schedules=sched,
-                               formats=("torchscript",))
+    return build_analytic_plan(
+        tmp_path / "rigid.plan", GRID, stages=("rigid",), schedules=sched, formats=("torchscript",)
+    )
 
 
 def test_multistart_recovers_a_rotation_the_identity_start_misses(tmp_path, caplog):
     """A 150 deg rotation about z: the SSD flow from the identity stalls; multistart starts from the
     principal-axes candidates too, and MI after the coarse level keeps the right one."""
     from msode_sdk import Registrar
+
     reg = Registrar.load(_rigid_plan(tmp_path), device="cpu", backend="torch")
     fixed = _blob()
     theta = torch.tensor([[0.0, 0.0, math.radians(150.0), 5.0, -3.0, 2.0]])
     inv = torch.linalg.inv(rigid_matrix(theta.double())).float()
     from msode_sdk.transforms import matrix_to_rigid
+
     moving = warp_chain(fixed, GRID, TransformChain([RigidTransform(matrix_to_rigid(inv))]), GRID)
     pts = GRID.points().reshape(1, -1, 3)[:, ::7]
 
@@ -99,8 +112,14 @@ def test_multistart_recovers_a_rotation_the_identity_start_misses(tmp_path, capl
 def test_multistart_falls_back_when_rigid_is_not_first(tmp_path, caplog):
     from msode_export.analytic import build_analytic_plan
     from msode_sdk import Registrar
-    plan = build_analytic_plan(tmp_path / "br.plan", GRID, stages=("bspline", "rigid"), control_spacing_mm=(40.0,) * 3,
-                               formats=("torchscript",))
+
+    plan = build_analytic_plan(
+        tmp_path / "br.plan",
+        GRID,
+        stages=("bspline", "rigid"),
+        control_spacing_mm=(40.0,) * 3,
+        formats=("torchscript",),
+    )
     reg = Registrar.load(plan, device="cpu", backend="torch")
     x = _blob()
     with caplog.at_level("WARNING", logger="msode_sdk"):
@@ -118,10 +137,17 @@ def test_registrar_ts_runs_the_plans_init_like_the_sdk(tmp_path, mode):
     from msode_export.scripted import build_registrar_ts
     from msode_sdk import Registrar
     from msode_sdk.transforms import matrix_to_rigid
+
     sched = (LevelSolver("adaptive_heun", 0.1, tol=1e-3), LevelSolver("euler", 0.2))
     nets = {("rigid", lv): analytic_network("rigid", g, GRID, {}) for lv, g in enumerate(level_grids(GRID, 2), 1)}
-    plan = build_plan(tmp_path / "init.plan", "init", GRID, [StageDef("rigid", "rigid", sched, {"init": mode})], nets,
-                      formats=("torchscript",))
+    plan = build_plan(
+        tmp_path / "init.plan",
+        "init",
+        GRID,
+        [StageDef("rigid", "rigid", sched, {"init": mode})],
+        nets,
+        formats=("torchscript",),
+    )
     fixed = _blob()
     theta = torch.tensor([[0.0, 0.0, math.radians(150.0), 5.0, -3.0, 2.0]])
     inv = torch.linalg.inv(rigid_matrix(theta.double())).float()

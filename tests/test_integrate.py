@@ -1,4 +1,5 @@
 """Solvers on analytic problems: order of convergence, tolerance, exact NFE counts."""
+
 import math
 
 import pytest
@@ -15,6 +16,7 @@ def _decay(k):
     def f(t, y):
         calls.append(t)
         return -k * y
+
     return f, calls
 
 
@@ -35,9 +37,11 @@ def test_observed_order_of_convergence(name, order):
 def test_time_dependent_problem_heun_order():
     # dy/dt = cos(t) y  ->  y = exp(sin t)
     def err(dt):
-        y1, _ = get_solver("heun", step_size=dt).integrate(lambda t, y: math.cos(t) * y,
-                                                          torch.tensor([1.0], dtype=torch.float64), 0.0, 2.0)
+        y1, _ = get_solver("heun", step_size=dt).integrate(
+            lambda t, y: math.cos(t) * y, torch.tensor([1.0], dtype=torch.float64), 0.0, 2.0
+        )
         return abs(float(y1) - math.exp(math.sin(2.0)))
+
     e1, e2 = err(0.02), err(0.01)
     assert abs(math.log2(e1 / e2) - 2) < 0.15
 
@@ -85,14 +89,18 @@ def test_adaptive_heun_tighter_tolerance_costs_more():
 
 def test_adaptive_heun_nfe_counts_every_call():
     f, calls = _decay(5.0)
-    _, st = get_solver("adaptive_heun", tol=1e-4, step_size=0.9).integrate(f, torch.ones(1, dtype=torch.float64), 0.0, 1.0)
+    _, st = get_solver("adaptive_heun", tol=1e-4, step_size=0.9).integrate(
+        f, torch.ones(1, dtype=torch.float64), 0.0, 1.0
+    )
     assert st.rejected > 0  # a 0.9 first step is too large at this tolerance
     assert st.nfe == len(calls)
 
 
 def test_adaptive_heun_max_steps_truncates_and_flags(caplog):
     f, _ = _decay(1.0)
-    _, st = get_solver("adaptive_heun", tol=1e-8, max_steps=5).integrate(f, torch.ones(1, dtype=torch.float64), 0.0, 1.0)
+    _, st = get_solver("adaptive_heun", tol=1e-8, max_steps=5).integrate(
+        f, torch.ones(1, dtype=torch.float64), 0.0, 1.0
+    )
     assert st.truncated
     assert "max_steps" in caplog.text
 
@@ -113,16 +121,20 @@ def test_fixed_solver_requires_step():
 
 def test_multiscale_schedule_and_carry():
     # constant velocity 1 over three unit segments -> y(3) = 3 exactly, for any solver
-    levels = [LevelSchedule(Grid((4, 4, 4), (1, 1, 1)), get_solver("euler", step_size=0.25), 0.0, 1.0),
-              LevelSchedule(Grid((4, 4, 4), (1, 1, 1)), get_solver("heun", step_size=0.5), 1.0, 2.0),
-              LevelSchedule(Grid((4, 4, 4), (1, 1, 1)), get_solver("adaptive_heun", tol=1e-3), 2.0, 3.0)]
+    levels = [
+        LevelSchedule(Grid((4, 4, 4), (1, 1, 1)), get_solver("euler", step_size=0.25), 0.0, 1.0),
+        LevelSchedule(Grid((4, 4, 4), (1, 1, 1)), get_solver("heun", step_size=0.5), 1.0, 2.0),
+        LevelSchedule(Grid((4, 4, 4), (1, 1, 1)), get_solver("adaptive_heun", tol=1e-3), 2.0, 3.0),
+    ]
     seen = []
 
     def make_field(i):
         def f(t, y):
             seen.append((i, t))
             return torch.ones_like(y)
+
         return f
+
     y, stats = integrate_multiscale("rigid", levels, make_field, torch.zeros(1, 6))
     assert torch.allclose(y, torch.full((1, 6), 3.0))
     assert [s.nfe for s in stats][:2] == [4, 4]
@@ -131,8 +143,10 @@ def test_multiscale_schedule_and_carry():
 
 def test_dense_state_is_upsampled_across_levels():
     coarse, fine = Grid((4, 4, 4), (2, 2, 2)), Grid((8, 8, 8), (1, 1, 1))
-    levels = [LevelSchedule(coarse, get_solver("euler", step_size=1.0), 0.0, 1.0),
-              LevelSchedule(fine, get_solver("euler", step_size=1.0), 1.0, 2.0)]
-    y, _ = integrate_multiscale("dense", levels, lambda i: (lambda t, y: torch.ones_like(y)), torch.zeros(1, 3, 4, 4, 4))
+    levels = [
+        LevelSchedule(coarse, get_solver("euler", step_size=1.0), 0.0, 1.0),
+        LevelSchedule(fine, get_solver("euler", step_size=1.0), 1.0, 2.0),
+    ]
+    y, _ = integrate_multiscale("dense", levels, lambda i: lambda t, y: torch.ones_like(y), torch.zeros(1, 3, 4, 4, 4))
     assert y.shape == (1, 3, 8, 8, 8)
     assert torch.allclose(y, torch.full_like(y, 2.0))

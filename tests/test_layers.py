@@ -6,6 +6,7 @@ A lower package never imports a higher one, not even lazily inside a function: c
 architectures with ``msode_export.checkpoint`` when imported, and declares the ``msode.architectures``
 entry point that the registry loads on a miss.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,8 +39,12 @@ def _imported_names(tree: ast.AST):
                 yield node.lineno, a.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             yield node.lineno, node.module.split(".")[0]
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             if name in ("import_module", "__import__"):
@@ -53,8 +58,11 @@ def test_a_lower_package_never_imports_a_higher_one(package):
     for path in sorted(folder.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         rel = path.relative_to(ROOT).as_posix()
-        bad += [f"{rel}:{line} imports {name}" for line, name in _imported_names(tree)
-                if name in forbidden and KNOWN.get(rel) != name]
+        bad += [
+            f"{rel}:{line} imports {name}"
+            for line, name in _imported_names(tree)
+            if name in forbidden and KNOWN.get(rel) != name
+        ]
     assert not bad, "layer violations (msode_sdk <- msode_export <- msode_train):\n" + "\n".join(bad)
 
 
@@ -71,15 +79,17 @@ def test_export_finds_training_architectures_through_the_entry_point():
     """In a fresh process the export package resolves a training architecture without anyone importing
     msode_train: the registry loads the ``msode.architectures`` entry point (declared in pyproject.toml;
     an editable install must be re-installed after that file changes)."""
-    code = ("import sys\n"
-            "from importlib.metadata import entry_points\n"
-            "from msode_export import checkpoint as ck\n"
-            "assert 'msode_train' not in sys.modules\n"
-            "eps = [ep.value for ep in entry_points(group=ck.ENTRY_POINT_GROUP)]\n"
-            "assert 'msode_train.models:register_architectures' in eps, eps\n"
-            "ck.get_architecture('rigid_convfc')\n"
-            "assert 'msode_train.models' in sys.modules\n"
-            "print(' '.join(ck.architectures()))\n")
+    code = (
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "from msode_export import checkpoint as ck\n"
+        "assert 'msode_train' not in sys.modules\n"
+        "eps = [ep.value for ep in entry_points(group=ck.ENTRY_POINT_GROUP)]\n"
+        "assert 'msode_train.models:register_architectures' in eps, eps\n"
+        "ck.get_architecture('rigid_convfc')\n"
+        "assert 'msode_train.models' in sys.modules\n"
+        "print(' '.join(ck.architectures()))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert {"rigid_convfc", "bspline_fcn", "dense_unet"} <= set(r.stdout.split())
@@ -93,22 +103,29 @@ def _fake_plugins(monkeypatch, *values):
 
 def test_unknown_architecture_is_a_typed_error_naming_what_is_registered(monkeypatch):
     _fake_plugins(monkeypatch)
-    with pytest.raises(ck.UnknownArchitectureError, match=r"unknown network architecture 'no_such_net'; "
-                                                          r"registered: \[.*\].*--import MODULE") as ei:
+    with pytest.raises(
+        ck.UnknownArchitectureError,
+        match=r"unknown network architecture 'no_such_net'; "
+        r"registered: \[.*\].*--import MODULE",
+    ) as ei:
         ck.get_architecture("no_such_net")
     assert isinstance(ei.value, ck.CheckpointError) and ei.value.name == "no_such_net"
     assert ei.value.registered == ck.architectures() and ei.value.__cause__ is None
     # a name in msode_train's style (<transform>_<kind>) says where such names come from
     monkeypatch.delitem(sys.modules, "msode_train", raising=False)
-    with pytest.raises(ck.UnknownArchitectureError, match="looks like an msode_train architecture: `import msode_train`"):
+    with pytest.raises(
+        ck.UnknownArchitectureError, match="looks like an msode_train architecture: `import msode_train`"
+    ):
         ck.get_architecture("rigid_transformer")
 
 
 def test_a_broken_plugin_is_reported_not_swallowed(monkeypatch):
     monkeypatch.setattr(ck, "_ARCHITECTURES", dict(ck._ARCHITECTURES))  # nothing registered here outlives the test
     _fake_plugins(monkeypatch, "msode_no_such_plugin_module:register")
-    with pytest.raises(ck.UnknownArchitectureError, match="plugins that failed to load: .*msode_no_such_plugin_module"
-                                                          ".*ModuleNotFoundError") as ei:
+    with pytest.raises(
+        ck.UnknownArchitectureError,
+        match="plugins that failed to load: .*msode_no_such_plugin_module.*ModuleNotFoundError",
+    ) as ei:
         ck.get_architecture("no_such_net")
     assert isinstance(ei.value.__cause__, ModuleNotFoundError)
 
@@ -135,21 +152,24 @@ def test_the_sdk_imports_and_runs_without_the_higher_packages(tmp_path):
     from msode_export.analytic import build_analytic_plan
     from msode_sdk.transforms import Grid
 
-    plan = build_analytic_plan(tmp_path / "p.plan", Grid((20, 24, 16), (8.0, 8.0, 8.0)), stages=("rigid",),
-                               formats=("torchscript",))
-    code = ("import sys\n"
-            "sys.modules['msode_export'] = None; sys.modules['msode_train'] = None  # imports of them fail\n"
-            "import torch\n"
-            "import msode_sdk, msode_sdk.bench, msode_sdk.cli\n"
-            "from msode_sdk import Registrar\n"
-            "parser = msode_sdk.cli.build_parser()\n"
-            "cmds = parser._subparsers._group_actions[0].choices\n"
-            "assert 'register' in cmds and 'export' not in cmds, sorted(cmds)\n"
-            f"reg = Registrar.load({str(plan)!r}, device='cpu')\n"
-            "x = torch.rand(1, 1, 16, 24, 20)\n"
-            "res = reg.register_model_grid(x, x)\n"
-            "assert res.stages[0].nfe > 0\n"
-            "assert not any(m.split('.')[0] in ('msode_export', 'msode_train') for m in sys.modules if sys.modules[m])\n"
-            "print('ok')\n")
+    plan = build_analytic_plan(
+        tmp_path / "p.plan", Grid((20, 24, 16), (8.0, 8.0, 8.0)), stages=("rigid",), formats=("torchscript",)
+    )
+    code = (
+        "import sys\n"
+        "sys.modules['msode_export'] = None; sys.modules['msode_train'] = None  # imports of them fail\n"
+        "import torch\n"
+        "import msode_sdk, msode_sdk.bench, msode_sdk.cli\n"
+        "from msode_sdk import Registrar\n"
+        "parser = msode_sdk.cli.build_parser()\n"
+        "cmds = parser._subparsers._group_actions[0].choices\n"
+        "assert 'register' in cmds and 'export' not in cmds, sorted(cmds)\n"
+        f"reg = Registrar.load({str(plan)!r}, device='cpu')\n"
+        "x = torch.rand(1, 1, 16, 24, 20)\n"
+        "res = reg.register_model_grid(x, x)\n"
+        "assert res.stages[0].nfe > 0\n"
+        "assert not any(m.split('.')[0] in ('msode_export', 'msode_train') for m in sys.modules if sys.modules[m])\n"
+        "print('ok')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 Every failure must surface as `PlanError` (never another exception type, never a write to disk).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -110,8 +111,12 @@ def _zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression=zipfile
     return buf.getvalue()
 
 
-def _bundle(manifest: dict, blobs: dict[str, bytes], extra: list[tuple[str | zipfile.ZipInfo, bytes]] = (),
-            fill_members: bool = True) -> bytes:
+def _bundle(
+    manifest: dict,
+    blobs: dict[str, bytes],
+    extra: list[tuple[str | zipfile.ZipInfo, bytes]] = (),
+    fill_members: bool = True,
+) -> bytes:
     """A plan-like zip built without write_plan's validation (for crafting bad plans)."""
     m = copy.deepcopy(manifest)
     if fill_members:
@@ -306,9 +311,20 @@ def test_make_manifest_skeleton():
 
 def test_plan_summary(plan_file: Path):
     text = P.plan_summary(P.load_plan(plan_file))
-    for needle in ("demo_plan", "16x16x8", "RAS", "rigid", "bspline", "adaptive_heun tol=0.001",
-                   "euler step=0.2", "control spacing 16x16x16", "networks/rigid_L1.ts", "rmse_mm: 1.25",
-                   "t1, t2", "t=[1, 2]"):
+    for needle in (
+        "demo_plan",
+        "16x16x8",
+        "RAS",
+        "rigid",
+        "bspline",
+        "adaptive_heun tol=0.001",
+        "euler step=0.2",
+        "control spacing 16x16x16",
+        "networks/rigid_L1.ts",
+        "rmse_mm: 1.25",
+        "t1, t2",
+        "t=[1, 2]",
+    ):
         assert needle in text, needle
     m = _manifest(analytic=True)
     plan = P.load_plan(_bundle(m, _blobs(m)))
@@ -663,9 +679,7 @@ def test_future_format_version():
     m = _valid_manifest_with_members()
     m["format_version"] = 3
     m["stages"] = "whatever a future version has"
-    assert _validate_error(m) == (
-        "plan format_version 3 is newer than this SDK supports (2); upgrade msode"
-    )
+    assert _validate_error(m) == ("plan format_version 3 is newer than this SDK supports (2); upgrade msode")
     msg = _load_error(_zip([("manifest.json", json.dumps(m).encode()), ("new_member.bin", b"")]))
     assert msg.endswith("plan format_version 3 is newer than this SDK supports (2); upgrade msode")
 
@@ -700,34 +714,53 @@ BSC = ["stages", 1, "scales", 0]  # bspline L1 (euler)
         (["created"], 2026, "manifest.created: expected a string, got int 2026"),
         (["description"], None, "manifest.description: expected a string, got null"),
         (["analytic"], 1, "manifest.analytic: expected true or false, got int 1"),
-        (["model_grid", "shape_xyz"], [120, "120", 80],
-          "manifest.model_grid.shape_xyz[1]: expected an integer, got str '120'"),
-        (["model_grid", "shape_xyz"], [120, True, 80],
-          "manifest.model_grid.shape_xyz[1]: expected an integer, got bool True"),
-        (["model_grid", "shape_xyz"], [16, 16],
-          "manifest.model_grid.shape_xyz: expected 3 values (x, y, z), got 2"),
+        (
+            ["model_grid", "shape_xyz"],
+            [120, "120", 80],
+            "manifest.model_grid.shape_xyz[1]: expected an integer, got str '120'",
+        ),
+        (
+            ["model_grid", "shape_xyz"],
+            [120, True, 80],
+            "manifest.model_grid.shape_xyz[1]: expected an integer, got bool True",
+        ),
+        (["model_grid", "shape_xyz"], [16, 16], "manifest.model_grid.shape_xyz: expected 3 values (x, y, z), got 2"),
         (["model_grid", "shape_xyz"], [16, 16, 0], "manifest.model_grid.shape_xyz[2]: 0 is not in [1, 1024]"),
-        (["model_grid", "shape_xyz"], [16, 16, 2048],
-          "manifest.model_grid.shape_xyz[2]: 2048 is not in [1, 1024]"),
-        (["model_grid", "spacing_xyz_mm"], [2.0, math.nan, 2.0],
-          "manifest.model_grid.spacing_xyz_mm[1]: expected a finite number, got nan"),
-        (["model_grid", "spacing_xyz_mm"], [2.0, math.inf, 2.0],
-          "manifest.model_grid.spacing_xyz_mm[1]: expected a finite number, got inf"),
-        (["model_grid", "spacing_xyz_mm"], [2.0, 10**400, 2.0],
-          "manifest.model_grid.spacing_xyz_mm[1]: expected a finite number"),
-        (["model_grid", "spacing_xyz_mm"], [2.0, 0.0, 2.0],
-          "manifest.model_grid.spacing_xyz_mm[1]: 0.0 is not in (0, 100]"),
-        (["model_grid", "spacing_xyz_mm"], [2.0, 101, 2.0],
-          "manifest.model_grid.spacing_xyz_mm[1]: 101 is not in (0, 100]"),
-        (["model_grid", "spacing_xyz_mm"], [2.0, False, 2.0],
-          "manifest.model_grid.spacing_xyz_mm[1]: expected a number, got bool False"),
-        (["model_grid", "orientation"], "LPS",
-          "manifest.model_grid.orientation: 'LPS' is not one of ['RAS']"),
-        (["model_grid", "centre"], "middle",
-          "manifest.model_grid.centre: 'middle' is not one of ['com', 'fov']"),
+        (["model_grid", "shape_xyz"], [16, 16, 2048], "manifest.model_grid.shape_xyz[2]: 2048 is not in [1, 1024]"),
+        (
+            ["model_grid", "spacing_xyz_mm"],
+            [2.0, math.nan, 2.0],
+            "manifest.model_grid.spacing_xyz_mm[1]: expected a finite number, got nan",
+        ),
+        (
+            ["model_grid", "spacing_xyz_mm"],
+            [2.0, math.inf, 2.0],
+            "manifest.model_grid.spacing_xyz_mm[1]: expected a finite number, got inf",
+        ),
+        (
+            ["model_grid", "spacing_xyz_mm"],
+            [2.0, 10**400, 2.0],
+            "manifest.model_grid.spacing_xyz_mm[1]: expected a finite number",
+        ),
+        (
+            ["model_grid", "spacing_xyz_mm"],
+            [2.0, 0.0, 2.0],
+            "manifest.model_grid.spacing_xyz_mm[1]: 0.0 is not in (0, 100]",
+        ),
+        (
+            ["model_grid", "spacing_xyz_mm"],
+            [2.0, 101, 2.0],
+            "manifest.model_grid.spacing_xyz_mm[1]: 101 is not in (0, 100]",
+        ),
+        (
+            ["model_grid", "spacing_xyz_mm"],
+            [2.0, False, 2.0],
+            "manifest.model_grid.spacing_xyz_mm[1]: expected a number, got bool False",
+        ),
+        (["model_grid", "orientation"], "LPS", "manifest.model_grid.orientation: 'LPS' is not one of ['RAS']"),
+        (["model_grid", "centre"], "middle", "manifest.model_grid.centre: 'middle' is not one of ['com', 'fov']"),
         (["model_grid"], [], "manifest.model_grid: expected an object, got list []"),
-        (["normalization", "method"], "zscore",
-          "manifest.normalization.method: 'zscore' is not one of ['percentile']"),
+        (["normalization", "method"], "zscore", "manifest.normalization.method: 'zscore' is not one of ['percentile']"),
         (["normalization", "low"], 99.5, "manifest.normalization: low (99.5) must be below high (99.5)"),
         (["normalization", "high"], 101, "manifest.normalization.high: 101 is not in [0, 100]"),
         (["modalities"], "t1", "manifest.modalities: expected a list, got str 't1'"),
@@ -737,61 +770,90 @@ BSC = ["stages", 1, "scales", 0]  # bspline L1 (euler)
         (["stages"], [], "manifest.stages: a plan needs at least one stage"),
         (["stages", 1, "name"], "rigid", "manifest.stages[1].name: duplicate stage name 'rigid'"),
         (["stages", 0, "name"], "Rigid", "manifest.stages[0].name: 'Rigid' is not a valid stage name"),
-        (["stages", 0, "transform"], "affine",
-          "manifest.stages[0].transform: 'affine' is not one of ['bspline', 'dense', 'rigid']"),
-        (["stages", 1, "params"], {},
-          "manifest.stages[1].params.control_spacing_mm: required field is missing"),
-        (["stages", 1, "params", "control_spacing_mm"], [16, -1, 16],
-          "manifest.stages[1].params.control_spacing_mm[1]: -1 is not in (0, inf]"),
+        (
+            ["stages", 0, "transform"],
+            "affine",
+            "manifest.stages[0].transform: 'affine' is not one of ['bspline', 'dense', 'rigid']",
+        ),
+        (["stages", 1, "params"], {}, "manifest.stages[1].params.control_spacing_mm: required field is missing"),
+        (
+            ["stages", 1, "params", "control_spacing_mm"],
+            [16, -1, 16],
+            "manifest.stages[1].params.control_spacing_mm[1]: -1 is not in (0, inf]",
+        ),
         (["stages", 0, "scales"], [], "manifest.stages[0].scales: a stage needs at least one scale"),
         ([*SC, "level"], 0, "manifest.stages[0].scales[0].level: expected 1, got 0"),
         ([*SC, "level"], True, "manifest.stages[0].scales[0].level: expected an integer, got bool True"),
         (["stages", 0, "scales", 1, "level"], 3, "manifest.stages[0].scales[1].level: expected 2, got 3"),
-        ([*SC, "solver"], "rk4",
-          "manifest.stages[0].scales[0].solver: 'rk4' is not one of ['adaptive_heun', 'euler', 'heun']"),
+        (
+            [*SC, "solver"],
+            "rk4",
+            "manifest.stages[0].scales[0].solver: 'rk4' is not one of ['adaptive_heun', 'euler', 'heun']",
+        ),
         ([*SC, "tol"], 1.0, "manifest.stages[0].scales[0].tol: 1.0 is not in (0, 1)"),
         ([*SC, "tol"], "1e-3", "manifest.stages[0].scales[0].tol: expected a number, got str '1e-3'"),
         ([*SC, "max_steps"], 0, "manifest.stages[0].scales[0].max_steps: 0 is not in [1, 100000]"),
-        ([*SC, "max_steps"], 10.0,
-          "manifest.stages[0].scales[0].max_steps: expected an integer, got float 10.0"),
+        ([*SC, "max_steps"], 10.0, "manifest.stages[0].scales[0].max_steps: expected an integer, got float 10.0"),
         ([*SC, "step_size"], 2.0, "manifest.stages[0].scales[0].step_size: 2.0 is not in (0, 1]"),
         ([*BSC, "step_size"], 0.0, "manifest.stages[1].scales[0].step_size: 0.0 is not in (0, 1]"),
         ([*BSC, "step_size"], 1.5, "manifest.stages[1].scales[0].step_size: 1.5 is not in (0, 1]"),
-        ([*BSC, "step_size"], 1e-4,
-          "manifest.stages[1].scales[0].step_size: 0.0001 needs 10000 steps on [0, 1], more than max_steps=1000"),
+        (
+            [*BSC, "step_size"],
+            1e-4,
+            "manifest.stages[1].scales[0].step_size: 0.0001 needs 10000 steps on [0, 1], more than max_steps=1000",
+        ),
         ([*BSC, "t1"], 0.0, "manifest.stages[1].scales[0].t1: t1 (0) must be greater than t0 (0)"),
-        ([*BSC, "t1"], 0.9,
-          "manifest.stages[1].scales[1].t0: time segments must be contiguous: "
-          "level 1 ends at t1=0.9 but level 2 starts at t0=1"),
+        (
+            [*BSC, "t1"],
+            0.9,
+            "manifest.stages[1].scales[1].t0: time segments must be contiguous: "
+            "level 1 ends at t1=0.9 but level 2 starts at t0=1",
+        ),
         ([*BSC, "t0"], "0", "manifest.stages[1].scales[0].t0: expected a number, got str '0'"),
-        (["stages", 1, "scales", 1, "shape_xyz"], [16, 16, 16],
-          "manifest.stages[1].scales[1].shape_xyz: the finest level's shape [16, 16, 16] "
-          "must equal model_grid.shape_xyz [16, 16, 8]"),
-        (["stages", 1, "scales", 1, "spacing_xyz_mm"], [2, 2, 1],
-          "manifest.stages[1].scales[1].spacing_xyz_mm: the finest level's spacing [2.0, 2.0, 1.0] "
-          "must equal model_grid.spacing_xyz_mm [2.0, 2.0, 2.0]"),
-        ([*SC, "networks"], {},
-          "manifest.stages[0].scales[0].networks: needs at least one of ['torchscript', 'onnx']"),
-        ([*SC, "networks"], {"tensorrt": "x"},
-          "manifest.stages[0].scales[0].networks: needs at least one of"),
-        ([*SC, "networks", "onnx"], "networks/absent.onnx",
-          "manifest.stages[0].scales[0].networks.onnx: "
-          "member 'networks/absent.onnx' is not listed in manifest.members"),
-        ([*SC, "networks", "onnx"], 5,
-          "manifest.stages[0].scales[0].networks.onnx: expected a string, got int 5"),
+        (
+            ["stages", 1, "scales", 1, "shape_xyz"],
+            [16, 16, 16],
+            "manifest.stages[1].scales[1].shape_xyz: the finest level's shape [16, 16, 16] "
+            "must equal model_grid.shape_xyz [16, 16, 8]",
+        ),
+        (
+            ["stages", 1, "scales", 1, "spacing_xyz_mm"],
+            [2, 2, 1],
+            "manifest.stages[1].scales[1].spacing_xyz_mm: the finest level's spacing [2.0, 2.0, 1.0] "
+            "must equal model_grid.spacing_xyz_mm [2.0, 2.0, 2.0]",
+        ),
+        ([*SC, "networks"], {}, "manifest.stages[0].scales[0].networks: needs at least one of ['torchscript', 'onnx']"),
+        ([*SC, "networks"], {"tensorrt": "x"}, "manifest.stages[0].scales[0].networks: needs at least one of"),
+        (
+            [*SC, "networks", "onnx"],
+            "networks/absent.onnx",
+            "manifest.stages[0].scales[0].networks.onnx: "
+            "member 'networks/absent.onnx' is not listed in manifest.members",
+        ),
+        ([*SC, "networks", "onnx"], 5, "manifest.stages[0].scales[0].networks.onnx: expected a string, got int 5"),
         (["members"], [], "manifest.members: expected an object, got list []"),
-        (["members", "../x"], {"sha256": "0" * 64, "size": 1},
-          "manifest.members['../x']: unsafe member name: has a '..' path component"),
-        (["members", "manifest.json"], {"sha256": "0" * 64, "size": 1},
-          "manifest.members['manifest.json']: manifest.json must not list itself"),
-        (["members", "d/"], {"sha256": "0" * 64, "size": 0},
-          "manifest.members['d/']: directories are not members"),
-        (["members", "x"], {"sha256": "abc", "size": 1},
-          "manifest.members['x'].sha256: expected 64 hex digits, got 'abc'"),
-        (["members", "x"], {"sha256": "0" * 64, "size": -1},
-          "manifest.members['x'].size: -1 is not in [0, 536870912]"),
-        (["members", "x"], {"sha256": "0" * 64, "size": True},
-          "manifest.members['x'].size: expected an integer, got bool True"),
+        (
+            ["members", "../x"],
+            {"sha256": "0" * 64, "size": 1},
+            "manifest.members['../x']: unsafe member name: has a '..' path component",
+        ),
+        (
+            ["members", "manifest.json"],
+            {"sha256": "0" * 64, "size": 1},
+            "manifest.members['manifest.json']: manifest.json must not list itself",
+        ),
+        (["members", "d/"], {"sha256": "0" * 64, "size": 0}, "manifest.members['d/']: directories are not members"),
+        (
+            ["members", "x"],
+            {"sha256": "abc", "size": 1},
+            "manifest.members['x'].sha256: expected 64 hex digits, got 'abc'",
+        ),
+        (["members", "x"], {"sha256": "0" * 64, "size": -1}, "manifest.members['x'].size: -1 is not in [0, 536870912]"),
+        (
+            ["members", "x"],
+            {"sha256": "0" * 64, "size": True},
+            "manifest.members['x'].size: expected an integer, got bool True",
+        ),
         (["members", "x"], {"size": 1}, "manifest.members['x'].sha256: required field is missing"),
     ],
 )
@@ -802,9 +864,24 @@ def test_schema_errors(path, value, expected):
 
 @pytest.mark.parametrize(
     "path",
-    [["format"], ["format_version"], ["name"], ["created"], ["model_grid"], ["normalization"], ["modalities"],
-     ["stages"], ["members"], ["model_grid", "centre"], ["model_grid", "orientation"], [*SC, "tol"],
-     [*BSC, "step_size"], [*SC, "t0"], [*SC, "networks"], ["stages", 0, "transform"]],
+    [
+        ["format"],
+        ["format_version"],
+        ["name"],
+        ["created"],
+        ["model_grid"],
+        ["normalization"],
+        ["modalities"],
+        ["stages"],
+        ["members"],
+        ["model_grid", "centre"],
+        ["model_grid", "orientation"],
+        [*SC, "tol"],
+        [*BSC, "step_size"],
+        [*SC, "t0"],
+        [*SC, "networks"],
+        ["stages", 0, "transform"],
+    ],
 )
 def test_required_fields(path):
     msg = _validate_error(_mutated(path, delete=True))
@@ -876,9 +953,11 @@ def test_failed_loads_write_nothing(tmp_path: Path, plan_bytes: bytes, monkeypat
     hostile = {
         "dotdot.plan": _hostile("../evil"),
         "abs.plan": _hostile("/etc/passwd"),
-        "tampered.plan": _bundle({**m, "members": _members_of(blobs)},
-                                 {**blobs, "networks/rigid_L1.ts": b"x" * len(blobs["networks/rigid_L1.ts"])},
-                                 fill_members=False),
+        "tampered.plan": _bundle(
+            {**m, "members": _members_of(blobs)},
+            {**blobs, "networks/rigid_L1.ts": b"x" * len(blobs["networks/rigid_L1.ts"])},
+            fill_members=False,
+        ),
         "truncated.plan": plan_bytes[: len(plan_bytes) // 2],
         "bomb.plan": _patch_cd(_hostile("big.bin", bytes(4000)), "big.bin", "<I", 24, 10),
     }
@@ -922,13 +1001,41 @@ def test_failed_loads_write_nothing(tmp_path: Path, plan_bytes: bytes, monkeypat
 # ------------------------------------------------------------------------------------------------
 
 _KEYS = st.sampled_from(
-    ["format", "format_version", "name", "created", "model_grid", "shape_xyz", "spacing_xyz_mm", "stages",
-     "scales", "level", "solver", "networks", "members", "sha256", "size", "t0", "t1", "tol", "step_size",
-     "normalization", "modalities", "orientation", "centre", "transform", "params"]
+    [
+        "format",
+        "format_version",
+        "name",
+        "created",
+        "model_grid",
+        "shape_xyz",
+        "spacing_xyz_mm",
+        "stages",
+        "scales",
+        "level",
+        "solver",
+        "networks",
+        "members",
+        "sha256",
+        "size",
+        "t0",
+        "t1",
+        "tol",
+        "step_size",
+        "normalization",
+        "modalities",
+        "orientation",
+        "centre",
+        "transform",
+        "params",
+    ]
 ) | st.text(max_size=6)
 _LEAVES = (
-    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10**500), max_value=10**500)
-    | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**500), max_value=10**500)
+    | st.floats()
+    | st.text(max_size=8)
     | st.sampled_from(["msode-plan", "RAS", "fov", "percentile", "rigid", "bspline", "euler", "adaptive_heun"])
 )
 _JSON = st.recursive(

@@ -1,5 +1,6 @@
 """End to end through Registrar with the analytic SSD plan: recovery of known motions, world geometry,
 outputs read back by SimpleITK, bundled plans, selection errors."""
+
 import json
 
 import nibabel as nib
@@ -12,7 +13,7 @@ from msode_sdk import BackendUnavailable, InputError, PlanError, Registrar, bund
 from msode_sdk.transforms import BSplineLattice, BSplineTransform, RigidTransform, TransformChain, rigid_matrix
 
 ROT = (0.12, -0.18, 0.22)  # rad, about the phantom centre
-TRANS = (7.0, -5.0, 6.0)   # mm
+TRANS = (7.0, -5.0, 6.0)  # mm
 
 
 def _world_rigid(c0):
@@ -115,7 +116,8 @@ def test_save_outputs_and_simpleitk_reproduces_warped(registrar, rigid_case, tmp
     res = registrar.register(moving, fixed)
     files = res.save(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"])
+        ["warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"]
+    )
     report = json.loads(files["report"].read_text())
     assert report["plan"] == registrar.name and report["analytic_plan"] is True
     assert set(report["nfe"]) == {"rigid", "bspline"} and report["backend"] == "torch"
@@ -150,6 +152,7 @@ def test_save_outputs_and_simpleitk_reproduces_warped(registrar, rigid_case, tmp
 
 def test_itk_affine_file_round_trip(tmp_path):
     from msode_sdk.io import read_itk_affine, write_itk_affine
+
     m = np.eye(4)
     m[:3, :3] = rigid_matrix(torch.tensor([[0.3, -0.2, 0.1, 0, 0, 0]], dtype=torch.float64))[0, :3, :3].numpy()
     m[:3, 3] = [4.0, -7.0, 2.5]
@@ -241,11 +244,13 @@ def test_world_outputs_match_the_chain_point_by_point(registrar, grid_kind, chai
     that voxel's world point (computed here point by point, float64): the separable aligned path, the
     oblique path (half-spacing B-spline samples) and the generic path of other chains."""
     from msode_sdk import io as sdk_io
+
     g = torch.Generator().manual_seed(3)
     lat = BSplineLattice(MODEL_GRID, (21.0, 21.0, 21.0))
     rig = RigidTransform(torch.tensor([[0.2, -0.15, 0.3, 4.0, -3.0, 2.0]]))
     bsp = BSplineTransform(torch.randn(1, *lat.coeff_shape, generator=g) * 3.0, lat)
     from msode_sdk.transforms import DenseTransform
+
     coarse = MODEL_GRID.downsampled(4)
     dense = DenseTransform(torch.randn(1, 3, *coarse.shape_dhw, generator=g) * 2.0, coarse)
     parts = {"rigid": rig, "bspline": bsp, "dense": dense}
@@ -262,7 +267,7 @@ def test_world_outputs_match_the_chain_point_by_point(registrar, grid_kind, chai
     c_m, c_f = np.array([5.0, -3.0, 2.0]), np.array([-1.0, 2.0, 4.0])
     warped, matrix, disp = registrar._to_world(chain, moving, c_m, fixed, c_f)
     # reference: every fixed voxel's world point through the chain, float64 (B-splines by their 64-term sum)
-    pts = voxel_world_points(f_shape, f_aff).reshape(-1, 3)                       # (P, 3), NIfTI voxel order
+    pts = voxel_world_points(f_shape, f_aff).reshape(-1, 3)  # (P, 3), NIfTI voxel order
     x = (pts - torch.from_numpy(c_f))[None]
     phi = chain.map_points(x.float()).double()[0]
     q = phi + torch.from_numpy(c_m)

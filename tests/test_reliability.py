@@ -7,6 +7,7 @@ hang or partial output; property tests of the validation; thread safety and dete
 test_plan.py. No test asserts on wall-clock time; hangs are caught by a per-test alarm (and, as a last
 resort, faulthandler) instead.
 """
+
 from __future__ import annotations
 
 import errno
@@ -52,8 +53,10 @@ GIB = 1 << 30
 def _no_hang():
     """Every test here is bounded: SIGALRM raises in the test (also interrupting blocking reads), and
     faulthandler kills the run with all stacks if even that does not return."""
+
     def on_alarm(signum, frame):
         raise TimeoutError("reliability test exceeded its time bound (hang?)")
+
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(400)
     faulthandler.dump_traceback_later(500, exit=True)
@@ -76,11 +79,18 @@ def tiny_plan(tmp_path_factory):
     """A tiny analytic plan (20x20x16 at 10 mm, fixed Euler steps): bounded cost per registration."""
     from msode_export.analytic import build_analytic_plan
     from msode_export.pack import LevelSolver
+
     path = tmp_path_factory.mktemp("tiny") / "tiny.plan"
     euler = (LevelSolver("euler", 0.5),) * 3
-    build_analytic_plan(path, Grid((20, 20, 16), (10.0, 10.0, 10.0)), stages=("rigid", "bspline"),
-                        control_spacing_mm=(40.0, 40.0, 40.0), schedules={"rigid": euler, "bspline": euler},
-                        formats=("torchscript",), name="tiny")
+    build_analytic_plan(
+        path,
+        Grid((20, 20, 16), (10.0, 10.0, 10.0)),
+        stages=("rigid", "bspline"),
+        control_spacing_mm=(40.0, 40.0, 40.0),
+        schedules={"rigid": euler, "bspline": euler},
+        formats=("torchscript",),
+        name="tiny",
+    )
     return path
 
 
@@ -149,7 +159,10 @@ BAD_ARRAYS = {
     "bytes": (lambda: np.full((4, 4, 4), b"a"), "numeric"),
     "datetime": (lambda: np.zeros((4, 4, 4), "datetime64[s]"), "numeric"),
     "ragged": (_ragged, "regular numeric array"),
-    "NaN voxel": (lambda: np.where(np.arange(512).reshape(8, 8, 8) == 7, np.nan, 1.0 + _good_array((8, 8, 8))), "1 NaN/Inf"),
+    "NaN voxel": (
+        lambda: np.where(np.arange(512).reshape(8, 8, 8) == 7, np.nan, 1.0 + _good_array((8, 8, 8))),
+        "1 NaN/Inf",
+    ),
     "Inf voxels": (lambda: np.where(np.arange(512).reshape(8, 8, 8) < 3, np.inf, _good_array((8, 8, 8))), "3 NaN/Inf"),
     "-Inf float16": (lambda: np.where(np.arange(512).reshape(8, 8, 8) == 0, -np.inf, 1).astype(np.float16), "NaN/Inf"),
     "constant": (lambda: np.full((8, 8, 8), 7.0), "constant"),
@@ -157,8 +170,10 @@ BAD_ARRAYS = {
     "all False": (lambda: np.zeros((8, 8, 8), bool), "constant"),
     "nearly constant": (lambda: 1000.0 + 5e-4 * _good_array((8, 8, 8)).astype(np.float64), "too narrow"),
     "huge values": (lambda: 1e35 * _good_array((8, 8, 8)).astype(np.float64), "intensities reach"),
-    "float32 max": (lambda: np.where(_good_array((8, 8, 8)) > 0.5, np.finfo(np.float32).max, 0).astype(np.float32),
-                    "intensities reach"),
+    "float32 max": (
+        lambda: np.where(_good_array((8, 8, 8)) > 0.5, np.finfo(np.float32).max, 0).astype(np.float32),
+        "intensities reach",
+    ),
     "masked": (lambda: np.ma.masked_array(_good_array((8, 8, 8)), _good_array((8, 8, 8)) > 0.5), "masked"),
     "too many voxels": (lambda: np.broadcast_to(np.float32(1), (4096, 4096, 17)), "larger than supported"),
     "axis too long": (lambda: np.broadcast_to(np.float32(1), (5000, 2, 2)), "larger than supported"),
@@ -200,7 +215,10 @@ BAD_AFFINES = {
     "parallel columns": (_parallel_columns, "singular or degenerate"),
     "shear-degenerate": (_shear_degenerate, "singular or degenerate"),
     "NaN": (lambda: np.where(np.eye(4) == 1, np.nan, 0.0), "NaN or Inf"),
-    "Inf translation": (lambda: np.array([[1, 0, 0, np.inf], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "NaN or Inf"),
+    "Inf translation": (
+        lambda: np.array([[1, 0, 0, np.inf], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]),
+        "NaN or Inf",
+    ),
     "3x3": (lambda: np.eye(3), "4x4"),
     "4x3": (lambda: np.eye(4)[:, :3], "4x4"),
     "flat 16": (lambda: np.eye(4).ravel(), "4x4"),
@@ -223,20 +241,34 @@ def test_bad_affine_is_input_error(reg, pair, case):
     _one_line(str(ei.value))
 
 
-@pytest.mark.parametrize("obj, expected", [
-    (None, "expected a path"), (42, "got int"), ((np.ones((4, 4, 4)),), "got tuple"),
-    ((np.ones((4, 4, 4)), np.eye(4), "x"), "got tuple"), (np.ones((4, 4, 4)), "bare array has no geometry"),
-    (b"/tmp/x.nii", "got bytes"),
-])
+@pytest.mark.parametrize(
+    "obj, expected",
+    [
+        (None, "expected a path"),
+        (42, "got int"),
+        ((np.ones((4, 4, 4)),), "got tuple"),
+        ((np.ones((4, 4, 4)), np.eye(4), "x"), "got tuple"),
+        (np.ones((4, 4, 4)), "bare array has no geometry"),
+        (b"/tmp/x.nii", "got bytes"),
+    ],
+)
 def test_wrong_input_types(reg, pair, obj, expected):
     with pytest.raises(InputError, match=expected):
         reg.register(obj, pair[1])
 
 
-@pytest.mark.parametrize("stages, expected", [
-    (5, "stages must be a list"), ([], "empty"), ([1], "must be strings"), (["affine"], "unknown stage"),
-    ("rigid,bspline", "unknown stage"), ([None], "must be strings"), (object(), "stages must be a list"),
-])
+@pytest.mark.parametrize(
+    "stages, expected",
+    [
+        (5, "stages must be a list"),
+        ([], "empty"),
+        ([1], "must be strings"),
+        (["affine"], "unknown stage"),
+        ("rigid,bspline", "unknown stage"),
+        ([None], "must be strings"),
+        (object(), "stages must be a list"),
+    ],
+)
 def test_stage_argument_errors_come_first(reg, stages, expected):
     # the inputs are invalid too: argument errors are reported before any image work
     with pytest.raises(InputError, match=expected):
@@ -250,17 +282,33 @@ def test_single_stage_name_as_string(tiny, pair):
     assert np.array_equal(a.matrix, b.matrix)
 
 
-@pytest.mark.parametrize("case", ["bool", "4-D singleton", "uint8", "int64", "float16", "big-endian",
-                                  "fortran", "negative strides", "larger than grid"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bool",
+        "4-D singleton",
+        "uint8",
+        "int64",
+        "float16",
+        "big-endian",
+        "fortran",
+        "negative strides",
+        "larger than grid",
+    ],
+)
 def test_documented_accepted_inputs(reg, pair, case):
     """Accepted as documented: bool (0/1), (X, Y, Z, 1), any int/uint/float dtype, any byte order and
     memory layout; images larger than the model grid are cropped around their centre."""
     arr, aff = pair[0]
     arr = {
-        "bool": lambda: arr > np.median(arr), "4-D singleton": lambda: arr[..., None, None],
-        "uint8": lambda: (arr / arr.max() * 255).astype(np.uint8), "int64": lambda: (arr * 1e6).astype(np.int64),
-        "float16": lambda: arr.astype(np.float16), "big-endian": lambda: arr.astype(">f8"),
-        "fortran": lambda: np.asfortranarray(arr), "negative strides": lambda: arr[::-1, ::-1, ::-1],
+        "bool": lambda: arr > np.median(arr),
+        "4-D singleton": lambda: arr[..., None, None],
+        "uint8": lambda: (arr / arr.max() * 255).astype(np.uint8),
+        "int64": lambda: (arr * 1e6).astype(np.int64),
+        "float16": lambda: arr.astype(np.float16),
+        "big-endian": lambda: arr.astype(">f8"),
+        "fortran": lambda: np.asfortranarray(arr),
+        "negative strides": lambda: arr[::-1, ::-1, ::-1],
         "larger than grid": lambda: np.pad(arr, ((60, 60), (0, 0), (0, 0))),
     }[case]()
     if case == "larger than grid":
@@ -347,20 +395,29 @@ def _bad_files(d: Path):
         "vox_offset 1e20": (_write(d / "offset.nii", _patched(raw, "<f", 108, 1e20)), "truncated"),
         "bad magic": (_write(d / "magic.nii", raw[:344] + b"zzz\0" + raw[348:]), "cannot read"),
         "huge claim .nii": (_write(d / "huge.nii", _header_only((4000, 4000, 4000))), "larger than supported"),
-        "huge claim .nii.gz": (_write(d / "huge.nii.gz", gzip.compress(_header_only((30000, 30000, 30000)))),
-                               "larger than supported"),
+        "huge claim .nii.gz": (
+            _write(d / "huge.nii.gz", gzip.compress(_header_only((30000, 30000, 30000)))),
+            "larger than supported",
+        ),
         "2000x2000x2 header only .nii": (_write(d / "big2.nii", _header_only((2000, 2000, 2))), "truncated"),
-        "2000x2000x2 header only .nii.gz": (_write(d / "big2.nii.gz", gzip.compress(_header_only((2000, 2000, 2)))),
-                                            "truncated"),
+        "2000x2000x2 header only .nii.gz": (
+            _write(d / "big2.nii.gz", gzip.compress(_header_only((2000, 2000, 2)))),
+            "truncated",
+        ),
         "4-D file": (_save(d / "four.nii.gz", np.ones((6, 6, 6, 3), np.float32)), "got 4-D"),
         "2-D file": (_save(d / "two.nii.gz", np.ones((6, 6), np.float32)), "got 2-D"),
         "complex file": (_save(d / "cplx.nii.gz", np.ones((6, 6, 6), np.complex64)), "complex"),
         "RGB file": (_save(d / "rgb.nii", np.zeros((6, 6, 6), [("R", "u1"), ("G", "u1"), ("B", "u1")])), "numeric"),
-        "NaN file": (_save(d / "nan.nii.gz", np.where(_good_array((6, 6, 6)) > 0.5, np.nan, 1.0).astype(np.float32)), "NaN"),
+        "NaN file": (
+            _save(d / "nan.nii.gz", np.where(_good_array((6, 6, 6)) > 0.5, np.nan, 1.0).astype(np.float32)),
+            "NaN",
+        ),
         "constant file": (_save(d / "const.nii.gz", np.full((6, 6, 6), 3, np.int16)), "constant"),
         "MGH file": (_save(d / "img.mgz", _good_array((6, 6, 6)), np.eye(4), nib.MGHImage), "expected NIfTI"),
-        "trailing garbage .nii.gz": (_write(d / "trail.nii.gz", gzip.compress((d / "good.nii").read_bytes()
-                                                                              + b"\0" * (2 << 20))), "more than"),
+        "trailing garbage .nii.gz": (
+            _write(d / "trail.nii.gz", gzip.compress((d / "good.nii").read_bytes() + b"\0" * (2 << 20))),
+            "more than",
+        ),
         "NUL in path": (str(d / "a\0b.nii"), "invalid path"),
         "name too long": (d / ("x" * 5000 + ".nii"), "invalid path"),
     }
@@ -376,6 +433,7 @@ def _bad_files(d: Path):
 
 def _bad_file_names():
     import tempfile
+
     with tempfile.TemporaryDirectory() as t:
         d = Path(t)
         arr = _good_array()
@@ -404,6 +462,7 @@ def test_lying_header_is_refused_without_allocating(files, suffix):
     truncated without allocating what it claims (plain files by their size, gzip files by their
     trailer and a chunked read); see also the RSS check in test_peak_rss_one_pair."""
     import tracemalloc
+
     d, _ = files
     for shape, dtype in (((2000, 2000, 2), np.float32), ((2000, 2000, 60), np.float64)):
         data = _header_only(shape, dtype)
@@ -421,10 +480,13 @@ def test_lying_header_is_refused_without_allocating(files, suffix):
 def test_multi_member_gzip_and_bzip2_are_read(files, tmp_path):
     """Valid but unusual compressed files take the chunked path and read exactly as nibabel does."""
     import bz2
+
     raw = (files[0] / "good.nii").read_bytes()
     expected = np.asarray(np.asanyarray(nib.load(str(files[0] / "good.nii")).dataobj), dtype=np.float32)
-    for name, blob in (("multi.nii.gz", gzip.compress(raw[:352]) + gzip.compress(raw[352:])),
-                       ("data.nii.bz2", bz2.compress(raw))):
+    for name, blob in (
+        ("multi.nii.gz", gzip.compress(raw[:352]) + gzip.compress(raw[352:])),
+        ("data.nii.bz2", bz2.compress(raw)),
+    ):
         path = _write(tmp_path / name, blob)
         assert np.array_equal(sdk_io.load_image(path, "moving").array, expected)
 
@@ -452,6 +514,7 @@ def test_thin_slab_far_finer_than_the_grid_is_bounded(reg):
     arr = _good_array((64, 64, 4)) + 1.0
     aff = np.diag([3.5, 3.5, 1e-3, 1.0])
     from msode_sdk.io import resample_to_model_grid
+
     img = sdk_io.load_image((arr, aff), "moving")
     vol = resample_to_model_grid(img, Grid(MODEL_GRID.shape_xyz, MODEL_GRID.spacing_xyz), sdk_io.image_centre(img))
     assert vol.shape == (1, 1, *MODEL_GRID.shape_dhw) and bool(torch.isfinite(vol).all())
@@ -469,9 +532,23 @@ def _cli(capsys, argv):
     return rc, out, err
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "truncated .nii.gz", "gz without trailer", "negative dim",
-                                  "huge claim .nii.gz", "2000x2000x2 header only .nii.gz", "4-D file", "NaN file",
-                                  "constant file", "text file", "MGH file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "directory",
+        "truncated .nii.gz",
+        "gz without trailer",
+        "negative dim",
+        "huge claim .nii.gz",
+        "2000x2000x2 header only .nii.gz",
+        "4-D file",
+        "NaN file",
+        "constant file",
+        "text file",
+        "MGH file",
+    ],
+)
 def test_cli_bad_file_one_line_no_output(files, bad, tmp_path, capsys, case):
     d, good = files
     path, expected = bad[case]
@@ -488,8 +565,13 @@ def test_cli_subprocess_bad_input(files, bad, tmp_path):
     d, good = files
     bad, _ = bad["truncated .nii.gz"]
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "msode_sdk", "register", str(good), str(bad), "-o", str(out),
-                           "--device", "cpu"], capture_output=True, text=True, timeout=300, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "msode_sdk", "register", str(good), str(bad), "-o", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("msode: error: fixed (trunc.nii.gz)"), proc.stderr
     assert proc.stdout == "" and not out.exists()
@@ -503,12 +585,15 @@ def test_cli_file_name_with_newline_stays_one_line(files, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "\x1b" not in err and "evil" in err, repr(err)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["register", "a.nii"], "required"),
-    (["register", "a.nii", "b.nii", "-o"], "expected one argument"),
-    (["frobnicate"], "invalid choice"),
-    ([], "required"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["register", "a.nii"], "required"),
+        (["register", "a.nii", "b.nii", "-o"], "expected one argument"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
 def test_cli_usage_errors_one_line(capsys, argv, expected):
     with pytest.raises(SystemExit) as ei:
         cli.main(argv)
@@ -519,8 +604,11 @@ def test_cli_usage_errors_one_line(capsys, argv, expected):
 def test_cli_argument_errors_after_plan_load_one_line_with_quiet(files, tiny_plan, tmp_path, capsys):
     d, good = files
     out = tmp_path / "out"
-    for extra, expected in ((["--stages", "affine"], "unknown stage"), (["--backend", "tensorflow"], "unknown backend"),
-                            (["--device", "tpu"], "device")):
+    for extra, expected in (
+        (["--stages", "affine"], "unknown stage"),
+        (["--backend", "tensorflow"], "unknown backend"),
+        (["--device", "tpu"], "device"),
+    ):
         rc, stdout, err = _cli(capsys, ["register", good, good, "-o", out, "--plan", tiny_plan, "-q", *extra])
         assert rc == 2 and err.count("\n") == 1 and expected in err, err
         assert not out.exists()
@@ -573,7 +661,9 @@ def test_save_failure_leaves_no_partial_outputs(tiny_result, tmp_path, monkeypat
     (out / "unrelated.txt").write_text("mine")
     boom = OSError(errno.EIO, "I/O error")
     if fail_at == "warped":
-        monkeypatch.setattr("msode_sdk.registrar.nib.save", lambda img, path: (Path(path).write_bytes(b"x"), _raise(boom)))
+        monkeypatch.setattr(
+            "msode_sdk.registrar.nib.save", lambda img, path: (Path(path).write_bytes(b"x"), _raise(boom))
+        )
     elif fail_at == "transform":
         monkeypatch.setattr(sdk_io, "write_itk_affine", lambda p, m: _raise(boom))
     elif fail_at == "report":
@@ -586,6 +676,7 @@ def test_save_failure_leaves_no_partial_outputs(tiny_result, tmp_path, monkeypat
             if len(calls) % 4 == 3:
                 raise boom
             real(a, b)
+
         monkeypatch.setattr("msode_sdk.registrar.os.replace", flaky)
     with pytest.raises((OutputError, ValueError)) as ei:
         tiny_result.save(out)
@@ -620,12 +711,14 @@ def test_concurrent_saves_to_one_directory(tiny_result, tmp_path):
             tiny_result.save(tmp_path / "shared")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
+
     threads = [threading.Thread(target=work) for _ in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors
-    assert _listing(tmp_path / "shared") == sorted(["warped.nii.gz", "transform.tfm", "displacement.nii.gz",
-                                                   "report.json"])
+    assert _listing(tmp_path / "shared") == sorted(
+        ["warped.nii.gz", "transform.tfm", "displacement.nii.gz", "report.json"]
+    )
 
 
 # ------------------------------------------------------------------------------ out of memory
@@ -638,12 +731,19 @@ def _result_bits(res) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("where, exc, kind", [
-    ("network", lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
-    ("warp", lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB"), "GPU"),
-    ("warp", lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes"), "CPU"),
-    ("network", lambda: MemoryError(), "CPU"),
-])
+@pytest.mark.parametrize(
+    "where, exc, kind",
+    [
+        ("network", lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
+        ("warp", lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB"), "GPU"),
+        (
+            "warp",
+            lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes"),
+            "CPU",
+        ),
+        ("network", lambda: MemoryError(), "CPU"),
+    ],
+)
 def test_out_of_memory_becomes_resource_error(tiny, pair, tiny_result, monkeypatch, where, exc, kind):
     freed, held = [], []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
@@ -673,6 +773,7 @@ def test_out_of_memory_becomes_resource_error(tiny, pair, tiny_result, monkeypat
 def test_other_runtime_errors_are_not_masked(tiny, pair, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("shape mismatch in some kernel")
+
     monkeypatch.setattr("msode_sdk.loop.warp_chain", bug)
     with pytest.raises(RuntimeError, match="shape mismatch") as ei:
         tiny.register(*pair)
@@ -696,6 +797,7 @@ def test_cli_out_of_memory_exit_code(files, tiny_plan, tmp_path, capsys, monkeyp
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
     monkeypatch.setattr("msode_sdk.loop.warp_chain", oom)
     rc, _, err = _cli(capsys, ["register", good, good, "-o", tmp_path / "o", "--plan", tiny_plan, "-q"])
     assert rc == 2 and err.count("\n") == 1 and "out of GPU memory" in err and not (tmp_path / "o").exists()
@@ -718,6 +820,7 @@ def test_threads_give_serial_bits(analytic_plan, pair, backend, stages):
             results[i] = _result_bits(r.register(*pair, stages=stages))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -748,8 +851,13 @@ def test_same_bits_across_fresh_processes(reg, pair, analytic_plan, tmp_path):
     np.savez(inputs, mov=pair[0][0], mov_aff=pair[0][1], fix=pair[1][0], fix_aff=pair[1][1])
     here = _result_bits(reg.register(*pair, stages=["rigid"]))
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(analytic_plan), str(inputs)], env=ENV,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(analytic_plan), str(inputs)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip().splitlines()[-1] == here
 
@@ -806,15 +914,22 @@ def test_peak_rss_one_pair(tmp_path, record_property):
     """CPU peak RSS of one 240x240x160 1 mm pair with the bundled analytic_ssd plan < 4 GiB (DESIGN
     section 8: memory is a correctness budget); a lying gzip header costs no memory."""
     env = {**ENV, "OMP_NUM_THREADS": ENV.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "lying.nii.gz")], capture_output=True,
-                          text=True, timeout=380, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(tmp_path / "lying.nii.gz")],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB; an upper bound
     record_property("peak_rss_mib", info["peak_mib"])
-    print(f"peak RSS, one 240x240x160 pair, analytic_ssd on CPU: {info['peak_mib']:.0f} MiB "
-          f"(after imports {info['baseline_mib']:.0f} MiB, with inputs {info['inputs_mib']:.0f} MiB; "
-          f"ru_maxrss {info['ru_maxrss_mib']:.0f} MiB, RUSAGE_CHILDREN {children_peak / (1 << 20):.0f} MiB)")
+    print(
+        f"peak RSS, one 240x240x160 pair, analytic_ssd on CPU: {info['peak_mib']:.0f} MiB "
+        f"(after imports {info['baseline_mib']:.0f} MiB, with inputs {info['inputs_mib']:.0f} MiB; "
+        f"ru_maxrss {info['ru_maxrss_mib']:.0f} MiB, RUSAGE_CHILDREN {children_peak / (1 << 20):.0f} MiB)"
+    )
     assert "truncated" in info["lying_header"], info
     assert info["after_lying_header_mib"] - info["baseline_mib"] < 256, info  # not the 1.9 GB it claims
     assert info["displacement_shape"] == [240, 240, 160, 1, 3]
@@ -824,8 +939,20 @@ def test_peak_rss_one_pair(tmp_path, record_property):
 # ------------------------------------------------------------------------------- property tests
 
 
-_NUMERIC = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.uint64, np.float16,
-            np.float32, np.float64, np.longdouble]
+_NUMERIC = [
+    np.bool_,
+    np.int8,
+    np.uint8,
+    np.int16,
+    np.uint16,
+    np.int32,
+    np.int64,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.longdouble,
+]
 _DTYPES = _NUMERIC * 3 + [np.complex64, object, "U3"]
 
 
@@ -838,7 +965,7 @@ def _arrays(draw):
     shape = list(draw(st.lists(st.integers(0 if wild else 2, 12), min_size=ndim, max_size=ndim)))
     if ndim > 3 and draw(st.booleans()):
         shape[3:] = [1] * (ndim - 3)
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     modes = ["normal", "uniform", "sparse", "offset"] + (["constant", "scaled", "nan", "inf"] if wild else [])
     mode = draw(st.sampled_from(modes))
     base = rng.standard_normal(shape) if mode != "uniform" else rng.random(shape)
@@ -871,13 +998,15 @@ def _affines(draw):
     """Two thirds plausible (axis-aligned or oblique, 0.5-10 mm voxels), one third anything: random
     entries with NaN/Inf, wrong shapes, degenerate frames, absurd spacings and translations."""
     wild = draw(st.integers(0, 2)) == 0
-    kind = draw(st.sampled_from(["plain", "oblique", "random", "degenerate", "shape"] if wild else ["plain", "oblique"]))
+    kind = draw(
+        st.sampled_from(["plain", "oblique", "random", "degenerate", "shape"] if wild else ["plain", "oblique"])
+    )
     if kind == "random":
         vals = draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=16, max_size=16))
         return np.asarray(vals).reshape(4, 4)
     if kind == "shape":
         return np.eye(draw(st.sampled_from([2, 3, 5])))
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     exponents = st.floats(-4.0, 3.0) if wild else st.floats(-0.3, 1.0)
     spacing = 10.0 ** np.asarray(draw(st.lists(exponents, min_size=3, max_size=3)))
     direction = np.eye(3)
@@ -913,12 +1042,15 @@ def test_property_validation_only_input_error(reg, arr, affine):
 def _plausible(draw):
     """Valid-looking but random images: small, any spacing in range, oblique, noisy, sparse or smooth."""
     shape = tuple(draw(st.lists(st.integers(2, 14), min_size=3, max_size=3)))
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     kind = draw(st.sampled_from(["noise", "blob", "sparse", "ramp"]))
     idx = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
-    arr = {"noise": lambda: rng.random(shape), "sparse": lambda: (rng.random(shape) > 0.9) * 1.0,
-           "blob": lambda: np.exp(-((idx - rng.uniform(-0.5, 0.5, 3)) ** 2).sum(-1) * 4),
-           "ramp": lambda: idx @ rng.standard_normal(3)}[kind]()
+    arr = {
+        "noise": lambda: rng.random(shape),
+        "sparse": lambda: (rng.random(shape) > 0.9) * 1.0,
+        "blob": lambda: np.exp(-((idx - rng.uniform(-0.5, 0.5, 3)) ** 2).sum(-1) * 4),
+        "ramp": lambda: idx @ rng.standard_normal(3),
+    }[kind]()
     arr = (arr * 10.0 ** draw(st.integers(-3, 4))).astype(draw(st.sampled_from([np.float32, np.float64, np.int16])))
     spacing = 10.0 ** np.asarray(draw(st.lists(st.floats(-0.5, 1.5), min_size=3, max_size=3)))
     direction = np.linalg.qr(rng.standard_normal((3, 3)))[0] if draw(st.booleans()) else np.eye(3)
@@ -963,8 +1095,11 @@ def test_property_mutated_nifti_only_input_error(nifti_bytes, tmp_path_factory, 
     if data.draw(st.booleans()):
         for field, fmt in ((40, "<h"), (42, "<h"), (44, "<h"), (46, "<h"), (70, "<h"), (108, "<f"), (112, "<f")):
             if data.draw(st.integers(0, 6)) == 0:
-                value = data.draw(st.integers(-32768, 32767)) if fmt == "<h" else data.draw(
-                    st.floats(allow_nan=True, allow_infinity=True, width=32))
+                value = (
+                    data.draw(st.integers(-32768, 32767))
+                    if fmt == "<h"
+                    else data.draw(st.floats(allow_nan=True, allow_infinity=True, width=32))
+                )
                 struct.pack_into(fmt, raw, field, value)
     raw = bytes(raw)
     gz = data.draw(st.booleans())

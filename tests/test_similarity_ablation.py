@@ -1,5 +1,6 @@
 """Issue 4's similarity ablation: the learned-feature Gauss-Newton architectures it trains, the config's
 two arms, and the paired comparison its report is built on."""
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def test_feature_gn_step_has_gradients_in_every_learned_layer():
     warped = warp_chain(fixed, lg, TransformChain([RigidTransform(torch.tensor([[0.0, 0.0, 0.1, 6.0, 0.0, 0.0]]))]), lg)
     v = net(warped, fixed, torch.zeros(1))
     assert torch.isfinite(v).all()
-    (v ** 2).sum().backward()
+    (v**2).sum().backward()
     for name, p in net.named_parameters():
         if name.endswith("intensity_gain"):
             # the zero intensity channel is the documented exception: it stays off for good
@@ -100,8 +101,10 @@ def test_feature_gn_moves_towards_the_truth_on_a_mono_contrast_pair(arch):
 
 
 def test_ablation_arms_differ_only_in_the_similarity(tmp_path):
-    cfgs = {sim: load_config("rigid_4mm_feature_gn", [f"loss.sim={sim}", f"train.out_dir={tmp_path / sim}"])
-            for sim in ("content", "mi")}
+    cfgs = {
+        sim: load_config("rigid_4mm_feature_gn", [f"loss.sim={sim}", f"train.out_dir={tmp_path / sim}"])
+        for sim in ("content", "mi")
+    }
     a, b = cfgs["content"], cfgs["mi"]
     assert a["loss"]["sim"] == "content" and b["loss"]["sim"] == "mi"
     for c in (a, b):
@@ -118,10 +121,20 @@ def test_both_arms_start_from_the_same_weights_and_see_the_same_pairs(tmp_path, 
     monkeypatch.setenv("MSODE_BANK", str(tmp_path / "bank"))
     trainers = {}
     for sim in ("content", "mi"):
-        cfg = load_config("rigid_4mm_feature_gn", [
-            f"loss.sim={sim}", f"train.out_dir={tmp_path / sim}", "model.spacing_mm=16.0", "model.levels=2",
-            "stages.0.schedule=[{solver: euler, step_size: 0.5}, {solver: euler, step_size: 0.5}]",
-            "data.n_train=2", "train.batch_size=1", "train.progress=false", "export.plan=false"])
+        cfg = load_config(
+            "rigid_4mm_feature_gn",
+            [
+                f"loss.sim={sim}",
+                f"train.out_dir={tmp_path / sim}",
+                "model.spacing_mm=16.0",
+                "model.levels=2",
+                "stages.0.schedule=[{solver: euler, step_size: 0.5}, {solver: euler, step_size: 0.5}]",
+                "data.n_train=2",
+                "train.batch_size=1",
+                "train.progress=false",
+                "export.plan=false",
+            ],
+        )
         trainers[sim] = Trainer(cfg, resume=False)
     sa, sb = (trainers[s].model.state_dict() for s in ("content", "mi"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -146,10 +159,10 @@ def _report(a_vals, b_vals, metric="rmse_phi_mm"):
 
 def test_paired_comparison_counts_wins_ties_and_exact_sign_test():
     a = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
-    b = [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.01, 2.03]   # a better by 1 mm on 8, tied (< 0.05) on 2
+    b = [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.01, 2.03]  # a better by 1 mm on 8, tied (< 0.05) on 2
     c = paired_comparison(_report(a, b), "a", "b")
     assert (c.a_better, c.b_better, c.ties, c.n) == (8, 0, 2, 10)
-    assert c.p_sign == pytest.approx(2 / 2 ** 8)
+    assert c.p_sign == pytest.approx(2 / 2**8)
     assert c.median_diff == pytest.approx(-1.0)
     assert c.p_wilcoxon is not None and c.p_wilcoxon < 0.05
     flipped = paired_comparison(_report(a, b), "b", "a")
@@ -177,18 +190,29 @@ def test_similarity_at_a_finer_spacing_than_the_ode(tmp_path, monkeypatch):
     """``loss.sim_spacing_mm``: the ODE runs on the model grid, L_sim on the same pairs rendered at the
     finer spacing (same subjects, contrasts and motions; the rng sequence is untouched)."""
     monkeypatch.setenv("MSODE_BANK", str(tmp_path / "bank"))
-    base = ["loss.sim=mi", "model.spacing_mm=16.0", "model.levels=2",
-            "stages.0.schedule=[{solver: euler, step_size: 0.5}, {solver: euler, step_size: 0.5}]",
-            "data.n_train=2", "train.batch_size=2", "train.progress=false"]
+    base = [
+        "loss.sim=mi",
+        "model.spacing_mm=16.0",
+        "model.levels=2",
+        "stages.0.schedule=[{solver: euler, step_size: 0.5}, {solver: euler, step_size: 0.5}]",
+        "data.n_train=2",
+        "train.batch_size=2",
+        "train.progress=false",
+    ]
     coarse = Trainer(load_config("rigid_4mm_feature_gn", base + [f"train.out_dir={tmp_path / 'a'}"]), resume=False)
-    fine = Trainer(load_config("rigid_4mm_feature_gn", base + [f"train.out_dir={tmp_path / 'b'}",
-                                                               "loss.sim_spacing_mm=8.0"]), resume=False)
+    fine = Trainer(
+        load_config("rigid_4mm_feature_gn", base + [f"train.out_dir={tmp_path / 'b'}", "loss.sim_spacing_mm=8.0"]),
+        resume=False,
+    )
     assert fine.sim_grid.shape_xyz == (30, 30, 20) and coarse.sim_grid == coarse.model_grid
     bc, bf = coarse.sample_batch(), fine.sample_batch()
     assert bc["sim_pairs"] == [] and len(bf["sim_pairs"]) == 2
     for pc, pf, ps in zip(bc["pairs"], bf["pairs"], bf["sim_pairs"]):
-        assert (pc.subject_id, pc.moving_contrast, pc.fixed_contrast) == (ps.subject_id, ps.moving_contrast,
-                                                                          ps.fixed_contrast)
+        assert (pc.subject_id, pc.moving_contrast, pc.fixed_contrast) == (
+            ps.subject_id,
+            ps.moving_contrast,
+            ps.fixed_contrast,
+        )
         assert torch.equal(pc.chain.transforms[0].state, pf.chain.transforms[0].state)
         assert torch.equal(ps.chain.transforms[0].state, pf.chain.transforms[0].state)
         assert tuple(ps.fixed.shape[2:]) == (20, 30, 30)
@@ -200,6 +224,7 @@ def test_similarity_at_a_finer_spacing_than_the_ode(tmp_path, monkeypatch):
 
 def test_signed_rank_null_distribution_matches_the_tables():
     from msode_train.evaluate import _signed_rank_cdf
+
     cdf = _signed_rank_cdf(10)
     assert cdf[-1] == pytest.approx(1.0) and len(cdf) == 56
     # n = 10: P(T+ <= 8) = 25 / 1024, P(T+ <= 9) = 33 / 1024 (the usual 5 % two-sided table value is 8)
@@ -209,16 +234,17 @@ def test_signed_rank_null_distribution_matches_the_tables():
 
 def test_shift_estimate_known_answers():
     from msode_train.evaluate import shift_estimate
-    d = np.arange(1.0, 11.0)                       # symmetric about 5.5: the HL estimate is 5.5
+
+    d = np.arange(1.0, 11.0)  # symmetric about 5.5: the HL estimate is 5.5
     est, lo, hi = shift_estimate(d)
     i, j = np.triu_indices(10)
     walsh = np.sort((d[i] + d[j]) / 2)
     assert est == pytest.approx(5.5)
-    assert (lo, hi) == (walsh[8], walsh[46])       # c = 8: the 9th smallest and 9th largest of 55
-    est2, lo2, hi2 = shift_estimate(d + 3.0)       # equivariant under a shift
+    assert (lo, hi) == (walsh[8], walsh[46])  # c = 8: the 9th smallest and 9th largest of 55
+    est2, lo2, hi2 = shift_estimate(d + 3.0)  # equivariant under a shift
     assert (est2, lo2, hi2) == pytest.approx((est + 3, lo + 3, hi + 3))
-    assert shift_estimate(d, 0.80)[1] > lo         # a lower level gives a narrower interval
-    _, lo5, hi5 = shift_estimate(np.arange(5.0))   # n = 5: P(T+ = 0) = 1/32 > 2.5 %, no 95 % interval
+    assert shift_estimate(d, 0.80)[1] > lo  # a lower level gives a narrower interval
+    _, lo5, hi5 = shift_estimate(np.arange(5.0))  # n = 5: P(T+ = 0) = 1/32 > 2.5 %, no 95 % interval
     assert lo5 == -np.inf and hi5 == np.inf
     # large n: the normal approximation agrees with the exact interval at the switch-over
     rng = np.random.default_rng(0)
@@ -232,26 +258,29 @@ def test_shift_estimate_known_answers():
 
 def test_shift_interval_coverage_on_simulated_pairs():
     from msode_train.evaluate import shift_estimate
+
     rng = np.random.default_rng(1)
     hits = sum(lo <= 0.3 <= hi for _, lo, hi in (shift_estimate(rng.laplace(0.3, 1.0, 24)) for _ in range(400)))
-    assert 0.92 <= hits / 400 <= 0.99              # nominal 95 %, exact interval is slightly conservative
+    assert 0.92 <= hits / 400 <= 0.99  # nominal 95 %, exact interval is slightly conservative
 
 
 def test_paired_comparison_reports_the_shift():
     a, b = [1.0, 1.2, 0.9, 1.4, 1.1, 1.3, 1.0, 0.8], [1.1, 1.25, 1.0, 1.5, 1.2, 1.35, 1.1, 0.9]
     c = paired_comparison(_report(a, b), "a", "b")
     assert c.shift == pytest.approx(-0.1, abs=0.03) and c.shift_lo <= c.shift <= c.shift_hi < 0
-    failed = paired_comparison(_report(a, b[:-1] + [float("inf")]), "a", "b")   # counts still work, no shift
+    failed = paired_comparison(_report(a, b[:-1] + [float("inf")]), "a", "b")  # counts still work, no shift
     assert failed.a_better == 8 and np.isnan(failed.shift)
 
 
 def test_non_inferiority_pools_runs_and_checks_the_margin():
     from msode_train.evaluate import non_inferiority
+
     rng = np.random.default_rng(3)
     b0, b1 = rng.uniform(0.3, 0.6, 24), rng.uniform(0.3, 0.6, 24)
     # a is worse by 0.01 mm in one run and better by 0.01 in the other: averaged, no difference
-    near = non_inferiority(_multi_report({"a0": b0 + 0.01, "b0": b0, "a1": b1 - 0.01, "b1": b1}),
-                           [("a0", "b0"), ("a1", "b1")])
+    near = non_inferiority(
+        _multi_report({"a0": b0 + 0.01, "b0": b0, "a1": b1 - 0.01, "b1": b1}), [("a0", "b0"), ("a1", "b1")]
+    )
     assert near.holds and near.margin == 0.05 and near.n == 24
     assert near.shift == pytest.approx(0.0, abs=1e-12) and len(near.per_run) == 2
     assert near.per_run[0]["shift"] == pytest.approx(0.01)
@@ -275,14 +304,17 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     import runpy
     import sys
     from pathlib import Path
+
     rng = np.random.default_rng(5)
-    evs = (tmp_path / "eval_s0", tmp_path / "eval_s1")   # seed 1 evaluated later, in another folder
+    evs = (tmp_path / "eval_s0", tmp_path / "eval_s1")  # seed 1 evaluated later, in another folder
     for name, offsets in {"rigid_paper": (0.2, 0.2), "rigid_moderate": (0.01, -0.01)}.items():
         for s, off in enumerate(offsets):
             mi = rng.uniform(0.3, 0.6, 24)
             cols = {f"mi_s{s}": mi, f"content_s{s}": mi + off}
-            rows = {m: [{"pair": i, "subject": f"synth{10000 + i}", "rmse_phi_mm": float(v)}
-                        for i, v in enumerate(vals)] for m, vals in cols.items()}
+            rows = {
+                m: [{"pair": i, "subject": f"synth{10000 + i}", "rmse_phi_mm": float(v)} for i, v in enumerate(vals)]
+                for m, vals in cols.items()
+            }
             summary = {m: {"success_rmse_phi_lt_2mm": 1.0} for m in cols}
             (evs[s] / name).mkdir(parents=True)
             (evs[s] / name / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}))
@@ -291,8 +323,7 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     out = tmp_path / "report"
 
     def run(*extra, runs=("content_s0:mi_s0", "content_s1:mi_s1")):
-        monkeypatch.setattr(sys, "argv", [module, "--eval", *map(str, evs), "--runs", *runs,
-                                          "--out", str(out), *extra])
+        monkeypatch.setattr(sys, "argv", [module, "--eval", *map(str, evs), "--runs", *runs, "--out", str(out), *extra])
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_module(module, run_name="__main__")
         return exit_info.value.code
@@ -304,7 +335,7 @@ def test_seeds_report_reads_every_number_from_the_results(tmp_path, monkeypatch)
     assert paper["shift"] == pytest.approx(0.2) and not paper["holds"]
     assert moderate["shift"] == pytest.approx(0.0, abs=1e-9) and moderate["holds"]
     text = (out / "README.md").read_text()
-    assert "rigid_t2_t1" in text and "not evaluated" in text          # a missing set is said, not skipped
+    assert "rigid_t2_t1" in text and "not evaluated" in text  # a missing set is said, not skipped
     assert "Within the 0.05 mm margin on 1 of 2 evaluation sets** (rigid_moderate)" in text
     assert (out / "fig_differences.png").stat().st_size > 0
     # a later evaluation that drew other test pairs is refused, not silently paired

@@ -79,6 +79,7 @@ def test_committed_encoders_are_contrast_invariant(held_out_subject):
     need), and the arg-max classes agree with the labels."""
     from msode_sdk.io import normalise_intensity
     from msode_sdk.registrar import Registrar
+
     encs, meta = T.load_encoders()
     assert {16.0, 8.0} <= set(encs)
     subj = held_out_subject
@@ -95,7 +96,9 @@ def test_committed_encoders_are_contrast_invariant(held_out_subject):
                 probs[c] = enc(img)
         for c in ("t2", "flair", "pd"):
             for dim in (2, 3, 4):
-                ssd = [float(((probs[c] - torch.roll(probs["t1"], k, dims=dim)) ** 2).mean()) for k in (-2, -1, 0, 1, 2)]
+                ssd = [
+                    float(((probs[c] - torch.roll(probs["t1"], k, dims=dim)) ** 2).mean()) for k in (-2, -1, 0, 1, 2)
+                ]
                 assert int(np.argmin(ssd)) == 2, (sp, c, dim, ssd)
         brain = frac[:, 0] < 0.5
         for c in D.CONTRASTS:  # hard labels agree with the fractions' arg-max over most of the brain

@@ -3,6 +3,7 @@
 Everything runs on tiny grids (16 mm model grid of the 240x240x160 mm field of view: 15x15x10) so the
 default run stays well under a minute and a half on two shared cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def test_network_shapes_and_zero_initial_flow(arch):
         net = build_network(arch, lg, GRID, params)
         w = torch.rand(2, 1, *lg.shape_dhw)
         out = net(w, torch.rand_like(w), torch.tensor([0.5, 2.5]))
-        expect = {"rigid": (2, 6), "bspline": (2, *BSplineLattice(GRID, (40.0,) * 3).coeff_shape),
-                  "dense": (2, 3, *lg.shape_dhw)}[kind]
+        expect = {
+            "rigid": (2, 6),
+            "bspline": (2, *BSplineLattice(GRID, (40.0,) * 3).coeff_shape),
+            "dense": (2, 3, *lg.shape_dhw),
+        }[kind]
         assert tuple(out.shape) == expect
         assert torch.count_nonzero(out) == 0  # zero-initialised last layer: the initial flow is zero
 
@@ -59,6 +63,7 @@ def test_network_shapes_and_zero_initial_flow(arch):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_networks_script_and_export_to_onnx(arch):
     import onnxruntime as ort
+
     kind = ARCHITECTURES[arch][0]
     lg = level_grids(GRID, 3)[1]
     net = build_network(arch, lg, GRID, BS_PARAMS if kind == "bspline" else {}).eval()
@@ -70,6 +75,7 @@ def test_networks_script_and_export_to_onnx(arch):
     f, t = torch.rand_like(w), torch.tensor([1.2, 1.7])
     ref = net(w, f, t)
     import io
+
     scripted = torch.jit.load(io.BytesIO(ts))
     torch.testing.assert_close(scripted(w, f, t), ref, rtol=1e-5, atol=1e-5)
     sess = ort.InferenceSession(onx, providers=["CPUExecutionProvider"])
@@ -136,6 +142,7 @@ def test_content_similarity_missing_encoder_is_a_clear_error():
 def test_regulariser_and_self_loss():
     lat = BSplineLattice(GRID, (40.0,) * 3)
     from msode_sdk.transforms import BSplineTransform
+
     zero = TransformChain([BSplineTransform(torch.zeros(1, *lat.coeff_shape), lat)])
     bent = TransformChain([BSplineTransform(torch.randn(1, *lat.coeff_shape) * 4, lat)])
     assert float(L.gradient_regulariser(zero, GRID)) == 0.0
@@ -145,8 +152,15 @@ def test_regulariser_and_self_loss():
     pts = GRID.points().reshape(1, -1, 3)
     # 10 mm everywhere -> (10 / scale)^2
     assert math.isclose(float(L.self_supervision_loss(ident, rig, pts, "points", 10.0)), 1.0, rel_tol=1e-5)
-    assert math.isclose(float(L.self_supervision_loss(ident, rig, pts, "params", states_est=[ident.transforms[0].state],
-                                                      states_true=[rig.transforms[0].state])), 100.0 / 6, rel_tol=1e-5)
+    assert math.isclose(
+        float(
+            L.self_supervision_loss(
+                ident, rig, pts, "params", states_est=[ident.transforms[0].state], states_true=[rig.transforms[0].state]
+            )
+        ),
+        100.0 / 6,
+        rel_tol=1e-5,
+    )
 
 
 # ----------------------------------------------------------------------------- train vs SDK equality
@@ -161,19 +175,28 @@ def _equivalence(stages, integrator, tmp_path, seed=0):
     fix = torch.rand(1, 1, *GRID.shape_dhw, generator=g)
     with torch.no_grad():
         out = model(mov, fix)
-    path = build_plan(tmp_path / f"eq_{integrator}.plan", "eq", GRID, model.stage_defs(), model.plan_networks(),
-                      formats=("torchscript",))
+    path = build_plan(
+        tmp_path / f"eq_{integrator}.plan",
+        "eq",
+        GRID,
+        model.stage_defs(),
+        model.plan_networks(),
+        formats=("torchscript",),
+    )
     res = Registrar.load(path, device="cpu", backend="torch").register_model_grid(mov, fix)
-    diffs = {st.name: float((tr.state - out.states[st.name]).abs().max())
-             for st, tr in zip(stages, res.chain.transforms)}
+    diffs = {
+        st.name: float((tr.state - out.states[st.name]).abs().max()) for st, tr in zip(stages, res.chain.transforms)
+    }
     sizes = {st.name: float(out.states[st.name].abs().max()) for st in stages}
     nfe_sdk = {r.name: [lv.nfe for lv in r.levels] for r in res.stages}
     return diffs, sizes, out.nfe, nfe_sdk
 
 
 def test_train_forward_equals_sdk_for_fixed_step_levels(tmp_path):
-    stages = [TrainStage("rigid", "rigid", [LevelSolver("euler", 0.25), LevelSolver("heun", 0.5), LevelSolver("euler", 0.5)]),
-              TrainStage("bspline", "bspline", PAPER_SCHEDULES["bspline"], BS_PARAMS)]
+    stages = [
+        TrainStage("rigid", "rigid", [LevelSolver("euler", 0.25), LevelSolver("heun", 0.5), LevelSolver("euler", 0.5)]),
+        TrainStage("bspline", "bspline", PAPER_SCHEDULES["bspline"], BS_PARAMS),
+    ]
     diffs, sizes, nfe, nfe_sdk = _equivalence(stages, "torchdiffeq", tmp_path)
     assert all(v > 1e-2 for v in sizes.values())  # a non-trivial flow was integrated
     assert max(diffs.values()) < 1e-4, diffs
@@ -210,8 +233,10 @@ def test_adjoint_gradients_close_to_direct_backprop():
 
 
 def test_cascade_warps_through_previous_stage():
-    stages = [TrainStage("rigid", "rigid", [LevelSolver("euler", 0.5)] * 3),
-              TrainStage("bspline", "bspline", [LevelSolver("euler", 0.5)] * 3, BS_PARAMS)]
+    stages = [
+        TrainStage("rigid", "rigid", [LevelSolver("euler", 0.5)] * 3),
+        TrainStage("bspline", "bspline", [LevelSolver("euler", 0.5)] * 3, BS_PARAMS),
+    ]
     model = MSODENet(GRID, stages)
     _randomise_heads(model)
     mov = torch.rand(1, 1, *GRID.shape_dhw)
@@ -229,13 +254,34 @@ def _tiny_cfg(tmp_path, **over):
     cfg = {
         "name": "tiny",
         "model": {"spacing_mm": 16.0, "levels": 2, "integrator": "torchdiffeq"},
-        "stages": [{"name": "rigid", "transform": "rigid", "arch": "rigid_convfc", "arch_kwargs": {"width": 4, "hidden": 16},
-                    "schedule": [{"solver": "euler", "step_size": 0.5}, {"solver": "euler", "step_size": 0.5}]}],
-        "data": {"bank_dir": str(tmp_path.parent / "bank16"), "n_train": 2, "n_val": 1, "pairs": [["t2", "t1"]],
-                 "motion": "rigid", "motion_kwargs": {"max_rot_deg": 10.0, "max_trans_mm": 15.0}},
+        "stages": [
+            {
+                "name": "rigid",
+                "transform": "rigid",
+                "arch": "rigid_convfc",
+                "arch_kwargs": {"width": 4, "hidden": 16},
+                "schedule": [{"solver": "euler", "step_size": 0.5}, {"solver": "euler", "step_size": 0.5}],
+            }
+        ],
+        "data": {
+            "bank_dir": str(tmp_path.parent / "bank16"),
+            "n_train": 2,
+            "n_val": 1,
+            "pairs": [["t2", "t1"]],
+            "motion": "rigid",
+            "motion_kwargs": {"max_rot_deg": 10.0, "max_trans_mm": 15.0},
+        },
         "loss": {"sim": "ncc", "lambda_self": 1.0, "self_points": 512},
-        "train": {"steps": 3, "batch_size": 1, "lr": 3e-3, "out_dir": str(tmp_path / "run"), "checkpoint_every": 1,
-                  "progress": False, "device": "cpu", "max_minutes": 5},
+        "train": {
+            "steps": 3,
+            "batch_size": 1,
+            "lr": 3e-3,
+            "out_dir": str(tmp_path / "run"),
+            "checkpoint_every": 1,
+            "progress": False,
+            "device": "cpu",
+            "max_minutes": 5,
+        },
         "export": {"formats": ["torchscript"], "eval_pairs": 0},
     }
     for k, v in over.items():
@@ -285,9 +331,13 @@ def test_learning_rate_schedule_known_values_and_bad_specs():
     assert math.isclose(learning_rate(lin, 450), 0.75e-3, rel_tol=1e-12)
     lrs = [learning_rate(tr, s) for s in range(400, 601)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
-    for bad, msg in [({"start": 400, "final": 1e-5, "shape": "step"}, "cosine"),
-                     ({"start": 400, "final": 2e-3}, "final"), ({"start": 600, "final": 0}, "start"),
-                     ({"start": 10}, "mapping"), ({"start": 10, "final": 0, "gamma": 0.5}, "mapping")]:
+    for bad, msg in [
+        ({"start": 400, "final": 1e-5, "shape": "step"}, "cosine"),
+        ({"start": 400, "final": 2e-3}, "final"),
+        ({"start": 600, "final": 0}, "start"),
+        ({"start": 10}, "mapping"),
+        ({"start": 10, "final": 0, "gamma": 0.5}, "mapping"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             learning_rate({**tr, "lr_decay": bad}, 0)
     with pytest.raises(ValueError, match="lr_decay"):  # checked when the config is loaded
@@ -309,6 +359,7 @@ def test_trainer_follows_the_schedule_across_a_resume(tmp_path):
 def test_cli_trains_exports_and_evaluates(tmp_path, capsys):
     import yaml
     from msode_train import cli
+
     cfg = _tiny_cfg(tmp_path)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -321,10 +372,13 @@ def test_cli_trains_exports_and_evaluates(tmp_path, capsys):
     assert "rmse_phi_mm" in m.metrics and m.metrics["n_pairs"] == 1
     assert (tmp_path / "run" / "rigid.ckpt").exists()
     from msode_export.checkpoint import build_networks, load_checkpoint
+
     nets = build_networks(load_checkpoint(tmp_path / "run" / "rigid.ckpt"))
     assert set(nets) == {1, 2}
     # a new run seeded from the plan has the trained weights
-    tr = Trainer(_tiny_cfg(tmp_path, model={"init_from": plan}, train={"out_dir": str(tmp_path / "run2")}), resume=False)
+    tr = Trainer(
+        _tiny_cfg(tmp_path, model={"init_from": plan}, train={"out_dir": str(tmp_path / "run2")}), resume=False
+    )
     trained = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["model"]
     for k, v in tr.model.state_dict().items():
         torch.testing.assert_close(v, trained[k], msg=k)
@@ -335,11 +389,20 @@ def test_cli_trains_exports_and_evaluates(tmp_path, capsys):
 def test_evaluate_with_sitk_baseline(tmp_path):
     from msode_export.analytic import build_analytic_plan
     from msode_train.evaluate import EvalConfig, evaluate_plans
-    plan = build_analytic_plan(tmp_path / "a.plan", Grid((15, 15, 10), (16.0, 16.0, 16.0)), stages=("rigid",),
-                               formats=("torchscript",))
-    cfg = EvalConfig(motion="rigid", motion_kwargs={"max_rot_deg": 10.0, "max_trans_mm": 10.0}, n_pairs=1,
-                     spacing_mm=16.0, bank_dir=str(tmp_path.parent / "bank16"),
-                     pairs=[("t1", "t1")], baselines=("sitk", "ants"), figures=True)
+
+    plan = build_analytic_plan(
+        tmp_path / "a.plan", Grid((15, 15, 10), (16.0, 16.0, 16.0)), stages=("rigid",), formats=("torchscript",)
+    )
+    cfg = EvalConfig(
+        motion="rigid",
+        motion_kwargs={"max_rot_deg": 10.0, "max_trans_mm": 10.0},
+        n_pairs=1,
+        spacing_mm=16.0,
+        bank_dir=str(tmp_path.parent / "bank16"),
+        pairs=[("t1", "t1")],
+        baselines=("sitk", "ants"),
+        figures=True,
+    )
     rep = evaluate_plans({"analytic": plan}, cfg, out_dir=tmp_path / "eval")
     s = rep["summary"]
     assert set(s) >= {"identity", "analytic", "sitk"}

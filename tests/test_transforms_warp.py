@@ -1,4 +1,5 @@
 """Transforms and reference warps against independent computations (scipy, direct sums, by hand)."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,19 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from msode_sdk.errors import InputError
-from msode_sdk.transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, RigidTransform,
-                                  TransformChain, bspline_kernel, carry_state, euler_to_rigid, matrix_to_rigid, rigid_matrix)
+from msode_sdk.transforms import (
+    BSplineLattice,
+    BSplineTransform,
+    DenseTransform,
+    Grid,
+    RigidTransform,
+    TransformChain,
+    bspline_kernel,
+    carry_state,
+    euler_to_rigid,
+    matrix_to_rigid,
+    rigid_matrix,
+)
 from msode_sdk.warp import sample_points, warp_chain
 
 torch.manual_seed(0)
@@ -46,13 +58,19 @@ def test_rigid_matrix_by_hand():
 def test_rigid_round_trip_including_small_and_near_pi_angles():
     axis = torch.randn(300, 3, dtype=torch.float64)
     axis = axis / axis.norm(dim=1, keepdim=True)
-    angle = torch.cat([torch.rand(100, dtype=torch.float64) * math.pi * 0.999,
-                       torch.full((100,), 1e-7, dtype=torch.float64),
-                       math.pi - torch.rand(100, dtype=torch.float64) * 1e-3])
+    angle = torch.cat(
+        [
+            torch.rand(100, dtype=torch.float64) * math.pi * 0.999,
+            torch.full((100,), 1e-7, dtype=torch.float64),
+            math.pi - torch.rand(100, dtype=torch.float64) * 1e-3,
+        ]
+    )
     th = torch.cat([axis * angle[:, None], torch.randn(300, 3, dtype=torch.float64) * 20], 1)
     assert torch.allclose(matrix_to_rigid(rigid_matrix(th)), th, atol=1e-6)
     m = rigid_matrix(th)
-    assert torch.allclose(m[:, :3, :3] @ m[:, :3, :3].transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(300, 3, 3), atol=1e-12)
+    assert torch.allclose(
+        m[:, :3, :3] @ m[:, :3, :3].transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(300, 3, 3), atol=1e-12
+    )
     with pytest.raises(InputError):
         rigid_matrix(torch.zeros(6))
 
@@ -61,13 +79,19 @@ def test_rotation_vector_by_hand_and_euler_conversion():
     # a rotation vector is axis * angle: 90 degrees about (1, 1, 1)/sqrt(3) cycles x -> y -> z
     r = torch.full((1, 3), (2 * math.pi / 3) / math.sqrt(3), dtype=torch.float64)
     m = rigid_matrix(torch.cat([r, torch.zeros(1, 3, dtype=torch.float64)], 1))[0, :3, :3]
-    assert torch.allclose(m @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        m @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
+        atol=1e-12,
+    )
     # Euler R = Rz(c) Ry(b) Rx(a), written out independently
     a, b, c = 0.3, -1.2, 2.0
     rx = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]], dtype=torch.float64)
     ry = torch.tensor([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]], dtype=torch.float64)
     rz = torch.tensor([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]], dtype=torch.float64)
-    th = euler_to_rigid(torch.tensor([[a, b, c]], dtype=torch.float64), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+    th = euler_to_rigid(
+        torch.tensor([[a, b, c]], dtype=torch.float64), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    )
     assert torch.allclose(rigid_matrix(th)[0, :3, :3], rz @ ry @ rx, atol=1e-12)
     assert torch.allclose(rigid_matrix(th)[0, :3, 3], torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), atol=1e-12)
 
@@ -133,7 +157,9 @@ def test_tiny_hand_computed_warp():
     g = Grid((2, 2, 2), (1.0, 1.0, 1.0))
     vol = torch.arange(8, dtype=torch.float64).reshape(1, 1, 2, 2, 2)  # value = 4z + 2y + x
     # centre of the cube -> mean 3.5; a voxel centre -> its value; x shifted half a voxel outside -> half
-    pts = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [1.0, -0.5, -0.5]], dtype=torch.float64).reshape(1, 1, 1, 3, 3)
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [1.0, -0.5, -0.5]], dtype=torch.float64).reshape(
+        1, 1, 1, 3, 3
+    )
     out = sample_points(vol, g, pts).flatten().tolist()
     assert out == pytest.approx([3.5, 7.0, 0.5])
 

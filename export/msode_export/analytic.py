@@ -26,6 +26,7 @@ an incremental transform ``delta`` applied on the fixed side changes ``W`` by ``
 
 The ODE is ``d(theta)/dt = -gain * step``: near the optimum the error decays like ``exp(-gain t)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -113,8 +114,8 @@ class MINDSSC(nn.Module):
         # differences of shifted copies (slices, not one-hot convolutions: ~4x cheaper on CPU)
         diffs = []
         for z1, y1, x1, z2, y2, x2 in self.pairs:
-            a = p[:, :, z1 * dl:z1 * dl + d, y1 * dl:y1 * dl + h, x1 * dl:x1 * dl + w]
-            b = p[:, :, z2 * dl:z2 * dl + d, y2 * dl:y2 * dl + h, x2 * dl:x2 * dl + w]
+            a = p[:, :, z1 * dl : z1 * dl + d, y1 * dl : y1 * dl + h, x1 * dl : x1 * dl + w]
+            b = p[:, :, z2 * dl : z2 * dl + d, y2 * dl : y2 * dl + h, x2 * dl : x2 * dl + w]
             diffs.append(a - b)
         diff = torch.cat(diffs, dim=1)
         # patch SSD: box filter of 2r+1 voxels, separable, as sums of shifted slices (on CPU ~6x faster
@@ -163,7 +164,9 @@ class _FeatureResidual(nn.Module):
         self.grad = _Gradient(self.grid.spacing_xyz)
         self.features = features if features is not None else _IntensityFeatures()
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, warped: torch.Tensor, fixed: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.pool > 1:
             warped = F.avg_pool3d(warped, self.pool)
             fixed = F.avg_pool3d(fixed, self.pool)
@@ -196,8 +199,14 @@ class RigidSSDField(nn.Module):
     normal equations. ``pool`` > 1 runs the step on ``pool``-times averaged images (cheaper fine levels).
     """
 
-    def __init__(self, level_grid: Grid, gain: float = 5.0, damping: float = 1e-3, features: nn.Module | None = None,
-                 pool: int = 1):
+    def __init__(
+        self,
+        level_grid: Grid,
+        gain: float = 5.0,
+        damping: float = 1e-3,
+        features: nn.Module | None = None,
+        pool: int = 1,
+    ):
         super().__init__()
         self.residual = _FeatureResidual(level_grid, features, pool)
         self.sx, self.sy, self.sz = (float(s) for s in self.residual.grid.spacing_xyz)
@@ -205,7 +214,7 @@ class RigidSSDField(nn.Module):
         self.damping = float(damping)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r, gx, gy, gz = self.residual(warped, fixed)                    # each (N, C, D, H, W)
+        r, gx, gy, gz = self.residual(warped, fixed)  # each (N, C, D, H, W)
         # centre-relative mm coordinates, computed from the (pooled) residual's shape (no large constants)
         d, h, w = r.shape[2], r.shape[3], r.shape[4]
         zs = (torch.arange(d, dtype=r.dtype, device=r.device) - (d - 1) / 2.0) * self.sz
@@ -218,11 +227,11 @@ class RigidSSDField(nn.Module):
         # reduction over C*D*H*W instead of two skinny products (profiled: half the rigid stage's GPU time)
         aug = torch.stack((y * gz - z * gy, z * gx - x * gz, x * gy - y * gx, gx, gy, gz, r), dim=1)
         n = aug.shape[0]
-        aug = aug.reshape(n, 7, -1)                                      # (N, 7, C*D*H*W)
-        normal = torch.bmm(aug, aug.transpose(1, 2))                    # (N, 7, 7)
-        hess, grad = normal[:, :6, :6], normal[:, :6, 6:]                # (N, 6, 6), (N, 6, 1)
-        d = torch.diagonal(hess, dim1=1, dim2=2).clamp(min=1e-12)      # Jacobi scaling
-        s = torch.rsqrt(d).unsqueeze(-1)                                  # (N, 6, 1)
+        aug = aug.reshape(n, 7, -1)  # (N, 7, C*D*H*W)
+        normal = torch.bmm(aug, aug.transpose(1, 2))  # (N, 7, 7)
+        hess, grad = normal[:, :6, :6], normal[:, :6, 6:]  # (N, 6, 6), (N, 6, 1)
+        d = torch.diagonal(hess, dim1=1, dim2=2).clamp(min=1e-12)  # Jacobi scaling
+        s = torch.rsqrt(d).unsqueeze(-1)  # (N, 6, 1)
         a = hess * s * s.transpose(1, 2) + self.damping * torch.eye(6, dtype=hess.dtype, device=hess.device)
         b = grad * s
         # Conjugate gradients, 6 iterations: exact for a 6x6 SPD system.
@@ -252,8 +261,16 @@ class BSplineSSDField(nn.Module):
     the step on ``pool``-times averaged images (cheaper fine levels).
     """
 
-    def __init__(self, level_grid: Grid, lattice: BSplineLattice, gain: float = 5.0, damping: float = 0.05,
-                 cg_iters: int = 10, features: nn.Module | None = None, pool: int = 1):
+    def __init__(
+        self,
+        level_grid: Grid,
+        lattice: BSplineLattice,
+        gain: float = 5.0,
+        damping: float = 0.05,
+        cg_iters: int = 10,
+        features: nn.Module | None = None,
+        pool: int = 1,
+    ):
         super().__init__()
         self.residual = _FeatureResidual(level_grid, features, pool)
         bx, by, bz = (lattice.basis_matrix(self.residual.grid.axis_coords(a), a) for a in range(3))
@@ -277,14 +294,14 @@ class BSplineSSDField(nn.Module):
         return torch.einsum("nckyx,zk->nczyx", v, self.bz)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r, gx, gy, gz = self.residual(warped, fixed)                    # each (N, C, D, H, W)
+        r, gx, gy, gz = self.residual(warped, fixed)  # each (N, C, D, H, W)
         rhs = self._adjoint(torch.stack(((r * gx).sum(dim=1), (r * gy).sum(dim=1), (r * gz).sum(dim=1)), dim=1))
         # per-voxel structure tensor sum_c g_c g_c^T as its 6 distinct entries: every CG product then
         # reads 6 channels (not 3 C) and never forms a (N, 3, 3, D, H, W) broadcast (profiled: it was
         # half the B-spline stage's GPU time)
         sxx, syy, szz = (gx * gx).sum(dim=1), (gy * gy).sum(dim=1), (gz * gz).sum(dim=1)
         sxy, sxz, syz = (gx * gy).sum(dim=1), (gx * gz).sum(dim=1), (gy * gz).sum(dim=1)
-        diag = self._adjoint((sxx + syy + szz).unsqueeze(1))             # (N, 1, cz, cy, cx)
+        diag = self._adjoint((sxx + syy + szz).unsqueeze(1))  # (N, 1, cz, cy, cx)
         diag = diag + 1e-3 * diag.mean(dim=(2, 3, 4), keepdim=True) + 1e-12
         sol = torch.zeros_like(rhs)
         res = rhs
@@ -292,11 +309,11 @@ class BSplineSSDField(nn.Module):
         p = z
         rz = (res * z).sum(dim=(1, 2, 3, 4), keepdim=True)
         for _ in range(self.cg_iters):
-            v = self._synth(p)                                           # (N, 3, D, H, W)
+            v = self._synth(p)  # (N, 3, D, H, W)
             vx, vy, vz = v[:, 0], v[:, 1], v[:, 2]
-            tv = torch.stack((sxx * vx + sxy * vy + sxz * vz,
-                              sxy * vx + syy * vy + syz * vz,
-                              sxz * vx + syz * vy + szz * vz), dim=1)    # (sum_c g_c g_c^T) v per voxel
+            tv = torch.stack(
+                (sxx * vx + sxy * vy + sxz * vz, sxy * vx + syy * vy + syz * vz, sxz * vx + syz * vy + szz * vz), dim=1
+            )  # (sum_c g_c g_c^T) v per voxel
             hp = self._adjoint(tv) + self.damping * diag * p
             alpha = rz / (p * hp).sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-30)
             sol = sol + alpha * p
@@ -368,10 +385,20 @@ def analytic_network(transform: str, level_grid: Grid, model_grid: Grid, params:
     raise ValueError(f"unknown transform {transform!r}; valid: ['bspline', 'dense', 'rigid']")
 
 
-def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), control_spacing_mm=(16.0, 16.0, 16.0),
-                        schedules: dict | None = None, formats=("torchscript", "onnx"), centre: str = "fov",
-                        name: str | None = None, gains: dict | None = None, registrar_ts: bool = False,
-                        features: str = "intensity", feature_params: dict | None = None):
+def build_analytic_plan(
+    path,
+    model_grid: Grid,
+    stages=("rigid", "bspline"),
+    control_spacing_mm=(16.0, 16.0, 16.0),
+    schedules: dict | None = None,
+    formats=("torchscript", "onnx"),
+    centre: str = "fov",
+    name: str | None = None,
+    gains: dict | None = None,
+    registrar_ts: bool = False,
+    features: str = "intensity",
+    feature_params: dict | None = None,
+):
     """Write a plan whose networks are the analytic Gauss-Newton fields above (``analytic: true``).
 
     ``features``: ``intensity`` (SSD of the images: same-contrast pairs only) or ``mind`` (SSD of
@@ -395,14 +422,24 @@ def build_analytic_plan(path, model_grid: Grid, stages=("rigid", "bspline"), con
         for lv, grid in enumerate(level_grids(model_grid, len(sched)), start=1):
             nets[(kind, lv)] = analytic_network(kind, grid, model_grid, net_params)
     out = build_plan(
-        path, name or "analytic_" + "_".join(stages), model_grid, defs, nets, formats=formats, analytic=True,
-        centre=centre, modalities=[],
-        description=(f"ANALYTIC plan: the 'networks' are closed-form Gauss-Newton/gradient flows on the SSD of "
-                     f"{'MIND-SSC descriptors (any contrast pair)' if features == 'mind' else 'intensities (same-contrast pairs only)'}, "
-                     "not trained models: plain gradient descent in the MS-ODENet loop."),
+        path,
+        name or "analytic_" + "_".join(stages),
+        model_grid,
+        defs,
+        nets,
+        formats=formats,
+        analytic=True,
+        centre=centre,
+        modalities=[],
+        description=(
+            f"ANALYTIC plan: the 'networks' are closed-form Gauss-Newton/gradient flows on the SSD of "
+            f"{'MIND-SSC descriptors (any contrast pair)' if features == 'mind' else 'intensities (same-contrast pairs only)'}, "
+            "not trained models: plain gradient descent in the MS-ODENet loop."
+        ),
         training={"kind": "analytic", "features": features, "note": "no training; msode_export.analytic"},
     )
     if registrar_ts:
         from .scripted import add_registrar_ts
+
         add_registrar_ts(out)
     return out

@@ -39,6 +39,7 @@ can register its own (``msode export --import MODULE``). A name that is still un
 :class:`UnknownArchitectureError`, which lists the registered names and any plugin that failed to load
 (the first failure is its ``__cause__``).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,9 +59,22 @@ from msode_sdk.errors import MsodeError
 from msode_sdk.plan import SOLVER_NAMES, TRANSFORMS
 from msode_sdk.transforms import Grid
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "ENTRY_POINT_GROUP", "CheckpointError",
-           "UnknownArchitectureError", "Checkpoint", "save_checkpoint", "load_checkpoint", "register_architecture",
-           "get_architecture", "architectures", "load_architecture_plugins", "build_networks", "export_checkpoints"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "ENTRY_POINT_GROUP",
+    "CheckpointError",
+    "UnknownArchitectureError",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "register_architecture",
+    "get_architecture",
+    "architectures",
+    "load_architecture_plugins",
+    "build_networks",
+    "export_checkpoints",
+]
 
 CHECKPOINT_FORMAT = "msode-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -90,14 +104,19 @@ class UnknownArchitectureError(CheckpointError):
         if self.plugin_errors:
             msg += "; architecture plugins that failed to load: " + "; ".join(
                 f"{ep} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                for ep, e in self.plugin_errors.items())
+                for ep, e in self.plugin_errors.items()
+            )
         if name.split("_", 1)[0] in TRANSFORMS:  # msode_train names its networks <transform>_<kind>
             if "msode_train" in sys.modules:  # looked up, never imported from here
-                msg += (f". {name!r} looks like an msode_train architecture, but the imported msode_train does "
-                        "not define it (a checkpoint of another msode version?)")
+                msg += (
+                    f". {name!r} looks like an msode_train architecture, but the imported msode_train does "
+                    "not define it (a checkpoint of another msode version?)"
+                )
             else:
-                msg += (f". {name!r} looks like an msode_train architecture: `import msode_train` first (the "
-                        "training package, `pip install msode[train]`; `msode export --import msode_train`)")
+                msg += (
+                    f". {name!r} looks like an msode_train architecture: `import msode_train` first (the "
+                    "training package, `pip install msode[train]`; `msode export --import msode_train`)"
+                )
         else:
             msg += " (import the module that registers it, e.g. `msode export --import MODULE`)"
         super().__init__(msg)
@@ -155,8 +174,9 @@ def get_architecture(name: str) -> Factory:
     failed = load_architecture_plugins()
     if name in _ARCHITECTURES:
         for ep, exc in failed.items():
-            warnings.warn(f"architecture plugin {ep} failed to load: {type(exc).__name__}: {exc}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"architecture plugin {ep} failed to load: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2
+            )
         return _ARCHITECTURES[name]
     raise UnknownArchitectureError(name, architectures(), failed) from next(iter(failed.values()), None)
 
@@ -201,8 +221,11 @@ def _validate(obj: Any, path: str | None = None) -> Checkpoint:
     if isinstance(ver, bool) or not isinstance(ver, int) or ver < 1:
         _fail(path, f"bad format_version {ver!r}")
     if ver > CHECKPOINT_VERSION:
-        _fail(path, f"checkpoint format_version {ver} is newer than this msode_export reads "
-                    f"({CHECKPOINT_VERSION}); upgrade msode")
+        _fail(
+            path,
+            f"checkpoint format_version {ver} is newer than this msode_export reads "
+            f"({CHECKPOINT_VERSION}); upgrade msode",
+        )
     for key in ("stage", "model_grid", "arch", "state_dicts", "training"):
         if key not in obj:
             _fail(path, f"missing {key!r}")
@@ -219,7 +242,9 @@ def _validate(obj: Any, path: str | None = None) -> Checkpoint:
         _fail(path, "stage.params must be a dict")
     if transform == "bspline":
         cs = params.get("control_spacing_mm")
-        if not (isinstance(cs, (list, tuple)) and len(cs) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in cs)):
+        if not (
+            isinstance(cs, (list, tuple)) and len(cs) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in cs)
+        ):
             _fail(path, f"stage.params.control_spacing_mm must be 3 positive numbers, got {cs!r}")
     sched = st.get("schedule")
     if not isinstance(sched, (list, tuple)) or not sched:
@@ -230,7 +255,9 @@ def _validate(obj: Any, path: str | None = None) -> Checkpoint:
             _fail(path, f"{where}.solver must be one of {list(SOLVER_NAMES)}")
         for k in ("step_size", "tol"):
             v = lv.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+            ):
                 _fail(path, f"{where}.{k} must be a positive number or None, got {v!r}")
         if lv["solver"] in ("euler", "heun") and lv.get("step_size") is None:
             _fail(path, f"{where}: solver {lv['solver']} needs a step_size")
@@ -249,7 +276,11 @@ def _validate(obj: Any, path: str | None = None) -> Checkpoint:
     except (KeyError, TypeError, ValueError):
         _fail(path, "model_grid needs shape_xyz (3 ints) and spacing_xyz_mm (3 numbers)")
     arch = obj["arch"]
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs", {}), dict):
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("name"), str)
+        or not isinstance(arch.get("kwargs", {}), dict)
+    ):
         _fail(path, "arch must be {'name': str, 'kwargs': dict}")
     sds = obj["state_dicts"]
     if not isinstance(sds, dict):
@@ -258,21 +289,32 @@ def _validate(obj: Any, path: str | None = None) -> Checkpoint:
     if set(sds) != want:
         _fail(path, f"state_dicts has levels {sorted(sds, key=str)}, expected {sorted(want)} (one per schedule entry)")
     for lv, sd in sds.items():
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+        ):
             _fail(path, f"state_dicts[{lv}] must map parameter names to tensors")
     if not isinstance(obj["training"], dict):
         _fail(path, "training must be a dict")
     for key in ("params", "kwargs"):
-        _json_check(st.get("params", {}) if key == "params" else arch.get("kwargs", {}),
-                    f"{'stage.params' if key == 'params' else 'arch.kwargs'}")
+        _json_check(
+            st.get("params", {}) if key == "params" else arch.get("kwargs", {}),
+            f"{'stage.params' if key == 'params' else 'arch.kwargs'}",
+        )
     for key in ("training", "normalization", "modalities", "metrics"):
         if key in obj:
             _json_check(obj[key], key)
     return Checkpoint(obj)
 
 
-def save_checkpoint(path, stage: Mapping, model_grid: Mapping, arch: Mapping, state_dicts: Mapping,
-                    training: Mapping | None = None, **extra) -> Path:
+def save_checkpoint(
+    path,
+    stage: Mapping,
+    model_grid: Mapping,
+    arch: Mapping,
+    state_dicts: Mapping,
+    training: Mapping | None = None,
+    **extra,
+) -> Path:
     """Write a checkpoint (validated first; atomically). ``stage``: ``{name, transform, params, schedule}``
     (schedule entries: dicts ``{solver, step_size, tol, max_steps}`` or :class:`msode_export.pack.LevelSolver`);
     ``model_grid``: ``{shape_xyz, spacing_xyz_mm[, centre]}``; ``arch``: ``{name, kwargs}``;
@@ -284,17 +326,28 @@ def save_checkpoint(path, stage: Mapping, model_grid: Mapping, arch: Mapping, st
     for lv in stage.get("schedule", ()):
         if not isinstance(lv, Mapping):  # a LevelSolver dataclass
             lv = {"solver": lv.solver, "step_size": lv.step_size, "tol": lv.tol, "max_steps": lv.max_steps}
-        sched.append({"solver": lv["solver"], "step_size": lv.get("step_size"), "tol": lv.get("tol"),
-                      "max_steps": int(lv.get("max_steps", 1000))})
+        sched.append(
+            {
+                "solver": lv["solver"],
+                "step_size": lv.get("step_size"),
+                "tol": lv.get("tol"),
+                "max_steps": int(lv.get("max_steps", 1000)),
+            }
+        )
     obj = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
-        "stage": {"name": stage.get("name"), "transform": stage.get("transform"),
-                  "params": _plain(dict(stage.get("params", {}))), "schedule": sched},
+        "stage": {
+            "name": stage.get("name"),
+            "transform": stage.get("transform"),
+            "params": _plain(dict(stage.get("params", {}))),
+            "schedule": sched,
+        },
         "model_grid": _plain(dict(model_grid)),
         "arch": {"name": arch.get("name"), "kwargs": _plain(dict(arch.get("kwargs", {})))},
-        "state_dicts": {int(lv): {k: v.detach().cpu().clone() for k, v in sd.items()}
-                        for lv, sd in state_dicts.items()},
+        "state_dicts": {
+            int(lv): {k: v.detach().cpu().clone() for k, v in sd.items()} for lv, sd in state_dicts.items()
+        },
         "training": _plain(dict(training or {})),
         **{k: _plain(v) for k, v in extra.items()},
     }
@@ -356,14 +409,22 @@ def build_networks(ckpt: Checkpoint) -> dict[int, nn.Module]:
             net.load_state_dict(ckpt["state_dicts"][lv], strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0:3]
-            raise CheckpointError(f"stage {ckpt.stage['name']!r} level {lv}: weights do not fit architecture "
-                                  f"{arch['name']!r}: {' '.join(first)[:300]}") from None
+            raise CheckpointError(
+                f"stage {ckpt.stage['name']!r} level {lv}: weights do not fit architecture "
+                f"{arch['name']!r}: {' '.join(first)[:300]}"
+            ) from None
         nets[lv] = net.eval()
     return nets
 
 
-def export_checkpoints(paths, out, name: str | None = None, formats=("torchscript", "onnx"),
-                       registrar_ts: bool = True, description: str = "") -> Path:
+def export_checkpoints(
+    paths,
+    out,
+    name: str | None = None,
+    formats=("torchscript", "onnx"),
+    registrar_ts: bool = True,
+    description: str = "",
+) -> Path:
     """Pack checkpoints (one stage each, cascaded in the given order) into a plan at ``out``.
 
     All checkpoints must share the model grid (shape, spacing, centre) and normalisation. The manifest
@@ -391,8 +452,10 @@ def export_checkpoints(paths, out, name: str | None = None, formats=("torchscrip
     defs, nets, modalities, training, metrics = [], {}, [], {"stages": {}}, {}
     for c in ckpts:
         st = c.stage
-        sched = [LevelSolver(lv["solver"], lv.get("step_size"), lv.get("tol"), int(lv.get("max_steps", 1000)))
-                 for lv in st["schedule"]]
+        sched = [
+            LevelSolver(lv["solver"], lv.get("step_size"), lv.get("tol"), int(lv.get("max_steps", 1000)))
+            for lv in st["schedule"]
+        ]
         defs.append(StageDef(st["name"], st["transform"], sched, dict(st.get("params", {}))))
         for lv, net in build_networks(c).items():
             nets[(st["name"], lv)] = net
@@ -403,10 +466,23 @@ def export_checkpoints(paths, out, name: str | None = None, formats=("torchscrip
         if c.get("metrics"):
             metrics[st["name"]] = c["metrics"]
     plan_name = name or Path(out).name.removesuffix(".plan")
-    path = build_plan(out, plan_name, grid, defs, nets, formats=tuple(formats), analytic=False, centre=centre,
-                      normalization=norm, modalities=modalities, metrics=metrics, training=training,
-                      description=description)
+    path = build_plan(
+        out,
+        plan_name,
+        grid,
+        defs,
+        nets,
+        formats=tuple(formats),
+        analytic=False,
+        centre=centre,
+        normalization=norm,
+        modalities=modalities,
+        metrics=metrics,
+        training=training,
+        description=description,
+    )
     if registrar_ts and "torchscript" in formats:
         from .scripted import add_registrar_ts
+
         add_registrar_ts(path)
     return path

@@ -11,6 +11,7 @@ then the B-spline one). Every plan gets TorchScript and ONNX networks and, unles
 engines for this machine's GPU into the plan (needs TensorRT and CUDA). ``msode_sdk.cli`` adds this
 command when msode_export is importable; errors follow its one-line / exit status 2 contract.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,24 +67,39 @@ def _cmd_export(args) -> int:
         from msode_sdk.transforms import Grid
 
         from .analytic import build_analytic_plan
+
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
         bad = [s for s in stages if s not in ("rigid", "bspline", "dense")]
         if bad or not stages or len(set(stages)) != len(stages):
             raise InputError(f"--stages must be distinct names from rigid, bspline, dense; got {args.stages!r}")
-        path = build_analytic_plan(args.output, Grid(args.model_grid, args.spacing), stages=stages,
-                                   control_spacing_mm=args.control_spacing, formats=formats,
-                                   name=args.name or Path(args.output).name.removesuffix(".plan"),
-                                   registrar_ts=registrar_ts)
+        path = build_analytic_plan(
+            args.output,
+            Grid(args.model_grid, args.spacing),
+            stages=stages,
+            control_spacing_mm=args.control_spacing,
+            formats=formats,
+            name=args.name or Path(args.output).name.removesuffix(".plan"),
+            registrar_ts=registrar_ts,
+        )
     else:
         if not args.checkpoints:
             raise InputError("give one or more CHECKPOINT files (or --analytic)")
         from .checkpoint import export_checkpoints
-        path = export_checkpoints(args.checkpoints, args.output, name=args.name, formats=formats,
-                                  registrar_ts=registrar_ts, description=args.description or "")
+
+        path = export_checkpoints(
+            args.checkpoints,
+            args.output,
+            name=args.name,
+            formats=formats,
+            registrar_ts=registrar_ts,
+            description=args.description or "",
+        )
     if args.tensorrt_engines:
         from .engines import add_tensorrt_engines
+
         add_tensorrt_engines(path, precision=args.precision)
     from msode_sdk.plan import load_plan, plan_summary
+
     summary = plan_summary(load_plan(path))
     if not args.quiet:
         print(summary, file=sys.stderr)
@@ -93,27 +109,46 @@ def _cmd_export(args) -> int:
 
 def add_export_command(subparsers) -> argparse.ArgumentParser:
     """Add ``export`` to an ``argparse`` sub-parser set (called by :func:`msode_sdk.cli.build_parser`)."""
-    e = subparsers.add_parser("export", help="pack checkpoints (or --analytic) into a .plan",
-                              description=__doc__.split("\n\n")[0])
+    e = subparsers.add_parser(
+        "export", help="pack checkpoints (or --analytic) into a .plan", description=__doc__.split("\n\n")[0]
+    )
     e.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="one per stage, in cascade order")
     e.add_argument("-o", "--output", required=True, help="plan file to write (NAME.plan)")
     e.add_argument("--name", default=None, help="plan name (default: the output file's stem)")
     e.add_argument("--description", default=None)
     e.add_argument("--formats", default="torchscript,onnx", help="network formats (default torchscript,onnx)")
     e.add_argument("--no-registrar-ts", action="store_true", help="do not embed the whole loop as registrar.ts")
-    e.add_argument("--import", dest="imports", action="append", metavar="MODULE",
-                   help="import MODULE first (it registers network architectures); repeatable")
-    e.add_argument("--tensorrt-engines", action="store_true",
-                   help="also build TensorRT engines for this GPU into the plan (needs TensorRT + CUDA)")
+    e.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first (it registers network architectures); repeatable",
+    )
+    e.add_argument(
+        "--tensorrt-engines",
+        action="store_true",
+        help="also build TensorRT engines for this GPU into the plan (needs TensorRT + CUDA)",
+    )
     e.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="TensorRT engine precision")
     a = e.add_argument_group("analytic plan (SSD gradient-descent stand-in networks, no training)")
     a.add_argument("--analytic", action="store_true")
     a.add_argument("--model-grid", type=_ints3, default=None, metavar="X,Y,Z", help="model grid voxels")
-    a.add_argument("--spacing", type=_floats3, default=(2.0, 2.0, 2.0), metavar="MM",
-                   help="model grid spacing in mm: one value or x,y,z (default 2)")
+    a.add_argument(
+        "--spacing",
+        type=_floats3,
+        default=(2.0, 2.0, 2.0),
+        metavar="MM",
+        help="model grid spacing in mm: one value or x,y,z (default 2)",
+    )
     a.add_argument("--stages", default="rigid,bspline", help="comma-separated stages (default rigid,bspline)")
-    a.add_argument("--control-spacing", type=_floats3, default=(20.0, 20.0, 20.0), metavar="MM",
-                   help="B-spline control point spacing in mm (default 20)")
+    a.add_argument(
+        "--control-spacing",
+        type=_floats3,
+        default=(20.0, 20.0, 20.0),
+        metavar="MM",
+        help="B-spline control point spacing in mm (default 20)",
+    )
     e.add_argument("-q", "--quiet", action="store_true", help="no plan summary on stderr")
     e.set_defaults(func=_cmd_export)
     return e
@@ -122,6 +157,7 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """``python -m msode_export.cli ...`` == ``msode export ...``."""
     from msode_sdk.cli import main as sdk_main
+
     return sdk_main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 

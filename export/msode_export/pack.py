@@ -5,6 +5,7 @@ Each network ``f(warped, fixed, t)`` of each (stage, level) is written as TorchS
 no grid sampling inside: networks only). The integrator schedule, model grid, normalisation and
 provenance go into the manifest.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,17 @@ from torch import nn
 from msode_sdk.plan import load_plan, make_manifest, write_plan
 from msode_sdk.transforms import Grid
 
-__all__ = ["LevelSolver", "StageDef", "LevelFeatures", "PAPER_SCHEDULES", "export_torchscript", "export_onnx",
-           "export_features_onnx", "build_plan", "level_grids"]
+__all__ = [
+    "LevelSolver",
+    "StageDef",
+    "LevelFeatures",
+    "PAPER_SCHEDULES",
+    "export_torchscript",
+    "export_onnx",
+    "export_features_onnx",
+    "build_plan",
+    "level_grids",
+]
 
 ONNX_OPSET = 17
 
@@ -58,8 +68,11 @@ class StageDef:
 
 # The paper's schedules (A = adaptive Heun with tolerance, F = Euler with fixed step).
 PAPER_SCHEDULES: dict[str, tuple[LevelSolver, ...]] = {
-    "rigid": (LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3), LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3),
-              LevelSolver("euler", 0.1)),
+    "rigid": (
+        LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3),
+        LevelSolver("adaptive_heun", step_size=0.1, tol=1e-3),
+        LevelSolver("euler", 0.1),
+    ),
     "bspline": (LevelSolver("euler", 0.2), LevelSolver("euler", 0.2), LevelSolver("euler", 0.25)),
     "dense": (LevelSolver("euler", 0.2), LevelSolver("euler", 0.2), LevelSolver("euler", 0.5)),
 }
@@ -97,8 +110,13 @@ def export_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET, channels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, _example_inputs(grid, channels=channels), buf, opset_version=opset, dynamo=False,
-            input_names=["warped", "fixed", "t"], output_names=["velocity"],
+            module,
+            _example_inputs(grid, channels=channels),
+            buf,
+            opset_version=opset,
+            dynamo=False,
+            input_names=["warped", "fixed", "t"],
+            output_names=["velocity"],
             dynamic_axes={"warped": {0: "N"}, "fixed": {0: "N"}, "t": {0: "N"}, "velocity": {0: "N"}},
         )
     return _checked_onnx(buf.getvalue())
@@ -112,8 +130,13 @@ def export_features_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (torch.rand(1, 1, *grid.shape_dhw),), buf, opset_version=opset, dynamo=False,
-            input_names=["image"], output_names=["features"],
+            module,
+            (torch.rand(1, 1, *grid.shape_dhw),),
+            buf,
+            opset_version=opset,
+            dynamo=False,
+            input_names=["image"],
+            output_names=["features"],
             dynamic_axes={"image": {0: "N"}, "features": {0: "N"}},
         )
     return _checked_onnx(buf.getvalue())
@@ -132,12 +155,23 @@ def _checked_onnx(data: bytes) -> bytes:
     return data
 
 
-def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
-               networks: Mapping[tuple[str, int], nn.Module], formats: Sequence[str] = ("torchscript", "onnx"),
-               analytic: bool = False, centre: str = "fov", normalization: dict | None = None,
-               modalities: Sequence[str] = (), metrics: dict | None = None, training: dict | None = None,
-               description: str = "", extra_members: Mapping[str, bytes] | None = None,
-               features: Mapping[tuple[str, int], "LevelFeatures"] | None = None) -> Path:
+def build_plan(
+    path,
+    name: str,
+    model_grid: Grid,
+    stages: Sequence[StageDef],
+    networks: Mapping[tuple[str, int], nn.Module],
+    formats: Sequence[str] = ("torchscript", "onnx"),
+    analytic: bool = False,
+    centre: str = "fov",
+    normalization: dict | None = None,
+    modalities: Sequence[str] = (),
+    metrics: dict | None = None,
+    training: dict | None = None,
+    description: str = "",
+    extra_members: Mapping[str, bytes] | None = None,
+    features: Mapping[tuple[str, int], "LevelFeatures"] | None = None,
+) -> Path:
     """Export every network and write a validated plan at ``path``; returns the path.
 
     ``networks[(stage_name, level)]`` for level 1 (coarse) .. L (fine); level ``l`` integrates over
@@ -163,8 +197,10 @@ def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
                 with torch.no_grad():
                     probe = fnet.eval()(torch.rand(1, 1, *grid.shape_dhw))
                 if tuple(probe.shape[2:]) != field_grid.shape_dhw:
-                    raise ValueError(f"feature network of {st.name} L{lv} gives {tuple(probe.shape)}, not the "
-                                     f"feature grid {field_grid.shape_dhw}")
+                    raise ValueError(
+                        f"feature network of {st.name} L{lv} gives {tuple(probe.shape)}, not the "
+                        f"feature grid {field_grid.shape_dhw}"
+                    )
                 channels = int(probe.shape[1])
                 if "torchscript" in formats:
                     feats["torchscript"] = f"networks/{st.name}_L{lv}.features.ts"
@@ -178,13 +214,23 @@ def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
             if "onnx" in formats:
                 nets["onnx"] = f"networks/{st.name}_L{lv}.onnx"
                 members[nets["onnx"]] = export_onnx(net, field_grid, channels=channels)
-            scale = {"level": lv, "shape_xyz": list(grid.shape_xyz), "spacing_xyz_mm": list(grid.spacing_xyz),
-                     "solver": sched.solver, "t0": float(lv - 1), "t1": float(lv), "networks": nets,
-                     "max_steps": sched.max_steps}
+            scale = {
+                "level": lv,
+                "shape_xyz": list(grid.shape_xyz),
+                "spacing_xyz_mm": list(grid.spacing_xyz),
+                "solver": sched.solver,
+                "t0": float(lv - 1),
+                "t1": float(lv),
+                "networks": nets,
+                "max_steps": sched.max_steps,
+            }
             if feats:
                 scale["features"] = feats
-                scale["feature_grid"] = {"shape_xyz": list(field_grid.shape_xyz),
-                                         "spacing_xyz_mm": list(field_grid.spacing_xyz), "channels": channels}
+                scale["feature_grid"] = {
+                    "shape_xyz": list(field_grid.shape_xyz),
+                    "spacing_xyz_mm": list(field_grid.spacing_xyz),
+                    "channels": channels,
+                }
                 scale["feature_warp"] = bool(lf.warp)
             if sched.step_size is not None:
                 scale["step_size"] = sched.step_size
@@ -194,12 +240,19 @@ def build_plan(path, name: str, model_grid: Grid, stages: Sequence[StageDef],
         stage_dicts.append({"name": st.name, "transform": st.transform, "params": dict(st.params), "scales": scales})
     manifest = make_manifest(
         name,
-        {"shape_xyz": list(model_grid.shape_xyz), "spacing_xyz_mm": list(model_grid.spacing_xyz),
-         "orientation": "RAS", "centre": centre},
+        {
+            "shape_xyz": list(model_grid.shape_xyz),
+            "spacing_xyz_mm": list(model_grid.spacing_xyz),
+            "orientation": "RAS",
+            "centre": centre,
+        },
         stage_dicts,
-        description=description, analytic=bool(analytic),
+        description=description,
+        analytic=bool(analytic),
         normalization=normalization or {"method": "percentile", "low": 0.5, "high": 99.5},
-        modalities=list(modalities), metrics=metrics or {}, training=training or {},
+        modalities=list(modalities),
+        metrics=metrics or {},
+        training=training or {},
     )
     write_plan(path, manifest, members)
     load_plan(path)  # round-trip check: what we wrote must load

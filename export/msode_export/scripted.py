@@ -59,11 +59,25 @@ from msode_sdk.errors import PlanError
 from msode_sdk.initialize import mutual_information, thetas_of_points
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
 from msode_sdk.plan import Plan, load_plan, write_plan
-from msode_sdk.transforms import (Grid, affine_bspline_coords, apply_matrix, bspline_displacement_at, bspline_kernel,
-                                  lattice_for, rigid_inverse, rigid_matrix_unchecked)
+from msode_sdk.transforms import (
+    Grid,
+    affine_bspline_coords,
+    apply_matrix,
+    bspline_displacement_at,
+    bspline_kernel,
+    lattice_for,
+    rigid_inverse,
+    rigid_matrix_unchecked,
+)
 
-__all__ = ["REGISTRAR_MEMBER", "RegistrarModule", "build_registrar_module", "build_registrar_ts",
-           "add_registrar_ts", "load_registrar_ts"]
+__all__ = [
+    "REGISTRAR_MEMBER",
+    "RegistrarModule",
+    "build_registrar_module",
+    "build_registrar_ts",
+    "add_registrar_ts",
+    "load_registrar_ts",
+]
 
 REGISTRAR_MEMBER = "registrar.ts"
 
@@ -78,8 +92,9 @@ def _axis_coords(n: int, s: float, device: torch.device, dtype: torch.dtype = to
     return (torch.arange(n, dtype=dtype, device=device) - (n - 1) / 2.0) * s
 
 
-def _grid_points(shape: List[int], spacing: List[float], device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
+def _grid_points(
+    shape: List[int], spacing: List[float], device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tensor:
     xs = _axis_coords(shape[0], spacing[0], device, dtype)
     ys = _axis_coords(shape[1], spacing[1], device, dtype)
     zs = _axis_coords(shape[2], spacing[2], device, dtype)
@@ -102,8 +117,15 @@ def _sample_coords(volume: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(volume, coords.to(volume.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _fast_coords(matrix: Optional[Tensor], coeffs: Optional[Tensor], bparams: List[float], shape: List[int],
-                 spacing: List[float], n: int, device: torch.device) -> Tensor:
+def _fast_coords(
+    matrix: Optional[Tensor],
+    coeffs: Optional[Tensor],
+    bparams: List[float],
+    shape: List[int],
+    spacing: List[float],
+    n: int,
+    device: torch.device,
+) -> Tensor:
     """``grid_sample`` coordinates of ``A (x + u(x))`` on a grid that is also the source grid: the SDK's
     own :func:`msode_sdk.transforms.affine_bspline_coords` (what its reference warp computes for
     ``[rigid?, bspline?]`` chains), so the warps agree bit for bit."""
@@ -153,8 +175,9 @@ def _bspline_on(coeffs: Tensor, params: List[float], shape: List[int], spacing: 
 
 def _bspline_at(coeffs: Tensor, points: Tensor, params: List[float]) -> Tensor:
     """FFD displacement at arbitrary points: the SDK's own :func:`bspline_displacement_at`."""
-    return bspline_displacement_at(coeffs, points, [int(params[3]), int(params[4]), int(params[5])],
-                                   [params[0], params[1], params[2]])
+    return bspline_displacement_at(
+        coeffs, points, [int(params[3]), int(params[4]), int(params[5])], [params[0], params[1], params[2]]
+    )
 
 
 def _dense_at(field: Tensor, params: List[float], points: Tensor) -> Tensor:
@@ -163,8 +186,9 @@ def _dense_at(field: Tensor, params: List[float], points: Tensor) -> Tensor:
     shape = [int(params[0]), int(params[1]), int(params[2])]
     spacing = [params[3], params[4], params[5]]
     flat = points.reshape(n, 1, 1, -1, 3)
-    d = F.grid_sample(field, _normalise(flat, shape, spacing), mode="bilinear", padding_mode="border",
-                      align_corners=True)
+    d = F.grid_sample(
+        field, _normalise(flat, shape, spacing), mode="bilinear", padding_mode="border", align_corners=True
+    )
     return points + d.reshape(n, 3, -1).transpose(1, 2).reshape(points.shape)
 
 
@@ -227,8 +251,14 @@ class _DenseT(_ParamsT):
     def map_grid(self, state: Tensor, shape: List[int], spacing: List[float]) -> Tensor:
         pts = _grid_points(shape, spacing, state.device)
         p = self.params
-        same = (int(p[0]) == shape[0] and int(p[1]) == shape[1] and int(p[2]) == shape[2]
-                and p[3] == spacing[0] and p[4] == spacing[1] and p[5] == spacing[2])
+        same = (
+            int(p[0]) == shape[0]
+            and int(p[1]) == shape[1]
+            and int(p[2]) == shape[2]
+            and p[3] == spacing[0]
+            and p[4] == spacing[1]
+            and p[5] == spacing[2]
+        )
         if same:
             return pts + state.permute(0, 2, 3, 4, 1)
         return _dense_at(state, self.params, _expand(pts, state.shape[0]))
@@ -274,10 +304,23 @@ class _Level(nn.Module):
     prior_rigid: int
     bparams: List[float]
 
-    def __init__(self, network: nn.Module, own: nn.Module, priors: List[nn.Module], grid: Grid, t0: float,
-                 t1: float, pyr: int, prev_grid: Optional[Grid], kind: str, label: str,
-                 features: Optional[nn.Module] = None, feature_grid: Optional[Grid] = None, feature_warp: bool = False,
-                 prior_kinds: Optional[List[str]] = None):
+    def __init__(
+        self,
+        network: nn.Module,
+        own: nn.Module,
+        priors: List[nn.Module],
+        grid: Grid,
+        t0: float,
+        t1: float,
+        pyr: int,
+        prev_grid: Optional[Grid],
+        kind: str,
+        label: str,
+        features: Optional[nn.Module] = None,
+        feature_grid: Optional[Grid] = None,
+        feature_warp: bool = False,
+        prior_kinds: Optional[List[str]] = None,
+    ):
         super().__init__()
         self.network = network
         self.own = own
@@ -289,8 +332,11 @@ class _Level(nn.Module):
         self.pyr = int(pyr)
         # carry_state: only a dense state moves when the grid changes
         self.carry = kind == "dense" and prev_grid is not None and prev_grid != grid
-        self.prev_params = ([float(v) for v in prev_grid.shape_xyz] + [float(v) for v in prev_grid.spacing_xyz]
-                            if prev_grid is not None else [])
+        self.prev_params = (
+            [float(v) for v in prev_grid.shape_xyz] + [float(v) for v in prev_grid.spacing_xyz]
+            if prev_grid is not None
+            else []
+        )
         self.label = label
         self.has_features = features is not None
         self.features = features if features is not None else _NoFeatures()
@@ -326,12 +372,18 @@ class _Level(nn.Module):
         """``mov`` (on the level grid) warped by ``prior o own(y)`` onto the level grid."""
         n = mov.shape[0]
         if self.fast == 1:
-            return _sample_coords(mov, _fast_coords(_rigid_matrix(y), None, self.bparams, self.shape, self.spacing, n, mov.device))
+            return _sample_coords(
+                mov, _fast_coords(_rigid_matrix(y), None, self.bparams, self.shape, self.spacing, n, mov.device)
+            )
         if self.fast == 2:
             return _sample_coords(mov, _fast_coords(None, y, self.bparams, self.shape, self.spacing, n, mov.device))
         if self.fast == 3:
-            return _sample_coords(mov, _fast_coords(_rigid_matrix(states[self.prior_rigid]), y, self.bparams,
-                                                    self.shape, self.spacing, n, mov.device))
+            return _sample_coords(
+                mov,
+                _fast_coords(
+                    _rigid_matrix(states[self.prior_rigid]), y, self.bparams, self.shape, self.spacing, n, mov.device
+                ),
+            )
         return _sample(mov, self.shape, self.spacing, self._chain_points(y, states, n))
 
     def prepare(self, y: Tensor, mov: Tensor, fix: Tensor, states: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -346,8 +398,18 @@ class _Level(nn.Module):
             start = self._warp(mov, y, states)
             m0_inv = _rigid_inverse(_rigid_matrix(y))
         elif self.prior_rigid >= 0:  # frame: the (rigid) prior stage; evaluations warp by the own transform
-            start = _sample_coords(mov, _fast_coords(_rigid_matrix(states[self.prior_rigid]), None, self.bparams,
-                                                     self.shape, self.spacing, mov.shape[0], mov.device))
+            start = _sample_coords(
+                mov,
+                _fast_coords(
+                    _rigid_matrix(states[self.prior_rigid]),
+                    None,
+                    self.bparams,
+                    self.shape,
+                    self.spacing,
+                    mov.shape[0],
+                    mov.device,
+                ),
+            )
         elif len(self.priors) > 0:
             pts = _expand(_grid_points(self.shape, self.spacing, mov.device), mov.shape[0])
             for pr in self.priors:
@@ -360,11 +422,16 @@ class _Level(nn.Module):
     def field(self, t: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]) -> Tensor:
         if self.feature_warp:
             if self.rigid:
-                warped = _sample_coords(mov, _fast_coords(m0_inv @ _rigid_matrix(y), None, self.bparams, self.fshape,
-                                                          self.fspacing, y.shape[0], y.device))
+                warped = _sample_coords(
+                    mov,
+                    _fast_coords(
+                        m0_inv @ _rigid_matrix(y), None, self.bparams, self.fshape, self.fspacing, y.shape[0], y.device
+                    ),
+                )
             elif len(self.bparams) > 0:
-                warped = _sample_coords(mov, _fast_coords(None, y, self.bparams, self.fshape, self.fspacing,
-                                                          y.shape[0], y.device))
+                warped = _sample_coords(
+                    mov, _fast_coords(None, y, self.bparams, self.fshape, self.fspacing, y.shape[0], y.device)
+                )
             else:
                 warped = _sample(mov, self.fshape, self.fspacing, self.own.map_grid(y, self.fshape, self.fspacing))
         else:
@@ -374,8 +441,9 @@ class _Level(nn.Module):
         tt = torch.full([warped.shape[0]], t, dtype=torch.float32, device=warped.device)
         v = self.network(warped, fix, tt)
         if v.shape != y.shape:
-            raise RuntimeError("network " + self.label + " returned shape " + str(v.shape) + ", expected "
-                               + str(y.shape))
+            raise RuntimeError(
+                "network " + self.label + " returned shape " + str(v.shape) + ", expected " + str(y.shape)
+            )
         return v.to(y.dtype)
 
     def start_candidates(self, pyr_m: List[Tensor], pyr_f: List[Tensor]) -> Tensor:
@@ -387,8 +455,10 @@ class _Level(nn.Module):
     def mi_of(self, y: Tensor, mov: Tensor, fix: Tensor) -> Tensor:
         """MI ``(N,)`` between ``fix`` and ``mov`` warped by this level's own transform of state ``y``."""
         if self.fast == 1:
-            warped = _sample_coords(mov, _fast_coords(_rigid_matrix(y), None, self.bparams, self.shape, self.spacing,
-                                                      mov.shape[0], mov.device))
+            warped = _sample_coords(
+                mov,
+                _fast_coords(_rigid_matrix(y), None, self.bparams, self.shape, self.spacing, mov.shape[0], mov.device),
+            )
         else:
             warped = _sample(mov, self.shape, self.spacing, self.own.map_grid(y, self.shape, self.spacing))
         return mutual_information(warped, fix)
@@ -410,8 +480,9 @@ class _FixedStepLevel(_Level):
         super().__init__(*args, **kwargs)
         self.times = [float(v) for v in times]
 
-    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor,
-             states: List[Tensor]) -> Tensor:
+    def step(
+        self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]
+    ) -> Tensor:
         raise NotImplementedError("subclass implements one step")
 
     def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
@@ -426,19 +497,22 @@ class _FixedStepLevel(_Level):
 class _EulerLevel(_FixedStepLevel):
     """Forward Euler."""
 
-    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor,
-             states: List[Tensor]) -> Tensor:
+    def step(
+        self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]
+    ) -> Tensor:
         return y + dt * self.field(t, y, mov, fix, m0_inv, states)
 
 
 class _HeunLevel(_FixedStepLevel):
     """Heun's method (explicit trapezoid)."""
 
-    def step(self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor,
-             states: List[Tensor]) -> Tensor:
+    def step(
+        self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]
+    ) -> Tensor:
         k1 = self.field(t, y, mov, fix, m0_inv, states)
         k2 = self.field(t + dt, y + dt * k1, mov, fix, m0_inv, states)
         return y + 0.5 * dt * (k1 + k2)
+
 
 class _AdaptiveHeunLevel(_Level):
     """msode_sdk.integrate.AdaptiveHeunSolver: Heun-Euler pair with the SDK's own step controller
@@ -569,13 +643,21 @@ class RegistrarModule(nn.Module):
     final_bparams: List[float]
     final_fast: bool
 
-    def __init__(self, model_grid: Grid, stages: List[_Stage], final: List[nn.Module], rigid_indices: List[int],
-                 pyramid: List[List[Grid]], info: dict, kinds: Optional[List[str]] = None):
+    def __init__(
+        self,
+        model_grid: Grid,
+        stages: List[_Stage],
+        final: List[nn.Module],
+        rigid_indices: List[int],
+        pyramid: List[List[Grid]],
+        info: dict,
+        kinds: Optional[List[str]] = None,
+    ):
         super().__init__()
         self.shape = [int(v) for v in model_grid.shape_xyz]
         self.spacing = [float(v) for v in model_grid.spacing_xyz]
         self.stages = nn.ModuleList(stages)
-        self.last = final[-1]                     # innermost stage: evaluated on the model grid
+        self.last = final[-1]  # innermost stage: evaluated on the model grid
         self.outer = nn.ModuleList(final[:-1][::-1])  # then the earlier stages, finest first
         self.rigid_indices = [int(i) for i in rigid_indices]
         self.pyr_shapes = [[[int(v) for v in g.shape_xyz] for g in steps] for steps in pyramid]
@@ -610,11 +692,19 @@ class RegistrarModule(nn.Module):
     def forward(self, moving: Tensor, fixed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         expect = [1, self.shape[2], self.shape[1], self.shape[0]]
         if moving.dim() != 5 or list(moving.shape[1:]) != expect:
-            raise ValueError("moving: expected a (N, 1, D, H, W) = (N, " + str(expect[1:]) + ") tensor on the model grid, got "
-                             + str(moving.shape))
+            raise ValueError(
+                "moving: expected a (N, 1, D, H, W) = (N, "
+                + str(expect[1:])
+                + ") tensor on the model grid, got "
+                + str(moving.shape)
+            )
         if fixed.dim() != 5 or list(fixed.shape[1:]) != expect:
-            raise ValueError("fixed: expected a (N, 1, D, H, W) = (N, " + str(expect[1:]) + ") tensor on the model grid, got "
-                             + str(fixed.shape))
+            raise ValueError(
+                "fixed: expected a (N, 1, D, H, W) = (N, "
+                + str(expect[1:])
+                + ") tensor on the model grid, got "
+                + str(fixed.shape)
+            )
         if moving.shape[0] != fixed.shape[0]:
             raise ValueError("moving and fixed batch sizes differ")
         with torch.no_grad():
@@ -642,8 +732,9 @@ class RegistrarModule(nn.Module):
                     m = _rigid_matrix(states[self.final_rigid])
                 if self.final_bspline >= 0:
                     c = states[self.final_bspline]
-                warped = _sample_coords(moving, _fast_coords(m, c, self.final_bparams, self.shape, self.spacing, n,
-                                                             moving.device))
+                warped = _sample_coords(
+                    moving, _fast_coords(m, c, self.final_bparams, self.shape, self.spacing, n, moving.device)
+                )
             else:
                 warped = _sample(moving, self.shape, self.spacing, pts)
             disp_mm = (pts - _grid_points(self.shape, self.spacing, pts.device)).permute(0, 4, 1, 2, 3)
@@ -709,13 +800,16 @@ def _as_plan(plan) -> Plan:
 def _load_ts(plan: Plan, networks: dict, what: str) -> torch.jit.ScriptModule:
     member = networks.get("torchscript")
     if member is None:
-        raise PlanError(f"{what} has no TorchScript network (has {sorted(networks)}); registrar.ts embeds "
-                        "TorchScript networks")
+        raise PlanError(
+            f"{what} has no TorchScript network (has {sorted(networks)}); registrar.ts embeds TorchScript networks"
+        )
     try:
         net = torch.jit.load(io.BytesIO(plan.read(member)), map_location="cpu")
     except Exception as exc:
-        raise PlanError(f"plan member {member} is not a loadable TorchScript module: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise PlanError(
+            f"plan member {member} is not a loadable TorchScript module: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     return net.eval()
 
 
@@ -742,12 +836,26 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
                 pyramid_grids.append(lg)
             own = _transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, lg))
             priors = [copy.deepcopy(f) for f in finals[::-1]]  # the finest earlier stage acts first
-            common = dict(network=net, own=own, priors=priors, grid=lg, t0=sc.t0, t1=sc.t1,
-                          pyr=pyramid_grids.index(lg), prev_grid=prev, kind=st.transform,
-                          label=f"{st.name}_L{sc.level}", features=feats, feature_grid=fgrid,
-                          feature_warp=sc.feature_warp, prior_kinds=[s.transform for s in selected[:index]][::-1])
+            common = dict(
+                network=net,
+                own=own,
+                priors=priors,
+                grid=lg,
+                t0=sc.t0,
+                t1=sc.t1,
+                pyr=pyramid_grids.index(lg),
+                prev_grid=prev,
+                kind=st.transform,
+                label=f"{st.name}_L{sc.level}",
+                features=feats,
+                feature_grid=fgrid,
+                feature_warp=sc.feature_warp,
+                prior_kinds=[s.transform for s in selected[:index]][::-1],
+            )
             if sc.solver == "adaptive_heun":
-                levels.append(_AdaptiveHeunLevel(step0=sc.step_size or 0.0, tol=sc.tol, max_steps=sc.max_steps, **common))
+                levels.append(
+                    _AdaptiveHeunLevel(step0=sc.step_size or 0.0, tol=sc.tol, max_steps=sc.max_steps, **common)
+                )
             elif sc.solver in ("euler", "heun"):
                 cls = _EulerLevel if sc.solver == "euler" else _HeunLevel
                 levels.append(cls(times=fixed_step_grid(sc.t0, sc.t1, sc.step_size), **common))
@@ -766,26 +874,40 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
             raise PlanError(f"stage {st.name!r}: unknown init {init_mode!r}; valid: ['moments', 'multistart', 'none']")
         if init_mode != "none" and index > 0:
             # the SDK scores candidates on images warped by the earlier stages; registrar.ts does not
-            warnings.warn(f"stage {st.name!r} follows other stages: registrar.ts starts it from the identity, "
-                          f"not from init={init_mode!r}")
+            warnings.warn(
+                f"stage {st.name!r} follows other stages: registrar.ts starts it from the identity, "
+                f"not from init={init_mode!r}"
+            )
             init_mode = "none"
         stage_modules.append(_Stage(st.name, levels, init, init_mode))
-        finals.append(_transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, grids[-1])))
+        finals.append(
+            _transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, grids[-1]))
+        )
     pyramid = [_pyramid_steps(model_grid, g) for g in pyramid_grids]
     info = {
-        "format": "msode-registrar-ts", "version": 1, "plan": m.name, "analytic": m.analytic,
-        "model_grid": {"shape_xyz": list(model_grid.shape_xyz), "spacing_xyz_mm": list(model_grid.spacing_xyz),
-                       "orientation": m.model_grid.orientation, "centre": m.model_grid.centre},
+        "format": "msode-registrar-ts",
+        "version": 1,
+        "plan": m.name,
+        "analytic": m.analytic,
+        "model_grid": {
+            "shape_xyz": list(model_grid.shape_xyz),
+            "spacing_xyz_mm": list(model_grid.spacing_xyz),
+            "orientation": m.model_grid.orientation,
+            "centre": m.model_grid.centre,
+        },
         "normalization": dict(m.normalization),
         "stages": [{"name": s.name, "transform": s.transform} for s in selected],
         "inputs": "moving, fixed: (N, 1, D, H, W) float32 on the model grid, intensities in [0, 1]",
-        "outputs": {"warped": "(N, 1, D, H, W)",
-                    "displacement": "(N, 3, D, H, W) model-grid voxels, channels x, y, z; fixed voxel v -> moving voxel v + d",
-                    "matrix": "float64 (4, 4) for N = 1 else (N, 4, 4): rigid part, fixed voxel (x, y, z, 1) -> moving voxel"},
+        "outputs": {
+            "warped": "(N, 1, D, H, W)",
+            "displacement": "(N, 3, D, H, W) model-grid voxels, channels x, y, z; fixed voxel v -> moving voxel v + d",
+            "matrix": "float64 (4, 4) for N = 1 else (N, 4, 4): rigid part, fixed voxel (x, y, z, 1) -> moving voxel",
+        },
         "torch": torch.__version__,
     }
-    return RegistrarModule(model_grid, stage_modules, finals, rigid_indices, pyramid, info,
-                           kinds=[s.transform for s in selected])
+    return RegistrarModule(
+        model_grid, stage_modules, finals, rigid_indices, pyramid, info, kinds=[s.transform for s in selected]
+    )
 
 
 def build_registrar_ts(plan, stages=None) -> bytes:
@@ -816,7 +938,8 @@ def add_registrar_ts(plan_path, out_path=None) -> Path:
     manifest = dict(plan.manifest.raw)
     manifest.pop("members", None)
     manifest["registrar_ts"] = {
-        "member": REGISTRAR_MEMBER, "torch": torch.__version__,
+        "member": REGISTRAR_MEMBER,
+        "torch": torch.__version__,
         "signature": "forward(moving, fixed) -> (warped, displacement_voxels, matrix_voxels)",
         "stages": [s.name for s in plan.manifest.stages],
     }

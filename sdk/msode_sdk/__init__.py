@@ -8,8 +8,8 @@
 Conventions: NIfTI arrays (X, Y, Z), world RAS mm; tensors (N, C, D, H, W) with D = z; files for
 ITK/ANTs in LPS mm. See the README and each function's docstring.
 """
-from .errors import (BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError,
-                     ResourceError)
+
+from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError, ResourceError
 from .registrar import Registrar, RegistrationResult, bundled_plans
 
 __version__ = "0.1.0"

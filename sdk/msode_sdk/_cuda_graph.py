@@ -33,6 +33,7 @@ Options (:class:`GraphOptions`): ``fp16_networks`` runs the networks under ``tor
 Use: ``Registrar.load(plan, device="cuda", backend="torch", cuda_graph=True)`` (or a
 :class:`GraphOptions`); or :func:`run_graphed` directly (``strict=True`` raises instead of falling back).
 """
+
 from __future__ import annotations
 
 import copy
@@ -85,10 +86,13 @@ def unsupported_reason(reg, stage_defs, init: str | None = None) -> str | None:
     for st in stage_defs:
         for sc in st.scales:
             if sc.solver not in FIXED_STEP_SOLVERS:
-                return (f"stage {st.name!r} level {sc.level} uses the {sc.solver!r} solver, whose number of steps "
-                        f"is decided on the host from the data; only fixed-step {list(FIXED_STEP_SOLVERS)} "
-                        "schedules can be captured")
+                return (
+                    f"stage {st.name!r} level {sc.level} uses the {sc.solver!r} solver, whose number of steps "
+                    f"is decided on the host from the data; only fixed-step {list(FIXED_STEP_SOLVERS)} "
+                    "schedules can be captured"
+                )
     from .warp import _cuda
+
     ok, why = _cuda.available()
     if not ok:
         return f"the CUDA warp kernels are unavailable ({why})"
@@ -102,10 +106,12 @@ def unsupported_reason(reg, stage_defs, init: str | None = None) -> str | None:
 def _kernel_warp(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, out_grid: Grid) -> torch.Tensor:
     """Warp through the fused kernel, never the reference (which cannot be captured)."""
     from .warp import _cuda
+
     call = _cuda.warp_op_call(volume, src_grid, chain, out_grid)
     if call is None:
         raise GraphCaptureUnsupported(
-            f"the warp of chain {[t.kind for t in chain.transforms]} ({volume.dtype} volume) has no CUDA kernel path")
+            f"the warp of chain {[t.kind for t in chain.transforms]} ({volume.dtype} volume) has no CUDA kernel path"
+        )
     fn, args = call
     return fn(*args)
 
@@ -113,8 +119,9 @@ def _kernel_warp(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, ou
 class CudaGraphRunner:
     """The captured registration of one Registrar for one stage selection, initialiser and batch size."""
 
-    def __init__(self, reg, stage_defs: Sequence, batch: int, options: GraphOptions = GraphOptions(),
-                 init: str | None = None):
+    def __init__(
+        self, reg, stage_defs: Sequence, batch: int, options: GraphOptions = GraphOptions(), init: str | None = None
+    ):
         why = unsupported_reason(reg, stage_defs, init)
         if why is not None:
             raise GraphCaptureUnsupported(why)
@@ -219,8 +226,9 @@ class CudaGraphRunner:
         for st, ok in zip(self.loop.stages, finite):
             if not ok:
                 raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
-        chain = TransformChain([self.loop.chain_after(TransformChain(), k, s).transforms[0]
-                                for k, s in enumerate(states)])
+        chain = TransformChain(
+            [self.loop.chain_after(TransformChain(), k, s).transforms[0] for k, s in enumerate(states)]
+        )
         reports = []
         for k, (st, stats) in enumerate(zip(self.loop.stages, self.stats)):
             seconds = ms[k + 1] / 1000.0 + (ms[0] / 1000.0 if k == 0 else 0.0)  # pyramid counted in stage 1
@@ -234,8 +242,15 @@ _warned: set = set()
 _glue_lock = threading.Lock()
 
 
-def run_graphed(reg, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None,
-                options: GraphOptions | None = None, init: str | None = None, strict: bool = False):
+def run_graphed(
+    reg,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    stages: Sequence[str] | None = None,
+    options: GraphOptions | None = None,
+    init: str | None = None,
+    strict: bool = False,
+):
     """Register model-grid tensors (already validated, on ``reg.device``, float32) by a captured CUDA
     graph, capturing on first use for this (stages, batch, options). Returns a ``ModelGridResult``, or
     None when the registration cannot be captured and ``strict`` is false (a warning says why, once);

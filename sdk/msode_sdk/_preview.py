@@ -1,4 +1,5 @@
 """preview.png: fixed / moving / warped mid-slices on three axes and a fixed-warped checkerboard."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,7 @@ from .errors import InputError
 def _require_matplotlib():
     try:
         import matplotlib
+
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
@@ -51,8 +53,7 @@ def write_preview(path, result) -> None:
         axes[row, 3].set_title("checkerboard fixed/warped" if row == 0 else "")
     for ax in axes.ravel():
         ax.set_axis_off()
-    fig.suptitle(f"msode {result.plan_name} ({result.plan_kind}), "
-                 f"{result.timings['total']:.2f} s on {result.device}")
+    fig.suptitle(f"msode {result.plan_name} ({result.plan_kind}), {result.timings['total']:.2f} s on {result.device}")
     fig.tight_layout()
     fig.savefig(path, dpi=80, format="png")
     plt.close(fig)

@@ -19,6 +19,7 @@ Measures, over ``--repeats`` runs after ``--warmup`` runs, per backend:
 Reports p50 / p95 / max in ms. Benchmarks measure; they assert nothing. ``--threads`` sets torch's
 intra-op threads (default: torch's choice, printed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
         k = (len(xs) - 1) * p
         lo, hi = int(np.floor(k)), int(np.ceil(k))
         return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
     return {"p50_ms": pct(0.5) * 1e3, "p95_ms": pct(0.95) * 1e3, "max_ms": xs[-1] * 1e3, "n": len(xs)}
 
 
@@ -95,6 +97,7 @@ def _host_pair(grid: Grid, moving: torch.Tensor, fixed: torch.Tensor, pair_dir: 
     """``((array, affine), (array, affine), description)`` of the end-to-end inputs."""
     if pair_dir:
         import nibabel as nib
+
         found = {}
         for role in ("moving", "fixed"):
             names = sorted(glob.glob(os.path.join(pair_dir, f"{role}*.nii*")))
@@ -124,8 +127,16 @@ def _model_grid_run(reg: Registrar, moving, fixed, warmup, repeats) -> tuple[dic
     return {"whole": _percentiles(whole), **{k: _percentiles(v[-repeats:]) for k, v in stage_times.items()}}, nfe
 
 
-def bench_backend(plan: str, device: str, backend: str, repeats: int, warmup: int, end_to_end: bool,
-                  pair_dir: str | None = None, batches=(1, 8)) -> dict:
+def bench_backend(
+    plan: str,
+    device: str,
+    backend: str,
+    repeats: int,
+    warmup: int,
+    end_to_end: bool,
+    pair_dir: str | None = None,
+    batches=(1, 8),
+) -> dict:
     reg = Registrar.load(plan, device=device, backend=backend)
     dev = reg.device
     grid = reg.model_grid
@@ -135,14 +146,21 @@ def bench_backend(plan: str, device: str, backend: str, repeats: int, warmup: in
         torch.cuda.reset_peak_memory_stats(dev)
     mg, nfe = _model_grid_run(reg, moving, fixed, warmup, repeats)
     out = {
-        "plan": reg.name, "plan_kind": reg.plan.manifest.kind, "analytic_plan": reg.plan.manifest.analytic,
-        "backend": reg.backend.name, "providers": reg.backend.providers(), "device": str(dev),
-        "model_grid_xyz": list(grid.shape_xyz), "spacing_mm": list(grid.spacing_xyz),
-        "model_grid": mg, "nfe": nfe,
+        "plan": reg.name,
+        "plan_kind": reg.plan.manifest.kind,
+        "analytic_plan": reg.plan.manifest.analytic,
+        "backend": reg.backend.name,
+        "providers": reg.backend.providers(),
+        "device": str(dev),
+        "model_grid_xyz": list(grid.shape_xyz),
+        "spacing_mm": list(grid.spacing_xyz),
+        "model_grid": mg,
+        "nfe": nfe,
     }
     graphed = None
     if dev.type == "cuda" and reg.backend.name == "torch":
         from ._cuda_graph import unsupported_reason
+
         why = unsupported_reason(reg, reg._select_stages(None))
         if why is None:
             graphed = Registrar(reg.plan, device=dev, backend="torch", cuda_graph=True)
@@ -162,8 +180,12 @@ def bench_backend(plan: str, device: str, backend: str, repeats: int, warmup: in
             r = runner.register(mov_h, fix_h)
             for k, v in r.timings.items():
                 parts.setdefault(k, []).append(v)
-        out["end_to_end"] = {"whole": _percentiles(e2e), "input": what, "graphed": graphed is not None,
-                             **{k: _percentiles(v) for k, v in parts.items() if k != "total"}}
+        out["end_to_end"] = {
+            "whole": _percentiles(e2e),
+            "input": what,
+            "graphed": graphed is not None,
+            **{k: _percentiles(v) for k, v in parts.items() if k != "total"},
+        }
         out["nfe_end_to_end"] = res.nfe
     tp = {}
     for b in batches:
@@ -175,7 +197,7 @@ def bench_backend(plan: str, device: str, backend: str, repeats: int, warmup: in
             tp[f"batch_{b}"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     out["throughput"] = tp
     if dev.type == "cuda":
-        out["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        out["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return out
 
 
@@ -185,12 +207,16 @@ def bench_warp(grid: Grid, device: torch.device, repeats: int, warmup: int) -> d
     disp, _ = _time(lambda: warp_chain(vol, grid, chain, grid), device, warmup, repeats)
     ref, _ = _time(lambda: warp_chain_reference(vol, grid, chain, grid), device, warmup, repeats)
     kernel = any(k == (device.type, ("rigid",)) for k in registered_kernels())
-    return {"shape_xyz": list(grid.shape_xyz), "dispatch": _percentiles(disp), "reference": _percentiles(ref),
-            "dispatch_is_kernel": kernel}
+    return {
+        "shape_xyz": list(grid.shape_xyz),
+        "dispatch": _percentiles(disp),
+        "reference": _percentiles(ref),
+        "dispatch_is_kernel": kernel,
+    }
 
 
 def _peak_mib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _cuda_time(fn, warmup: int, repeats: int, inner: int = 10):
@@ -217,6 +243,7 @@ def bench_cuda_warp(device: torch.device, repeats: int, warmup: int, shape_xyz=(
     import torch.nn.functional as F
 
     from .warp import _cuda
+
     grid = Grid(tuple(shape_xyz), (1.0, 1.0, 1.0))
     ok, why = _cuda.available()
     out: dict = {"shape_xyz": list(grid.shape_xyz), "kernels": ok, "kernels_info": why}
@@ -241,10 +268,15 @@ def bench_cuda_warp(device: torch.device, repeats: int, warmup: int, shape_xyz=(
         t_times, t_res = _cuda_time(torch_warp, warmup, repeats)
         t_mem = _peak_mib(device)
         kp, tp = _percentiles(k_times), _percentiles(t_times)
-        out["warp_rigid"] = {"kernel": kp, "affine_grid_grid_sample": tp, "speedup_p50": tp["p50_ms"] / kp["p50_ms"],
-                             "timing": "device time per call (CUDA events over 10 back-to-back calls)",
-                             "max_abs_diff": float((k_res - t_res).abs().max()), "kernel_is_fused": ok,
-                             "peak_gpu_mem_mib": {"kernel": k_mem, "affine_grid_grid_sample": t_mem}}
+        out["warp_rigid"] = {
+            "kernel": kp,
+            "affine_grid_grid_sample": tp,
+            "speedup_p50": tp["p50_ms"] / kp["p50_ms"],
+            "timing": "device time per call (CUDA events over 10 back-to-back calls)",
+            "max_abs_diff": float((k_res - t_res).abs().max()),
+            "kernel_is_fused": ok,
+            "peak_gpu_mem_mib": {"kernel": k_mem, "affine_grid_grid_sample": t_mem},
+        }
     except Exception as exc:  # report and go on
         out["warp_rigid"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     return out
@@ -275,29 +307,39 @@ def print_table(results: dict, file=None) -> None:
             if isinstance(p, dict):
                 print(f"{r['backend']:<12} {r['device']:<8} {'end-to-end ' + k:<26} {_fmt(p)}", file=file)
         if e2e:
-            print(f"{'':<12} {'':<8} end-to-end input: {e2e['input']}{', CUDA graphs' if e2e['graphed'] else ''}", file=file)
+            print(
+                f"{'':<12} {'':<8} end-to-end input: {e2e['input']}{', CUDA graphs' if e2e['graphed'] else ''}",
+                file=file,
+            )
         tp = r.get("throughput", {})
         if tp:
-            cells = [f"{k.replace('_', ' ')}: " + (f"{v['pairs_per_s']:.2f} pairs/s" if "pairs_per_s" in v else v["error"])
-                     for k, v in tp.items()]
+            cells = [
+                f"{k.replace('_', ' ')}: " + (f"{v['pairs_per_s']:.2f} pairs/s" if "pairs_per_s" in v else v["error"])
+                for k, v in tp.items()
+            ]
             print(f"{'':<12} {'':<8} throughput (model grid) {'; '.join(cells)}", file=file)
         if "peak_gpu_mem_mib" in r:
             print(f"{'':<12} {'':<8} peak GPU memory {r['peak_gpu_mem_mib']:.0f} MiB", file=file)
     w = results.get("warp")
     if w:
-        print(f"warp rigid {w['shape_xyz']}: dispatch ({'kernel' if w['dispatch_is_kernel'] else 'reference'}) "
-              f"{w['dispatch']['p50_ms']:.2f} ms p50, reference (affine points + grid_sample) {w['reference']['p50_ms']:.2f} ms p50",
-              file=file)
+        print(
+            f"warp rigid {w['shape_xyz']}: dispatch ({'kernel' if w['dispatch_is_kernel'] else 'reference'}) "
+            f"{w['dispatch']['p50_ms']:.2f} ms p50, reference (affine points + grid_sample) {w['reference']['p50_ms']:.2f} ms p50",
+            file=file,
+        )
     c = results.get("cuda")
     if c:
         w = c.get("warp_rigid", {})
         if "error" in w:
             print(f"cuda warp rigid {c['shape_xyz']}: error {w['error']}", file=file)
         elif w:
-            print(f"cuda warp rigid {c['shape_xyz']} fp32: {'fused kernel' if w['kernel_is_fused'] else 'reference (no kernel)'} "
-                  f"{w['kernel']['p50_ms']:.3f} ms p50, affine_grid+grid_sample {w['affine_grid_grid_sample']['p50_ms']:.3f} ms p50 "
-                  f"-> {w['speedup_p50']:.1f}x (device time; max |diff| {w['max_abs_diff']:.1e}; peak "
-                  f"{w['peak_gpu_mem_mib']['kernel']:.0f} vs {w['peak_gpu_mem_mib']['affine_grid_grid_sample']:.0f} MiB)", file=file)
+            print(
+                f"cuda warp rigid {c['shape_xyz']} fp32: {'fused kernel' if w['kernel_is_fused'] else 'reference (no kernel)'} "
+                f"{w['kernel']['p50_ms']:.3f} ms p50, affine_grid+grid_sample {w['affine_grid_grid_sample']['p50_ms']:.3f} ms p50 "
+                f"-> {w['speedup_p50']:.1f}x (device time; max |diff| {w['max_abs_diff']:.1e}; peak "
+                f"{w['peak_gpu_mem_mib']['kernel']:.0f} vs {w['peak_gpu_mem_mib']['affine_grid_grid_sample']:.0f} MiB)",
+                file=file,
+            )
     print(f"peak RSS {results['peak_rss_mib']:.0f} MiB", file=file)
     if any(r.get("analytic_plan") for r in results["runs"]):
         print("note: ANALYTIC plan (SSD gradient descent stand-in networks), not a trained model", file=file)
@@ -305,7 +347,11 @@ def print_table(results: dict, file=None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m msode_sdk.bench", description=__doc__.split("\n\n")[0])
-    default = "rigid_bspline.plan" if "rigid_bspline.plan" in bundled_plans() else (bundled_plans() or ["rigid_bspline.plan"])[0]
+    default = (
+        "rigid_bspline.plan"
+        if "rigid_bspline.plan" in bundled_plans()
+        else (bundled_plans() or ["rigid_bspline.plan"])[0]
+    )
     ap.add_argument("--plan", default=default)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", action="append", help="repeatable; default: every backend usable here")
@@ -322,17 +368,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from .backends import available_backends
     from .registrar import _resolve_device
+
     device = _resolve_device(args.device)
     backends = args.backend or [b for b, why in available_backends(device).items() if why is None]
     batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
     results: dict[str, Any] = {
-        "torch": torch.__version__, "runs": [],
+        "torch": torch.__version__,
+        "runs": [],
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
-                   + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU")}
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU"),
+    }
     for b in backends:
         try:
-            results["runs"].append(bench_backend(args.plan, str(device), b, args.repeats, args.warmup,
-                                                 not args.no_end_to_end, args.pair, batches))
+            results["runs"].append(
+                bench_backend(
+                    args.plan, str(device), b, args.repeats, args.warmup, not args.no_end_to_end, args.pair, batches
+                )
+            )
         except Exception as exc:  # report and continue with the other backends
             results["runs"].append({"backend": b, "device": str(device), "error": str(exc).splitlines()[0]})
     ok = [r for r in results["runs"] if "error" not in r]

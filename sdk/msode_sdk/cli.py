@@ -12,6 +12,7 @@ are validated before the plan is loaded. Without ``-q``, progress lines (and the
 precede the error line; with ``-q`` only errors are printed, so a failure prints one line in all. On
 failure nothing partial is left in OUT (directories the run created are removed again).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ DEFAULT_PLAN = "rigid_bspline.plan"
 
 def _default_plan() -> str:
     from .registrar import bundled_plans
+
     plans = bundled_plans()
     if DEFAULT_PLAN in plans or not plans:
         return DEFAULT_PLAN
@@ -47,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_register(args) -> int:
     from . import io as _io
     from .registrar import Registrar
+
     out = Path(args.output)
     try:
         for d in (out, *out.parents):  # before any work: the output must be (creatable as) a directory
@@ -61,26 +64,43 @@ def _cmd_register(args) -> int:
     plan = args.plan or _default_plan()
     reg = Registrar.load(plan, device=args.device, backend=args.backend)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    _info(args, f"msode: plan {reg.name} ({'ANALYTIC SSD gradient descent, not a trained model' if reg.plan.manifest.analytic else reg.plan.manifest.kind}), "
-                f"backend {reg.backend.name} {reg.backend.providers()}, device {reg.device}")
+    _info(
+        args,
+        f"msode: plan {reg.name} ({'ANALYTIC SSD gradient descent, not a trained model' if reg.plan.manifest.analytic else reg.plan.manifest.kind}), "
+        f"backend {reg.backend.name} {reg.backend.providers()}, device {reg.device}",
+    )
     res = reg.register(moving, fixed, stages=stages, init=args.init)
     files = res.save(out, preview=args.preview)
-    _info(args, f"msode: total    {res.timings['total'] * 1000:8.1f} ms (load {res.timings['load'] * 1000:.1f}, "
-                f"output {res.timings['output'] * 1000:.1f})")
-    print(json.dumps({"outputs": {k: str(v) for k, v in files.items()}, "timings_s": res.timings, "nfe": res.nfe,
-                      "plan": reg.name, "analytic_plan": bool(reg.plan.manifest.analytic)}))
+    _info(
+        args,
+        f"msode: total    {res.timings['total'] * 1000:8.1f} ms (load {res.timings['load'] * 1000:.1f}, "
+        f"output {res.timings['output'] * 1000:.1f})",
+    )
+    print(
+        json.dumps(
+            {
+                "outputs": {k: str(v) for k, v in files.items()},
+                "timings_s": res.timings,
+                "nfe": res.nfe,
+                "plan": reg.name,
+                "analytic_plan": bool(reg.plan.manifest.analytic),
+            }
+        )
+    )
     return 0
 
 
 def _cmd_plan_info(args) -> int:
     from .plan import load_plan, plan_summary
     from .registrar import resolve_plan_path
+
     print(plan_summary(load_plan(resolve_plan_path(args.plan))))
     return 0
 
 
 def _cmd_plan_list(args) -> int:
     from .registrar import MODELS_DIR, bundled_plans
+
     for name in bundled_plans():
         print(MODELS_DIR / name)
     return 0
@@ -98,12 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("moving")
     r.add_argument("fixed")
     r.add_argument("-o", "--output", required=True, help="output directory")
-    r.add_argument("--plan", default=None, help=f"plan path or bundled name (default {DEFAULT_PLAN}, else the first bundled)")
+    r.add_argument(
+        "--plan", default=None, help=f"plan path or bundled name (default {DEFAULT_PLAN}, else the first bundled)"
+    )
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     r.add_argument("--stages", default=None, help="comma-separated subset of the plan's stages")
-    r.add_argument("--init", default=None, choices=["none", "moments", "multistart"],
-                   help="how rigid stages start (default: the plan's choice; rigid_bspline.plan: multistart)")
+    r.add_argument(
+        "--init",
+        default=None,
+        choices=["none", "moments", "multistart"],
+        help="how rigid stages start (default: the plan's choice; rigid_bspline.plan: multistart)",
+    )
     r.add_argument("--preview", action="store_true", help="also write preview.png")
     r.add_argument("-q", "--quiet", action="store_true", help="print only errors on stderr (no progress, no warnings)")
     r.set_defaults(func=_cmd_register)
@@ -126,18 +152,26 @@ def _add_plugin_commands(sub) -> None:
     from msode_export): each entry point is a function called with the sub-parser set. The SDK never
     imports a higher package by name; one that fails to load is logged and left out, never fatal."""
     from importlib.metadata import entry_points
+
     for ep in entry_points(group=CLI_ENTRY_POINT_GROUP):
         try:
             ep.load()(sub)
         except Exception as exc:  # a broken or half-installed plugin must not break `msode register`
-            logging.getLogger("msode_sdk").warning("msode: command %r (%s) unavailable: %s", ep.name, ep.value,
-                                                   str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            logging.getLogger("msode_sdk").warning(
+                "msode: command %r (%s) unavailable: %s",
+                ep.name,
+                ep.value,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.INFO,
-                        format="msode: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.ERROR if getattr(args, "quiet", False) else logging.INFO,
+        format="msode: %(message)s",
+        stream=sys.stderr,
+    )
     sdk_log = logging.getLogger("msode_sdk")
     previous_level = sdk_log.level
     if getattr(args, "quiet", False):  # basicConfig does nothing when logging is already configured

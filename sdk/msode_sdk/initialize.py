@@ -23,6 +23,7 @@ functions are TorchScript-compatible (``registrar.ts`` runs the same code).
 
 Points are model-frame mm (centre-relative, ``(x, y, z)``); tensors ``(N, 1, D, H, W)``.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -31,14 +32,25 @@ import torch
 
 from .transforms import Grid, matrix_to_rigid
 
-__all__ = ["foreground_moments", "principal_axes_candidates", "candidate_thetas", "mutual_information",
-           "choose_start", "moments_initial_theta", "symmetric_eigh3", "JACOBI_SWEEPS", "MI_BINS"]
+__all__ = [
+    "foreground_moments",
+    "principal_axes_candidates",
+    "candidate_thetas",
+    "mutual_information",
+    "choose_start",
+    "moments_initial_theta",
+    "symmetric_eigh3",
+    "JACOBI_SWEEPS",
+    "MI_BINS",
+]
 
 JACOBI_SWEEPS = 8  # cyclic sweeps of 3 rotations; convergence is quadratic: 8 reach float64 round-off
 MI_BINS = 32
 
 
-def moments_of_points(vol: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+def moments_of_points(
+    vol: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`foreground_moments` with the voxel centres given as ``pts (P, 3)`` float64 mm, in the
     volume's flattened order."""
     w = (vol.reshape(vol.shape[0], -1) > threshold).to(torch.float64)
@@ -56,9 +68,11 @@ def foreground_moments(vol: torch.Tensor, grid: Grid, threshold: float = 0.05):
 
 def _det3(m: torch.Tensor) -> torch.Tensor:
     """Determinants of ``(N, 3, 3)`` matrices, written out (no LU, no error check, no host sync)."""
-    return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
-            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
-            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+    return (
+        m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+        - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+        + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0])
+    )
 
 
 def symmetric_eigh3(a: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +114,9 @@ def symmetric_eigh3(a: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> Tuple[torch
     return vals, v
 
 
-def candidates_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor,
-                         threshold: float = 0.05) -> torch.Tensor:
+def candidates_of_points(
+    moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05
+) -> torch.Tensor:
     """:func:`principal_axes_candidates` with the voxel centres given as ``pts (P, 3)`` float64 mm."""
     c_m, cov_m = moments_of_points(moving, pts, threshold)
     c_f, cov_f = moments_of_points(fixed, pts, threshold)
@@ -124,18 +139,21 @@ def candidates_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.T
     return torch.stack(out, 1)
 
 
-def principal_axes_candidates(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
+def principal_axes_candidates(
+    moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05
+) -> torch.Tensor:
     """``(N, 4, 4, 4)``: the 4 proper rigid matrices (fixed frame -> moving frame) aligning the axes."""
     return candidates_of_points(moving, fixed, grid.points(torch.float64, moving.device).reshape(-1, 3), threshold)
 
 
-def thetas_of_points(moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor,
-                     threshold: float = 0.05) -> torch.Tensor:
+def thetas_of_points(
+    moving: torch.Tensor, fixed: torch.Tensor, pts: torch.Tensor, threshold: float = 0.05
+) -> torch.Tensor:
     """:func:`candidate_thetas` with the voxel centres given as ``pts (P, 3)`` float64 mm."""
-    cands = candidates_of_points(moving, fixed, pts, threshold)                  # (N, 4, 4, 4)
+    cands = candidates_of_points(moving, fixed, pts, threshold)  # (N, 4, 4, 4)
     n = cands.shape[0]
     eye = torch.eye(4, dtype=cands.dtype, device=cands.device).expand(n, 1, 4, 4)
-    cands = torch.cat([eye, cands], 1)                                           # (N, 5, 4, 4)
+    cands = torch.cat([eye, cands], 1)  # (N, 5, 4, 4)
     k = cands.shape[1]
     return matrix_to_rigid(cands.reshape(n * k, 4, 4)).to(torch.float32).reshape(n, k, 6)
 
@@ -175,15 +193,18 @@ def choose_start(thetas: torch.Tensor, scores: torch.Tensor) -> Tuple[torch.Tens
     return chosen, best
 
 
-def moments_initial_theta(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05) -> torch.Tensor:
+def moments_initial_theta(
+    moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, threshold: float = 0.05
+) -> torch.Tensor:
     """Best of {identity, 4 principal-axes candidates} by MI on ``grid``: rigid parameters ``(N, 6)``
     float32 (what ``init="moments"`` starts from)."""
     from .transforms import RigidTransform, TransformChain
     from .warp import warp_chain
 
-    thetas = candidate_thetas(moving, fixed, grid, threshold)                     # (N, K, 6)
+    thetas = candidate_thetas(moving, fixed, grid, threshold)  # (N, K, 6)
     n, k = thetas.shape[0], thetas.shape[1]
-    warped = warp_chain(moving.repeat_interleave(k, 0), grid,
-                        TransformChain([RigidTransform(thetas.reshape(n * k, 6))]), grid)
+    warped = warp_chain(
+        moving.repeat_interleave(k, 0), grid, TransformChain([RigidTransform(thetas.reshape(n * k, 6))]), grid
+    )
     scores = mutual_information(warped, fixed.repeat_interleave(k, 0)).reshape(n, k)
     return choose_start(thetas, scores)[0]

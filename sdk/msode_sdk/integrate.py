@@ -14,6 +14,7 @@ steps of ``(t1 - t0) / n`` (``1e-6`` of slack absorbs decimal round-off, so ``dt
 gives exactly 10 steps). Training code must use :func:`fixed_step_grid` so that trained networks see
 the same schedule at inference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -143,7 +144,7 @@ def heun_step_control(err: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, t
         return ratio, fac_max
     if not math.isfinite(ratio):
         return ratio, fac_min
-    return ratio, min(fac_max, max(fac_min, safety * ratio ** -0.5))
+    return ratio, min(fac_max, max(fac_min, safety * ratio**-0.5))
 
 
 class AdaptiveHeunSolver(Solver):
@@ -174,8 +175,13 @@ class AdaptiveHeunSolver(Solver):
         while t1 - t > eps:
             if stats.steps + stats.rejected >= self.max_steps:
                 stats.truncated = True
-                _log.warning("adaptive_heun stopped at t=%.4g of [%.4g, %.4g] after %d attempts (max_steps)",
-                             t, t0, t1, self.max_steps)
+                _log.warning(
+                    "adaptive_heun stopped at t=%.4g of [%.4g, %.4g] after %d attempts (max_steps)",
+                    t,
+                    t0,
+                    t1,
+                    self.max_steps,
+                )
                 break
             dt = min(dt, t1 - t)
             if k1 is None:
@@ -231,8 +237,9 @@ class LevelSchedule:
     t1: float
 
 
-def integrate_multiscale(kind: str, levels: list[LevelSchedule], make_field: LevelField,
-                         y0: torch.Tensor) -> tuple[torch.Tensor, list[SegmentStats]]:
+def integrate_multiscale(
+    kind: str, levels: list[LevelSchedule], make_field: LevelField, y0: torch.Tensor
+) -> tuple[torch.Tensor, list[SegmentStats]]:
     """Integrate a stage over its levels, coarse to fine.
 
     ``make_field(i)`` returns the vector field ``f(t, state)`` of level ``i`` (it closes over that

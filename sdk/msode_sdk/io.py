@@ -22,6 +22,7 @@ allocating what a lying header claims; gzip CRCs are verified. Images larger tha
 accepted and cropped around their centre; one with no content inside the model grid is refused by
 :meth:`msode_sdk.Registrar.prepare`.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -62,14 +63,14 @@ __all__ = [
 # Limits that catch absurd or hostile inputs before they cost memory or time. They are checked on the
 # NIfTI header (shape, data type, affine) before any voxel is read, so a file that lies about its size
 # is refused without allocating what it claims.
-MAX_VOXELS = 512 * 512 * 1024        # 2**28 voxels per image (1 GiB as float32)
-MAX_DIM = 4096                       # voxels along any axis
-SPACING_RANGE_MM = (1e-3, 100.0)     # voxel size along every axis (column norms of the affine)
-MAX_CONDITION = 1e6                  # of the affine's direction matrix: beyond it, singular/degenerate
-WORLD_LIMIT_MM = 1e5                 # every voxel centre within +-100 m of the world origin
-MAX_ABS_INTENSITY = 1e30             # |voxel value|; keeps float32 sums and differences finite
-MIN_RELATIVE_RANGE = 1e-6            # (max - min) / max(|min|, |max|): below it the image is ~constant
-_MAX_TRAILING_BYTES = 1 << 20        # decompressed bytes tolerated after a NIfTI's declared voxel data
+MAX_VOXELS = 512 * 512 * 1024  # 2**28 voxels per image (1 GiB as float32)
+MAX_DIM = 4096  # voxels along any axis
+SPACING_RANGE_MM = (1e-3, 100.0)  # voxel size along every axis (column norms of the affine)
+MAX_CONDITION = 1e6  # of the affine's direction matrix: beyond it, singular/degenerate
+WORLD_LIMIT_MM = 1e5  # every voxel centre within +-100 m of the world origin
+MAX_ABS_INTENSITY = 1e30  # |voxel value|; keeps float32 sums and differences finite
+MIN_RELATIVE_RANGE = 1e-6  # (max - min) / max(|min|, |max|): below it the image is ~constant
+_MAX_TRAILING_BYTES = 1 << 20  # decompressed bytes tolerated after a NIfTI's declared voxel data
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -79,7 +80,7 @@ def _show_path(path, limit: int = 240) -> str:
     text = str(path)
     if not text.isprintable():
         text = repr(text)[1:-1]
-    return text if len(text) <= limit else text[:limit // 2] + "..." + text[-limit // 2:]
+    return text if len(text) <= limit else text[: limit // 2] + "..." + text[-limit // 2 :]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -125,13 +126,14 @@ def _validate_affine(affine, name: str) -> np.ndarray:
     spacing = np.linalg.norm(a[:3, :3], axis=0)
     lo, hi = SPACING_RANGE_MM
     if np.any(spacing < lo) or np.any(spacing > hi):
-        raise InputError(f"{name}: voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm is outside "
-                         f"[{lo}, {hi}] mm")
+        raise InputError(f"{name}: voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm is outside [{lo}, {hi}] mm")
     # Singular or nearly so (e.g. two parallel axes, extreme shear): condition of the direction part.
     cond = np.linalg.cond(a[:3, :3] / spacing)
     if not np.isfinite(cond) or cond > MAX_CONDITION:
-        raise InputError(f"{name}: affine is singular or degenerate (condition number {cond:.3g} of its "
-                         f"direction matrix; at most {MAX_CONDITION:g})")
+        raise InputError(
+            f"{name}: affine is singular or degenerate (condition number {cond:.3g} of its "
+            f"direction matrix; at most {MAX_CONDITION:g})"
+        )
     return a
 
 
@@ -147,8 +149,9 @@ def _check_shape(shape, name: str) -> tuple[int, ...]:
     if min(shape) < 2:
         raise InputError(f"{name}: every axis needs at least 2 voxels, got shape {shape}")
     if max(shape) > MAX_DIM or math.prod(shape) > MAX_VOXELS:
-        raise InputError(f"{name}: image of shape {shape} is larger than supported "
-                         f"({MAX_DIM} voxels per axis, {MAX_VOXELS} in all)")
+        raise InputError(
+            f"{name}: image of shape {shape} is larger than supported ({MAX_DIM} voxels per axis, {MAX_VOXELS} in all)"
+        )
     return shape
 
 
@@ -162,12 +165,15 @@ def _check_dtype(dtype, name: str) -> None:
 
 def _check_world_extent(shape, affine: np.ndarray, name: str) -> None:
     """Every voxel centre within :data:`WORLD_LIMIT_MM` of the origin (outputs are float32 mm)."""
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
-                       dtype=np.float64)
+    corners = np.array(
+        [[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], dtype=np.float64
+    )
     far = float(np.max(np.abs(corners @ affine[:3, :3].T + affine[:3, 3])))
     if far > WORLD_LIMIT_MM:
-        raise InputError(f"{name}: image lies {far:.4g} mm from the world origin; voxel centres must be "
-                         f"within {WORLD_LIMIT_MM:g} mm (check the affine's translation)")
+        raise InputError(
+            f"{name}: image lies {far:.4g} mm from the world origin; voxel centres must be "
+            f"within {WORLD_LIMIT_MM:g} mm (check the affine's translation)"
+        )
 
 
 def _validate_array(arr, name: str) -> np.ndarray:
@@ -187,13 +193,16 @@ def _validate_array(arr, name: str) -> np.ndarray:
         raise InputError(f"{name}: image has {bad} NaN/Inf voxels")
     big = max(abs(float(lo)), abs(float(hi)))
     if big > MAX_ABS_INTENSITY:
-        raise InputError(f"{name}: intensities reach {big:.3g}; at most {MAX_ABS_INTENSITY:g} in magnitude is supported")
+        raise InputError(
+            f"{name}: intensities reach {big:.3g}; at most {MAX_ABS_INTENSITY:g} in magnitude is supported"
+        )
     lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))  # rounding is monotone: the float32 extremes
     if hi32 == lo32:
         raise InputError(f"{name}: image is constant (all voxels = {lo32:g}); nothing to register")
     if hi32 - lo32 <= max(MIN_RELATIVE_RANGE * max(abs(lo32), abs(hi32)), 1e-30):
-        raise InputError(f"{name}: intensity range [{lo32:.9g}, {hi32:.9g}] is too narrow to normalise "
-                         f"(nearly constant image)")
+        raise InputError(
+            f"{name}: intensity range [{lo32:.9g}, {hi32:.9g}] is too narrow to normalise (nearly constant image)"
+        )
     return np.asarray(arr, dtype=np.float32, order="C")
 
 
@@ -283,8 +292,10 @@ def _read_voxels(img, name: str) -> np.ndarray:
         if opener is None and lower.endswith((".nii", ".img")):
             size = os.path.getsize(file_like)
             if offset + nbytes > size:
-                raise InputError(f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data "
-                                 f"at offset {offset}, the file has {size} bytes")
+                raise InputError(
+                    f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data "
+                    f"at offset {offset}, the file has {size} bytes"
+                )
         if opener is None:
             return np.asanyarray(proxy)
         raw = _read_compressed(opener, file_like, offset, nbytes, name)
@@ -315,9 +326,12 @@ def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> 
     only when the gzip trailer agrees with the header; otherwise (lying or multi-member files, bzip2)
     the data is collected in chunks first, so a header that claims gigabytes costs what the file
     really holds."""
+
     def truncated(held):
-        return InputError(f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data at "
-                          f"offset {offset}, the decompressed file holds {held} bytes")
+        return InputError(
+            f"{name}: file is truncated: its header declares {nbytes} bytes of voxel data at "
+            f"offset {offset}, the decompressed file holds {held} bytes"
+        )
 
     with opener(path, "rb") as f:
         pos = 0
@@ -331,7 +345,7 @@ def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> 
             buf = np.empty(nbytes, dtype=np.uint8)
             view = memoryview(buf)  # type: ignore[arg-type]  # numpy arrays are buffers
             while got < nbytes:
-                k = f.readinto(view[got:got + (1 << 24)])
+                k = f.readinto(view[got : got + (1 << 24)])
                 if not k:
                     break
                 got += k
@@ -347,7 +361,7 @@ def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> 
                 buf = np.empty(nbytes, dtype=np.uint8)
                 at = 0
                 for chunk in chunks:
-                    buf[at:at + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    buf[at : at + len(chunk)] = np.frombuffer(chunk, np.uint8)
                     at += len(chunk)
             del chunks
         if got < nbytes:
@@ -359,8 +373,10 @@ def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> 
                 break
             extra += len(chunk)
             if extra > _MAX_TRAILING_BYTES:
-                raise InputError(f"{name}: file holds more than {_MAX_TRAILING_BYTES} bytes beyond the "
-                                 f"{nbytes} bytes of voxel data its header declares (corrupted header?)")
+                raise InputError(
+                    f"{name}: file holds more than {_MAX_TRAILING_BYTES} bytes beyond the "
+                    f"{nbytes} bytes of voxel data its header declares (corrupted header?)"
+                )
     return buf
 
 
@@ -369,7 +385,9 @@ def _read_compressed(opener, path: str, offset: int, nbytes: int, name: str) -> 
 
 def array_to_tensor(arr: np.ndarray, device=None) -> torch.Tensor:
     """``(X, Y, Z)`` array -> ``(1, 1, D, H, W)`` float32 tensor (``D = Z``)."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 1, 0))).to(device)[None, None]
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 1, 0))).to(device)[
+        None, None
+    ]
 
 
 def tensor_to_array(t: torch.Tensor) -> np.ndarray:
@@ -409,11 +427,16 @@ def image_centre(img: Image, mode: str = "fov") -> np.ndarray:
         if total <= 0:
             return image_centre(img, "fov")
         idx = [np.arange(n, dtype=np.float64) for n in arr.shape]
-        c = np.array([
-            (w.sum(axis=(1, 2)) * idx[0]).sum(),
-            (w.sum(axis=(0, 2)) * idx[1]).sum(),
-            (w.sum(axis=(0, 1)) * idx[2]).sum(),
-        ]) / total
+        c = (
+            np.array(
+                [
+                    (w.sum(axis=(1, 2)) * idx[0]).sum(),
+                    (w.sum(axis=(0, 2)) * idx[1]).sum(),
+                    (w.sum(axis=(0, 1)) * idx[2]).sum(),
+                ]
+            )
+            / total
+        )
         return img.affine[:3, :3] @ c + img.affine[:3, 3]
     raise InputError(f"unknown centre mode {mode!r}; valid: ['com', 'fov']")
 
@@ -437,8 +460,9 @@ def _gaussian_blur_axes(vol: torch.Tensor, sigmas_dhw) -> torch.Tensor:
     return vol
 
 
-def sample_image_at_world(img_tensor: torch.Tensor, affine: np.ndarray, points_ras: torch.Tensor,
-                          padding: str = "zeros") -> torch.Tensor:
+def sample_image_at_world(
+    img_tensor: torch.Tensor, affine: np.ndarray, points_ras: torch.Tensor, padding: str = "zeros"
+) -> torch.Tensor:
     """Trilinear samples of an image ``(N, C, Z, Y, X)`` (voxel->RAS ``affine``) at RAS points
     ``(..., 3)`` -> ``(N, C, *points.shape[:-1])``; zero outside (``padding='zeros'``)."""
     inv = torch.as_tensor(np.linalg.inv(affine), dtype=torch.float64, device=points_ras.device)
@@ -474,21 +498,26 @@ def native_sampling_theta(out_to_src: np.ndarray, out_shape, src_shape) -> torch
     """``(1, 3, 4)`` float32 ``affine_grid`` matrix that samples a native-order source tensor of spatial
     shape ``src_shape`` on an output tensor of spatial shape ``out_shape``, given the 4x4 map
     ``out_to_src`` from output voxel indices to source voxel indices (float64, composed on the host)."""
-    m = np.linalg.inv(_normalised_to_index(src_shape)) @ np.asarray(out_to_src, dtype=np.float64) \
+    m = (
+        np.linalg.inv(_normalised_to_index(src_shape))
+        @ np.asarray(out_to_src, dtype=np.float64)
         @ _normalised_to_index(out_shape)
+    )
     return torch.from_numpy(m[:3].astype(np.float32))[None]
 
 
 def sample_native(vol: torch.Tensor, theta: torch.Tensor, out_shape) -> torch.Tensor:
     """Trilinear samples (zeros outside, ``align_corners``) of ``vol`` ``(N, C, n0, n1, n2)`` at the output
     voxels that ``theta`` (:func:`native_sampling_theta`) maps into it: ``(N, C, *out_shape)``."""
-    grid = F.affine_grid(theta.to(vol.device).expand(vol.shape[0], 3, 4), [vol.shape[0], 1, *out_shape],
-                         align_corners=True)
+    grid = F.affine_grid(
+        theta.to(vol.device).expand(vol.shape[0], 3, 4), [vol.shape[0], 1, *out_shape], align_corners=True
+    )
     return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def resample_to_model_grid(img: Image, grid: Grid, centre_ras: np.ndarray, device=None,
-                           tensor: torch.Tensor | None = None) -> torch.Tensor:
+def resample_to_model_grid(
+    img: Image, grid: Grid, centre_ras: np.ndarray, device=None, tensor: torch.Tensor | None = None
+) -> torch.Tensor:
     """Resample an image onto the axis-aligned RAS model ``grid`` centred at ``centre_ras``:
     ``(1, 1, D, H, W)`` float32 on ``device`` (``tensor``: the image as :func:`native_tensor` already on the
     device, so it is not copied again).
@@ -510,13 +539,14 @@ def resample_to_model_grid(img: Image, grid: Grid, centre_ras: np.ndarray, devic
         scale[:3, 3] = (pool - 1) / 2.0
         affine = affine @ scale
     rest = ratio / pool
-    sig_xyz = 0.5 * np.sqrt(np.clip(rest ** 2 - 1.0, 0.0, None))
+    sig_xyz = 0.5 * np.sqrt(np.clip(rest**2 - 1.0, 0.0, None))
     vol = _gaussian_blur_axes(vol, tuple(sig_xyz))
     # model voxel (x, y, z) -> world -> source voxel
     model_to_world = np.eye(4)
     model_to_world[:3, :3] = np.diag(grid.spacing_xyz)
-    model_to_world[:3, 3] = np.asarray(centre_ras, dtype=np.float64) - \
-        (np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0) / 2.0 * np.asarray(grid.spacing_xyz)
+    model_to_world[:3, 3] = np.asarray(centre_ras, dtype=np.float64) - (
+        np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0
+    ) / 2.0 * np.asarray(grid.spacing_xyz)
     vox = np.linalg.inv(affine) @ model_to_world
     # the output tensor is (Z, Y, X): its index order is the reverse of the model voxel (x, y, z)
     rev = np.eye(4)[[2, 1, 0, 3]]
@@ -524,8 +554,9 @@ def resample_to_model_grid(img: Image, grid: Grid, centre_ras: np.ndarray, devic
     return sample_native(vol, theta, grid.shape_dhw)
 
 
-def normalise_intensity(vol: torch.Tensor, low_pct: float, high_pct: float,
-                        reference: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+def normalise_intensity(
+    vol: torch.Tensor, low_pct: float, high_pct: float, reference: np.ndarray | torch.Tensor | None = None
+) -> torch.Tensor:
     """Map intensities so that the ``low_pct``/``high_pct`` percentiles (of ``reference`` when given,
     e.g. a sample of the native image, else of ``vol``) become 0 and 1, clipped to ``[0, 1]``.
     Percentiles interpolate linearly (numpy's default); a CUDA ``reference`` is summarised on its device
@@ -560,9 +591,11 @@ def write_itk_affine(path, matrix_ras: np.ndarray) -> None:
     ITK, SimpleITK (``ReadTransform``) and ANTs (``antsApplyTransforms -t file.tfm``)."""
     m = ras_to_lps_matrix(matrix_ras)
     params = " ".join(f"{v:.17g}" for v in [*m[:3, :3].ravel(), *m[:3, 3]])
-    text = ("#Insight Transform File V1.0\n#Transform 0\n"
-            "Transform: AffineTransform_double_3_3\n"
-            f"Parameters: {params}\nFixedParameters: 0 0 0\n")
+    text = (
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        "Transform: AffineTransform_double_3_3\n"
+        f"Parameters: {params}\nFixedParameters: 0 0 0\n"
+    )
     Path(path).write_text(text)
 
 

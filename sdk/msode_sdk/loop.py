@@ -44,6 +44,7 @@ Nothing here synchronises with the host except what a solver asks for (the adapt
 control) and the eager path's per-stage timing and finiteness checks; with fixed-step solvers the whole
 of :meth:`RegistrationLoop.run_stage` is capturable.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,16 @@ import torch
 
 from .integrate import LevelSchedule, SegmentStats, Solver, get_solver
 from .initialize import candidate_thetas, choose_start, mutual_information
-from .transforms import (Grid, MatrixTransform, TransformChain, carry_state, initial_state, make_transform,
-                         rigid_inverse, rigid_matrix)
+from .transforms import (
+    Grid,
+    MatrixTransform,
+    TransformChain,
+    carry_state,
+    initial_state,
+    make_transform,
+    rigid_inverse,
+    rigid_matrix,
+)
 from .warp import warp_chain
 
 __all__ = ["LevelRun", "StageRun", "RegistrationLoop", "downsample", "INIT_MODES", "Warp"]
@@ -89,8 +98,11 @@ def checked_velocity(net, v: torch.Tensor, state: torch.Tensor, transform: str) 
     """A network's output as the state's velocity: same shape as the state (else ``PlanError``)."""
     if v.shape != state.shape:
         from .errors import PlanError
-        raise PlanError(f"network {net.member} returned shape {tuple(v.shape)}, "
-                        f"expected {tuple(state.shape)} for a {transform} state")
+
+        raise PlanError(
+            f"network {net.member} returned shape {tuple(v.shape)}, "
+            f"expected {tuple(state.shape)} for a {transform} state"
+        )
     return v.to(state.dtype)
 
 
@@ -130,8 +142,11 @@ def _resolve_init(st, index: int, init: str | None) -> str:
     if st.transform != "rigid":
         return "none"
     if mode == "multistart" and index > 0:
-        _log.warning("init='multistart' needs the rigid stage first; stage %r follows %d transform(s): "
-                     "using init='moments'", st.name, index)
+        _log.warning(
+            "init='multistart' needs the rigid stage first; stage %r follows %d transform(s): using init='moments'",
+            st.name,
+            index,
+        )
         return "moments"
     return mode
 
@@ -142,9 +157,12 @@ def stage_runs(reg, stage_defs: Sequence, init: str | None = None) -> list[Stage
     for k, st in enumerate(stage_defs):
         levels = []
         for sc in st.scales:
-            sched = LevelSchedule(Grid(sc.shape_xyz, sc.spacing_xyz_mm),
-                                  get_solver(sc.solver, step_size=sc.step_size, tol=sc.tol, max_steps=sc.max_steps),
-                                  sc.t0, sc.t1)
+            sched = LevelSchedule(
+                Grid(sc.shape_xyz, sc.spacing_xyz_mm),
+                get_solver(sc.solver, step_size=sc.step_size, tol=sc.tol, max_steps=sc.max_steps),
+                sc.t0,
+                sc.t1,
+            )
             feats = reg._features.get((st.name, sc.level))
             fgrid = Grid(*sc.feature_grid) if sc.feature_grid is not None else None
             levels.append(LevelRun(sched, sc.level, reg._networks[(st.name, sc.level)], feats, fgrid, sc.feature_warp))
@@ -169,8 +187,10 @@ class RegistrationLoop:
         for st in self.stages:
             for lv in st.levels:
                 if lv.grid not in pyr:
-                    pyr[lv.grid] = (downsample(moving, self.grid, lv.grid, self.warp),
-                                    downsample(fixed, self.grid, lv.grid, self.warp))
+                    pyr[lv.grid] = (
+                        downsample(moving, self.grid, lv.grid, self.warp),
+                        downsample(fixed, self.grid, lv.grid, self.warp),
+                    )
         return pyr
 
     def final_warp(self, moving: torch.Tensor, chain: TransformChain) -> torch.Tensor:
@@ -179,8 +199,16 @@ class RegistrationLoop:
     def _transform(self, st: StageRun, state: torch.Tensor, level_grid: Grid):
         return make_transform(st.transform, state, st.params, self.grid, level_grid)
 
-    def _field(self, st: StageRun, lv: LevelRun, y0: torch.Tensor, mov: torch.Tensor, fix: torch.Tensor,
-               prior: TransformChain, repeat: int = 1):
+    def _field(
+        self,
+        st: StageRun,
+        lv: LevelRun,
+        y0: torch.Tensor,
+        mov: torch.Tensor,
+        fix: torch.Tensor,
+        prior: TransformChain,
+        repeat: int = 1,
+    ):
         """The vector field ``f(t, state)`` of one level for states starting at ``y0``; ``mov``/``fix`` are
         the level images of the ``N`` pairs, each pair's state repeated ``repeat`` times in ``y0``."""
         warp, lg, net, kind = self.warp, lv.grid, lv.network, st.transform
@@ -194,6 +222,7 @@ class RegistrationLoop:
             def f(t, state):
                 warped = warp(mov, lg, prior.then(self._transform(st, state, lg)), lg)
                 return checked_velocity(net, net(warped, fix, t), state, kind)
+
             return f
         fg = lv.feature_grid
         fix_feat = lv.features(rep(fix))  # on the repeated batch, as registrar.ts computes it (same bits)
@@ -208,11 +237,12 @@ class RegistrationLoop:
                 if mov_feat.shape != fix_feat.shape:
                     self._check_features(lv, mov_feat)
                 return checked_velocity(net, net(mov_feat, fix_feat, t), state, kind)
+
             return f_exact
         if kind == "rigid":  # level-start frame: prior o M0 (see the module docstring)
             m0_inv = rigid_inverse(rigid_matrix(y0))
             start = warp(rep(mov), lg, prior.then(self._transform(st, y0, lg)), lg)
-        else:                # frame: the prior stages
+        else:  # frame: the prior stages
             m0_inv = None
             start = rep(warp(mov, lg, prior, lg) if len(prior) else mov)
         mov_feat = lv.features(start)
@@ -225,6 +255,7 @@ class RegistrationLoop:
                 rel = TransformChain([self._transform(st, state, lg)])
             warped = warp(mov_feat, fg, rel, fg)
             return checked_velocity(net, net(warped, fix_feat, t), state, kind)
+
         return f_warped
 
     @staticmethod
@@ -234,21 +265,34 @@ class RegistrationLoop:
         want = lv.feature_grid.shape_dhw
         if tuple(feat.shape[2:]) != want:
             from .errors import PlanError
-            raise PlanError(f"feature network {getattr(lv.features, 'member', '?')} returned {tuple(feat.shape)}, expected "
-                            f"(N, C, {', '.join(map(str, want))}) on the level's feature grid")
+
+            raise PlanError(
+                f"feature network {getattr(lv.features, 'member', '?')} returned {tuple(feat.shape)}, expected "
+                f"(N, C, {', '.join(map(str, want))}) on the level's feature grid"
+            )
 
     def _start(self, st: StageRun, lv: LevelRun, pyr: dict, prior: TransformChain, n: int):
         """``moments`` start ``(N, 6)``: candidates scored by MI on the first level (device-side)."""
         mov, fix = pyr[lv.grid]
         mov_p = self.warp(mov, lv.grid, prior, lv.grid) if len(prior) else mov
-        thetas = candidate_thetas(mov_p, fix, lv.grid)                                   # (N, K, 6)
-        scores = torch.stack([mutual_information(self.warp(mov, lv.grid, prior.then(
-            self._transform(st, thetas[:, j].contiguous(), lv.grid)), lv.grid), fix)
-            for j in range(thetas.shape[1])], 1)                                          # (N, K)
+        thetas = candidate_thetas(mov_p, fix, lv.grid)  # (N, K, 6)
+        scores = torch.stack(
+            [
+                mutual_information(
+                    self.warp(
+                        mov, lv.grid, prior.then(self._transform(st, thetas[:, j].contiguous(), lv.grid)), lv.grid
+                    ),
+                    fix,
+                )
+                for j in range(thetas.shape[1])
+            ],
+            1,
+        )  # (N, K)
         return choose_start(thetas, scores)[0]
 
-    def _integrate(self, st: StageRun, i: int, y: torch.Tensor, pyr: dict, prior: TransformChain,
-                   repeat: int = 1) -> tuple[torch.Tensor, SegmentStats]:
+    def _integrate(
+        self, st: StageRun, i: int, y: torch.Tensor, pyr: dict, prior: TransformChain, repeat: int = 1
+    ) -> tuple[torch.Tensor, SegmentStats]:
         lv = st.levels[i]
         mov, fix = pyr[lv.grid]
         f = self._field(st, lv, y, mov, fix, prior, repeat)
@@ -260,8 +304,9 @@ class RegistrationLoop:
         st = self.stages[k]
         levels = st.levels
         stats: list[SegmentStats] = []
-        y = initial_state(st.transform, st.params, self.grid, levels[0].grid, n, torch.float32,
-                          pyr[self.grid][0].device)
+        y = initial_state(
+            st.transform, st.params, self.grid, levels[0].grid, n, torch.float32, pyr[self.grid][0].device
+        )
         first = 0
         if st.init == "moments":
             y = self._start(st, levels[0], pyr, prior, n)
@@ -281,14 +326,15 @@ class RegistrationLoop:
         next level picks each pair's best end point (first level's NFE counts batched calls)."""
         lv0 = st.levels[0]
         mov0, fix0 = pyr[lv0.grid]
-        thetas = candidate_thetas(mov0, fix0, lv0.grid)                                 # (N, K, 6)
+        thetas = candidate_thetas(mov0, fix0, lv0.grid)  # (N, K, 6)
         k = thetas.shape[1]
         y1, stats0 = self._integrate(st, 0, thetas.reshape(n * k, 6), pyr, prior, repeat=k)
         lv_s = st.levels[1] if len(st.levels) > 1 else lv0
         mov_s, fix_s = pyr[lv_s.grid]
         ys = carry_state(st.transform, y1, lv0.grid, lv_s.grid)
-        warped = self.warp(mov_s.repeat_interleave(k, 0), lv_s.grid,
-                           prior.then(self._transform(st, ys, lv_s.grid)), lv_s.grid)
+        warped = self.warp(
+            mov_s.repeat_interleave(k, 0), lv_s.grid, prior.then(self._transform(st, ys, lv_s.grid)), lv_s.grid
+        )
         scores = mutual_information(warped, fix_s.repeat_interleave(k, 0)).reshape(n, k)
         y, best = choose_start(y1.reshape(n, k, -1), scores)
         self.last_multistart = (best, scores)  # for the eager path's log line (read after the run)

@@ -244,6 +244,7 @@ class Manifest:
             return "analytic"
         k = self.training.get("kind") if isinstance(self.training, dict) else None
         return str(k) if k else "trained"
+
     members: dict[str, dict[str, Any]]  # name -> {"sha256": lowercase hex, "size": int}
     raw: dict[str, Any]
 
@@ -252,9 +253,7 @@ class Manifest:
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise PlanError(
-            f"plan {self.name!r} has no stage {name!r} (stages: {[s.name for s in self.stages]})"
-        )
+        raise PlanError(f"plan {self.name!r} has no stage {name!r} (stages: {[s.name for s in self.stages]})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,8 +445,7 @@ def validate_manifest(obj: object) -> Manifest:
     version = _int(_require(m, "format_version", root), _child(root, "format_version"))
     if version > FORMAT_VERSION:
         raise PlanError(
-            f"plan format_version {version} is newer than this SDK supports ({FORMAT_VERSION}); "
-            "upgrade msode"
+            f"plan format_version {version} is newer than this SDK supports ({FORMAT_VERSION}); upgrade msode"
         )
     if version < 1:
         _fail(_child(root, "format_version"), f"{version} is not a valid format version (>= 1)")
@@ -464,9 +462,7 @@ def validate_manifest(obj: object) -> Manifest:
     analytic = _bool(m.get("analytic", False), _child(root, "analytic"))
 
     model_grid = _validate_model_grid(_require(m, "model_grid", root), _child(root, "model_grid"))
-    normalization = _validate_normalization(
-        _require(m, "normalization", root), _child(root, "normalization")
-    )
+    normalization = _validate_normalization(_require(m, "normalization", root), _child(root, "normalization"))
 
     mod_path = _child(root, "modalities")
     modalities = tuple(
@@ -603,8 +599,9 @@ def _validate_stage(
     return StageSpec(name=name, transform=transform, params=params, scales=tuple(scales))
 
 
-def _validate_scale(value: object, path: str, expected_level: int, members: Mapping[str, Any],
-                    version: int = 1) -> ScaleSpec:
+def _validate_scale(
+    value: object, path: str, expected_level: int, members: Mapping[str, Any], version: int = 1
+) -> ScaleSpec:
     sc = _dict(value, path)
     level = _int(_require(sc, "level", path), _child(path, "level"))
     if level != expected_level:
@@ -655,8 +652,10 @@ def _validate_scale(value: object, path: str, expected_level: int, members: Mapp
             _fail(feat_path, f"needs the same formats as the networks ({sorted(networks)}), got {sorted(features)}")
         fg_path = _child(path, "feature_grid")
         fg = _dict(_require(sc, "feature_grid", path), fg_path)
-        feature_grid = (_shape3(_require(fg, "shape_xyz", fg_path), _child(fg_path, "shape_xyz")),
-                        _spacing3(_require(fg, "spacing_xyz_mm", fg_path), _child(fg_path, "spacing_xyz_mm")))
+        feature_grid = (
+            _shape3(_require(fg, "shape_xyz", fg_path), _child(fg_path, "shape_xyz")),
+            _spacing3(_require(fg, "spacing_xyz_mm", fg_path), _child(fg_path, "spacing_xyz_mm")),
+        )
         feature_warp = _bool(sc.get("feature_warp", False), _child(path, "feature_warp"))
 
     return ScaleSpec(
@@ -831,8 +830,7 @@ def _load_bytes(data: bytes, path: str | None) -> Plan:
             info = files[name]
             if info.file_size != entry["size"]:
                 raise PlanError(
-                    f"{label}: member {name!r}: size {info.file_size} does not match "
-                    f"manifest.members ({entry['size']})"
+                    f"{label}: member {name!r}: size {info.file_size} does not match manifest.members ({entry['size']})"
                 )
             blob = _read_member(zf, info, label)
             digest = hashlib.sha256(blob).hexdigest()
@@ -867,8 +865,7 @@ def _check_central_directory(data: bytes, label: str) -> None:
         raise PlanError(f"{label}: {entries} zip entries, more than the limit of {MAX_MEMBERS}")
     if size > MAX_CENTRAL_DIRECTORY_BYTES:
         raise PlanError(
-            f"{label}: zip central directory of {size} bytes, more than the limit of "
-            f"{MAX_CENTRAL_DIRECTORY_BYTES}"
+            f"{label}: zip central directory of {size} bytes, more than the limit of {MAX_CENTRAL_DIRECTORY_BYTES}"
         )
 
 
@@ -907,8 +904,7 @@ def _check_entries(infos: list[zipfile.ZipInfo], label: str) -> dict[str, zipfil
             raise PlanError(f"{label}: member {name!r} is stored but its sizes disagree")
         if info.file_size > MAX_MEMBER_BYTES:
             raise PlanError(
-                f"{label}: member {name!r} declares {info.file_size} bytes, "
-                f"more than the limit of {MAX_MEMBER_BYTES}"
+                f"{label}: member {name!r} declares {info.file_size} bytes, more than the limit of {MAX_MEMBER_BYTES}"
             )
         total += info.file_size
         if total > MAX_TOTAL_BYTES:
@@ -932,8 +928,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> byte
                 total += len(chunk)
                 if total > declared:
                     raise PlanError(
-                        f"{label}: member {name!r} decompresses to more than its declared "
-                        f"{declared} bytes (zip bomb?)"
+                        f"{label}: member {name!r} decompresses to more than its declared {declared} bytes (zip bomb?)"
                     )
                 chunks.append(chunk)
     except PlanError:
@@ -1036,9 +1031,7 @@ def _aligned_info(name: str, offset: int) -> zipfile.ZipInfo:
     return info
 
 
-def write_plan(
-    path: str | os.PathLike[str], manifest: Mapping[str, Any], members: Mapping[str, bytes]
-) -> Manifest:
+def write_plan(path: str | os.PathLike[str], manifest: Mapping[str, Any], members: Mapping[str, bytes]) -> Manifest:
     """Validate and write a plan atomically; returns the manifest as a reader will see it.
 
     Fills ``members`` (sha256 and size of each given member; any existing value is replaced) and,
@@ -1193,11 +1186,17 @@ def plan_summary(plan: Plan) -> str:
             )
             if sc.feature_grid is not None:
                 how = "moving features warped with the state" if sc.feature_warp else "moving features per evaluation"
-                lines.append(f"           feature network ({', '.join(sorted(sc.features))}) on "
-                             f"{_fmt_vec(sc.feature_grid[0])} at {_fmt_vec(sc.feature_grid[1])} mm: fixed features once, {how}")
+                lines.append(
+                    f"           feature network ({', '.join(sorted(sc.features))}) on "
+                    f"{_fmt_vec(sc.feature_grid[0])} at {_fmt_vec(sc.feature_grid[1])} mm: fixed features once, {how}"
+                )
     engine_dirs = sorted({n.split("/")[1] for n in m.members if n.startswith("engines/") and n.count("/") >= 2})
-    lines.append(f"  registrar.ts:  {'yes (whole loop as one TorchScript module)' if 'registrar.ts' in m.members else 'no'}")
-    lines.append(f"  TensorRT engines: {', '.join(engine_dirs) if engine_dirs else 'none (built from ONNX on first use)'}")
+    lines.append(
+        f"  registrar.ts:  {'yes (whole loop as one TorchScript module)' if 'registrar.ts' in m.members else 'no'}"
+    )
+    lines.append(
+        f"  TensorRT engines: {', '.join(engine_dirs) if engine_dirs else 'none (built from ONNX on first use)'}"
+    )
     total = sum(e["size"] for e in m.members.values())
     lines.append(f"  members:       {len(m.members)} ({_fmt_bytes(total)}, sha256 verified)")
     for name in sorted(m.members):

@@ -33,6 +33,7 @@ for a fixed torch version, machine and intra-op thread count. Changing ``torch.s
 reductions. On CUDA, results are reproducible to float32 rounding; bitwise equality is only promised
 on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,7 @@ import torch.nn.functional as F
 
 from . import io as _io
 from .backends import BACKENDS, get_backend
-from .errors import (BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError,
-                     ResourceError)
+from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError, ResourceError
 from .integrate import SegmentStats
 from .loop import INIT_MODES, RegistrationLoop, downsample, stage_runs
 from .plan import Plan, load_plan
@@ -148,8 +148,9 @@ def _pick_backend(name: str, device: torch.device, plan: Plan):
             backend = cls(device)
             networks = _load_networks(backend, plan)
         except BackendUnavailable as exc:
-            _log.warning("backend auto: %s failed to load plan %r (%s); trying the next backend", cand,
-                         plan.manifest.name, exc)
+            _log.warning(
+                "backend auto: %s failed to load plan %r (%s); trying the next backend", cand, plan.manifest.name, exc
+            )
             reasons.append(f"{cand}: {exc}")
             continue
         _log.info("backend auto -> %s on %s%s", cand, device, f" (skipped {'; '.join(reasons)})" if reasons else "")
@@ -174,6 +175,7 @@ def _typed_failures(method):
     running out of memory :class:`ResourceError`. For the latter the original exception (whose
     traceback frames hold the large tensors) is dropped and cached GPU memory released before the
     typed error is raised, so the caller can retry at once."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
@@ -181,8 +183,10 @@ def _typed_failures(method):
         except MsodeError:
             raise
         except FloatingPointError as exc:
-            raise RegistrationError(f"registration diverged: {str(exc).strip() or 'non-finite values'} (inputs "
-                                    f"far from what plan {self.name!r} was made for?)") from None
+            raise RegistrationError(
+                f"registration diverged: {str(exc).strip() or 'non-finite values'} (inputs "
+                f"far from what plan {self.name!r} was made for?)"
+            ) from None
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
@@ -192,9 +196,12 @@ def _typed_failures(method):
         # here the handler has ended: the exception and the frames it referenced are gone
         gc.collect()
         torch.cuda.empty_cache()  # no-op unless CUDA was initialised
-        raise ResourceError(f"out of {'GPU' if gpu else 'CPU'} memory on {self.device} in {method.__name__} "
-                            f"({what}); cached memory was released and the Registrar remains usable: retry "
-                            f"with fewer concurrent registrations, smaller inputs or another device")
+        raise ResourceError(
+            f"out of {'GPU' if gpu else 'CPU'} memory on {self.device} in {method.__name__} "
+            f"({what}); cached memory was released and the Registrar remains usable: retry "
+            f"with fewer concurrent registrations, smaller inputs or another device"
+        )
+
     return wrapper
 
 
@@ -213,9 +220,22 @@ class StageReport:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "transform": self.transform, "seconds": self.seconds, "nfe": self.nfe,
-            "levels": [{"solver": s.solver, "t0": s.t0, "t1": s.t1, "nfe": s.nfe, "steps": s.steps,
-                        "rejected": s.rejected, "truncated": s.truncated} for s in self.levels],
+            "name": self.name,
+            "transform": self.transform,
+            "seconds": self.seconds,
+            "nfe": self.nfe,
+            "levels": [
+                {
+                    "solver": s.solver,
+                    "t0": s.t0,
+                    "t1": s.t1,
+                    "nfe": s.nfe,
+                    "steps": s.steps,
+                    "rejected": s.rejected,
+                    "truncated": s.truncated,
+                }
+                for s in self.levels
+            ],
         }
 
 
@@ -254,7 +274,7 @@ class RegistrationResult:
     providers: list[str]
     device: str
     analytic_plan: bool
-    plan_kind: str = "trained"   # PlanManifest.kind: analytic | trained | the builder's training.kind
+    plan_kind: str = "trained"  # PlanManifest.kind: analytic | trained | the builder's training.kind
     model_grid: ModelGridResult | None = field(default=None, repr=False)
     fixed_image: _io.Image | None = field(default=None, repr=False)
     moving_image: _io.Image | None = field(default=None, repr=False)
@@ -265,14 +285,21 @@ class RegistrationResult:
 
     def report(self) -> dict:
         return {
-            "plan": self.plan_name, "analytic_plan": self.analytic_plan, "plan_kind": self.plan_kind,
+            "plan": self.plan_name,
+            "analytic_plan": self.analytic_plan,
+            "plan_kind": self.plan_kind,
             "backend": self.backend,
-            "providers": self.providers, "device": self.device, "timings_s": self.timings,
-            "nfe": self.nfe, "stages": [s.to_dict() for s in self.stages],
+            "providers": self.providers,
+            "device": self.device,
+            "timings_s": self.timings,
+            "nfe": self.nfe,
+            "stages": [s.to_dict() for s in self.stages],
             "matrix_ras": np.asarray(self.matrix).tolist(),
-            "conventions": {"matrix": "RAS mm, fixed point -> moving point",
-                            "displacement": "LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)",
-                            "transform.tfm": "ITK AffineTransform, LPS, fixed -> moving (rigid part)"},
+            "conventions": {
+                "matrix": "RAS mm, fixed point -> moving point",
+                "displacement": "LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)",
+                "transform.tfm": "ITK AffineTransform, LPS, fixed -> moving (rigid part)",
+            },
         }
 
     def save(self, out_dir, preview: bool = False) -> dict[str, Path]:
@@ -285,6 +312,7 @@ class RegistrationResult:
         file raises :class:`InputError`."""
         if preview:
             from ._preview import _require_matplotlib
+
             _require_matplotlib()  # fail before writing anything
         out = Path(out_dir)
         created: list[Path] = []  # directories this call creates, deepest last; removed again on failure
@@ -301,8 +329,12 @@ class RegistrationResult:
         except OSError as exc:
             _remove_dirs(created)
             raise OutputError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-        targets = {"warped": out / "warped.nii.gz", "transform": out / "transform.tfm",
-                   "displacement": out / "displacement.nii.gz", "report": out / "report.json"}
+        targets = {
+            "warped": out / "warped.nii.gz",
+            "transform": out / "transform.tfm",
+            "displacement": out / "displacement.nii.gz",
+            "report": out / "report.json",
+        }
         if preview:
             targets["preview"] = out / "preview.png"
         token = f".part-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"  # unique per call
@@ -317,6 +349,7 @@ class RegistrationResult:
             tmp["report"].write_text(json.dumps(self.report(), indent=2))
             if preview:
                 from ._preview import write_preview
+
                 write_preview(tmp["preview"], self)
             for k in targets:
                 os.replace(tmp[k], targets[k])
@@ -327,8 +360,9 @@ class RegistrationResult:
                     p.unlink()
             _remove_dirs(created)
             if isinstance(exc, OSError) and not isinstance(exc, MsodeError):
-                raise OutputError(f"cannot write results to {out}: {exc.strerror or exc}; nothing was left "
-                                  f"behind") from None
+                raise OutputError(
+                    f"cannot write results to {out}: {exc.strerror or exc}; nothing was left behind"
+                ) from None
             raise
         return targets
 
@@ -357,17 +391,25 @@ class Registrar:
         self.cuda_graph = cuda_graph
         if self.device.type == "cuda":
             from .warp import ensure_kernels
+
             ensure_kernels("cuda")  # build/load the fused warp kernels now, not in the first registration
         self.backend, (self._networks, self._features) = _pick_backend(backend, self.device, plan)
         m = plan.manifest
         self.model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
         if m.analytic:
-            _log.warning("plan %r is ANALYTIC: its 'networks' are SSD gradient descent, not trained models "
-                         "(mono-modal only)", m.name)
+            _log.warning(
+                "plan %r is ANALYTIC: its 'networks' are SSD gradient descent, not trained models (mono-modal only)",
+                m.name,
+            )
 
     @classmethod
-    def load(cls, plan: str | os.PathLike = "rigid_bspline.plan", device: str = "auto", backend: str = "auto",
-             cuda_graph=False) -> "Registrar":
+    def load(
+        cls,
+        plan: str | os.PathLike = "rigid_bspline.plan",
+        device: str = "auto",
+        backend: str = "auto",
+        cuda_graph=False,
+    ) -> "Registrar":
         """Load a plan by path or bundled name; ``device``: auto | cpu | cuda[:n];
         ``backend``: auto | torch | onnxruntime | tensorrt; ``cuda_graph``: replay the registration as a
         captured CUDA graph when possible (see :mod:`msode_sdk._cuda_graph`)."""
@@ -390,8 +432,10 @@ class Registrar:
         try:
             stages = list(stages)
         except TypeError:
-            raise InputError(f"stages must be a list of stage names from {self.stage_names} (or None for all), "
-                             f"got {type(stages).__name__}") from None
+            raise InputError(
+                f"stages must be a list of stage names from {self.stage_names} (or None for all), "
+                f"got {type(stages).__name__}"
+            ) from None
         wrong = [type(s).__name__ for s in stages if not isinstance(s, str)]
         if wrong:
             raise InputError(f"stage names must be strings from {self.stage_names}, got {', '.join(wrong)}")
@@ -405,8 +449,9 @@ class Registrar:
     # ------------------------------------------------------------------ model-grid engine (tensors)
 
     @_typed_failures
-    def register_model_grid(self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None,
-                            init: str | None = None) -> ModelGridResult:
+    def register_model_grid(
+        self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None, init: str | None = None
+    ) -> ModelGridResult:
         """Register tensors already on the model grid: ``moving``, ``fixed`` ``(N, 1, D, H, W)`` float32,
         intensities normalised to [0, 1], both centred on their own image centre. Returns the chain
         (fixed model frame -> moving model frame, mm) and the warped moving tensor.
@@ -423,13 +468,16 @@ class Registrar:
         for name, t in (("moving", moving), ("fixed", fixed)):
             if not isinstance(t, torch.Tensor) or t.ndim != 5 or tuple(t.shape[1:]) != expect:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise InputError(f"{name}: expected a (N, {', '.join(map(str, expect))}) tensor on the model grid, got {shape}")
+                raise InputError(
+                    f"{name}: expected a (N, {', '.join(map(str, expect))}) tensor on the model grid, got {shape}"
+                )
         if moving.shape[0] != fixed.shape[0]:
             raise InputError(f"moving and fixed batch sizes differ: {moving.shape[0]} vs {fixed.shape[0]}")
         moving = moving.to(self.device, torch.float32)
         fixed = fixed.to(self.device, torch.float32)
         if self.cuda_graph and self.device.type == "cuda":
             from ._cuda_graph import GraphOptions, run_graphed
+
             opts = self.cuda_graph if isinstance(self.cuda_graph, GraphOptions) else None
             res = run_graphed(self, moving, fixed, stages, options=opts, init=init)
             if res is not None:
@@ -445,8 +493,11 @@ class Registrar:
                 y, seg_stats = loop.run_stage(k, pyr, chain, n)
                 if st.init == "multistart":
                     best, score = loop.last_multistart
-                    _log.info("multistart: start %s chosen (MI %s)", best.tolist(),
-                              [[round(float(v), 3) for v in row] for row in score])
+                    _log.info(
+                        "multistart: start %s chosen (MI %s)",
+                        best.tolist(),
+                        [[round(float(v), 3) for v in row] for row in score],
+                    )
                 if not bool(torch.isfinite(y).all()):
                     raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
                 chain = loop.chain_after(chain, k, y)
@@ -488,7 +539,9 @@ class Registrar:
         return img, centre, vol, native
 
     @_typed_failures
-    def register(self, moving, fixed, stages: Sequence[str] | None = None, init: str | None = None) -> RegistrationResult:
+    def register(
+        self, moving, fixed, stages: Sequence[str] | None = None, init: str | None = None
+    ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
         Each input: a NIfTI path, a nibabel image, or ``(array (X, Y, Z), affine 4x4 voxel->RAS mm)``.
@@ -513,11 +566,20 @@ class Registrar:
         t3 = time.perf_counter()
         timings = {"load": t1 - t0, **{s.name: s.seconds for s in res.stages}, "output": t3 - t2, "total": t3 - t0}
         return RegistrationResult(
-            warped=warped, matrix=matrix, displacement=disp, timings=timings, stages=res.stages,
-            plan_name=self.name, backend=self.backend.name, providers=self.backend.providers(),
-            device=str(self.device), analytic_plan=self.plan.manifest.analytic, plan_kind=self.plan.manifest.kind,
+            warped=warped,
+            matrix=matrix,
+            displacement=disp,
+            timings=timings,
+            stages=res.stages,
+            plan_name=self.name,
+            backend=self.backend.name,
+            providers=self.backend.providers(),
+            device=str(self.device),
+            analytic_plan=self.plan.manifest.analytic,
+            plan_kind=self.plan.manifest.kind,
             model_grid=res,
-            fixed_image=fix_img, moving_image=mov_img,
+            fixed_image=fix_img,
+            moving_image=mov_img,
         )
 
     def _to_world(self, chain: TransformChain, mov_img, c_m, fix_img, c_f, mov_native: torch.Tensor | None = None):
@@ -540,7 +602,7 @@ class Registrar:
         t_f, t_m = np.eye(4), np.eye(4)
         t_f[:3, 3] = -np.asarray(c_f, dtype=np.float64)
         t_m[:3, 3] = np.asarray(c_m, dtype=np.float64)
-        vox_to_x = t_f @ aff_f                                                # fixed voxel -> model frame
+        vox_to_x = t_f @ aff_f  # fixed voxel -> model frame
         inv_m = np.linalg.inv(np.asarray(mov_img.affine, dtype=np.float64))
         lps = np.diag([-1.0, -1.0, 1.0])
         if mov_native is None:
@@ -555,11 +617,14 @@ class Registrar:
             # index -> grid_sample coordinates of the moving tensor, and index -> LPS displacement (3 x 4)
             to_g = np.linalg.inv(_io._normalised_to_index(mov_img.shape)) @ inv_m @ t_m
             g_map = (to_g @ a_model @ vox_to_x)[:3]
-            d_map = lps @ np.hstack([(a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, :3],
-                                     (a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, 3:]
-                                     + a_model[:3, 3:] + t_m[:3, 3:] + t_f[:3, 3:]])
-            k_g = to_g[:3, :3] @ a_model[:3, :3]      # d(grid_sample coordinates) / d(u), u in model mm
-            k_d = lps @ a_model[:3, :3]               # d(LPS displacement) / d(u)
+            d_map = lps @ np.hstack(
+                [
+                    (a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, :3],
+                    (a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, 3:] + a_model[:3, 3:] + t_m[:3, 3:] + t_f[:3, 3:],
+                ]
+            )
+            k_g = to_g[:3, :3] @ a_model[:3, :3]  # d(grid_sample coordinates) / d(u), u in model mm
+            k_d = lps @ a_model[:3, :3]  # d(LPS displacement) / d(u)
             if standard and (deform is None or deform.kind != "bspline" or axis_of is not None):
                 g = _affine_field(g_map, shape, dev)
                 disp = _affine_field(d_map, shape, dev)
@@ -580,12 +645,15 @@ class Registrar:
                 x = _affine_field(vox_to_x[:3], shape, dev)[None]
                 fast = chain.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz))
                 phi = fast.map_points(x)
-                g = (phi @ torch.from_numpy(to_g[:3, :3].T.astype(np.float32)).to(dev)
-                     + torch.from_numpy(to_g[:3, 3].astype(np.float32)).to(dev))[0]
+                g = (
+                    phi @ torch.from_numpy(to_g[:3, :3].T.astype(np.float32)).to(dev)
+                    + torch.from_numpy(to_g[:3, 3].astype(np.float32)).to(dev)
+                )[0]
                 shift = torch.from_numpy((np.asarray(c_m) - np.asarray(c_f)).astype(np.float32)).to(dev)
                 disp = ((phi - x + shift) * torch.tensor([-1.0, -1.0, 1.0], device=dev))[0]
-            warped = F.grid_sample(mov_native, g[None], mode="bilinear", padding_mode="zeros",
-                                   align_corners=True)[0, 0]                           # (n0, n1, n2)
+            warped = F.grid_sample(mov_native, g[None], mode="bilinear", padding_mode="zeros", align_corners=True)[
+                0, 0
+            ]  # (n0, n1, n2)
         warped_img = nib.Nifti1Image(warped.cpu().numpy(), fix_img.affine)
         warped_img.set_qform(fix_img.affine, code=1)
         warped_img.set_sform(fix_img.affine, code=1)
@@ -598,14 +666,16 @@ class Registrar:
         """``mix @ u(x)`` of a B-spline stage at every voxel of a fixed grid whose axes are parallel to the
         model axes: ``(n0, n1, n2, 3)``, by separable synthesis of the mixed coefficients (exact)."""
         dev = deform.state.device
-        coeffs = torch.einsum("ij,jzyx->izyx", torch.from_numpy(mix.astype(np.float32)).to(dev),
-                              deform.state[0].float())                                   # (3, cz, cy, cx)
+        coeffs = torch.einsum(
+            "ij,jzyx->izyx", torch.from_numpy(mix.astype(np.float32)).to(dev), deform.state[0].float()
+        )  # (3, cz, cy, cx)
         basis = []
         for m in range(3):  # model axis m runs along native axis axis_of[m]
             a = axis_of[m]
-            coords = torch.as_tensor(vox_to_x[m, a] * np.arange(shape[a]) + vox_to_x[m, 3], dtype=torch.float32,
-                                     device=dev)
-            basis.append(deform.lattice.basis_matrix(coords, m))                          # (n_a, c_m)
+            coords = torch.as_tensor(
+                vox_to_x[m, a] * np.arange(shape[a]) + vox_to_x[m, 3], dtype=torch.float32, device=dev
+            )
+            basis.append(deform.lattice.basis_matrix(coords, m))  # (n_a, c_m)
         letters = "pqr"  # native axes 0, 1, 2 of the output
         lx, ly, lz = (letters[axis_of[m]] for m in range(3))
         return torch.einsum(f"czyx,{lz}z,{ly}y,{lx}x->pqrc", coeffs, basis[2], basis[1], basis[0])
@@ -616,9 +686,15 @@ class Registrar:
         axis_of = _axis_permutation(vox_to_x[:3, :3])
         if deform.kind == "bspline" and axis_of is not None:
             # model axis m is native array axis axis_of[m]; 1-D model coordinates along each axis
-            coords = [torch.as_tensor(vox_to_x[m, axis_of[m]] * np.arange(shape[axis_of[m]]) + vox_to_x[m, 3],
-                                      dtype=torch.float32, device=dev) for m in range(3)]
-            u = deform.lattice.displacement_on_axes(deform.state, *coords)[0]          # (3, Z', Y', X')
+            coords = [
+                torch.as_tensor(
+                    vox_to_x[m, axis_of[m]] * np.arange(shape[axis_of[m]]) + vox_to_x[m, 3],
+                    dtype=torch.float32,
+                    device=dev,
+                )
+                for m in range(3)
+            ]
+            u = deform.lattice.displacement_on_axes(deform.state, *coords)[0]  # (3, Z', Y', X')
             # tensor dim of model axis m is 1 + (2 - m); reorder to native array order (n0, n1, n2, 3)
             order = [1 + 2 - [m for m in range(3) if axis_of[m] == a][0] for a in range(3)]
             return u.permute(*order, 0)
@@ -628,8 +704,9 @@ class Registrar:
         to_field = np.linalg.inv(_io._normalised_to_index(grid.shape_dhw)) @ np.eye(4)[[2, 1, 0, 3]]
         field_index = np.diag([1.0 / sp for sp in grid.spacing_xyz] + [1.0])
         field_index[:3, 3] = (np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0) / 2.0
-        theta = torch.from_numpy((to_field @ field_index @ vox_to_x @ _io._normalised_to_index(shape))[:3]
-                                 .astype(np.float32))[None].to(dev)
+        theta = torch.from_numpy(
+            (to_field @ field_index @ vox_to_x @ _io._normalised_to_index(shape))[:3].astype(np.float32)
+        )[None].to(dev)
         pts = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
         u = F.grid_sample(deform.state[:1].float(), pts, mode="bilinear", padding_mode="border", align_corners=True)
         return u[0].permute(1, 2, 3, 0)
@@ -640,7 +717,9 @@ def _affine_field(m34: np.ndarray, shape, device) -> torch.Tensor:
     broadcast sum of one term per axis (composed in float64; cheaper than ``affine_grid``'s product)."""
     terms = []
     for a in range(3):
-        idx = np.arange(shape[a], dtype=np.float64)[:, None] * m34[:, a][None, :] + (m34[:, 3][None, :] if a == 0 else 0.0)
+        idx = np.arange(shape[a], dtype=np.float64)[:, None] * m34[:, a][None, :] + (
+            m34[:, 3][None, :] if a == 0 else 0.0
+        )
         view = [1, 1, 1, 3]
         view[a] = shape[a]
         terms.append(torch.from_numpy(idx.astype(np.float32)).to(device).reshape(view))
@@ -654,7 +733,11 @@ def _axis_permutation(direction: np.ndarray) -> list[int] | None:
     axis_of = []
     for m in range(3):
         a = int(np.argmax(d[m]))
-        if d[m, a] <= 0 or np.any(np.delete(d[m], a) > 1e-6 * d[m, a]) or np.any(np.delete(d[:, a], m) > 1e-6 * d[m, a]):
+        if (
+            d[m, a] <= 0
+            or np.any(np.delete(d[m], a) > 1e-6 * d[m, a])
+            or np.any(np.delete(d[:, a], m) > 1e-6 * d[m, a])
+        ):
             return None
         axis_of.append(a)
     return axis_of if sorted(axis_of) == [0, 1, 2] else None

@@ -20,6 +20,7 @@ Conventions (one place for all of them):
   its full 4x4x4 support; coefficients are displacements in mm, tensor ``(N, 3, cz, cy, cx)``;
   ``u(x) = sum_k c_k B3((x - p_k) / s)`` with the uniform cubic B-spline kernel ``B3``.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ class Grid:
     def downsampled(self, factor: int) -> "Grid":
         """The grid of a pyramid level ``factor`` times coarser (shape // factor, spacing * factor)."""
         (nx, ny, nz), (sx, sy, sz) = self.shape_xyz, self.spacing_xyz
-        return Grid((max(nx // factor, 1), max(ny // factor, 1), max(nz // factor, 1)),
-                    (sx * factor, sy * factor, sz * factor))
+        return Grid(
+            (max(nx // factor, 1), max(ny // factor, 1), max(nz // factor, 1)), (sx * factor, sy * factor, sz * factor)
+        )
 
     def axis_coords(self, axis: int, dtype=torch.float32, device=None) -> torch.Tensor:
         """Centre-relative mm coordinates of the voxel centres along axis 0=x, 1=y, 2=z."""
@@ -108,9 +110,14 @@ class Grid:
 def _skew(v: torch.Tensor) -> torch.Tensor:
     """``(N, 3)`` -> ``(N, 3, 3)`` cross-product matrices ``[v]x``."""
     z = torch.zeros_like(v[:, 0])
-    return torch.stack((torch.stack((z, -v[:, 2], v[:, 1]), -1),
-                        torch.stack((v[:, 2], z, -v[:, 0]), -1),
-                        torch.stack((-v[:, 1], v[:, 0], z), -1)), -2)
+    return torch.stack(
+        (
+            torch.stack((z, -v[:, 2], v[:, 1]), -1),
+            torch.stack((v[:, 2], z, -v[:, 0]), -1),
+            torch.stack((-v[:, 1], v[:, 0], z), -1),
+        ),
+        -2,
+    )
 
 
 def rigid_matrix(theta: torch.Tensor) -> torch.Tensor:
@@ -153,6 +160,7 @@ def euler_to_rigid(angles_xyz: torch.Tensor, translation: torch.Tensor) -> torch
     ``(N, 3), (N, 3) -> (N, 6)`` (rotation vector, fixed-frame translation ``R^T translation``)."""
     rx, ry, rz = angles_xyz[:, 0], angles_xyz[:, 1], angles_xyz[:, 2]
     one, zero = torch.ones_like(rx), torch.zeros_like(rx)
+
     def rot(c, s, axis):
         if axis == 0:
             rows = ((one, zero, zero), (zero, c, -s), (zero, s, c))
@@ -161,7 +169,12 @@ def euler_to_rigid(angles_xyz: torch.Tensor, translation: torch.Tensor) -> torch
         else:
             rows = ((c, -s, zero), (s, c, zero), (zero, zero, one))
         return torch.stack([torch.stack(row, -1) for row in rows], -2)
-    r = rot(torch.cos(rz), torch.sin(rz), 2) @ rot(torch.cos(ry), torch.sin(ry), 1) @ rot(torch.cos(rx), torch.sin(rx), 0)
+
+    r = (
+        rot(torch.cos(rz), torch.sin(rz), 2)
+        @ rot(torch.cos(ry), torch.sin(ry), 1)
+        @ rot(torch.cos(rx), torch.sin(rx), 0)
+    )
     m = torch.eye(4, dtype=angles_xyz.dtype, device=angles_xyz.device).repeat(angles_xyz.shape[0], 1, 1)
     m[:, :3, :3] = r
     m[:, :3, 3] = translation
@@ -232,8 +245,9 @@ class BSplineLattice:
 
     @property
     def shape_xyz(self) -> tuple[int, int, int]:
-        return cast(Tuple[int, int, int], tuple(
-            int(math.ceil(e / s - 1e-9)) + 3 for e, s in zip(self.grid.extent_xyz, self.control_spacing))
+        return cast(
+            Tuple[int, int, int],
+            tuple(int(math.ceil(e / s - 1e-9)) + 3 for e, s in zip(self.grid.extent_xyz, self.control_spacing)),
         )
 
     @property
@@ -256,7 +270,9 @@ class BSplineLattice:
         """Exact FFD displacement ``(N, 3, D, H, W)`` mm on every voxel of ``grid`` (separable sum)."""
         return self.displacement_on_axes(coeffs, *(grid.axis_coords(a, coeffs.dtype, coeffs.device) for a in range(3)))
 
-    def displacement_on_axes(self, coeffs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    def displacement_on_axes(
+        self, coeffs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, zs: torch.Tensor
+    ) -> torch.Tensor:
         """Exact FFD displacement on the rectilinear grid ``xs x ys x zs`` (mm, any order or spacing):
         ``(N, 3, len(zs), len(ys), len(xs))``."""
         bx, by, bz = self.basis_matrix(xs, 0), self.basis_matrix(ys, 1), self.basis_matrix(zs, 2)
@@ -273,8 +289,9 @@ class BSplineLattice:
         return bspline_displacement_at(coeffs, points, list(self.shape_xyz), list(self.control_spacing), chunk)
 
 
-def bspline_displacement_at(coeffs: torch.Tensor, points: torch.Tensor, shape_xyz: List[int],
-                            control_spacing: List[float], chunk: int = 1 << 20) -> torch.Tensor:
+def bspline_displacement_at(
+    coeffs: torch.Tensor, points: torch.Tensor, shape_xyz: List[int], control_spacing: List[float], chunk: int = 1 << 20
+) -> torch.Tensor:
     """The 64-term FFD sum at arbitrary points (see :meth:`BSplineLattice.displacement_at`);
     TorchScript-compatible so scripted code (``registrar.ts``) reuses this very function."""
     n = points.shape[0]
@@ -309,10 +326,17 @@ def bspline_displacement_at(coeffs: torch.Tensor, points: torch.Tensor, shape_xy
     return out.reshape(points.shape)
 
 
-def affine_bspline_coords(matrix: Optional[torch.Tensor], coeffs: Optional[torch.Tensor], xs: torch.Tensor,
-                          ys: torch.Tensor, zs: torch.Tensor, basis_x: Optional[torch.Tensor],
-                          basis_y: Optional[torch.Tensor], basis_z: Optional[torch.Tensor],
-                          inv_half: List[float]) -> torch.Tensor:
+def affine_bspline_coords(
+    matrix: Optional[torch.Tensor],
+    coeffs: Optional[torch.Tensor],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    zs: torch.Tensor,
+    basis_x: Optional[torch.Tensor],
+    basis_y: Optional[torch.Tensor],
+    basis_z: Optional[torch.Tensor],
+    inv_half: List[float],
+) -> torch.Tensor:
     """``diag(inv_half) A (x + u(x))`` at every point of the rectilinear grid ``xs x ys x zs`` (mm):
     ``(N, len(zs), len(ys), len(xs), 3)``. ``matrix`` ``(N|1, 4, 4)`` is ``A`` (None: identity), ``coeffs``
     ``(N, 3, cz, cy, cx)`` the B-spline ``u`` with its per-axis basis matrices (None: no B-spline). With
@@ -325,10 +349,12 @@ def affine_bspline_coords(matrix: Optional[torch.Tensor], coeffs: Optional[torch
     if matrix is None:
         m = torch.eye(4, dtype=torch.float32, device=dev)[:3].unsqueeze(0) * scale
     else:
-        m = matrix[:, :3, :].to(torch.float32) * scale                         # (N|1, 3, 4)
-    coords = (m[:, :, 0].reshape(-1, 1, 1, 1, 3) * xs.reshape(1, 1, 1, -1, 1)
-              + m[:, :, 1].reshape(-1, 1, 1, 1, 3) * ys.reshape(1, 1, -1, 1, 1)
-              + (m[:, :, 2].reshape(-1, 1, 1, 1, 3) * zs.reshape(1, -1, 1, 1, 1) + m[:, :, 3].reshape(-1, 1, 1, 1, 3)))
+        m = matrix[:, :3, :].to(torch.float32) * scale  # (N|1, 3, 4)
+    coords = (
+        m[:, :, 0].reshape(-1, 1, 1, 1, 3) * xs.reshape(1, 1, 1, -1, 1)
+        + m[:, :, 1].reshape(-1, 1, 1, 1, 3) * ys.reshape(1, 1, -1, 1, 1)
+        + (m[:, :, 2].reshape(-1, 1, 1, 1, 3) * zs.reshape(1, -1, 1, 1, 1) + m[:, :, 3].reshape(-1, 1, 1, 1, 3))
+    )
     if coeffs is not None and basis_x is not None and basis_y is not None and basis_z is not None:
         mixed = torch.einsum("nij,njzyx->nizyx", m[:, :, :3].expand(coeffs.shape[0], 3, 3), coeffs.to(torch.float32))
         coords = coords + torch.einsum("nczyx,ax,by,dz->ndbac", mixed, basis_x, basis_y, basis_z)
@@ -458,7 +484,9 @@ class DenseTransform(Transform):
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
         n = points.shape[0]
         flat = points.reshape(n, 1, 1, -1, 3)
-        d = F.grid_sample(self.state, self.grid.normalise(flat), mode="bilinear", padding_mode="border", align_corners=True)
+        d = F.grid_sample(
+            self.state, self.grid.normalise(flat), mode="bilinear", padding_mode="border", align_corners=True
+        )
         return points + d.reshape(n, 3, -1).transpose(1, 2).reshape(points.shape)
 
     def map_grid(self, grid: Grid) -> torch.Tensor:
@@ -515,8 +543,9 @@ class TransformChain:
     def densified(self, spacing_xyz) -> "TransformChain":
         """This chain with B-spline stages replaced by their :meth:`BSplineTransform.densified` fields:
         the fast way to evaluate ``phi`` at millions of arbitrary points (e.g. a native image grid)."""
-        return TransformChain([t.densified(spacing_xyz) if isinstance(t, BSplineTransform) else t
-                               for t in self.transforms])
+        return TransformChain(
+            [t.densified(spacing_xyz) if isinstance(t, BSplineTransform) else t for t in self.transforms]
+        )
 
     def affine_part(self) -> torch.Tensor | None:
         """Product of the rigid stages' matrices ``(N, 4, 4)`` (None without rigid stages)."""
@@ -544,8 +573,9 @@ def lattice_for(params: dict, model_grid: Grid) -> BSplineLattice:
     return BSplineLattice(model_grid, tuple(params["control_spacing_mm"]))
 
 
-def initial_state(kind: str, params: dict, model_grid: Grid, level_grid: Grid, batch: int,
-                  dtype=torch.float32, device=None) -> torch.Tensor:
+def initial_state(
+    kind: str, params: dict, model_grid: Grid, level_grid: Grid, batch: int, dtype=torch.float32, device=None
+) -> torch.Tensor:
     """The identity state of a stage: zeros of the right shape."""
     _check_kind(kind)
     if kind == "rigid":

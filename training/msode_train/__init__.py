@@ -7,4 +7,5 @@ can be exported; ``msode export`` finds them through the ``msode.architectures``
 importing this package by name. See ``msode_train.data`` for the multi-contrast subject synthesis,
 motion simulators and evaluation metrics.
 """
+
 from . import models as _models  # noqa: F401  (registers the architectures on import)

@@ -17,6 +17,7 @@
 
 Exit status 0 on success, 2 on a usage or configuration error, 1 on a failure during the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ def _setup_logging():
 def train_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="msode-train", description="Train an MS-ODENet plan from a YAML config.")
     ap.add_argument("config", help="YAML config path or bundled config name")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value (YAML-parsed), e.g. --set loss.sim=ncc; repeatable")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (YAML-parsed), e.g. --set loss.sim=ncc; repeatable",
+    )
     ap.add_argument("--steps", type=int, help="total steps (overrides train.steps)")
     ap.add_argument("--max-minutes", type=float, help="wall-clock limit of this invocation (train.max_minutes)")
     ap.add_argument("--out-dir", help="output directory (train.out_dir)")
@@ -50,6 +57,7 @@ def main(argv=None) -> int:
     _setup_logging()
     args = train_parser().parse_args(argv)
     from .train import Trainer, load_config
+
     ov = list(args.overrides)
     if args.steps is not None:
         ov.append(f"train.steps={args.steps}")
@@ -83,10 +91,18 @@ def main(argv=None) -> int:
         n_eval = int(cfg["export"].get("eval_pairs") or 0)
         if n_eval > 0:
             from .evaluate import evaluate_plans, EvalConfig
-            ec = EvalConfig(motion=cfg["data"]["motion"], n_pairs=n_eval, spacing_mm=trainer.bank_spacing,
-                            fov_mm=tuple(cfg["model"]["fov_mm"]), bank_dir=str(trainer.bank_dir),
-                            pairs=cfg["data"]["pairs"], contrasts=tuple(cfg["data"]["contrasts"]),
-                            baselines=(), device="cpu")
+
+            ec = EvalConfig(
+                motion=cfg["data"]["motion"],
+                n_pairs=n_eval,
+                spacing_mm=trainer.bank_spacing,
+                fov_mm=tuple(cfg["model"]["fov_mm"]),
+                bank_dir=str(trainer.bank_dir),
+                pairs=cfg["data"]["pairs"],
+                contrasts=tuple(cfg["data"]["contrasts"]),
+                baselines=(),
+                device="cpu",
+            )
             report = evaluate_plans({cfg["name"]: plan}, ec, out_dir=trainer.out_dir / "eval")
             metrics = report["summary"][cfg["name"]]
             metrics["protocol"] = report["protocol"]
@@ -106,6 +122,7 @@ def main(argv=None) -> int:
 def eval_main(argv=None) -> int:
     _setup_logging()
     from .evaluate import main as _main
+
     return _main(argv)
 
 

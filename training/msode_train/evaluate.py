@@ -39,6 +39,7 @@ Ablations (paper Fig. 4a) are separate plans trained with config overrides and e
 ``--set loss.sim=mi`` (no learned content loss), ``--set model.levels=1`` (single scale), ``--set
 loss.lambda_self=0`` (no self-supervision); e.g. ``msode-eval --plan full=a.plan --plan mi=b.plan``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,20 @@ from msode_sdk.warp import sample_points
 
 from . import data as D
 
-__all__ = ["EvalConfig", "test_pairs", "evaluate_plans", "pair_metrics", "run_sitk", "run_ants", "PairedComparison",
-           "paired_comparison", "shift_estimate", "NonInferiority", "non_inferiority", "main"]
+__all__ = [
+    "EvalConfig",
+    "test_pairs",
+    "evaluate_plans",
+    "pair_metrics",
+    "run_sitk",
+    "run_ants",
+    "PairedComparison",
+    "paired_comparison",
+    "shift_estimate",
+    "NonInferiority",
+    "non_inferiority",
+    "main",
+]
 
 _log = logging.getLogger("msode_train.evaluate")
 
@@ -70,15 +83,15 @@ TISSUES = (1, 2, 3)
 @dataclass
 class EvalConfig:
     motion: str = "rigid"
-    motion_kwargs: dict = field(default_factory=dict)   # e.g. {"max_rot_deg": 40}
+    motion_kwargs: dict = field(default_factory=dict)  # e.g. {"max_rot_deg": 40}
     n_pairs: int = 8
     spacing_mm: float = 2.0
     fov_mm: tuple = tuple(D.FOV_MM)
     bank_dir: str = "~/.cache/msode/bank"
-    n_subjects: int | None = None          # default min(n_pairs, 50)
-    pairs: object = (("t2", "t1"),)        # [[moving, fixed], ...] or "random"
+    n_subjects: int | None = None  # default min(n_pairs, 50)
+    pairs: object = (("t2", "t1"),)  # [[moving, fixed], ...] or "random"
     contrasts: tuple = tuple(D.CONTRASTS)
-    baselines: tuple = ("sitk",)           # sitk, ants
+    baselines: tuple = ("sitk",)  # sitk, ants
     device: str = "cpu"
     backend: str = "auto"
     seed: int = 2021
@@ -94,8 +107,14 @@ class EvalConfig:
 def test_pairs(cfg: EvalConfig) -> list:
     """The held-out pairs of the protocol (deterministic in ``cfg``)."""
     n_sub = int(cfg.n_subjects or min(cfg.n_pairs, 50))
-    bank = D.SubjectBank.for_split(Path(cfg.bank_dir).expanduser(), "test", n_sub, spacing=float(cfg.spacing_mm),
-                                   grid_shape=tuple(int(v) for v in cfg.fov_mm), contrasts=tuple(cfg.contrasts))
+    bank = D.SubjectBank.for_split(
+        Path(cfg.bank_dir).expanduser(),
+        "test",
+        n_sub,
+        spacing=float(cfg.spacing_mm),
+        grid_shape=tuple(int(v) for v in cfg.fov_mm),
+        contrasts=tuple(cfg.contrasts),
+    )
     rng = np.random.default_rng(int(cfg.seed))
     out = []
     for i in range(int(cfg.n_pairs)):
@@ -143,7 +162,9 @@ def pair_metrics(pair, points: torch.Tensor) -> dict:
     return {
         "dice_tumour": D.dice(tum(wl), tum(fl)),
         "dice_tissue": float(np.mean(tissue)),
-        "dice_csf": tissue[0], "dice_gm": tissue[1], "dice_wm": tissue[2],
+        "dice_csf": tissue[0],
+        "dice_gm": tissue[1],
+        "dice_wm": tissue[2],
         "rmse_x": D.rmse_x(warped, truth, brain),
         "rmse_phi_mm": float(D.rmse_phi(points, pair.chain, g, mask=brain)),
     }
@@ -166,6 +187,7 @@ def run_msode(registrar, pair, stages=None) -> tuple[torch.Tensor, float, dict]:
 
 def _sitk_image(t: torch.Tensor, grid: Grid):
     import SimpleITK as sitk
+
     img = sitk.GetImageFromArray(t[0, 0].cpu().numpy().astype(np.float32))  # (z, y, x) -> size (x, y, z)
     img.SetSpacing(tuple(float(s) for s in grid.spacing_xyz))
     img.SetOrigin(tuple(-(n - 1) / 2.0 * s for n, s in zip(grid.shape_xyz, grid.spacing_xyz)))
@@ -176,6 +198,7 @@ def _sitk_image(t: torch.Tensor, grid: Grid):
 def run_sitk(pair, deformable: bool, mesh_mm: float = 40.0, seed: int = 0) -> tuple[torch.Tensor, float, dict]:
     """SimpleITK Mattes-MI rigid (+ B-spline) in the model frame; returns the point map and seconds."""
     import SimpleITK as sitk
+
     g = pair.grid
     t0 = time.perf_counter()
     fixed, moving = _sitk_image(pair.fixed, g), _sitk_image(pair.moving, g)
@@ -184,15 +207,17 @@ def run_sitk(pair, deformable: bool, mesh_mm: float = 40.0, seed: int = 0) -> tu
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.1, seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=300,
-                                                 relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-4, numberOfIterations=300, relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8
+    )
     reg.SetOptimizerScalesFromPhysicalShift()
-    levels = [f for f in (4, 2, 1) if min(g.shape_xyz) / f >= 8] or [1]   # tiny grids: fewer levels
+    levels = [f for f in (4, 2, 1) if min(g.shape_xyz) / f >= 8] or [1]  # tiny grids: fewer levels
     reg.SetShrinkFactorsPerLevel(levels)
     reg.SetSmoothingSigmasPerLevel([{4: 2, 2: 1, 1: 0}[f] for f in levels])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
     reg.SetInitialTransform(init, inPlace=False)
     rigid = reg.Execute(fixed, moving)
     tx = rigid
@@ -204,8 +229,12 @@ def run_sitk(pair, deformable: bool, mesh_mm: float = 40.0, seed: int = 0) -> tu
         r2.SetMetricSamplingStrategy(r2.RANDOM)
         r2.SetMetricSamplingPercentage(0.1, seed)
         r2.SetInterpolator(sitk.sitkLinear)
-        r2.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=100,
-                                maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=500)
+        r2.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=1e-5,
+            numberOfIterations=100,
+            maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=500,
+        )
         r2.SetShrinkFactorsPerLevel([2, 1])
         r2.SetSmoothingSigmasPerLevel([1, 0])
         r2.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
@@ -214,9 +243,10 @@ def run_sitk(pair, deformable: bool, mesh_mm: float = 40.0, seed: int = 0) -> tu
         r2.Execute(fixed, moving)
         tx = sitk.CompositeTransform([rigid, bs])  # x -> rigid(bspline(x))
     secs = time.perf_counter() - t0
-    field = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
-                                              fixed.GetSpacing(), fixed.GetDirection())
-    disp = torch.from_numpy(sitk.GetArrayFromImage(field)).float()   # (z, y, x, 3) as (x, y, z) mm
+    field = sitk.TransformToDisplacementField(
+        tx, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()
+    )
+    disp = torch.from_numpy(sitk.GetArrayFromImage(field)).float()  # (z, y, x, 3) as (x, y, z) mm
     pts = g.points(torch.float32) + disp
     return pts[None], secs, {}
 
@@ -224,6 +254,7 @@ def run_sitk(pair, deformable: bool, mesh_mm: float = 40.0, seed: int = 0) -> tu
 def ants_available() -> bool:
     try:
         import ants  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -232,18 +263,24 @@ def ants_available() -> bool:
 def run_ants(pair, deformable: bool) -> tuple[torch.Tensor, float, dict]:
     """ANTsPy ``Rigid`` (or ``SyNRA``) in the model frame; the map is read back by warping coordinate images."""
     import ants
+
     g = pair.grid
     origin = tuple(-(n - 1) / 2.0 * s for n, s in zip(g.shape_xyz, g.spacing_xyz))
 
     def img(arr_xyz):
-        return ants.from_numpy(np.ascontiguousarray(arr_xyz, dtype=np.float32), origin=origin,
-                               spacing=tuple(g.spacing_xyz), direction=np.eye(3))
+        return ants.from_numpy(
+            np.ascontiguousarray(arr_xyz, dtype=np.float32),
+            origin=origin,
+            spacing=tuple(g.spacing_xyz),
+            direction=np.eye(3),
+        )
+
     t0 = time.perf_counter()
     fixed, moving = img(_nifti_array(pair.fixed)), img(_nifti_array(pair.moving))
     out = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyNRA" if deformable else "Rigid")
     secs = time.perf_counter() - t0
     comps = []
-    pts = g.points(torch.float64).numpy()   # (D, H, W, 3)
+    pts = g.points(torch.float64).numpy()  # (D, H, W, 3)
     for a in range(3):
         coord = img(np.ascontiguousarray(pts[..., a].transpose(2, 1, 0)))
         w = ants.apply_transforms(fixed=fixed, moving=coord, transformlist=out["fwdtransforms"], interpolator="linear")
@@ -258,8 +295,13 @@ def _summary(rows: list[dict]) -> dict:
     out = {}
     for key in ("dice_tumour", "dice_tissue", "rmse_x", "rmse_phi_mm", "seconds"):
         v = np.asarray([r[key] for r in rows], dtype=np.float64)
-        out[key] = {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
-                    "max": float(v.max()), "min": float(v.min())}
+        out[key] = {
+            "mean": float(v.mean()),
+            "std": float(v.std()),
+            "median": float(np.median(v)),
+            "max": float(v.max()),
+            "min": float(v.min()),
+        }
     phi = np.asarray([r["rmse_phi_mm"] for r in rows])
     out["success_rmse_phi_lt_2mm"] = float((phi < 2.0).mean())
     out["n_pairs"] = len(rows)
@@ -305,7 +347,7 @@ def _signed_rank_cdf(n: int) -> np.ndarray:
     counts[0] = 1.0
     for r in range(1, n + 1):
         counts[r:] = counts[r:] + counts[:-r].copy()
-    return np.cumsum(counts) / 2.0 ** n
+    return np.cumsum(counts) / 2.0**n
 
 
 def shift_estimate(d, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -327,17 +369,19 @@ def shift_estimate(d, confidence: float = 0.95) -> tuple[float, float, float]:
     alpha_half = (1.0 - confidence) / 2.0
     if n <= 300:
         cdf = _signed_rank_cdf(n)
-        c = int(np.searchsorted(cdf, alpha_half, side="right")) - 1    # largest t with cdf[t] <= alpha/2
+        c = int(np.searchsorted(cdf, alpha_half, side="right")) - 1  # largest t with cdf[t] <= alpha/2
     else:
         from statistics import NormalDist
+
         mu, sd = n * (n + 1) / 4.0, math.sqrt(n * (n + 1) * (2 * n + 1) / 24.0)
         c = int(math.floor(mu + sd * NormalDist().inv_cdf(alpha_half)))
     lo, hi = (float(walsh[c]), float(walsh[m - 1 - c])) if c >= 0 else (-math.inf, math.inf)
     return float(np.median(walsh)), lo, hi
 
 
-def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm", tie_tol: float | None = None,
-                      confidence: float = 0.95) -> PairedComparison:
+def paired_comparison(
+    report: dict, a: str, b: str, metric: str = "rmse_phi_mm", tie_tol: float | None = None, confidence: float = 0.95
+) -> PairedComparison:
     """Compare methods ``a`` and ``b`` of one :func:`evaluate_plans` report pair by pair (the protocol
     gives every method the same pairs). ``tie_tol`` defaults to 0.05 mm for RMSE(phi), 0.005 for Dice
     and RMSE(x), 0 otherwise. ``shift`` [``shift_lo``, ``shift_hi``]: Hodges-Lehmann estimate of a - b
@@ -356,24 +400,44 @@ def paired_comparison(report: dict, a: str, b: str, metric: str = "rmse_phi_mm",
     vb = np.asarray([r[metric] for r in rb], dtype=np.float64)
     higher = metric.startswith("dice")
     d = va - vb
-    gain = d if higher else -d                 # > 0 where a is better
+    gain = d if higher else -d  # > 0 where a is better
     a_better = int((gain > tie_tol).sum())
     b_better = int((gain < -tie_tol).sum())
     ties = len(d) - a_better - b_better
     k, m = min(a_better, b_better), a_better + b_better
-    p_sign = min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m) if m else 1.0
+    p_sign = min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0**m) if m else 1.0
     p_w = None
     if np.any(d != 0):
         try:
             from scipy.stats import wilcoxon
+
             p_w = float(wilcoxon(va, vb).pvalue)
         except ImportError:
             p_w = None
     # a non-finite metric (a failed method) leaves the shift undefined rather than failing the comparison
     shift, lo, hi = shift_estimate(d, confidence) if np.all(np.isfinite(d)) else (math.nan,) * 3
-    return PairedComparison(a, b, metric, len(d), float(np.median(va)), float(np.median(vb)), float(va.mean()),
-                            float(vb.mean()), float(np.median(d)), a_better, b_better, ties, float(tie_tol), higher,
-                            p_w, float(p_sign), shift, lo, hi, float(confidence))
+    return PairedComparison(
+        a,
+        b,
+        metric,
+        len(d),
+        float(np.median(va)),
+        float(np.median(vb)),
+        float(va.mean()),
+        float(vb.mean()),
+        float(np.median(d)),
+        a_better,
+        b_better,
+        ties,
+        float(tie_tol),
+        higher,
+        p_w,
+        float(p_sign),
+        shift,
+        lo,
+        hi,
+        float(confidence),
+    )
 
 
 @dataclass
@@ -399,8 +463,9 @@ class NonInferiority:
     per_run: list
 
 
-def non_inferiority(report: dict, runs, metric: str = "rmse_phi_mm", margin: float | None = None,
-                    confidence: float = 0.95) -> NonInferiority:
+def non_inferiority(
+    report: dict, runs, metric: str = "rmse_phi_mm", margin: float | None = None, confidence: float = 0.95
+) -> NonInferiority:
     """Non-inferiority of a over b, pooling several training runs: ``runs`` = [(a_method, b_method), ...]
     in ``report`` (all on the protocol's same test pairs). ``margin`` defaults to the metric's tie
     tolerance of :func:`paired_comparison` (0.05 mm for RMSE(phi))."""
@@ -414,8 +479,19 @@ def non_inferiority(report: dict, runs, metric: str = "rmse_phi_mm", margin: flo
     d = np.mean([[ra[metric] - rb[metric] for ra, rb in zip(rows[a], rows[b])] for a, b in runs], axis=0)
     shift, lo, hi = shift_estimate(d, confidence)
     holds = bool(lo >= -margin) if higher else bool(hi <= margin)
-    return NonInferiority([list(r) for r in runs], metric, float(margin), int(d.size), shift, lo, hi,
-                          float(confidence), holds, [float(x) for x in d], [asdict(c) for c in per_run])
+    return NonInferiority(
+        [list(r) for r in runs],
+        metric,
+        float(margin),
+        int(d.size),
+        shift,
+        lo,
+        hi,
+        float(confidence),
+        holds,
+        [float(x) for x in d],
+        [asdict(c) for c in per_run],
+    )
 
 
 def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict:
@@ -425,6 +501,7 @@ def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     from msode_sdk import Registrar
+
     pairs = test_pairs(cfg)
     deformable = cfg.motion in ("bspline", "hybrid")
     methods: dict[str, object] = {"identity": None}
@@ -452,20 +529,32 @@ def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict
                     run_msode(obj, pair, cfg.stages)
                 pts, secs, extra = run_msode(obj, pair, cfg.stages)
             met = pair_metrics(pair, pts)
-            row = {"pair": i, "subject": pair.subject_id, "moving": pair.moving_contrast,
-                   "fixed": pair.fixed_contrast, **met, "seconds": secs,
-                   **({"nfe": extra["nfe"]} if "nfe" in extra else {})}
+            row = {
+                "pair": i,
+                "subject": pair.subject_id,
+                "moving": pair.moving_contrast,
+                "fixed": pair.fixed_contrast,
+                **met,
+                "seconds": secs,
+                **({"nfe": extra["nfe"]} if "nfe" in extra else {}),
+            }
             rows[m].append(row)
             if i < 2:
                 examples.append((i, m, pts))
-            log(f"pair {i} {pair.moving_contrast}->{pair.fixed_contrast} {m:>12s}: RMSE(phi) {met['rmse_phi_mm']:6.2f} mm, "
-                f"Dice tumour {100 * met['dice_tumour']:5.1f} %, {secs:6.2f} s")
+            log(
+                f"pair {i} {pair.moving_contrast}->{pair.fixed_contrast} {m:>12s}: RMSE(phi) {met['rmse_phi_mm']:6.2f} mm, "
+                f"Dice tumour {100 * met['dice_tumour']:5.1f} %, {secs:6.2f} s"
+            )
     summary = {m: _summary(r) for m, r in rows.items()}
     protocol = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     protocol["test_seeds"] = sorted({int(p.subject_id[5:]) for p in pairs})
     protocol["plans"] = {k: str(v) for k, v in plans.items()}
-    report = {"protocol": protocol, "summary": summary, "rows": rows,
-              "environment": {"torch": str(torch.__version__), "threads": torch.get_num_threads()}}
+    report = {
+        "protocol": protocol,
+        "summary": summary,
+        "rows": rows,
+        "environment": {"torch": str(torch.__version__), "threads": torch.get_num_threads()},
+    }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -481,14 +570,16 @@ def evaluate_plans(plans: dict, cfg: EvalConfig, out_dir=None, log=None) -> dict
 
 def markdown_table(report: dict) -> str:
     p = report["protocol"]
-    lines = [f"# MS-ODENet evaluation: {p['motion']} motions, {p['n_pairs']} held-out pairs",
-             "",
-             f"Synthetic test subjects (seeds {p['test_seeds'][0]}..{p['test_seeds'][-1]}) at {p['spacing_mm']:g} mm, "
-             f"contrast pairs {p['pairs']}, protocol seed {p['seed']}, device {p['device']}. "
-             "Mean (std); RMSE(phi) also median / worst; success = RMSE(phi) < 2 mm.",
-             "",
-             "| Method | Dice tumour / % | Dice tissue / % | RMSE(x) x1e-2 | RMSE(phi) / mm | median / worst | success | Time / s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# MS-ODENet evaluation: {p['motion']} motions, {p['n_pairs']} held-out pairs",
+        "",
+        f"Synthetic test subjects (seeds {p['test_seeds'][0]}..{p['test_seeds'][-1]}) at {p['spacing_mm']:g} mm, "
+        f"contrast pairs {p['pairs']}, protocol seed {p['seed']}, device {p['device']}. "
+        "Mean (std); RMSE(phi) also median / worst; success = RMSE(phi) < 2 mm.",
+        "",
+        "| Method | Dice tumour / % | Dice tissue / % | RMSE(x) x1e-2 | RMSE(phi) / mm | median / worst | success | Time / s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m, s in report["summary"].items():
         lines.append(
             f"| {m} | {100 * s['dice_tumour']['mean']:.1f} ({100 * s['dice_tumour']['std']:.1f}) "
@@ -497,27 +588,32 @@ def markdown_table(report: dict) -> str:
             f"| {s['rmse_phi_mm']['mean']:.2f} ({s['rmse_phi_mm']['std']:.2f}) "
             f"| {s['rmse_phi_mm']['median']:.2f} / {s['rmse_phi_mm']['max']:.2f} "
             f"| {100 * s['success_rmse_phi_lt_2mm']:.0f} % "
-            f"| {s['seconds']['mean']:.2f} ({s['seconds']['std']:.2f}) |")
+            f"| {s['seconds']['mean']:.2f} ({s['seconds']['std']:.2f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def write_figures(out: Path, pairs, examples, rows) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(rows)
     # 1. examples: per example pair, fixed / moving / warped per method, and |warped - truth|
     ex_pairs = sorted({i for i, _, _ in examples})
-    fig, axes = plt.subplots(2 * len(ex_pairs), len(methods) + 2, figsize=(2.4 * (len(methods) + 2), 4.8 * len(ex_pairs)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 * len(ex_pairs), len(methods) + 2, figsize=(2.4 * (len(methods) + 2), 4.8 * len(ex_pairs)), squeeze=False
+    )
     for r, i in enumerate(ex_pairs):
         p = pairs[i]
         z = p.grid.shape_dhw[0] // 2
         truth = sample_points(p.moving, p.grid, p.gt_points().float())
         ax = axes[2 * r]
-        ax[0].imshow(p.fixed[0, 0, z].cpu().numpy(), cmap="gray", origin="lower"); ax[0].set_title(f"fixed ({p.fixed_contrast})")
-        ax[1].imshow(p.moving[0, 0, z].cpu().numpy(), cmap="gray", origin="lower"); ax[1].set_title(f"moving ({p.moving_contrast})")
+        ax[0].imshow(p.fixed[0, 0, z].cpu().numpy(), cmap="gray", origin="lower")
+        ax[0].set_title(f"fixed ({p.fixed_contrast})")
+        ax[1].imshow(p.moving[0, 0, z].cpu().numpy(), cmap="gray", origin="lower")
+        ax[1].set_title(f"moving ({p.moving_contrast})")
         axes[2 * r + 1][0].imshow(truth[0, 0, z].cpu().numpy(), cmap="gray", origin="lower")
         axes[2 * r + 1][0].set_title("moving o phi_true")
         axes[2 * r + 1][1].axis("off")
@@ -530,13 +626,19 @@ def write_figures(out: Path, pairs, examples, rows) -> None:
             axes[2 * r + 1][c + 2].imshow(err, cmap="magma", vmin=0, vmax=0.5, origin="lower")
             axes[2 * r + 1][c + 2].set_title(f"{m}: |error|")
         for a in list(axes[2 * r]) + list(axes[2 * r + 1]):
-            a.set_xticks([]); a.set_yticks([])
+            a.set_xticks([])
+            a.set_yticks([])
     fig.tight_layout()
     fig.savefig(out / "fig_examples.png", dpi=80)
     plt.close(fig)
     # 2. bars like Fig. 4
-    keys = [("dice_tumour", "Dice tumour", 100.0), ("dice_tissue", "Dice tissue", 100.0),
-            ("rmse_x", "RMSE(x) x1e-2", 100.0), ("rmse_phi_mm", "RMSE(phi) / mm", 1.0), ("seconds", "time / s", 1.0)]
+    keys = [
+        ("dice_tumour", "Dice tumour", 100.0),
+        ("dice_tissue", "Dice tissue", 100.0),
+        ("rmse_x", "RMSE(x) x1e-2", 100.0),
+        ("rmse_phi_mm", "RMSE(phi) / mm", 1.0),
+        ("seconds", "time / s", 1.0),
+    ]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     for ax, (k, title, f) in zip(axes, keys):
         vals = [f * np.mean([r[k] for r in rows[m]]) for m in methods]
@@ -554,7 +656,10 @@ def write_figures(out: Path, pairs, examples, rows) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for j, m in enumerate(methods):
         ax.plot([r["pair"] for r in rows[m]], [r["rmse_phi_mm"] for r in rows[m]], "o-", label=m, ms=3)
-    ax.set_xlabel("pair"); ax.set_ylabel("RMSE(phi) / mm"); ax.set_yscale("log"); ax.legend(fontsize=7)
+    ax.set_xlabel("pair")
+    ax.set_ylabel("RMSE(phi) / mm")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fig_rmse_phi.png", dpi=90)
     plt.close(fig)
@@ -588,9 +693,12 @@ def main(argv=None) -> int:
             return 2
         plans[label] = path
     pairs = "random" if args.pairs == "random" else [tuple(p.split(":")) for p in args.pairs.split(",")]
-    for p in ([] if pairs == "random" else pairs):
+    for p in [] if pairs == "random" else pairs:
         if len(p) != 2 or any(c not in D.CLASS_MEANS for c in p):
-            print(f"msode-eval: error: bad contrast pair {':'.join(p)!r}; contrasts: {list(D.CLASS_MEANS)}", file=sys.stderr)
+            print(
+                f"msode-eval: error: bad contrast pair {':'.join(p)!r}; contrasts: {list(D.CLASS_MEANS)}",
+                file=sys.stderr,
+            )
             return 2
     baselines = () if args.baselines in ("", "none") else tuple(b.strip() for b in args.baselines.split(","))
     mk = {}
@@ -598,10 +706,21 @@ def main(argv=None) -> int:
         mk["max_rot_deg"] = args.max_rot_deg
     if args.max_trans_mm is not None:
         mk["max_trans_mm"] = args.max_trans_mm
-    cfg = EvalConfig(motion=args.motion, motion_kwargs=mk, n_pairs=args.n, spacing_mm=args.spacing, bank_dir=args.bank_dir, pairs=pairs,
-                     baselines=baselines, device=args.device, backend=args.backend, seed=args.seed,
-                     stages=tuple(args.stages.split(",")) if args.stages else None, figures=not args.no_figures,
-                     threads=args.threads)
+    cfg = EvalConfig(
+        motion=args.motion,
+        motion_kwargs=mk,
+        n_pairs=args.n,
+        spacing_mm=args.spacing,
+        bank_dir=args.bank_dir,
+        pairs=pairs,
+        baselines=baselines,
+        device=args.device,
+        backend=args.backend,
+        seed=args.seed,
+        stages=tuple(args.stages.split(",")) if args.stages else None,
+        figures=not args.no_figures,
+        threads=args.threads,
+    )
     try:
         report = evaluate_plans(plans, cfg, out_dir=args.out)
     except Exception as exc:

@@ -28,6 +28,7 @@ the stage states (radians and mm mixed for rigid).
 the squared finite-difference Jacobian of the displacement, for B-spline evaluated exactly on a grid
 of ``reg_spacing`` (default: twice the model spacing), for dense on its own grid.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,19 @@ import torch.nn.functional as F
 from msode_export.analytic import MINDSSC as _MINDSSC
 from msode_sdk.transforms import BSplineTransform, DenseTransform, Grid, TransformChain
 
-__all__ = ["mi_loss", "local_ncc", "mind_ssc", "mind_loss", "get_similarity", "SIMILARITIES",
-           "self_supervision_loss", "point_error", "brain_points", "gradient_regulariser", "ContentUnavailable"]
+__all__ = [
+    "mi_loss",
+    "local_ncc",
+    "mind_ssc",
+    "mind_loss",
+    "get_similarity",
+    "SIMILARITIES",
+    "self_supervision_loss",
+    "point_error",
+    "brain_points",
+    "gradient_regulariser",
+    "ContentUnavailable",
+]
 
 
 class ContentUnavailable(RuntimeError):
@@ -50,8 +62,14 @@ class ContentUnavailable(RuntimeError):
 # --------------------------------------------------------------------------------------------- MI
 
 
-def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5,
-            max_voxels: int = 1 << 16, mask: torch.Tensor | None = None) -> torch.Tensor:
+def mi_loss(
+    warped: torch.Tensor,
+    fixed: torch.Tensor,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    max_voxels: int = 1 << 16,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The ``mi`` similarity loss: *negative* Gaussian-Parzen-window mutual information (nats), mean over the
     batch; differentiable in both images. Not the evaluation MIs: ``msode_sdk.initialize.mutual_information``
     (hard bins, foreground voxels; the SDK's rigid initialiser) and
@@ -70,7 +88,7 @@ def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, sigma_rat
         m = m[:, ::stride] if m is not None else None
     centres = torch.linspace(0.0, 1.0, bins, dtype=a.dtype, device=a.device)
     sigma = sigma_ratio / (bins - 1)
-    wa = torch.exp(-0.5 * ((a.clamp(0, 1)[..., None] - centres) / sigma) ** 2)   # (N, V, B)
+    wa = torch.exp(-0.5 * ((a.clamp(0, 1)[..., None] - centres) / sigma) ** 2)  # (N, V, B)
     wb = torch.exp(-0.5 * ((b.clamp(0, 1)[..., None] - centres) / sigma) ** 2)
     wa = wa / wa.sum(-1, keepdim=True).clamp_min(1e-12)
     wb = wb / wb.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -79,7 +97,7 @@ def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, sigma_rat
         count = m.sum(1).clamp_min(1.0)[:, None, None]
     else:
         count = torch.full((n, 1, 1), float(a.shape[1]), dtype=a.dtype, device=a.device)
-    pab = torch.bmm(wa.transpose(1, 2), wb) / count                                # (N, B, B)
+    pab = torch.bmm(wa.transpose(1, 2), wb) / count  # (N, B, B)
     pa = pab.sum(2, keepdim=True)
     pb = pab.sum(1, keepdim=True)
     eps = 1e-10
@@ -93,8 +111,10 @@ def mi_loss(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32, sigma_rat
 def local_ncc(warped: torch.Tensor, fixed: torch.Tensor, win: int = 9, eps: float = 1e-5) -> torch.Tensor:
     """Negative mean local squared NCC over ``win``^3 windows (in [-1, 0])."""
     pad = win // 2
+
     def box(v):
         return F.avg_pool3d(v, win, stride=1, padding=pad, count_include_pad=False)
+
     i, j = warped, fixed
     mi, mj = box(i), box(j)
     cross = box(i * j) - mi * mj
@@ -139,7 +159,8 @@ def get_similarity(name: str, **kwargs) -> SimFn:
         except ImportError as exc:
             raise ContentUnavailable(
                 "similarity 'content' needs msode_train.content (the pretrained content encoder), which is not "
-                f"available ({exc}); train/ship the encoder first, or choose one of mi, ncc, mind") from None
+                f"available ({exc}); train/ship the encoder first, or choose one of mi, ncc, mind"
+            ) from None
         encoder = kwargs.pop("encoder", None)
         try:
             fn = content_similarity(encoder, **kwargs) if kwargs else content_similarity(encoder)
@@ -159,8 +180,15 @@ def point_error(chain_est: TransformChain, chain_ref: TransformChain, points: to
     return ((pe - pr) ** 2).sum(-1).mean()
 
 
-def self_supervision_loss(chain_est: TransformChain, chain_true: TransformChain, points: torch.Tensor | None = None,
-                          metric: str = "points", scale_mm: float = 10.0, states_est=None, states_true=None) -> torch.Tensor:
+def self_supervision_loss(
+    chain_est: TransformChain,
+    chain_true: TransformChain,
+    points: torch.Tensor | None = None,
+    metric: str = "points",
+    scale_mm: float = 10.0,
+    states_est=None,
+    states_true=None,
+) -> torch.Tensor:
     """``L_self`` (see module docstring)."""
     if metric == "points":
         if points is None:

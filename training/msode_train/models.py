@@ -45,6 +45,7 @@ Importing this module (which importing ``msode_train`` does) registers every one
 a checkpoint; :func:`register_architectures` is also the ``msode.architectures`` entry point
 (``pyproject.toml``) through which the export package finds them without importing this package by name.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -57,8 +58,17 @@ from msode_export.analytic import BSplineSSDField, RigidSSDField
 from msode_export.checkpoint import register_architecture
 from msode_sdk.transforms import BSplineLattice, Grid
 
-__all__ = ["RigidNet", "BSplineNet", "DenseUNet", "ContextTrunk", "LearnedFeatures", "ARCHITECTURES", "DEFAULT_ARCH",
-           "build_network", "register_architectures"]
+__all__ = [
+    "RigidNet",
+    "BSplineNet",
+    "DenseUNet",
+    "ContextTrunk",
+    "LearnedFeatures",
+    "ARCHITECTURES",
+    "DEFAULT_ARCH",
+    "build_network",
+    "register_architectures",
+]
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
@@ -115,9 +125,17 @@ class RigidNet(nn.Module):
     the normalised x, y, z coordinates), two fully connected layers -> 6 (zero-initialised), scaled
     to rad and mm per unit time."""
 
-    def __init__(self, level_grid: Grid, width: int = 16, hidden: int = 64, max_width: int = 64,
-                 first_stride: int = 2, rot_scale: float = 0.5, trans_scale: float = 10.0,
-                 coord_scale_mm: float = 80.0):
+    def __init__(
+        self,
+        level_grid: Grid,
+        width: int = 16,
+        hidden: int = 64,
+        max_width: int = 64,
+        first_stride: int = 2,
+        rot_scale: float = 0.5,
+        trans_scale: float = 10.0,
+        coord_scale_mm: float = 80.0,
+    ):
         super().__init__()
         self.level_shape = tuple(level_grid.shape_dhw)
         first_stride = int(first_stride)
@@ -163,8 +181,15 @@ class BSplineNet(nn.Module):
     control lattice with normalised B-spline weights, convolutions on the lattice -> 3 channels
     (zero-initialised last layer), scaled to mm per unit time. Output ``(N, 3, cz, cy, cx)``."""
 
-    def __init__(self, level_grid: Grid, lattice: BSplineLattice, width: int = 16, max_width: int = 64,
-                 n_down: int | None = None, out_scale_mm: float = 8.0):
+    def __init__(
+        self,
+        level_grid: Grid,
+        lattice: BSplineLattice,
+        width: int = 16,
+        max_width: int = 64,
+        n_down: int | None = None,
+        out_scale_mm: float = 8.0,
+    ):
         super().__init__()
         if n_down is None:
             # feature voxels no coarser than about half the control spacing, and >= 3 voxels per axis
@@ -194,8 +219,10 @@ class BSplineNet(nn.Module):
         norm = wz.reshape(-1, 1, 1) * wy.reshape(1, -1, 1) * w.reshape(1, 1, -1)
         self.register_buffer("inv_norm", (1.0 / norm.clamp(min=1e-2)).reshape(1, 1, *norm.shape))
         self.head = nn.Sequential(
-            _conv(c, c), nn.LeakyReLU(0.2),
-            _conv(c, c), nn.LeakyReLU(0.2),
+            _conv(c, c),
+            nn.LeakyReLU(0.2),
+            _conv(c, c),
+            nn.LeakyReLU(0.2),
         )
         self.out = _conv(c, 3)
         nn.init.zeros_(self.out.weight)
@@ -205,7 +232,7 @@ class BSplineNet(nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = torch.cat((warped, fixed, _time_channel(t, warped)), dim=1)
-        h = self.encoder(x)                                         # (N, C, z, y, x)
+        h = self.encoder(x)  # (N, C, z, y, x)
         h = torch.einsum("nczyx,xm->nczym", h, self.bx)
         h = torch.einsum("nczym,yl->nczlm", h, self.by)
         h = torch.einsum("nczlm,zk->ncklm", h, self.bz) * self.inv_norm  # (N, C, cz, cy, cx)
@@ -220,8 +247,9 @@ class DenseUNet(nn.Module):
     """Dense vector field: a small 3-D UNet (``depth`` stride-2 stages, skip connections, trilinear
     upsampling to the skip's exact size) -> 3 channels (zero-initialised), scaled to mm per unit time."""
 
-    def __init__(self, level_grid: Grid, width: int = 16, depth: int = 3, max_width: int = 64,
-                 out_scale_mm: float = 4.0):
+    def __init__(
+        self, level_grid: Grid, width: int = 16, depth: int = 3, max_width: int = 64, out_scale_mm: float = 4.0
+    ):
         super().__init__()
         depth = min(int(depth), _n_down_for(level_grid, 2, 4))
         self.inc = nn.Sequential(_conv(3, width), nn.LeakyReLU(0.2))
@@ -289,7 +317,7 @@ class ContextTrunk(nn.Module):
         ctx = torch.cat((h.mean(dim=(2, 3, 4)), (h * h).mean(dim=(2, 3, 4))), dim=1)  # (N, 2w)
         gb = self.film(ctx)
         gamma = gb[:, : self.width].reshape(-1, self.width, 1, 1, 1)
-        beta = gb[:, self.width:].reshape(-1, self.width, 1, 1, 1)
+        beta = gb[:, self.width :].reshape(-1, self.width, 1, 1, 1)
         return F.leaky_relu(self.c3(h * (1.0 + gamma) + beta), 0.2)
 
 
@@ -335,17 +363,37 @@ def _dense_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, **kwa
     return DenseUNet(level_grid, **kwargs)
 
 
-def _rigid_gn_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, width: int = 8, channels: int = 3,
-                      gain: float = 5.0, damping: float = 1e-3, pool: int = 1, **kwargs) -> nn.Module:
-    return RigidSSDField(level_grid, gain=gain, damping=damping, pool=pool,
-                         features=LearnedFeatures(width, channels, **kwargs))
+def _rigid_gn_factory(
+    level_grid: Grid,
+    model_grid: Grid,
+    stage_params: dict,
+    width: int = 8,
+    channels: int = 3,
+    gain: float = 5.0,
+    damping: float = 1e-3,
+    pool: int = 1,
+    **kwargs,
+) -> nn.Module:
+    return RigidSSDField(
+        level_grid, gain=gain, damping=damping, pool=pool, features=LearnedFeatures(width, channels, **kwargs)
+    )
 
 
-def _bspline_gn_factory(level_grid: Grid, model_grid: Grid, stage_params: dict, width: int = 8, channels: int = 3,
-                        gain: float = 5.0, damping: float = 0.05, pool: int = 1, **kwargs) -> nn.Module:
+def _bspline_gn_factory(
+    level_grid: Grid,
+    model_grid: Grid,
+    stage_params: dict,
+    width: int = 8,
+    channels: int = 3,
+    gain: float = 5.0,
+    damping: float = 0.05,
+    pool: int = 1,
+    **kwargs,
+) -> nn.Module:
     lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
-    return BSplineSSDField(level_grid, lattice, gain=gain, damping=damping, pool=pool,
-                           features=LearnedFeatures(width, channels, **kwargs))
+    return BSplineSSDField(
+        level_grid, lattice, gain=gain, damping=damping, pool=pool, features=LearnedFeatures(width, channels, **kwargs)
+    )
 
 
 Factory = Callable[..., nn.Module]

@@ -31,6 +31,7 @@ Two integrators (``integrator=``):
     bit-for-bit the inference schedule at every level, adaptive ones included (the step-size
     decisions are not differentiated, as in any adaptive solver without the adjoint).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -43,8 +44,16 @@ from torch import nn
 from msode_export.pack import LevelSolver, StageDef, level_grids
 from msode_sdk.integrate import fixed_step_grid, get_solver
 from msode_sdk.registrar import Registrar
-from msode_sdk.transforms import (BSplineTransform, DenseTransform, Grid, RigidTransform, TransformChain,
-                                  carry_state, initial_state, make_transform)
+from msode_sdk.transforms import (
+    BSplineTransform,
+    DenseTransform,
+    Grid,
+    RigidTransform,
+    TransformChain,
+    carry_state,
+    initial_state,
+    make_transform,
+)
 from msode_sdk.warp import warp_chain
 
 from .models import DEFAULT_ARCH, build_network
@@ -94,10 +103,16 @@ class TrainStage:
         return StageDef(self.name, self.transform, self.schedule, dict(self.params))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "transform": self.transform, "params": dict(self.params),
-                "schedule": [{"solver": s.solver, "step_size": s.step_size, "tol": s.tol, "max_steps": s.max_steps}
-                             for s in self.schedule],
-                "arch": {"name": self.arch, "kwargs": dict(self.arch_kwargs)}}
+        return {
+            "name": self.name,
+            "transform": self.transform,
+            "params": dict(self.params),
+            "schedule": [
+                {"solver": s.solver, "step_size": s.step_size, "tol": s.tol, "max_steps": s.max_steps}
+                for s in self.schedule
+            ],
+            "arch": {"name": self.arch, "kwargs": dict(self.arch_kwargs)},
+        }
 
 
 @dataclass
@@ -130,8 +145,17 @@ class _LevelField(nn.Module):
     network on ``(warped, fixed, t)``. An ``nn.Module`` so that ``odeint_adjoint`` finds the network
     parameters."""
 
-    def __init__(self, net: nn.Module, transform: str, params: dict, model_grid: Grid, level_grid: Grid,
-                 moving: torch.Tensor, fixed: torch.Tensor, prior: TransformChain):
+    def __init__(
+        self,
+        net: nn.Module,
+        transform: str,
+        params: dict,
+        model_grid: Grid,
+        level_grid: Grid,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        prior: TransformChain,
+    ):
         super().__init__()
         self.net = net
         self.transform = transform
@@ -159,8 +183,9 @@ class MSODENet(nn.Module):
     ``networks`` are kept in ``self.nets[f"{stage}_L{level}"]`` (levels 1 = coarse .. L = model grid).
     """
 
-    def __init__(self, model_grid: Grid, stages: Sequence[TrainStage], integrator: str = "torchdiffeq",
-                 adjoint: bool = False):
+    def __init__(
+        self, model_grid: Grid, stages: Sequence[TrainStage], integrator: str = "torchdiffeq", adjoint: bool = False
+    ):
         super().__init__()
         if integrator not in INTEGRATORS:
             raise ValueError(f"unknown integrator {integrator!r}; valid: {list(INTEGRATORS)}")
@@ -198,16 +223,27 @@ class MSODENet(nn.Module):
 
     def stage_parameters(self, names: Iterable[str]) -> list[nn.Parameter]:
         names = set(names)
-        return [p for st in self.stages if st.name in names
-                for lv in range(1, st.levels + 1) for p in self.network(st.name, lv).parameters()]
+        return [
+            p
+            for st in self.stages
+            if st.name in names
+            for lv in range(1, st.levels + 1)
+            for p in self.network(st.name, lv).parameters()
+        ]
 
     def pyramid(self, vol: torch.Tensor, grids: Iterable[Grid]) -> dict:
         return {g: downsample(vol, self.model_grid, g) for g in grids}
 
     # ------------------------------------------------------------------------------------ forward
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, stages: Sequence[str] | None = None,
-                prior: TransformChain | None = None, grad_stages: Iterable[str] | None = None) -> ODEOutput:
+    def forward(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        stages: Sequence[str] | None = None,
+        prior: TransformChain | None = None,
+        grad_stages: Iterable[str] | None = None,
+    ) -> ODEOutput:
         """Register ``moving`` to ``fixed`` (``(N, 1, D, H, W)`` on the model grid, intensities as the SDK
         normalises them). ``stages``: subset to run (default all, in order); ``prior``: a chain to
         start from (default identity); ``grad_stages``: stages whose computation is recorded for
@@ -224,8 +260,9 @@ class MSODENet(nn.Module):
                 y, counts = self._integrate_stage(st, pyr_m, pyr_f, chain, n, moving.dtype, moving.device)
             states[st.name] = y
             nfe[st.name] = counts
-            chain = chain.then(make_transform(st.transform, y, st.params, self.model_grid,
-                                              level_grids(self.model_grid, st.levels)[-1]))
+            chain = chain.then(
+                make_transform(st.transform, y, st.params, self.model_grid, level_grids(self.model_grid, st.levels)[-1])
+            )
         return ODEOutput(chain, states, nfe)
 
     def _integrate_stage(self, st: TrainStage, pyr_m, pyr_f, prior: TransformChain, n: int, dtype, device):
@@ -236,8 +273,16 @@ class MSODENet(nn.Module):
         for i, (lg, sched) in enumerate(zip(grids, st.schedule)):
             if i > 0:
                 y = carry_state(st.transform, y, grids[i - 1], lg)
-            field_fn = _LevelField(self.network(st.name, i + 1), st.transform, st.params, self.model_grid, lg,
-                                   pyr_m[lg], pyr_f[lg], prior_c)
+            field_fn = _LevelField(
+                self.network(st.name, i + 1),
+                st.transform,
+                st.params,
+                self.model_grid,
+                lg,
+                pyr_m[lg],
+                pyr_f[lg],
+                prior_c,
+            )
             t0, t1 = float(i), float(i + 1)
             if self.integrator == "sdk":
                 solver = get_solver(sched.solver, step_size=sched.step_size, tol=sched.tol, max_steps=sched.max_steps)

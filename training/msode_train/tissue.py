@@ -28,6 +28,7 @@ i.e. class *fractions* at each level. Loss: soft cross-entropy. Validation: held
 Weights: ``msode_train/weights/tissue_encoder_v1.pt`` (``{"meta", "levels": {spacing: state_dict}}``,
 ``torch.load(weights_only=True)``), loaded by :func:`load_encoders`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,18 @@ from msode_sdk.warp import warp_chain
 
 from .models import ContextTrunk
 
-__all__ = ["TissueEncoder", "N_CLASSES", "CLASS_NAMES", "DEFAULT_SPACINGS", "WEIGHTS_DIR", "DEFAULT_WEIGHTS",
-           "make_dataset", "train_encoders", "load_encoders", "main"]
+__all__ = [
+    "TissueEncoder",
+    "N_CLASSES",
+    "CLASS_NAMES",
+    "DEFAULT_SPACINGS",
+    "WEIGHTS_DIR",
+    "DEFAULT_WEIGHTS",
+    "make_dataset",
+    "train_encoders",
+    "load_encoders",
+    "main",
+]
 
 CLASS_NAMES = ("background", "csf", "gm", "wm", "oedema", "tumour_core")
 N_CLASSES = len(CLASS_NAMES)
@@ -101,9 +112,18 @@ def _render_random_contrast(labels_onehot: torch.Tensor, rng: np.random.Generato
     return img + (noisy - img) * brain
 
 
-def make_dataset(n_samples: int, n_subjects: int = 40, split: str = "train", seed: int = 0,
-                 spacings=DEFAULT_SPACINGS, bank_dir="~/.cache/msode/bank", p_random_contrast: float = 0.4,
-                 max_rot_deg: float = 90.0, max_trans_mm: float = 25.0, log=print) -> dict:
+def make_dataset(
+    n_samples: int,
+    n_subjects: int = 40,
+    split: str = "train",
+    seed: int = 0,
+    spacings=DEFAULT_SPACINGS,
+    bank_dir="~/.cache/msode/bank",
+    p_random_contrast: float = 0.4,
+    max_rot_deg: float = 90.0,
+    max_trans_mm: float = 25.0,
+    log=print,
+) -> dict:
     """``{spacing: (images (M, 1, ...) float32, fractions (M, K, ...) float16)}`` for each spacing (see
     the module docstring). Deterministic in ``seed``."""
     from . import data as D
@@ -160,8 +180,9 @@ def _dice(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 * inter / den.clamp(min=1e-6))[present].mean()
 
 
-def train_encoders(train: dict, val: dict, steps: dict, batch: int = 4, lr: float = 2e-3, width: int = 16,
-                   seed: int = 0, log=print) -> tuple[dict, dict]:
+def train_encoders(
+    train: dict, val: dict, steps: dict, batch: int = 4, lr: float = 2e-3, width: int = 16, seed: int = 0, log=print
+) -> tuple[dict, dict]:
     """Train one :class:`TissueEncoder` per spacing; returns ``(state_dicts, history)``."""
     torch.manual_seed(seed)
     states, history = {}, {}
@@ -187,14 +208,23 @@ def train_encoders(train: dict, val: dict, steps: dict, batch: int = 4, lr: floa
             if (it + 1) % 50 == 0 or it + 1 == n_steps:
                 with torch.no_grad():
                     xv, yv = val[s]
-                    pv = torch.cat([net(xv[i:i + 8]) for i in range(0, xv.shape[0], 8)])
+                    pv = torch.cat([net(xv[i : i + 8]) for i in range(0, xv.shape[0], 8)])
                     yvf = yv.float()
                     vce = float(-(yvf * pv.clamp(min=1e-6).log()).sum(1).mean())
                     vd = float(_dice(pv, yvf))
-                hist.append({"step": it + 1, "train_ce": float(loss), "val_ce": vce, "val_dice": vd,
-                             "seconds": round(time.perf_counter() - t0, 1)})
-                log(f"{s:g} mm step {it + 1}/{n_steps} ce {float(loss):.4f} val ce {vce:.4f} dice {vd:.3f} "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                hist.append(
+                    {
+                        "step": it + 1,
+                        "train_ce": float(loss),
+                        "val_ce": vce,
+                        "val_dice": vd,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                )
+                log(
+                    f"{s:g} mm step {it + 1}/{n_steps} ce {float(loss):.4f} val ce {vce:.4f} dice {vd:.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
         states[s] = {k: v.detach().clone() for k, v in net.state_dict().items()}
         history[s] = hist
     return states, history
@@ -202,8 +232,13 @@ def train_encoders(train: dict, val: dict, steps: dict, batch: int = 4, lr: floa
 
 def save_encoders(path, states: dict, meta: dict) -> Path:
     from msode_export.checkpoint import atomic_torch_save
-    payload = {"format": FORMAT, "version": 1, "meta": json.dumps(meta),
-               "levels": {f"{s:g}": st for s, st in states.items()}}
+
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "meta": json.dumps(meta),
+        "levels": {f"{s:g}": st for s, st in states.items()},
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(payload, path)
@@ -249,16 +284,27 @@ def main(argv=None) -> int:
     val = make_dataset(args.n_val, 4, "val", 1, tuple(steps), args.bank_dir, p_random_contrast=0.0)
     t_data = time.perf_counter() - t0
     states, history = train_encoders(train, val, steps, args.batch, args.lr, args.width)
-    meta = {"width": args.width, "classes": list(CLASS_NAMES), "spacings_mm": sorted(steps),
-            "n_train": args.n_train, "n_val": args.n_val, "subjects": args.subjects, "steps": args.steps,
-            "batch": args.batch, "lr": args.lr, "data_seconds": round(t_data, 1),
-            "total_seconds": round(time.perf_counter() - t0, 1),
-            "final": {f"{s:g}": h[-1] for s, h in history.items()}, "torch": torch.__version__}
+    meta = {
+        "width": args.width,
+        "classes": list(CLASS_NAMES),
+        "spacings_mm": sorted(steps),
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "subjects": args.subjects,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "data_seconds": round(t_data, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "final": {f"{s:g}": h[-1] for s, h in history.items()},
+        "torch": torch.__version__,
+    }
     save_encoders(args.out, states, meta)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps({"meta": meta, "history": {f"{s:g}": h for s, h in history.items()}},
-                                                indent=1))
+        Path(args.report).write_text(
+            json.dumps({"meta": meta, "history": {f"{s:g}": h for s, h in history.items()}}, indent=1)
+        )
     print(json.dumps(meta["final"]))
     return 0
 

@@ -46,6 +46,7 @@ pairs: one image of a random subject and contrast, perturbed by a motion from th
 (``msode_sdk.io.normalise_intensity`` with the plan's percentiles), so the networks see in training what
 they see at inference.
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,8 +75,16 @@ from . import data as D
 from .losses import brain_points, get_similarity, gradient_regulariser, point_error, self_supervision_loss
 from .odenet import MSODENet, TrainStage
 
-__all__ = ["DEFAULTS", "CONFIG_DIR", "load_config", "Trainer", "model_grid_of", "train_stages_of",
-           "git_commit", "NORMALIZATION"]
+__all__ = [
+    "DEFAULTS",
+    "CONFIG_DIR",
+    "load_config",
+    "Trainer",
+    "model_grid_of",
+    "train_stages_of",
+    "git_commit",
+    "NORMALIZATION",
+]
 
 _log = logging.getLogger("msode_train")
 
@@ -86,17 +95,55 @@ STATE_VERSION = 1
 
 DEFAULTS: dict = {
     "name": "msode",
-    "model": {"spacing_mm": 2.0, "fov_mm": list(D.FOV_MM), "levels": 3, "integrator": "torchdiffeq",
-              "adjoint": False, "init_from": None},
+    "model": {
+        "spacing_mm": 2.0,
+        "fov_mm": list(D.FOV_MM),
+        "levels": 3,
+        "integrator": "torchdiffeq",
+        "adjoint": False,
+        "init_from": None,
+    },
     "stages": [{"name": "rigid", "transform": "rigid", "schedule": "paper"}],
-    "data": {"bank_dir": "~/.cache/msode/bank", "n_train": 40, "n_val": 4, "contrasts": list(D.CONTRASTS),
-             "pairs": "random", "motion": "rigid", "motion_kwargs": {},
-             "control_spacing_mm": D.DEFAULT_CONTROL_SPACING_MM, "bank_spacing_mm": None, "cache": 64},
-    "loss": {"sim": "mi", "sim_kwargs": {}, "sim_spacing_mm": None, "lambda_sim": 1.0, "lambda_self": 1.0, "self_metric": "points",
-             "self_scale_mm": 10.0, "lambda_reg": 0.0, "lambda_sup": 0.0, "self_points": 4096},
-    "train": {"steps": 1000, "batch_size": 1, "lr": 1e-4, "lr_decay": None, "grad_clip": 10.0, "max_minutes": 35.0,
-              "checkpoint_every": 25, "val_every": 0, "val_pairs": 4, "out_dir": "out/train/{name}",
-              "threads": None, "seed": 0, "device": "auto", "progress": True},
+    "data": {
+        "bank_dir": "~/.cache/msode/bank",
+        "n_train": 40,
+        "n_val": 4,
+        "contrasts": list(D.CONTRASTS),
+        "pairs": "random",
+        "motion": "rigid",
+        "motion_kwargs": {},
+        "control_spacing_mm": D.DEFAULT_CONTROL_SPACING_MM,
+        "bank_spacing_mm": None,
+        "cache": 64,
+    },
+    "loss": {
+        "sim": "mi",
+        "sim_kwargs": {},
+        "sim_spacing_mm": None,
+        "lambda_sim": 1.0,
+        "lambda_self": 1.0,
+        "self_metric": "points",
+        "self_scale_mm": 10.0,
+        "lambda_reg": 0.0,
+        "lambda_sup": 0.0,
+        "self_points": 4096,
+    },
+    "train": {
+        "steps": 1000,
+        "batch_size": 1,
+        "lr": 1e-4,
+        "lr_decay": None,
+        "grad_clip": 10.0,
+        "max_minutes": 35.0,
+        "checkpoint_every": 25,
+        "val_every": 0,
+        "val_pairs": 4,
+        "out_dir": "out/train/{name}",
+        "threads": None,
+        "seed": 0,
+        "device": "auto",
+        "progress": True,
+    },
     "export": {"plan": True, "formats": ["torchscript", "onnx"], "eval_pairs": 0},
 }
 
@@ -159,6 +206,7 @@ def load_config(path_or_dict, overrides: Sequence[str] = ()) -> dict:
 
 def _check_config(cfg: dict) -> None:
     from .losses import SIMILARITIES
+
     if cfg["loss"]["sim"] not in SIMILARITIES:
         raise ValueError(f"loss.sim {cfg['loss']['sim']!r} is not one of {list(SIMILARITIES)}")
     if cfg["data"]["motion"] not in ("rigid", "bspline", "hybrid", "identity"):
@@ -187,8 +235,12 @@ def learning_rate(train_cfg: dict, step: int) -> float:
     spec = train_cfg.get("lr_decay")
     if not spec:
         return lr
-    if not isinstance(spec, dict) or set(spec) - {"start", "final", "shape"} or "start" not in spec \
-            or "final" not in spec:
+    if (
+        not isinstance(spec, dict)
+        or set(spec) - {"start", "final", "shape"}
+        or "start" not in spec
+        or "final" not in spec
+    ):
         raise ValueError(f"train.lr_decay must be a mapping with start, final and optionally shape, got {spec!r}")
     shape = spec.get("shape", "cosine")
     if shape not in LR_DECAY_SHAPES:
@@ -234,16 +286,29 @@ def train_stages_of(cfg: dict) -> list[TrainStage]:
         if "control_spacing_mm" in params:
             cs = params["control_spacing_mm"]
             params["control_spacing_mm"] = [float(cs)] * 3 if isinstance(cs, (int, float)) else [float(v) for v in cs]
-        out.append(TrainStage(s["name"], s["transform"], _schedule(s.get("schedule", "paper"), s["transform"], levels),
-                              params, s.get("arch"), dict(s.get("arch_kwargs") or {})))
+        out.append(
+            TrainStage(
+                s["name"],
+                s["transform"],
+                _schedule(s.get("schedule", "paper"), s["transform"], levels),
+                params,
+                s.get("arch"),
+                dict(s.get("arch_kwargs") or {}),
+            )
+        )
     return out
 
 
 def git_commit() -> str | None:
     """The repository's HEAD commit (read-only ``git rev-parse``), None outside a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -324,8 +389,9 @@ class Trainer:
         torch.manual_seed(int(tr["seed"]))
         self.model_grid = model_grid_of(cfg)
         self.stages = train_stages_of(cfg)
-        self.model = MSODENet(self.model_grid, self.stages, integrator=cfg["model"]["integrator"],
-                              adjoint=bool(cfg["model"]["adjoint"])).to(self.device)
+        self.model = MSODENet(
+            self.model_grid, self.stages, integrator=cfg["model"]["integrator"], adjoint=bool(cfg["model"]["adjoint"])
+        ).to(self.device)
         self.train_names = [s["name"] for s in cfg["stages"] if s.get("train", True)]
         if not self.train_names:
             raise ValueError("no stage has train: true")
@@ -340,9 +406,16 @@ class Trainer:
         self.bank_spacing = float(dc.get("bank_spacing_mm") or cfg["model"]["spacing_mm"])
 
         def train_bank(spacing: float) -> D.SubjectBank:
-            return D.SubjectBank.for_split(self.bank_dir, "train", int(dc["n_train"]), spacing=spacing,
-                                           grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
-                                           contrasts=tuple(dc["contrasts"]), max_in_memory=int(dc.get("cache", 64)))
+            return D.SubjectBank.for_split(
+                self.bank_dir,
+                "train",
+                int(dc["n_train"]),
+                spacing=spacing,
+                grid_shape=tuple(int(v) for v in cfg["model"]["fov_mm"]),
+                contrasts=tuple(dc["contrasts"]),
+                max_in_memory=int(dc.get("cache", 64)),
+            )
+
         self.bank = train_bank(self.bank_spacing)
         self.rng = np.random.default_rng(int(tr["seed"]))
         lc = cfg["loss"]
@@ -383,8 +456,14 @@ class Trainer:
 
     def _motion(self) -> TransformChain:
         dc = self.cfg["data"]
-        return D.sample_motion(self.rng, dc["motion"], self.model_grid, 1,
-                               control_spacing_mm=float(dc["control_spacing_mm"]), **(dc.get("motion_kwargs") or {}))
+        return D.sample_motion(
+            self.rng,
+            dc["motion"],
+            self.model_grid,
+            1,
+            control_spacing_mm=float(dc["control_spacing_mm"]),
+            **(dc.get("motion_kwargs") or {}),
+        )
 
     def _make(self, subject, mc: str, fc: str, chain: TransformChain, grid: Grid | None = None) -> D.Pair:
         return D.make_pair(subject, mc, fc, chain, grid=grid or self.model_grid, device=self.device)
@@ -411,10 +490,12 @@ class Trainer:
 
     @staticmethod
     def _collate(pairs: Sequence[D.Pair]) -> dict:
-        return {"moving": normalise(torch.cat([p.moving for p in pairs])),
-                "fixed": normalise(torch.cat([p.fixed for p in pairs])),
-                "brain": torch.cat([p.fixed_brain for p in pairs]),
-                "chain": stack_chains([p.chain for p in pairs])}
+        return {
+            "moving": normalise(torch.cat([p.moving for p in pairs])),
+            "fixed": normalise(torch.cat([p.fixed for p in pairs])),
+            "brain": torch.cat([p.fixed_brain for p in pairs]),
+            "chain": stack_chains([p.chain for p in pairs]),
+        }
 
     # ----------------------------------------------------------------------------------- loss
 
@@ -448,13 +529,23 @@ class Trainer:
         if s is not None:
             chain_s = slice_chain(out.chain, n_main, moving.shape[0])
             states_s = [st[n_main:] for st in out.states.values()]
-            terms["self"] = self_supervision_loss(chain_s, s["chain"], brain_points(s["brain"], g, npts),
-                                                  lc["self_metric"], float(lc["self_scale_mm"]),
-                                                  states_s, [t.state for t in s["chain"].transforms])
+            terms["self"] = self_supervision_loss(
+                chain_s,
+                s["chain"],
+                brain_points(s["brain"], g, npts),
+                lc["self_metric"],
+                float(lc["self_scale_mm"]),
+                states_s,
+                [t.state for t in s["chain"].transforms],
+            )
         else:
             terms["self"] = zero
-        terms["loss"] = (float(lc["lambda_sim"]) * terms["sim"] + float(lc["lambda_self"]) * terms["self"]
-                         + float(lc["lambda_reg"]) * terms["reg"] + float(lc["lambda_sup"]) * terms["sup"])
+        terms["loss"] = (
+            float(lc["lambda_sim"]) * terms["sim"]
+            + float(lc["lambda_self"]) * terms["self"]
+            + float(lc["lambda_reg"]) * terms["reg"]
+            + float(lc["lambda_sup"]) * terms["sup"]
+        )
         terms["nfe"] = {k: sum(v) for k, v in out.nfe.items()}
         return terms
 
@@ -471,8 +562,9 @@ class Trainer:
         terms = self.compute_losses(batch)
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step + 1}: "
-                                     f"{ {k: float(v) for k, v in terms.items() if k != 'nfe'} }")
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step + 1}: { {k: float(v) for k, v in terms.items() if k != 'nfe'} }"
+            )
         loss.backward()
         clip = self.cfg["train"].get("grad_clip")
         params = self.model.stage_parameters(self.train_names)
@@ -481,11 +573,21 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         self.elapsed += dt
-        row = {"step": self.step, "time_s": round(self.elapsed, 3), "sec_per_step": round(dt, 3),
-               "data_s": round(t_data, 3), "loss": float(loss.detach()), "sim": float(terms["sim"].detach()),
-               "self": float(terms["self"]), "reg": float(terms["reg"]), "sup": float(terms["sup"]),
-               "rmse_phi_mm": float(terms["rmse_phi"]), "grad_norm": float(gnorm), "lr": lr,
-               **{f"nfe_{k}": v for k, v in terms["nfe"].items()}}
+        row = {
+            "step": self.step,
+            "time_s": round(self.elapsed, 3),
+            "sec_per_step": round(dt, 3),
+            "data_s": round(t_data, 3),
+            "loss": float(loss.detach()),
+            "sim": float(terms["sim"].detach()),
+            "self": float(terms["self"]),
+            "reg": float(terms["reg"]),
+            "sup": float(terms["sup"]),
+            "rmse_phi_mm": float(terms["rmse_phi"]),
+            "grad_norm": float(gnorm),
+            "lr": lr,
+            **{f"nfe_{k}": v for k, v in terms["nfe"].items()},
+        }
         self.history.append(row)
         return row
 
@@ -495,10 +597,14 @@ class Trainer:
         """Fixed held-out validation pairs (the ``val`` split; seeds independent of training)."""
         if not hasattr(self, "_val"):
             dc = self.cfg["data"]
-            bank = D.SubjectBank.for_split(self.bank_dir, "val", max(1, int(dc["n_val"])),
-                                           spacing=self.bank_spacing,
-                                           grid_shape=tuple(int(v) for v in self.cfg["model"]["fov_mm"]),
-                                           contrasts=tuple(dc["contrasts"]))
+            bank = D.SubjectBank.for_split(
+                self.bank_dir,
+                "val",
+                max(1, int(dc["n_val"])),
+                spacing=self.bank_spacing,
+                grid_shape=tuple(int(v) for v in self.cfg["model"]["fov_mm"]),
+                contrasts=tuple(dc["contrasts"]),
+            )
             rng = np.random.default_rng(12345)
             saved, self.rng = self.rng, rng
             try:
@@ -519,11 +625,17 @@ class Trainer:
         for p in self.validation_pairs(n):
             b = self._collate([p])
             out = self.model(b["moving"], b["fixed"])
-            errs.append(D.rmse_phi(chain_to(out.chain, "cpu"), chain_to(p.chain, "cpu"), p.grid,
-                                   mask=p.fixed_brain.cpu()))
+            errs.append(
+                D.rmse_phi(chain_to(out.chain, "cpu"), chain_to(p.chain, "cpu"), p.grid, mask=p.fixed_brain.cpu())
+            )
         errs = np.asarray(errs)
-        return {"step": self.step, "val_rmse_phi_median": float(np.median(errs)), "val_rmse_phi_mean": float(errs.mean()),
-                "val_rmse_phi_max": float(errs.max()), "val_success_lt2mm": float((errs < 2.0).mean())}
+        return {
+            "step": self.step,
+            "val_rmse_phi_median": float(np.median(errs)),
+            "val_rmse_phi_mean": float(errs.mean()),
+            "val_rmse_phi_max": float(errs.max()),
+            "val_success_lt2mm": float((errs < 2.0).mean()),
+        }
 
     # ----------------------------------------------------------------------------------- loop
 
@@ -543,6 +655,7 @@ class Trainer:
         if tr.get("progress", True):
             try:
                 from tqdm import tqdm
+
                 bar = tqdm(total=steps, initial=self.step, desc=self.cfg["name"], dynamic_ncols=True, mininterval=5)
             except ImportError:  # pragma: no cover
                 bar = None
@@ -560,8 +673,9 @@ class Trainer:
                 self._tensorboard(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", rmse=f"{row['rmse_phi_mm']:.2f}",
-                                    s=f"{row['sec_per_step']:.2f}")
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4g}", rmse=f"{row['rmse_phi_mm']:.2f}", s=f"{row['sec_per_step']:.2f}"
+                    )
                 every = int(tr.get("checkpoint_every") or 0)
                 if every and self.step % every == 0:
                     self.save_state()
@@ -569,8 +683,10 @@ class Trainer:
                 if ve and self.step % ve == 0:
                     v = self.validate()
                     self._append_csv(self.out_dir / "val_log.csv", v)
-                    self.log(f"step {self.step}: val RMSE(phi) median {v['val_rmse_phi_median']:.2f} mm, "
-                             f"max {v['val_rmse_phi_max']:.2f} mm")
+                    self.log(
+                        f"step {self.step}: val RMSE(phi) median {v['val_rmse_phi_median']:.2f} mm, "
+                        f"max {v['val_rmse_phi_max']:.2f} mm"
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -584,6 +700,7 @@ class Trainer:
 
         def handler(signum, frame):
             self._stop = True
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, handler)
@@ -636,6 +753,7 @@ class Trainer:
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.out_dir / "tb"))
             except Exception:  # tensorboard not installed
                 self._tb = False
@@ -648,7 +766,10 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "format": STATE_FORMAT, "format_version": STATE_VERSION, "step": self.step, "elapsed_s": self.elapsed,
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "step": self.step,
+            "elapsed_s": self.elapsed,
             "config_json": json.dumps(self.cfg),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.opt.state_dict(),
@@ -683,6 +804,7 @@ class Trainer:
         if path.suffix == ".plan":
             import io as _io
             from msode_sdk.plan import load_plan
+
             plan = load_plan(path)
             for st in plan.manifest.stages:
                 for sc in st.scales:
@@ -697,12 +819,13 @@ class Trainer:
             if obj.get("format") == STATE_FORMAT:
                 sd = obj["model"]
                 for key, net in self.model.nets.items():
-                    sub = {k[len(f"nets.{key}."):]: v for k, v in sd.items() if k.startswith(f"nets.{key}.")}
+                    sub = {k[len(f"nets.{key}.") :]: v for k, v in sd.items() if k.startswith(f"nets.{key}.")}
                     if sub:
                         net.load_state_dict(sub)
                         loaded.append(key)
             else:
                 from msode_export.checkpoint import load_checkpoint
+
                 ck = load_checkpoint(path)
                 for lv, sd in ck["state_dicts"].items():
                     key = f"{ck.stage['name']}_L{lv}"
@@ -717,32 +840,50 @@ class Trainer:
 
     def provenance(self) -> dict:
         recent = self.history[-50:]
+
         def avg(k):
             vals = [r[k] for r in recent if k in r]
             return float(np.mean(vals)) if vals else None
+
         return {
-            "kind": "msode_train", "config": self.cfg, "git_commit": git_commit(), "steps": self.step,
-            "wall_seconds": round(self.elapsed, 1), "device": str(self.device), "torch": str(torch.__version__),
+            "kind": "msode_train",
+            "config": self.cfg,
+            "git_commit": git_commit(),
+            "steps": self.step,
+            "wall_seconds": round(self.elapsed, 1),
+            "device": str(self.device),
+            "torch": str(torch.__version__),
             "trained_stages": self.train_names,
             "final_losses_mean_last50": {k: avg(k) for k in ("loss", "sim", "self", "reg", "sup", "rmse_phi_mm")},
-            "data": {"generator_version": D.GENERATOR_VERSION, "train_seeds": [self.bank.seeds[0], self.bank.seeds[-1]],
-                     "spacing_mm": self.bank.spacing, "motion": self.cfg["data"]["motion"],
-                     "contrasts": list(self.cfg["data"]["contrasts"]), "pairs": self.cfg["data"]["pairs"]},
+            "data": {
+                "generator_version": D.GENERATOR_VERSION,
+                "train_seeds": [self.bank.seeds[0], self.bank.seeds[-1]],
+                "spacing_mm": self.bank.spacing,
+                "motion": self.cfg["data"]["motion"],
+                "contrasts": list(self.cfg["data"]["contrasts"]),
+                "pairs": self.cfg["data"]["pairs"],
+            },
         }
 
     def save_stage_checkpoints(self, metrics: dict | None = None) -> list[Path]:
         """One ``msode_export.checkpoint`` file per stage (``<out_dir>/<stage>.ckpt``)."""
         from msode_export.checkpoint import save_checkpoint
+
         g = self.model_grid
         paths = []
         for st in self.stages:
             sds = {lv: self.model.network(st.name, lv).state_dict() for lv in range(1, st.levels + 1)}
-            p = save_checkpoint(self.out_dir / f"{st.name}.ckpt", stage=st.to_dict(),
-                                model_grid={"shape_xyz": list(g.shape_xyz), "spacing_xyz_mm": list(g.spacing_xyz),
-                                            "centre": "fov"},
-                                arch={"name": st.arch, "kwargs": dict(st.arch_kwargs)}, state_dicts=sds,
-                                training=self.provenance(), normalization=dict(NORMALIZATION),
-                                modalities=list(self.cfg["data"]["contrasts"]), metrics=metrics or {})
+            p = save_checkpoint(
+                self.out_dir / f"{st.name}.ckpt",
+                stage=st.to_dict(),
+                model_grid={"shape_xyz": list(g.shape_xyz), "spacing_xyz_mm": list(g.spacing_xyz), "centre": "fov"},
+                arch={"name": st.arch, "kwargs": dict(st.arch_kwargs)},
+                state_dicts=sds,
+                training=self.provenance(),
+                normalization=dict(NORMALIZATION),
+                modalities=list(self.cfg["data"]["contrasts"]),
+                metrics=metrics or {},
+            )
             paths.append(p)
         return paths
 
@@ -752,11 +893,21 @@ class Trainer:
         self.model.eval()
         nets = {k: v.cpu() for k, v in self.model.plan_networks().items()}
         try:
-            return build_plan(path, self.cfg["name"].replace("/", "_"), self.model_grid, self.model.stage_defs(), nets,
-                              formats=tuple(formats or self.cfg["export"]["formats"]), analytic=False, centre="fov",
-                              normalization=dict(NORMALIZATION), modalities=list(self.cfg["data"]["contrasts"]),
-                              metrics=metrics or {}, training=self.provenance(),
-                              description=f"MS-ODENet ({', '.join(s.name for s in self.stages)}) trained by msode_train "
-                                          f"on synthetic multi-contrast phantoms; config {self.cfg['name']}")
+            return build_plan(
+                path,
+                self.cfg["name"].replace("/", "_"),
+                self.model_grid,
+                self.model.stage_defs(),
+                nets,
+                formats=tuple(formats or self.cfg["export"]["formats"]),
+                analytic=False,
+                centre="fov",
+                normalization=dict(NORMALIZATION),
+                modalities=list(self.cfg["data"]["contrasts"]),
+                metrics=metrics or {},
+                training=self.provenance(),
+                description=f"MS-ODENet ({', '.join(s.name for s in self.stages)}) trained by msode_train "
+                f"on synthetic multi-contrast phantoms; config {self.cfg['name']}",
+            )
         finally:
             self.model.to(self.device)

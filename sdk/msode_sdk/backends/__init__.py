@@ -32,6 +32,7 @@ format the plan has; every skipped candidate is logged with its reason.
   (37 s vs ORT 29 s wall); with ``torch.set_num_threads(1)`` torch took 5.7 s wall. Whoever shares the
   cores should pin torch to one thread. Re-measure when trained plans (conv nets) ship.
 """
+
 from __future__ import annotations
 
 from ._base import Backend, NetworkRunner, BACKENDS, register_backend, get_backend, available_backends

@@ -28,8 +28,10 @@ def check_input_names(member: str, names, kind: str) -> None:
     """A network's input names must be those of its kind (see :data:`FIELD_INPUTS`)."""
     allowed, required = (FIELD_INPUTS, FIELD_REQUIRED) if kind == "field" else (FEATURE_INPUTS, FEATURE_INPUTS)
     if not set(required) <= set(names) or not set(names) <= set(allowed):
-        raise PlanError(f"{kind} network {member} must take inputs named ({', '.join(required)}"
-                        f"{'[, t]' if kind == 'field' else ''}); it has {list(names)}")
+        raise PlanError(
+            f"{kind} network {member} must take inputs named ({', '.join(required)}"
+            f"{'[, t]' if kind == 'field' else ''}); it has {list(names)}"
+        )
 
 
 class NetworkRunner:
@@ -62,8 +64,9 @@ class FeatureRunner:
         out = self._run({"image": image})
         if not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != image.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise PlanError(f"feature network {self.member} returned {got}, expected (N, C, D, H, W) with "
-                            f"N = {image.shape[0]}")
+            raise PlanError(
+                f"feature network {self.member} returned {got}, expected (N, C, D, H, W) with N = {image.shape[0]}"
+            )
         return out.to(torch.float32)
 
 
@@ -96,7 +99,9 @@ class Backend:
             member = networks.get(fmt)
             if member is not None:
                 return member
-        raise PlanError(f"backend {self.name!r} needs one of {list(self.formats)} networks; the plan has {sorted(networks)}")
+        raise PlanError(
+            f"backend {self.name!r} needs one of {list(self.formats)} networks; the plan has {sorted(networks)}"
+        )
 
     def load_network(self, plan, networks: dict[str, str]) -> NetworkRunner:
         """Load the vector field of ``networks`` (format -> member name) in the format this backend prefers."""

@@ -3,6 +3,7 @@
 CPU uses the CPU execution provider. On CUDA devices it needs onnxruntime-gpu (the CUDA execution
 provider); the providers actually in use are reported by :meth:`providers` and never swapped silently.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,16 +62,23 @@ class OnnxRuntimeBackend(Backend):
         device = self.device
 
         if device.type == "cuda":
+
             def run(feeds):
                 binding = sess.io_binding()
                 for name in names:
                     tensor = feeds[name].contiguous()
-                    binding.bind_input(name, "cuda", device.index or 0, np.float32, tuple(tensor.shape), tensor.data_ptr())
+                    binding.bind_input(
+                        name, "cuda", device.index or 0, np.float32, tuple(tensor.shape), tensor.data_ptr()
+                    )
                 binding.bind_output(out_name, "cuda", device.index or 0)
                 torch.cuda.current_stream(device).synchronize()
                 sess.run_with_iobinding(binding)
                 return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(device)
         else:
+
             def run(feeds):
-                return torch.from_numpy(sess.run([out_name], {n: feeds[n].detach().contiguous().numpy() for n in names})[0])
+                return torch.from_numpy(
+                    sess.run([out_name], {n: feeds[n].detach().contiguous().numpy() for n in names})[0]
+                )
+
         return run

@@ -28,6 +28,7 @@ inputs and output are torch CUDA tensors bound with ``set_input_shape`` / ``set_
 the engine runs with ``execute_async_v3`` on ``torch.cuda.current_stream().cuda_stream``, so it is
 ordered with the surrounding torch work without host synchronisation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,9 +46,22 @@ import torch
 from ..errors import BackendUnavailable, InputError, PlanError
 from ._base import Backend, check_input_names, register_backend
 
-__all__ = ["TensorRTBackend", "HardwareKey", "engine_dir_name", "engine_member_name", "engine_cache_key",
-           "engine_cache_dir", "shipped_engine", "obtain_engine", "build_engine", "gpu_slug",
-           "ENGINE_CACHE_ENV", "PRECISION_ENV", "MAX_BATCH_ENV", "MIN_TRT_MAJOR"]
+__all__ = [
+    "TensorRTBackend",
+    "HardwareKey",
+    "engine_dir_name",
+    "engine_member_name",
+    "engine_cache_key",
+    "engine_cache_dir",
+    "shipped_engine",
+    "obtain_engine",
+    "build_engine",
+    "gpu_slug",
+    "ENGINE_CACHE_ENV",
+    "PRECISION_ENV",
+    "MAX_BATCH_ENV",
+    "MIN_TRT_MAJOR",
+]
 
 _log = logging.getLogger("msode_sdk.tensorrt")
 
@@ -93,9 +107,9 @@ def gpu_slug(name: str) -> str:
 class HardwareKey:
     """What a serialised TensorRT engine is tied to."""
 
-    gpu: str                              # torch.cuda.get_device_name
-    compute_capability: tuple[int, int]   # torch.cuda.get_device_capability
-    trt_version: str                      # tensorrt.__version__
+    gpu: str  # torch.cuda.get_device_name
+    compute_capability: tuple[int, int]  # torch.cuda.get_device_capability
+    trt_version: str  # tensorrt.__version__
 
     @classmethod
     def current(cls, device: torch.device, trt_version: str) -> "HardwareKey":
@@ -129,8 +143,15 @@ def engine_member_name(hw: HardwareKey, onnx_member: str) -> str:
 def engine_cache_key(hw: HardwareKey, precision: str, onnx_sha256: str, max_batch: int) -> str:
     """sha256 hex of everything an engine depends on (GPU, compute capability, TensorRT version,
     precision, the ONNX bytes' sha256 and the optimisation profile's max batch)."""
-    ident = {"gpu": hw.gpu, "cc": list(hw.compute_capability), "trt": hw.trt_version, "precision": precision,
-             "onnx_sha256": onnx_sha256.lower(), "max_batch": int(max_batch), "layout": 1}
+    ident = {
+        "gpu": hw.gpu,
+        "cc": list(hw.compute_capability),
+        "trt": hw.trt_version,
+        "precision": precision,
+        "onnx_sha256": onnx_sha256.lower(),
+        "max_batch": int(max_batch),
+        "layout": 1,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -144,8 +165,9 @@ def _cache_path(cache: Path, onnx_member: str, key: str) -> Path:
     return cache / f"{_network_stem(onnx_member)}-{key[:32]}.engine"
 
 
-def shipped_engine(plan, onnx_member: str, hw: HardwareKey, precision: str, onnx_sha256: str,
-                   max_batch: int | None = None) -> tuple[str | None, str]:
+def shipped_engine(
+    plan, onnx_member: str, hw: HardwareKey, precision: str, onnx_sha256: str, max_batch: int | None = None
+) -> tuple[str | None, str]:
     """The plan member of a matching shipped engine (or None) and why (for the log).
 
     The manifest's optional ``engines`` section describes each engine directory:
@@ -175,9 +197,18 @@ def shipped_engine(plan, onnx_member: str, hw: HardwareKey, precision: str, onnx
     return member, f"using shipped engine {member}"
 
 
-def obtain_engine(plan, onnx_member: str, onnx_bytes: bytes, onnx_sha256: str, hw: HardwareKey, precision: str,
-                  max_batch: int, build: Callable[[bytes, str, int], bytes],
-                  deserialize: Callable[[bytes], object | None], cache: Path | None):
+def obtain_engine(
+    plan,
+    onnx_member: str,
+    onnx_bytes: bytes,
+    onnx_sha256: str,
+    hw: HardwareKey,
+    precision: str,
+    max_batch: int,
+    build: Callable[[bytes, str, int], bytes],
+    deserialize: Callable[[bytes], object | None],
+    cache: Path | None,
+):
     """An engine for one network: shipped in the plan, else cached, else built (and cached).
 
     ``build(onnx_bytes, precision, max_batch) -> engine bytes``; ``deserialize(bytes) -> engine or None``.
@@ -208,8 +239,12 @@ def obtain_engine(plan, onnx_member: str, onnx_bytes: bytes, onnx_sha256: str, h
             path.unlink()
         except OSError:
             pass
-    _log.info("tensorrt: building a %s engine for %s (%s); this takes a while once per GPU/TensorRT version",
-              precision, onnx_member, hw.dir_name)
+    _log.info(
+        "tensorrt: building a %s engine for %s (%s); this takes a while once per GPU/TensorRT version",
+        precision,
+        onnx_member,
+        hw.dir_name,
+    )
     data = build(onnx_bytes, precision, max_batch)
     engine = deserialize(data)
     if engine is None:
@@ -239,14 +274,24 @@ def _effective_precision(trt, precision: str) -> str:
     if precision not in PRECISIONS:
         raise InputError(f"unknown TensorRT precision {precision!r}; valid: {list(PRECISIONS)}")
     if precision == "fp16" and not hasattr(getattr(trt, "BuilderFlag", None), "FP16"):
-        _log.warning("tensorrt: this TensorRT (%s) has no BuilderFlag.FP16 (strongly typed builds only); "
-                     "building FP32 engines instead", getattr(trt, "__version__", "?"))
+        _log.warning(
+            "tensorrt: this TensorRT (%s) has no BuilderFlag.FP16 (strongly typed builds only); "
+            "building FP32 engines instead",
+            getattr(trt, "__version__", "?"),
+        )
         return "fp32"
     return precision
 
 
-def build_engine(trt, onnx_bytes: bytes, precision: str, max_batch: int, logger=None, member: str = "network",
-                 workspace_mib: int | None = None) -> bytes:
+def build_engine(
+    trt,
+    onnx_bytes: bytes,
+    precision: str,
+    max_batch: int,
+    logger=None,
+    member: str = "network",
+    workspace_mib: int | None = None,
+) -> bytes:
     """Serialise a TensorRT engine from ONNX bytes (GPU path; see the module docstring)."""
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -265,8 +310,10 @@ def build_engine(trt, onnx_bytes: bytes, precision: str, max_batch: int, logger=
         inp = network.get_input(i)
         shape = [int(d) for d in inp.shape]
         if any(d < 0 for d in shape[1:]):
-            raise BackendUnavailable(f"{member}: input {inp.name} has dynamic non-batch dimensions {shape}; "
-                                     "only the batch dimension may be dynamic")
+            raise BackendUnavailable(
+                f"{member}: input {inp.name} has dynamic non-batch dimensions {shape}; "
+                "only the batch dimension may be dynamic"
+            )
         rest = shape[1:]
         profile.set_shape(inp.name, tuple([1] + rest), tuple([1] + rest), tuple([max_batch] + rest))
     config.add_optimization_profile(profile)
@@ -322,7 +369,9 @@ class TensorRTBackend(Backend):
         try:
             return self._runtime.deserialize_cuda_engine(data)
         except Exception as exc:  # version or platform mismatch, truncated file
-            _log.warning("tensorrt: deserialise failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _log.warning(
+                "tensorrt: deserialise failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            )
             return None
 
     def _load_impl(self, data, member, plan, kind):
@@ -330,9 +379,17 @@ class TensorRTBackend(Backend):
         sha = plan.manifest.members.get(member, {}).get("sha256") or hashlib.sha256(data).hexdigest()
         with torch.cuda.device(self.device):
             engine, source = obtain_engine(
-                plan, member, data, sha, self.hw, self.precision, self.max_batch,
+                plan,
+                member,
+                data,
+                sha,
+                self.hw,
+                self.precision,
+                self.max_batch,
                 build=lambda b, p, mb: build_engine(trt, b, p, mb, self._logger, member),
-                deserialize=self._deserialize, cache=self.cache)
+                deserialize=self._deserialize,
+                cache=self.cache,
+            )
             context = engine.create_execution_context()
         if context is None:
             raise BackendUnavailable(f"TensorRT could not create an execution context for {member} (GPU memory?)")
@@ -359,13 +416,17 @@ class TensorRTBackend(Backend):
             with lock, torch.cuda.device(device):
                 for k, tensor in bound.items():
                     if not context.set_input_shape(k, tuple(tensor.shape)):
-                        raise InputError(f"{member}: input {k} shape {tuple(tensor.shape)} is outside the engine's profile")
+                        raise InputError(
+                            f"{member}: input {k} shape {tuple(tensor.shape)} is outside the engine's profile"
+                        )
                     context.set_tensor_address(k, tensor.data_ptr())
                 out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=torch.float32, device=device)
                 context.set_tensor_address(out_name, out.data_ptr())
                 if not context.execute_async_v3(torch.cuda.current_stream(device).cuda_stream):
-                    raise BackendUnavailable(f"TensorRT execution of {member} failed (execute_async_v3 returned "
-                                             "false; see the TensorRT log above)")
+                    raise BackendUnavailable(
+                        f"TensorRT execution of {member} failed (execute_async_v3 returned "
+                        "false; see the TensorRT log above)"
+                    )
             return out
 
         return run

@@ -1,4 +1,5 @@
 """TorchScript backend: ``networks/<stage>_L<l>.ts`` members run by libtorch on CPU or CUDA."""
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,9 @@ class TorchBackend(Backend):
         try:
             module = torch.jit.load(io.BytesIO(data), map_location=self.device)
         except Exception as exc:  # a corrupted or foreign TorchScript archive
-            raise PlanError(f"plan member {member} is not a loadable TorchScript module: {exc}".splitlines()[0]) from None
+            raise PlanError(
+                f"plan member {member} is not a loadable TorchScript module: {exc}".splitlines()[0]
+            ) from None
         module.eval()
         if kind == "features":
             return lambda feeds: module(feeds["image"])

@@ -10,6 +10,7 @@ The CUDA kernels (:mod:`._cuda`, operators ``msode::*`` of :mod:`._ops`) are bui
 lazily by :func:`ensure_kernels`: on the first CUDA volume :func:`warp_chain` sees, or when a
 ``Registrar`` is created on a CUDA device. ``MSODE_WARP_KERNELS=0`` disables them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,14 @@ import torch
 from ..transforms import Grid, TransformChain
 from ._reference import sample_points, warp_chain_reference
 
-__all__ = ["warp_chain", "sample_points", "register_kernel", "registered_kernels", "warp_chain_reference",
-           "ensure_kernels"]
+__all__ = [
+    "warp_chain",
+    "sample_points",
+    "register_kernel",
+    "registered_kernels",
+    "warp_chain_reference",
+    "ensure_kernels",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -48,12 +55,14 @@ def ensure_kernels(device_type: str = "cuda") -> bool:
     if device_type == "cuda" and device_type not in _ENSURED:
         _ENSURED.add(device_type)
         from . import _cuda
+
         _cuda.load()
     return any(dev == device_type for dev, _ in _KERNELS)
 
 
-def warp_chain(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, out_grid: Grid,
-               use_kernels: bool = True) -> torch.Tensor:
+def warp_chain(
+    volume: torch.Tensor, src_grid: Grid, chain: TransformChain, out_grid: Grid, use_kernels: bool = True
+) -> torch.Tensor:
     """Resample ``volume`` ``(N, C, D, H, W)`` on ``src_grid`` at ``chain(x)`` for every voxel ``x`` of
     ``out_grid``; returns ``(N, C, D', H', W')``. Points are mm, centre-relative (see transforms)."""
     if use_kernels and volume.is_cuda and "cuda" not in _ENSURED:

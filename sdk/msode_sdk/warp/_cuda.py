@@ -23,6 +23,7 @@ its source grid's, every transform state is float32 on the same device with batc
 gradient is required (the kernels have no backward); otherwise it calls the reference, which defines
 the result in every case.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,14 @@ CUDA_FLAGS = ["-O3", "-lineinfo"]  # never --use_fast_math: parity with the refe
 CXX_FLAGS = ["-O3"]
 
 # Chains (stage kinds, registration order) the kernels implement, as registered with warp_chain.
-KINDS: tuple[tuple[str, ...], ...] = ((), ("rigid",), ("bspline",), ("dense",), ("rigid", "bspline"), ("rigid", "dense"))
+KINDS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("rigid",),
+    ("bspline",),
+    ("dense",),
+    ("rigid", "bspline"),
+    ("rigid", "dense"),
+)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "ok": False, "reason": "not loaded yet", "path": None}
@@ -99,6 +107,7 @@ def _precheck() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
     from torch.utils import cpp_extension
+
     if cpp_extension.CUDA_HOME is None:
         return "the CUDA toolkit (nvcc) was not found; set CUDA_HOME"
     if not cpp_extension.is_ninja_available():
@@ -127,6 +136,7 @@ def load() -> bool:
         build_dir = build_directory()
         try:
             from torch.utils import cpp_extension
+
             _ops.ensure_defined()  # the schemas must exist before the CUDA implementations are checked
             build_dir.mkdir(parents=True, exist_ok=True)
             path = cpp_extension.load(
@@ -151,8 +161,11 @@ def load() -> bool:
                 log_path = None
             first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
             _state["reason"] = f"building the CUDA warp kernels failed: {first[:300]}"
-            _log.warning("%s; using the PyTorch reference warps (slower)%s", _state["reason"],
-                         f". Full log: {log_path}" if log_path else "")
+            _log.warning(
+                "%s; using the PyTorch reference warps (slower)%s",
+                _state["reason"],
+                f". Full log: {log_path}" if log_path else "",
+            )
             return False
         _state.update(ok=True, reason=f"loaded {path}", path=path)
         _register()
@@ -184,7 +197,9 @@ def _eligible(volume: torch.Tensor | None, chain: TransformChain, device: torch.
     for s in states:
         if s.dtype != torch.float32 or s.device != device or s.dim() < 1 or s.shape[0] not in (1, n):
             return False
-    if torch.is_grad_enabled() and ((volume is not None and volume.requires_grad) or any(s.requires_grad for s in states)):
+    if torch.is_grad_enabled() and (
+        (volume is not None and volume.requires_grad) or any(s.requires_grad for s in states)
+    ):
         return False
     return True
 
@@ -217,8 +232,13 @@ def warp_op_call(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, ou
     if spec is None:
         return None
     name, targs = spec
-    return _ops.op(name), [volume, *targs, list(src_grid.spacing_xyz), list(out_grid.spacing_xyz),
-                           list(out_grid.shape_xyz)]
+    return _ops.op(name), [
+        volume,
+        *targs,
+        list(src_grid.spacing_xyz),
+        list(out_grid.spacing_xyz),
+        list(out_grid.shape_xyz),
+    ]
 
 
 def _warp(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, out_grid: Grid) -> torch.Tensor:
@@ -244,8 +264,9 @@ def displacement(chain: TransformChain, grid: Grid, batch: int = 1, dtype=torch.
             field = deform.state if deform is not None and deform.kind == "dense" else None
             cs = list(deform.lattice.control_spacing) if coeffs is not None else []
             fs = list(deform.grid.spacing_xyz) if field is not None else []
-            out = _ops.op("chain_displacement")(matrix, coeffs, field, cs, fs, list(grid.spacing_xyz),
-                                               list(grid.shape_xyz))
+            out = _ops.op("chain_displacement")(
+                matrix, coeffs, field, cs, fs, list(grid.spacing_xyz), list(grid.shape_xyz)
+            )
             if out.shape[0] == 1 and batch > 1:
                 out = out.expand(batch, *out.shape[1:])
             return out
@@ -254,5 +275,6 @@ def displacement(chain: TransformChain, grid: Grid, batch: int = 1, dtype=torch.
 
 def _register() -> None:
     from . import register_kernel
+
     for kinds in KINDS:
         register_kernel("cuda", kinds, _warp)

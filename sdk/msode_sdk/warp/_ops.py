@@ -23,14 +23,22 @@ Conventions of every operator (those of :mod:`msode_sdk.transforms`):
   warps sample the volume at ``phi(x)`` (trilinear, zeros outside), ``chain_displacement`` returns
   ``phi(x) - x`` ``(N, 3, Z', Y', X')`` float32 mm.
 """
+
 from __future__ import annotations
 
 import threading
 
 import torch
 
-from ..transforms import (BSplineLattice, BSplineTransform, DenseTransform, Grid, MatrixTransform, Transform,
-                          TransformChain)
+from ..transforms import (
+    BSplineLattice,
+    BSplineTransform,
+    DenseTransform,
+    Grid,
+    MatrixTransform,
+    Transform,
+    TransformChain,
+)
 from ..errors import InputError
 from ._reference import warp_chain_reference
 
@@ -41,18 +49,29 @@ NAMESPACE = "msode"
 # The single definition of the operators' schemas (the C++ binding implements exactly these).
 SCHEMAS: dict[str, str] = {
     "resample": "resample(Tensor volume, float[] src_spacing, float[] out_spacing, int[] out_shape) -> Tensor",
-    "warp_affine": ("warp_affine(Tensor volume, Tensor matrix, float[] src_spacing, float[] out_spacing, "
-                    "int[] out_shape) -> Tensor"),
-    "warp_bspline": ("warp_bspline(Tensor volume, Tensor coeffs, float[] control_spacing, float[] src_spacing, "
-                     "float[] out_spacing, int[] out_shape) -> Tensor"),
-    "warp_dense": ("warp_dense(Tensor volume, Tensor field, float[] field_spacing, float[] src_spacing, "
-                   "float[] out_spacing, int[] out_shape) -> Tensor"),
-    "warp_affine_bspline": ("warp_affine_bspline(Tensor volume, Tensor matrix, Tensor coeffs, float[] control_spacing, "
-                            "float[] src_spacing, float[] out_spacing, int[] out_shape) -> Tensor"),
-    "warp_affine_dense": ("warp_affine_dense(Tensor volume, Tensor matrix, Tensor field, float[] field_spacing, "
-                          "float[] src_spacing, float[] out_spacing, int[] out_shape) -> Tensor"),
-    "chain_displacement": ("chain_displacement(Tensor? matrix, Tensor? coeffs, Tensor? field, float[] control_spacing, "
-                           "float[] field_spacing, float[] out_spacing, int[] out_shape) -> Tensor"),
+    "warp_affine": (
+        "warp_affine(Tensor volume, Tensor matrix, float[] src_spacing, float[] out_spacing, int[] out_shape) -> Tensor"
+    ),
+    "warp_bspline": (
+        "warp_bspline(Tensor volume, Tensor coeffs, float[] control_spacing, float[] src_spacing, "
+        "float[] out_spacing, int[] out_shape) -> Tensor"
+    ),
+    "warp_dense": (
+        "warp_dense(Tensor volume, Tensor field, float[] field_spacing, float[] src_spacing, "
+        "float[] out_spacing, int[] out_shape) -> Tensor"
+    ),
+    "warp_affine_bspline": (
+        "warp_affine_bspline(Tensor volume, Tensor matrix, Tensor coeffs, float[] control_spacing, "
+        "float[] src_spacing, float[] out_spacing, int[] out_shape) -> Tensor"
+    ),
+    "warp_affine_dense": (
+        "warp_affine_dense(Tensor volume, Tensor matrix, Tensor field, float[] field_spacing, "
+        "float[] src_spacing, float[] out_spacing, int[] out_shape) -> Tensor"
+    ),
+    "chain_displacement": (
+        "chain_displacement(Tensor? matrix, Tensor? coeffs, Tensor? field, float[] control_spacing, "
+        "float[] field_spacing, float[] out_spacing, int[] out_shape) -> Tensor"
+    ),
 }
 
 _lock = threading.Lock()
@@ -105,8 +124,10 @@ def _grids(volume, src_spacing, out_spacing, out_shape) -> tuple[Grid, Grid]:
     if volume.ndim != 5:
         raise InputError(f"volume must be (N, C, D, H, W), got {tuple(volume.shape)}")
     d, h, w = volume.shape[2:]
-    return (Grid((w, h, d), _xyz(src_spacing, "src_spacing")),
-            Grid(_xyz(out_shape, "out_shape", int), _xyz(out_spacing, "out_spacing")))
+    return (
+        Grid((w, h, d), _xyz(src_spacing, "src_spacing")),
+        Grid(_xyz(out_shape, "out_shape", int), _xyz(out_spacing, "out_spacing")),
+    )
 
 
 def _reference_warp(volume, chain, src_spacing, out_spacing, out_shape):
@@ -226,4 +247,3 @@ def op(name: str):
     """``torch.ops.msode.<name>`` (defining the operators first if needed)."""
     ensure_defined()
     return getattr(getattr(torch.ops, NAMESPACE), name)
-

@@ -1,4 +1,5 @@
 """PyTorch reference warps: the semantics every accelerated kernel must reproduce."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +14,9 @@ def sample_points(volume: torch.Tensor, src_grid: Grid, points: torch.Tensor) ->
     """Trilinear samples of ``volume`` ``(N, C, D, H, W)`` at mm points ``(N, D', H', W', 3)``
     (centre-relative, ``(x, y, z)``); zero outside the volume, blending towards zero within the last
     half voxel as ``grid_sample(padding_mode='zeros', align_corners=True)`` does."""
-    return F.grid_sample(volume, src_grid.normalise(points).to(volume.dtype), mode="bilinear",
-                         padding_mode="zeros", align_corners=True)
+    return F.grid_sample(
+        volume, src_grid.normalise(points).to(volume.dtype), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
 
 
 def warp_chain_reference(volume: torch.Tensor, src_grid: Grid, chain: TransformChain, out_grid: Grid) -> torch.Tensor:

@@ -88,19 +88,33 @@ positions), :mod:`~msode_train.content.weights` (weights files), :mod:`~msode_tr
 :mod:`~msode_train.content.trainer` (:class:`ContentTrainer`, figures), :mod:`~msode_train.content.analysis`
 (landscapes, MI, capture ranges).
 """
+
 from __future__ import annotations
 
 from .analysis import DOF_NAMES, capture_range, linear_binned_mi, refine_minimum, similarity_landscape
-from .losses import (LossWeights, code_distance, critic_loss, gradient_penalty, shift_symmetry,
-                     translation_losses)
-from .networks import (STACK, ContentConfig, ContentEncoder, Critic, Generator, StyleEncoder, TranslationModel,
-                       n_parameters)
+from .losses import LossWeights, code_distance, critic_loss, gradient_penalty, shift_symmetry, translation_losses
+from .networks import (
+    STACK,
+    ContentConfig,
+    ContentEncoder,
+    Critic,
+    Generator,
+    StyleEncoder,
+    TranslationModel,
+    n_parameters,
+)
 from .pool import PairedBatch, SlicePool
 from .similarity import ContentSimilarity, E3DContent, content_similarity
 from .slices import extract_stacks, sample_slice_positions
 from .trainer import ContentTrainer, TrainConfig, translation_figure, validation_examples
-from .weights import (DEFAULT_WEIGHTS, WEIGHTS_DIR, WEIGHTS_FORMAT, WEIGHTS_FORMAT_VERSION, load_translation_model,
-                      save_weights)
+from .weights import (
+    DEFAULT_WEIGHTS,
+    WEIGHTS_DIR,
+    WEIGHTS_FORMAT,
+    WEIGHTS_FORMAT_VERSION,
+    load_translation_model,
+    save_weights,
+)
 
 __all__ = [
     "WEIGHTS_DIR",

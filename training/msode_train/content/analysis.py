@@ -1,5 +1,6 @@
 """Evaluation of a content similarity: similarity landscapes against mutual information, their minima
 and capture ranges (the content-encoder reports)."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,16 @@ DOF_NAMES = ("rx", "ry", "rz", "tx", "ty", "tz")
 
 
 @torch.no_grad()
-def similarity_landscape(moving: torch.Tensor, fixed: torch.Tensor, grid, sim: ContentSimilarity,
-                         values: Sequence[float], dof: int, chunk: int = 6, mi_bins: int = 32) -> dict:
+def similarity_landscape(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    grid,
+    sim: ContentSimilarity,
+    values: Sequence[float],
+    dof: int,
+    chunk: int = 6,
+    mi_bins: int = 32,
+) -> dict:
     """Content distance and -MI (:func:`linear_binned_mi`) of ``warp(moving, theta)`` vs ``fixed`` with ``theta`` zero except
     ``theta[dof] = v`` (degrees for rotations 0-2, mm for translations 3-5) for every ``v`` in
     ``values``. The content distance uses ``sim``'s fixed positions (call with ``resample=False``)."""
@@ -54,7 +63,7 @@ def similarity_landscape(moving: torch.Tensor, fixed: torch.Tensor, grid, sim: C
     ff = sim.features(fixed, pos)
     content, mi = [], []
     for s in range(0, len(vals), chunk):
-        part = vals[s:s + chunk]
+        part = vals[s : s + chunk]
         theta = torch.zeros(len(part), 6)
         theta[:, dof] = torch.tensor(part) * (math.pi / 180.0 if dof < 3 else 1.0)
         warped = _rigid_warp(moving.expand(len(part), *moving.shape[1:]), grid, theta)
@@ -93,5 +102,10 @@ def capture_range(values: Sequence[float], curve: Sequence[float], truth: float 
     while k - 1 >= 0 and c[k - 1] >= c[k]:
         k -= 1
     right, left = float(v[j] - truth), float(truth - v[k])
-    return {"left": left, "right": right, "both": min(left, right), "argmin": float(v[i]),
-            "full": bool(j == len(c) - 1 and k == 0)}
+    return {
+        "left": left,
+        "right": right,
+        "both": min(left, right),
+        "argmin": float(v[i]),
+        "full": bool(j == len(c) - 1 and k == 0),
+    }

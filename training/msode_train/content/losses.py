@@ -1,5 +1,6 @@
 """Training losses of the translation model: the paper's MUNIT-like terms, the paired terms and the
 registration-aware shift terms (described in :mod:`msode_train.content`); the WGAN-GP critic loss."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ class LossWeights:
         return self.shift_symmetry > 0 or self.shift_drift > 0
 
 
-def translation_losses(model: TranslationModel, xa, a, xb, b, weights: LossWeights | None = None,
-                       critic: Critic | None = None) -> dict:
+def translation_losses(
+    model: TranslationModel, xa, a, xb, b, weights: LossWeights | None = None, critic: Critic | None = None
+) -> dict:
     """All generator-side terms for the pair ``(xa, a)``, ``(xb, b)`` (``(B, 5, h, w)``, ``(B,)``).
 
     Returns a dict of scalar tensors (``adv`` only when a ``critic`` is given), ``total`` (weighted
@@ -74,8 +76,14 @@ def code_distance(c: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ((c - ref) ** 2).flatten(1).mean(1)
 
 
-def shift_symmetry(enc_c: "ContentEncoder", cb: torch.Tensor, xa_plus: torch.Tensor, xa_minus: torch.Tensor,
-                   ca: torch.Tensor | None = None, eps: float = 1e-4) -> dict:
+def shift_symmetry(
+    enc_c: "ContentEncoder",
+    cb: torch.Tensor,
+    xa_plus: torch.Tensor,
+    xa_minus: torch.Tensor,
+    ca: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> dict:
     """Registration-aware terms (beyond the paper) on the paired distance ``d(s) = ||E^c(x_a(s)) - E^c(x_b)||^2``
     of two aligned contrasts, at small offsets ``+-delta`` (``xa_plus``/``xa_minus``, from
     :meth:`SlicePool.draw_batch`). A slope of ``d`` at ``s = 0`` moves ``L_sim``'s optimum off the truth (the
@@ -115,6 +123,6 @@ def critic_loss(critic: Critic, real_a, a, real_b, b, fake_ab, fake_ba, weights:
     d_real, d_fake = critic(real, mod), critic(fake, mod)
     wdist = d_real.mean() - d_fake.mean()
     gp = gradient_penalty(critic, real, fake, mod)
-    drift = (d_real ** 2).mean()
+    drift = (d_real**2).mean()
     total = -wdist + weights.gp * gp + weights.drift * drift
     return {"wdist": wdist, "gp": gp, "d_total": total}

@@ -1,5 +1,6 @@
 """The translation model of the content similarity: content encoder ``E^c``, style encoder ``E^s``,
 generator ``G`` and the training-only critic ``D`` (described in :mod:`msode_train.content`)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,8 +9,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["STACK", "ContentConfig", "ContentEncoder", "StyleEncoder", "Generator", "Critic", "TranslationModel",
-           "n_parameters"]
+__all__ = [
+    "STACK",
+    "ContentConfig",
+    "ContentEncoder",
+    "StyleEncoder",
+    "Generator",
+    "Critic",
+    "TranslationModel",
+    "n_parameters",
+]
 
 STACK = 5  # adjacent slices per 2-D input (paper: "number of slices set to 5")
 
@@ -128,8 +137,7 @@ class ContentEncoder(nn.Module):
         layers = [_conv(cfg.stack, ch, 7), _ChannelNorm(ch), nn.ReLU(inplace=True)]
         for i in range(cfg.n_down):
             nxt = cfg.content_dim if i == cfg.n_down - 1 else min(ch * 2, cfg.content_dim)
-            layers += [nn.Conv2d(ch, nxt, 4, 2, 1, padding_mode="reflect"), _ChannelNorm(nxt),
-                       nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(ch, nxt, 4, 2, 1, padding_mode="reflect"), _ChannelNorm(nxt), nn.ReLU(inplace=True)]
             ch = nxt
         layers += [_ResBlock(ch) for _ in range(cfg.n_res)]
         layers += [_ChannelNorm(ch, affine=False), _SpatialNorm()]
@@ -147,10 +155,14 @@ class StyleEncoder(nn.Module):
         ch = cfg.base_channels
         self.n_mod = cfg.n_modalities
         self.net = nn.Sequential(
-            _conv(cfg.stack + cfg.n_modalities, ch, 3), nn.ReLU(inplace=True),
-            nn.Conv2d(ch, 2 * ch, 4, 2, 1, padding_mode="reflect"), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * ch, 2 * ch, 4, 2, 1, padding_mode="reflect"), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * ch, 2 * ch, 4, 2, 1, padding_mode="reflect"), nn.ReLU(inplace=True),
+            _conv(cfg.stack + cfg.n_modalities, ch, 3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ch, 2 * ch, 4, 2, 1, padding_mode="reflect"),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * ch, 2 * ch, 4, 2, 1, padding_mode="reflect"),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * ch, 2 * ch, 4, 2, 1, padding_mode="reflect"),
+            nn.ReLU(inplace=True),
         )
         self.fc = nn.Linear(2 * ch, cfg.style_dim)
 
@@ -200,13 +212,16 @@ class Generator(nn.Module):
         self.n_mod = cfg.n_modalities
         self.inp = nn.Conv2d(ch + cfg.n_modalities, ch, 1)
         self.res = nn.ModuleList([_AdaINResBlock(ch) for _ in range(cfg.n_res)])
-        self.mlp = nn.Sequential(nn.Linear(cfg.style_dim, 64), nn.ReLU(inplace=True),
-                                 nn.Linear(64, 4 * ch * cfg.n_res))
+        self.mlp = nn.Sequential(nn.Linear(cfg.style_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, 4 * ch * cfg.n_res))
         ups = []
         for i in range(cfg.n_down):
             nxt = max(ch // 2, cfg.base_channels)
-            ups += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(ch, nxt, 3), _LayerNorm2d(nxt),
-                    nn.ReLU(inplace=True)]
+            ups += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                _conv(ch, nxt, 3),
+                _LayerNorm2d(nxt),
+                nn.ReLU(inplace=True),
+            ]
             ch = nxt
         self.up = nn.Sequential(*ups)
         self.out = _conv(ch, cfg.stack, 3)
@@ -229,9 +244,12 @@ class Critic(nn.Module):
         ch = cfg.critic_channels
         self.n_mod = cfg.n_modalities
         self.net = nn.Sequential(
-            nn.Conv2d(cfg.stack + cfg.n_modalities, ch, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * ch, 2 * ch, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(cfg.stack + cfg.n_modalities, ch, 4, 2, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ch, 2 * ch, 4, 2, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * ch, 2 * ch, 4, 2, 1),
+            nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(2 * ch, 1, 3, 1, 1),
         )
 

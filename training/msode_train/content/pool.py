@@ -1,4 +1,5 @@
 """Training data of the translation model: paired multi-contrast stacks from a subject bank (:class:`SlicePool`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,18 @@ class SlicePool:
     subject, axis and positions in two different contrasts.
     """
 
-    def __init__(self, bank, slots: int = 16, refresh_every: int = 10, p_rotate: float = 0.5,
-                 max_rot_deg: float = 45.0, central_fraction: float = 0.7, gamma: float = 0.2,
-                 seed: int = 0, modalities: Sequence[str] = ("t1", "t2", "flair", "pd")):
+    def __init__(
+        self,
+        bank,
+        slots: int = 16,
+        refresh_every: int = 10,
+        p_rotate: float = 0.5,
+        max_rot_deg: float = 45.0,
+        central_fraction: float = 0.7,
+        gamma: float = 0.2,
+        seed: int = 0,
+        modalities: Sequence[str] = ("t1", "t2", "flair", "pd"),
+    ):
         self.bank = bank
         self.modalities = tuple(modalities)
         self.rng = np.random.default_rng(seed)
@@ -64,8 +74,9 @@ class SlicePool:
         d = self.draw_batch(batch, axis=axis, crop=crop)
         return d.xa, d.a, d.xb, d.b
 
-    def draw_batch(self, batch: int, axis: int | None = None, crop: int | None = None,
-                   shift_vox: float = 0.0) -> "PairedBatch":
+    def draw_batch(
+        self, batch: int, axis: int | None = None, crop: int | None = None, shift_vox: float = 0.0
+    ) -> "PairedBatch":
         """A :class:`PairedBatch`; with ``shift_vox > 0`` it also holds ``xa`` resampled (trilinear, in 3-D)
         at ``+delta`` and ``-delta`` voxels, ``delta`` a random direction per sample with length
         U(0.25, 1) * ``shift_vox`` (through-plane components included), for :func:`shift_symmetry`.
@@ -93,16 +104,17 @@ class SlicePool:
                 fg = (st.amax(0) > 0.02).float().mean(0)  # (h, w) brain indicator, any contrast
                 for _ in range(20):
                     y0, x0 = int(self.rng.integers(h - ch + 1)), int(self.rng.integers(w - cw + 1))
-                    if float(fg[y0:y0 + ch, x0:x0 + cw].mean()) >= 0.15:
+                    if float(fg[y0 : y0 + ch, x0 : x0 + cw].mean()) >= 0.15:
                         break
-                sa, sb = sa[:, y0:y0 + ch, x0:x0 + cw], sb[:, y0:y0 + ch, x0:x0 + cw]
+                sa, sb = sa[:, y0 : y0 + ch, x0 : x0 + cw], sb[:, y0 : y0 + ch, x0 : x0 + cw]
             shifted = []
             if shift_vox > 0:
                 u = self.rng.normal(size=3)
                 delta = u / max(np.linalg.norm(u), 1e-12) * shift_vox * self.rng.uniform(0.25, 1.0)
                 deltas.append(delta)
-                shifted = [_shifted_stack(v[a], axis, int(pos[0]), (y0, x0, ch, cw), sgn * delta)
-                           for sgn in (1.0, -1.0)]
+                shifted = [
+                    _shifted_stack(v[a], axis, int(pos[0]), (y0, x0, ch, cw), sgn * delta) for sgn in (1.0, -1.0)
+                ]
             flip_w, flip_h = self.rng.random() < 0.5, self.rng.random() < 0.5
             group = [sa, sb, *shifted]
             if flip_w:  # in-plane flips: orientation-agnostic content
@@ -120,9 +132,15 @@ class SlicePool:
         def stack8(items):
             return _pad_to(torch.stack(items), 8)[0] if items else None
 
-        return PairedBatch(xa=stack8(xa), a=torch.tensor(ma), xb=stack8(xb), b=torch.tensor(mb),
-                           xa_plus=stack8(xp), xa_minus=stack8(xm),
-                           delta_vox=torch.tensor(np.array(deltas), dtype=torch.float32) if deltas else None)
+        return PairedBatch(
+            xa=stack8(xa),
+            a=torch.tensor(ma),
+            xb=stack8(xb),
+            b=torch.tensor(mb),
+            xa_plus=stack8(xp),
+            xa_minus=stack8(xm),
+            delta_vox=torch.tensor(np.array(deltas), dtype=torch.float32) if deltas else None,
+        )
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The registration similarity ``L_sim`` (paper eq. 4): content codes of multi-slice stacks of both
 volumes, compared at the same positions (:class:`ContentSimilarity`, :func:`content_similarity`)."""
+
 from __future__ import annotations
 
 import torch
@@ -55,9 +56,18 @@ class ContentSimilarity(nn.Module):
     The encoder is frozen (no parameter gradients) and follows the input's device and dtype.
     """
 
-    def __init__(self, encoder: ContentEncoder, n_slices: int = 24, seed: int = 0, resample: bool = True,
-                 central_fraction: float = 0.7, spacing_mm: float | None = None, trained_spacing_mm: float = 2.0,
-                 reduction: str = "mean", name: str = ""):
+    def __init__(
+        self,
+        encoder: ContentEncoder,
+        n_slices: int = 24,
+        seed: int = 0,
+        resample: bool = True,
+        central_fraction: float = 0.7,
+        spacing_mm: float | None = None,
+        trained_spacing_mm: float = 2.0,
+        reduction: str = "mean",
+        name: str = "",
+    ):
         super().__init__()
         if n_slices < 1:
             raise ValueError("n_slices must be >= 1")
@@ -102,7 +112,8 @@ class ContentSimilarity(nn.Module):
         if not self.resample:
             if shape_dhw not in self._fixed_positions:
                 self._fixed_positions[shape_dhw] = sample_slice_positions(
-                    shape_dhw, self.n_slices, self._gen, self.central_fraction)
+                    shape_dhw, self.n_slices, self._gen, self.central_fraction
+                )
             return self._fixed_positions[shape_dhw]
         return sample_slice_positions(shape_dhw, self.n_slices, self._gen, self.central_fraction)
 
@@ -115,8 +126,9 @@ class ContentSimilarity(nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, generator: torch.Generator | None = None):
         if warped.shape[2:] != fixed.shape[2:] or warped.ndim != 5:
-            raise ValueError(f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must be "
-                             "(N, 1, D, H, W) on one grid")
+            raise ValueError(
+                f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must be (N, 1, D, H, W) on one grid"
+            )
         if fixed.shape[0] != warped.shape[0]:
             fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
         w, f = self._prepare(warped), self._prepare(fixed)
@@ -128,9 +140,16 @@ class ContentSimilarity(nn.Module):
         return loss.mean() if self.reduction == "mean" else loss
 
 
-def content_similarity(name_or_path=DEFAULT_WEIGHTS, n_slices: int = 24, seed: int = 0, resample: bool = True,
-                       central_fraction: float = 0.7, spacing_mm: float | None = None, reduction: str = "mean",
-                       device=None) -> ContentSimilarity:
+def content_similarity(
+    name_or_path=DEFAULT_WEIGHTS,
+    n_slices: int = 24,
+    seed: int = 0,
+    resample: bool = True,
+    central_fraction: float = 0.7,
+    spacing_mm: float | None = None,
+    reduction: str = "mean",
+    device=None,
+) -> ContentSimilarity:
     """The registration similarity ``(warped, fixed) -> loss`` from committed content weights.
 
     ``name_or_path``: a name in ``training/msode_train/weights/`` (default, or ``None``:
@@ -138,10 +157,17 @@ def content_similarity(name_or_path=DEFAULT_WEIGHTS, n_slices: int = 24, seed: i
     :class:`ContentSimilarity` for the rest.
     """
     model = load_translation_model(name_or_path)
-    sim = ContentSimilarity(model.enc_c, n_slices=n_slices, seed=seed, resample=resample,
-                            central_fraction=central_fraction, spacing_mm=spacing_mm,
-                            trained_spacing_mm=float(model.cfg.spacing_mm), reduction=reduction,
-                            name=str(name_or_path or DEFAULT_WEIGHTS))
+    sim = ContentSimilarity(
+        model.enc_c,
+        n_slices=n_slices,
+        seed=seed,
+        resample=resample,
+        central_fraction=central_fraction,
+        spacing_mm=spacing_mm,
+        trained_spacing_mm=float(model.cfg.spacing_mm),
+        reduction=reduction,
+        name=str(name_or_path or DEFAULT_WEIGHTS),
+    )
     if device is not None:
         sim.to(device)
     return sim

@@ -1,5 +1,6 @@
 """Multi-slice stacks of volumes: extraction along the three axes, stack positions, shifted and
 rigidly moved copies."""
+
 from __future__ import annotations
 
 import math
@@ -22,17 +23,22 @@ def extract_stacks(vol: torch.Tensor, axis: int, centres: torch.Tensor, k: int =
     off = torch.arange(k, device=vol.device) - (k // 2)
     idx = (centres.to(vol.device).view(-1, 1) + off.view(1, -1)).reshape(-1)
     g = vol.index_select(2 + axis, idx)
-    if axis == 0:    # (N, C, S*k, H, W)
+    if axis == 0:  # (N, C, S*k, H, W)
         g = g.view(n, c, s, k, *g.shape[3:]).permute(0, 2, 1, 3, 4, 5)
     elif axis == 1:  # (N, C, D, S*k, W)
         g = g.view(n, c, g.shape[2], s, k, g.shape[4]).permute(0, 3, 1, 4, 2, 5)
-    else:            # (N, C, D, H, S*k)
+    else:  # (N, C, D, H, S*k)
         g = g.view(n, c, g.shape[2], g.shape[3], s, k).permute(0, 4, 1, 5, 2, 3)
     return g.reshape(n * s, c * k, g.shape[-2], g.shape[-1])
 
 
-def sample_slice_positions(shape_dhw: Sequence[int], n_slices: int, generator: torch.Generator | None = None,
-                           central_fraction: float = 0.7, k: int = STACK) -> list:
+def sample_slice_positions(
+    shape_dhw: Sequence[int],
+    n_slices: int,
+    generator: torch.Generator | None = None,
+    central_fraction: float = 0.7,
+    k: int = STACK,
+) -> list:
     """Stack centres for each axis: ``[(axis, centres LongTensor), ...]`` with ``n_slices`` split as
     evenly as possible over the three axes (axial first), drawn uniformly (with replacement) from the
     central ``central_fraction`` of each axis (and at least ``k // 2`` voxels from its ends)."""
@@ -56,6 +62,7 @@ def sample_slice_positions(shape_dhw: Sequence[int], n_slices: int, generator: t
 def _rigid_warp(vol: torch.Tensor, grid, theta: torch.Tensor) -> torch.Tensor:
     from msode_sdk.transforms import RigidTransform, TransformChain
     from msode_sdk.warp import warp_chain
+
     return warp_chain(vol, grid, TransformChain([RigidTransform(theta)]), grid)
 
 
@@ -76,6 +83,5 @@ def _shifted_stack(vol_dhw: torch.Tensor, axis: int, centre: int, window, delta)
     dims = vol_dhw.shape
     norm = [2.0 * (idx[i] + float(delta[i])) / max(dims[i] - 1, 1) - 1.0 for i in range(3)]
     grid = torch.stack([norm[2], norm[1], norm[0]], dim=-1)[None]  # grid_sample wants (x=W, y=H, z=D)
-    out = F.grid_sample(vol_dhw[None, None].float(), grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=True)
+    out = F.grid_sample(vol_dhw[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0, 0]

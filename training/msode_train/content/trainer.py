@@ -1,4 +1,5 @@
 """Training of the translation model (:class:`ContentTrainer`: resumable, logged, with translation figures)."""
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,17 @@ class ContentTrainer:
     checkpoint); a given ``model_cfg`` that differs from the checkpoint's raises a ``ValueError``.
     """
 
-    def __init__(self, pool: SlicePool, out_dir, cfg: TrainConfig | None = None,
-                 model_cfg: ContentConfig | None = None, device="cpu", val_batch=None, resume: bool = True,
-                 progress: bool = True):
+    def __init__(
+        self,
+        pool: SlicePool,
+        out_dir,
+        cfg: TrainConfig | None = None,
+        model_cfg: ContentConfig | None = None,
+        device="cpu",
+        val_batch=None,
+        resume: bool = True,
+        progress: bool = True,
+    ):
         self.pool = pool
         self.cfg = cfg or TrainConfig()
         self.device = torch.device(device)
@@ -67,17 +76,22 @@ class ContentTrainer:
         torch.manual_seed(self.cfg.seed)
         ckpt = self.out / "ckpt.pt"
         saved = torch.load(ckpt, map_location=self.device, weights_only=False) if resume and ckpt.exists() else None
-        saved_cfg = (ContentConfig.from_dict(saved["model_cfg"])
-                     if saved is not None and saved.get("model_cfg") is not None else None)
+        saved_cfg = (
+            ContentConfig.from_dict(saved["model_cfg"])
+            if saved is not None and saved.get("model_cfg") is not None
+            else None
+        )
         if model_cfg is None:  # the resumed checkpoint's architecture, else the default one
             model_cfg = saved_cfg if saved_cfg is not None else ContentConfig()
         elif saved_cfg is not None:
             have, want = saved_cfg.to_dict(), model_cfg.to_dict()
             diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
             if diff:  # a clear message instead of load_state_dict's missing / unexpected keys
-                raise ValueError(f"{ckpt}: its model differs from the one asked for ("
-                                 + ", ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-                                 + "); pass the checkpoint's architecture settings, or start afresh")
+                raise ValueError(
+                    f"{ckpt}: its model differs from the one asked for ("
+                    + ", ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+                    + "); pass the checkpoint's architecture settings, or start afresh"
+                )
         self.model = TranslationModel(model_cfg).to(self.device)
         self.critic = Critic(self.model.cfg).to(self.device)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=(0.5, 0.999))
@@ -92,11 +106,19 @@ class ContentTrainer:
 
     # -- checkpoints
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "critic": self.critic.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
-                "elapsed": self.elapsed, "history": self.history, "model_cfg": self.model.cfg.to_dict(),
-                "train_cfg": json.loads(json.dumps(self.cfg.to_dict())),
-                "torch_rng": torch.get_rng_state(), "pool_rng": self.pool.rng.bit_generator.state}
+        return {
+            "model": self.model.state_dict(),
+            "critic": self.critic.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "model_cfg": self.model.cfg.to_dict(),
+            "train_cfg": json.loads(json.dumps(self.cfg.to_dict())),
+            "torch_rng": torch.get_rng_state(),
+            "pool_rng": self.pool.rng.bit_generator.state,
+        }
 
     def save(self, path=None) -> Path:
         path = Path(path or self.out / "ckpt.pt")
@@ -127,11 +149,11 @@ class ContentTrainer:
             p.requires_grad_(False)
         out = translation_losses(self.model, xa, a, xb, b, w, self.critic if use_adv else None)
         if w.uses_shifts and xa_plus is not None:
-            sym = shift_symmetry(self.model.enc_c, out["c_b"], xa_plus.to(self.device), xa_minus.to(self.device),
-                                 ca=out["c_a"])
+            sym = shift_symmetry(
+                self.model.enc_c, out["c_b"], xa_plus.to(self.device), xa_minus.to(self.device), ca=out["c_a"]
+            )
             out.update(sym)
-            out["total"] = (out["total"] + w.shift_symmetry * sym["shift_symmetry"]
-                            + w.shift_drift * sym["shift_drift"])
+            out["total"] = out["total"] + w.shift_symmetry * sym["shift_symmetry"] + w.shift_drift * sym["shift_drift"]
         self.opt_g.zero_grad(set_to_none=True)
         out["total"].backward()
         g_norm = None
@@ -181,8 +203,11 @@ class ContentTrainer:
                 self.step += 1
                 self.elapsed = base_elapsed + time.perf_counter() - t_start
                 if self.step % cfg.log_every == 0 or self.step == 1:
-                    rec = {"step": self.step, "elapsed_s": round(self.elapsed, 1),
-                           **{k: round(v, 5) for k, v in logs.items()}}
+                    rec = {
+                        "step": self.step,
+                        "elapsed_s": round(self.elapsed, 1),
+                        **{k: round(v, 5) for k, v in logs.items()},
+                    }
                     self.history.append(rec)
                     logf.write(json.dumps(rec) + "\n")
                     logf.flush()
@@ -199,8 +224,12 @@ class ContentTrainer:
         self.save()
         if self.val_batch is not None:
             self.sample_png(self.out / "samples" / f"step_{self.step:06d}.png")
-        summary = {"steps": self.step, "elapsed_s": self.elapsed, "stopped": stopped,
-                   "last": self.history[-1] if self.history else {}}
+        summary = {
+            "steps": self.step,
+            "elapsed_s": self.elapsed,
+            "stopped": stopped,
+            "last": self.history[-1] if self.history else {},
+        }
         if log:
             log(json.dumps(summary))
         return summary
@@ -215,6 +244,7 @@ class ContentTrainer:
         fig = translation_figure(self.model, self.val_batch, title=f"step {self.step}")
         fig.savefig(path, dpi=50)
         import matplotlib.pyplot as plt
+
         plt.close(fig)
         self.model.train()
         return path
@@ -225,6 +255,7 @@ def translation_figure(model: TranslationModel, examples, title: str = ""):
     M x (M + 1) block: column 0 the real image, columns 1..M the translations from that row's contrast
     into each contrast (style from the real target stack); middle slice of each stack."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -237,11 +268,11 @@ def translation_figure(model: TranslationModel, examples, title: str = ""):
         st = st.to(dev)
         for i in range(m):
             r = e * m + i
-            src = st[i:i + 1]
+            src = st[i : i + 1]
             axes[r, 0].imshow(st[i, STACK // 2].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             axes[r, 0].set_ylabel(f"{label}\n{mods[i]}", fontsize=7)
             for j in range(m):
-                out = model.translate(src, st[j:j + 1], j)
+                out = model.translate(src, st[j : j + 1], j)
                 axes[r, j + 1].imshow(out[0, STACK // 2].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
                 if r == 0:
                     axes[r, j + 1].set_title(f"-> {mods[j]}", fontsize=8)
@@ -264,7 +295,9 @@ def validation_examples(subject, modalities=("t1", "t2", "flair", "pd"), spacing
     for axis in range(3):
         n = vol.shape[2 + axis]
         c = torch.tensor([n // 2 if axis != 0 else int(n * 0.55)])
-        st = extract_stacks(vol, axis, c).view(len(modalities), STACK, *vol.shape[2:][:axis], *vol.shape[2:][axis + 1:])
+        st = extract_stacks(vol, axis, c).view(
+            len(modalities), STACK, *vol.shape[2:][:axis], *vol.shape[2:][axis + 1 :]
+        )
         if axis != 0:
             st = st.flip(-2)
         st, _ = _pad_to(st, 8)

@@ -1,4 +1,5 @@
 """Content weights files (``training/msode_train/weights/<name>.pt``): names, format, load and save."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def _resolve_weights(name_or_path) -> Path:
     if p.exists():
         return p
     have = sorted(q.stem for q in WEIGHTS_DIR.glob("*.pt")) if WEIGHTS_DIR.exists() else []
-    raise FileNotFoundError(f"content weights {name_or_path!r} not found (not a file, not in {WEIGHTS_DIR}; "
-                            f"available: {have})")
+    raise FileNotFoundError(
+        f"content weights {name_or_path!r} not found (not a file, not in {WEIGHTS_DIR}; available: {have})"
+    )
 
 
 def load_translation_model(name_or_path=DEFAULT_WEIGHTS, map_location="cpu") -> TranslationModel:
@@ -44,8 +46,9 @@ def load_translation_model(name_or_path=DEFAULT_WEIGHTS, map_location="cpu") -> 
     if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path}: not an msode content-weights file")
     if int(blob.get("format_version", 0)) > WEIGHTS_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {blob['format_version']} is newer than this reader "
-                         f"({WEIGHTS_FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: format_version {blob['format_version']} is newer than this reader ({WEIGHTS_FORMAT_VERSION})"
+        )
     model = TranslationModel(ContentConfig.from_dict(blob["config"]))
     model.load_state_dict(blob["state_dict"])
     model.eval()
@@ -58,8 +61,15 @@ def save_weights(model: TranslationModel, path, meta: dict | None = None, half: 
     """Write ``model`` (E^c, E^s, G) as a ``weights_only``-loadable dict; atomic replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()).clone()
-          for k, v in model.state_dict().items()}
-    blob = {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_FORMAT_VERSION,
-            "config": model.cfg.to_dict(), "state_dict": sd, "meta": json.loads(json.dumps(meta or {}))}
+    sd = {
+        k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()).clone()
+        for k, v in model.state_dict().items()
+    }
+    blob = {
+        "format": WEIGHTS_FORMAT,
+        "format_version": WEIGHTS_FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "state_dict": sd,
+        "meta": json.loads(json.dumps(meta or {})),
+    }
     return atomic_torch_save(blob, path)

@@ -73,16 +73,32 @@ Modules (all names are re-exported here: ``from msode_train import data as D; D.
     (:class:`Pair`, :func:`make_pair`), :mod:`~msode_train.data.metrics` (Dice, RMSE),
     :mod:`~msode_train.data.brats` (:func:`load_brats_folder`).
 """
+
 from __future__ import annotations
 
 from .bank import SAMPLE_SEED, SPLIT_SEED_BASE, SubjectBank, assert_disjoint, split_seeds
 from .brats import BRATS_CONTRASTS, load_brats_folder
 from .metrics import dice, rmse_phi, rmse_x
-from .motions import (DEFAULT_CONTROL_SPACING_MM, MOTION_KINDS, motion_lattice, sample_bspline, sample_hybrid,
-                      sample_motion, sample_rigid)
+from .motions import (
+    DEFAULT_CONTROL_SPACING_MM,
+    MOTION_KINDS,
+    motion_lattice,
+    sample_bspline,
+    sample_hybrid,
+    sample_motion,
+    sample_rigid,
+)
 from .pairs import Pair, make_pair
-from .phantoms import (CLASS_MEANS, CONTRASTS, FOV_MM, GENERATION_SECONDS, GENERATOR_VERSION, TEMPLATE_CENTRE_RAS,
-                       load_template, synthesize_subject)
+from .phantoms import (
+    CLASS_MEANS,
+    CONTRASTS,
+    FOV_MM,
+    GENERATION_SECONDS,
+    GENERATOR_VERSION,
+    TEMPLATE_CENTRE_RAS,
+    load_template,
+    synthesize_subject,
+)
 from .subject import LABELS, TUMOUR_LABELS, Subject
 
 __all__ = [

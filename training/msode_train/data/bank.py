@@ -1,4 +1,5 @@
 """The on-disk subject bank (:class:`SubjectBank`) and the disjoint seed ranges of the splits."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,16 @@ class SubjectBank:
     Use :meth:`for_split` (or :func:`split_seeds`) so train and test never share subjects.
     """
 
-    def __init__(self, root, n_subjects: int, seed: int = 0, spacing: float = 2.0,
-                 grid_shape=FOV_MM, contrasts: Sequence[str] = CONTRASTS, max_in_memory: int = 4):
+    def __init__(
+        self,
+        root,
+        n_subjects: int,
+        seed: int = 0,
+        spacing: float = 2.0,
+        grid_shape=FOV_MM,
+        contrasts: Sequence[str] = CONTRASTS,
+        max_in_memory: int = 4,
+    ):
         self.root = Path(root).expanduser()  # "~/..." from configs and CLIs means the home directory
         self.n_subjects = int(n_subjects)
         self.seed = int(seed)
@@ -88,8 +97,9 @@ class SubjectBank:
     def path(self, i: int) -> Path:
         s = self._seed_of(i)
         fov = "x".join(str(v) for v in self.grid_shape)
-        return self.root / (f"msode_subj_v{GENERATOR_VERSION}_s{s}_sp{self.spacing:g}_fov{fov}_"
-                            f"{'-'.join(self.contrasts)}.npz")
+        return self.root / (
+            f"msode_subj_v{GENERATOR_VERSION}_s{s}_sp{self.spacing:g}_fov{fov}_{'-'.join(self.contrasts)}.npz"
+        )
 
     def _seed_of(self, i: int) -> int:
         i = int(i)
@@ -104,20 +114,24 @@ class SubjectBank:
 
     def ensure(self, indices=None, log=None) -> None:
         """Synthesise (and cache) every missing subject; ``log`` gets one line per new subject."""
-        for i in (range(self.n_subjects) if indices is None else indices):
+        for i in range(self.n_subjects) if indices is None else indices:
             if not self.is_cached(i):
                 t0 = time.perf_counter()
                 self._write(i)
                 if log is not None:
-                    log(f"synthesised subject seed {self._seed_of(i)} at {self.spacing:g} mm "
-                        f"in {time.perf_counter() - t0:.1f} s -> {self.path(i)}")
+                    log(
+                        f"synthesised subject seed {self._seed_of(i)} at {self.spacing:g} mm "
+                        f"in {time.perf_counter() - t0:.1f} s -> {self.path(i)}"
+                    )
 
     def _write(self, i: int) -> None:
         subj = synthesize_subject(self._seed_of(i), self.grid_shape, self.spacing, self.contrasts)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(i)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        arrays = {f"img_{c}": np.round(np.clip(a, 0.0, 1.0) * 65535.0).astype(np.uint16) for c, a in subj.images.items()}
+        arrays = {
+            f"img_{c}": np.round(np.clip(a, 0.0, 1.0) * 65535.0).astype(np.uint16) for c, a in subj.images.items()
+        }
         np.savez_compressed(tmp, labels=subj.labels, affine=subj.affine, meta=np.array(json.dumps(subj.meta)), **arrays)
         os.replace(tmp, path)
 

@@ -1,4 +1,5 @@
 """Real data: BraTS-style folders as :class:`~msode_train.data.subject.Subject` s (:func:`load_brats_folder`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,8 +65,10 @@ def load_brats_folder(root, contrasts: Sequence[str] = BRATS_CONTRASTS, pct=(0.5
             if affine is None:
                 affine, shape = img.affine, arr.shape
             elif arr.shape != shape or not np.allclose(img.affine, affine, atol=1e-3):
-                raise ValueError(f"{path}: grid differs from the other images of {sid} "
-                                 f"(shape {arr.shape} vs {shape}); BraTS images must be co-registered")
+                raise ValueError(
+                    f"{path}: grid differs from the other images of {sid} "
+                    f"(shape {arr.shape} vs {shape}); BraTS images must be co-registered"
+                )
             images[key] = arr
         seg = images.pop("seg", None)
         if not images:
@@ -80,7 +83,12 @@ def load_brats_folder(root, contrasts: Sequence[str] = BRATS_CONTRASTS, pct=(0.5
                 labels[seg == src] = dst
         out = {c: _robust01(np.asarray(a, dtype=np.float32), brain, pct) for c, a in images.items()}
         direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-        meta = {"source": str(folder), "contrasts_found": list(out), "has_seg": seg is not None,
-                "oblique": bool(not np.allclose(direction, np.eye(3), atol=1e-4))}
-        yield Subject(images=out, labels=labels, affine=np.asarray(affine, dtype=np.float64), subject_id=sid,
-                      seed=None, meta=meta)
+        meta = {
+            "source": str(folder),
+            "contrasts_found": list(out),
+            "has_seg": seg is not None,
+            "oblique": bool(not np.allclose(direction, np.eye(3), atol=1e-4)),
+        }
+        yield Subject(
+            images=out, labels=labels, affine=np.asarray(affine, dtype=np.float64), subject_id=sid, seed=None, meta=meta
+        )

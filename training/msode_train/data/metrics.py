@@ -1,4 +1,5 @@
 """Evaluation metrics: Dice, intensity RMSE, and the RMSE of two point maps (mm)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,8 +76,11 @@ def rmse_phi(chain_est, chain_gt, grid: Grid, mask=None, reduction: str = "mean"
         if mask is None:
             m = torch.ones_like(d2, dtype=torch.bool)
         else:
-            m = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(
-                np.ascontiguousarray(np.asarray(mask).astype(bool).transpose(2, 1, 0)))
+            m = (
+                mask
+                if isinstance(mask, torch.Tensor)
+                else torch.from_numpy(np.ascontiguousarray(np.asarray(mask).astype(bool).transpose(2, 1, 0)))
+            )
             m = m.to(torch.bool).cpu()
             while m.ndim > 4:
                 m = m[:, 0]

@@ -1,4 +1,5 @@
 """Simulated motions as SDK transforms: rigid, B-spline, hybrid (see "Motions" in :mod:`msode_train.data`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,15 @@ import torch
 
 from msode_sdk.transforms import BSplineLattice, BSplineTransform, Grid, RigidTransform, TransformChain, euler_to_rigid
 
-__all__ = ["DEFAULT_CONTROL_SPACING_MM", "motion_lattice", "sample_rigid", "sample_bspline", "sample_hybrid",
-           "sample_motion", "MOTION_KINDS"]
+__all__ = [
+    "DEFAULT_CONTROL_SPACING_MM",
+    "motion_lattice",
+    "sample_rigid",
+    "sample_bspline",
+    "sample_hybrid",
+    "sample_motion",
+    "MOTION_KINDS",
+]
 
 DEFAULT_CONTROL_SPACING_MM = 40.0
 
@@ -32,8 +40,9 @@ def sample_rigid(rng, n: int = 1, max_rot_deg: float = 75.0, max_trans_mm: float
     return theta.to(torch.float32)
 
 
-def sample_bspline(rng, lattice: BSplineLattice, n: int = 1, std_mm: float = 8.0,
-                   zero_border: bool = False) -> torch.Tensor:
+def sample_bspline(
+    rng, lattice: BSplineLattice, n: int = 1, std_mm: float = 8.0, zero_border: bool = False
+) -> torch.Tensor:
     """``(n, 3, cz, cy, cx)`` float32 control displacements N(0, std_mm^2) mm; ``zero_border`` sets
     the outermost ring of control points to zero (less motion at the field-of-view border)."""
     rng = _as_rng(rng)
@@ -45,8 +54,15 @@ def sample_bspline(rng, lattice: BSplineLattice, n: int = 1, std_mm: float = 8.0
     return c
 
 
-def sample_hybrid(rng, lattice: BSplineLattice, n: int = 1, max_rot_deg: float = 40.0,
-                  max_trans_mm: float = 10.0, std_mm: float = 8.0, zero_border: bool = False):
+def sample_hybrid(
+    rng,
+    lattice: BSplineLattice,
+    n: int = 1,
+    max_rot_deg: float = 40.0,
+    max_trans_mm: float = 10.0,
+    std_mm: float = 8.0,
+    zero_border: bool = False,
+):
     """``(theta (n, 6), coeffs (n, 3, cz, cy, cx))``: rigid U(-40, 40) deg, U(-10, 10) mm, plus the
     B-spline N(0, 8^2) mm; the chain is [rigid, bspline], ``phi(x) = R (x + u(x) + t)``."""
     rng = _as_rng(rng)
@@ -57,8 +73,9 @@ def sample_hybrid(rng, lattice: BSplineLattice, n: int = 1, max_rot_deg: float =
 MOTION_KINDS = ("identity", "rigid", "bspline", "hybrid")
 
 
-def sample_motion(rng, kind: str, grid: Grid, n: int = 1,
-                  control_spacing_mm: float = DEFAULT_CONTROL_SPACING_MM, **kwargs) -> TransformChain:
+def sample_motion(
+    rng, kind: str, grid: Grid, n: int = 1, control_spacing_mm: float = DEFAULT_CONTROL_SPACING_MM, **kwargs
+) -> TransformChain:
     """A ground-truth :class:`TransformChain` of ``kind`` (identity | rigid | bspline | hybrid) with
     the paper's distributions (override through ``kwargs`` of the ``sample_*`` functions)."""
     rng = _as_rng(rng)

@@ -1,4 +1,5 @@
 """Registration pairs with exact ground truth (:func:`make_pair`; see "Pairs" in :mod:`msode_train.data`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,8 +73,9 @@ def _chain_batch(chain: TransformChain) -> int:
     return chain.transforms[0].batch if chain.transforms else 1
 
 
-def _resample_with_labels(image: torch.Tensor, labels: torch.Tensor, src: Grid, chain: TransformChain,
-                          out: Grid, n: int):
+def _resample_with_labels(
+    image: torch.Tensor, labels: torch.Tensor, src: Grid, chain: TransformChain, out: Grid, n: int
+):
     """Warp an image and its labels (one-hot + trilinear + arg-max) in one ``warp_chain`` call."""
     n_cls = int(labels.max()) + 1 if labels.numel() else 1
     onehot = F.one_hot(labels[:, 0].long(), n_cls).permute(0, 4, 1, 2, 3).to(image.dtype)
@@ -89,8 +91,16 @@ def _resample_with_labels(image: torch.Tensor, labels: torch.Tensor, src: Grid, 
     return img, lab
 
 
-def make_pair(subject: Subject, moving_contrast: str, fixed_contrast: str, motion, grid: Grid | None = None,
-              rng=None, device=None, control_spacing_mm: float = DEFAULT_CONTROL_SPACING_MM) -> Pair:
+def make_pair(
+    subject: Subject,
+    moving_contrast: str,
+    fixed_contrast: str,
+    motion,
+    grid: Grid | None = None,
+    rng=None,
+    device=None,
+    control_spacing_mm: float = DEFAULT_CONTROL_SPACING_MM,
+) -> Pair:
     """Build a pair with exact ground truth on the model ``grid`` (default the subject's grid; both
     grids are centred on the subject's centre, so their model frames coincide).
 
@@ -117,13 +127,23 @@ def make_pair(subject: Subject, moving_contrast: str, fixed_contrast: str, motio
     n = _chain_batch(chain)
     labels = subject.labels_tensor(device)
     with torch.no_grad():
-        fixed, fixed_lab = _resample_with_labels(subject.tensor(fixed_contrast, device), labels,
-                                                 subject.grid, chain, grid, n)
-        moving, moving_lab = _resample_with_labels(subject.tensor(moving_contrast, device), labels,
-                                                   subject.grid, TransformChain(), grid, n)
-    return Pair(fixed=fixed, moving=moving, fixed_labels=fixed_lab, moving_labels=moving_lab, chain=chain,
-                grid=grid, fixed_contrast=fixed_contrast, moving_contrast=moving_contrast,
-                subject_id=subject.subject_id)
+        fixed, fixed_lab = _resample_with_labels(
+            subject.tensor(fixed_contrast, device), labels, subject.grid, chain, grid, n
+        )
+        moving, moving_lab = _resample_with_labels(
+            subject.tensor(moving_contrast, device), labels, subject.grid, TransformChain(), grid, n
+        )
+    return Pair(
+        fixed=fixed,
+        moving=moving,
+        fixed_labels=fixed_lab,
+        moving_labels=moving_lab,
+        chain=chain,
+        grid=grid,
+        fixed_contrast=fixed_contrast,
+        moving_contrast=moving_contrast,
+        subject_id=subject.subject_id,
+    )
 
 
 def _to_device(t: Transform, device) -> Transform:

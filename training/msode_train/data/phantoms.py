@@ -1,5 +1,6 @@
 """Synthetic multi-contrast subjects from the ICBM 2009 template shipped in nilearn: :func:`synthesize_subject`
 (the steps are described under "Anatomy" and "Subjects" in :mod:`msode_train.data`)."""
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,16 @@ from msode_sdk.warp import sample_points
 
 from .subject import Subject
 
-__all__ = ["GENERATOR_VERSION", "CONTRASTS", "FOV_MM", "CLASS_MEANS", "TEMPLATE_CENTRE_RAS", "GENERATION_SECONDS",
-           "load_template", "synthesize_subject"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "CONTRASTS",
+    "FOV_MM",
+    "CLASS_MEANS",
+    "TEMPLATE_CENTRE_RAS",
+    "GENERATION_SECONDS",
+    "load_template",
+    "synthesize_subject",
+]
 
 # Bump whenever synthesis output changes: it is part of every bank cache key.
 GENERATOR_VERSION = 1
@@ -87,12 +96,16 @@ def load_template() -> dict:
         else:  # a nilearn layout we do not know: its own loaders (they read packaged files too)
             from nilearn import datasets
 
-            loader = {"t1": datasets.load_mni152_template, "gm": datasets.load_mni152_gm_template,
-                      "wm": datasets.load_mni152_wm_template}[key]
+            loader = {
+                "t1": datasets.load_mni152_template,
+                "gm": datasets.load_mni152_gm_template,
+                "wm": datasets.load_mni152_wm_template,
+            }[key]
             img = loader(resolution=1)
             arr = np.asarray(img.get_fdata(), dtype=np.float32)
-        if not np.allclose(np.abs(img.affine[:3, :3]), np.diag(np.abs(np.diag(img.affine[:3, :3])))) or \
-                np.any(np.diag(img.affine[:3, :3]) <= 0):
+        if not np.allclose(np.abs(img.affine[:3, :3]), np.diag(np.abs(np.diag(img.affine[:3, :3])))) or np.any(
+            np.diag(img.affine[:3, :3]) <= 0
+        ):
             img = nib.as_closest_canonical(img)
             arr = np.asarray(img.dataobj, dtype=np.float32) / max(float(np.max(img.dataobj)), 1e-6)
         affine = img.affine if affine is None else affine
@@ -164,15 +177,18 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.standard_normal(4)
     q /= np.linalg.norm(q)
     w, x, y, z = q
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
-def synthesize_subject(seed: int, grid_shape=FOV_MM, spacing: float = 1.0,
-                       contrasts: Sequence[str] = CONTRASTS, tumour: bool = True) -> Subject:
+def synthesize_subject(
+    seed: int, grid_shape=FOV_MM, spacing: float = 1.0, contrasts: Sequence[str] = CONTRASTS, tumour: bool = True
+) -> Subject:
     """Synthesise one multi-contrast subject (see the module docstring for every step).
 
     ``grid_shape`` is the grid at 1 mm, i.e. the field of view in mm (default BraTS-like 240x240x160);
@@ -234,7 +250,7 @@ def synthesize_subject(seed: int, grid_shape=FOV_MM, spacing: float = 1.0,
             po_region = ((r_o - rho) / spacing + 0.5).clamp(0.0, 1.0)
             # mass effect: the template is sampled closer to the tumour centre
             r2 = (v * v).sum(-1, keepdim=True)
-            q = torch.tensor(tc, dtype=torch.float32) + v * (1.0 - mass * torch.exp(-r2 / (2.0 * r_oed ** 2)))
+            q = torch.tensor(tc, dtype=torch.float32) + v * (1.0 - mass * torch.exp(-r2 / (2.0 * r_oed**2)))
             del v, r2, rho, r_k, r_o
 
         # sample [gm, wm, mask] of the template at C + q
@@ -313,5 +329,11 @@ def synthesize_subject(seed: int, grid_shape=FOV_MM, spacing: float = 1.0,
         "bias_amplitude": {cn: float(amp_all[idx[i]]) for i, cn in enumerate(contrasts)},
         "seconds": time.perf_counter() - t_start,
     }
-    return Subject(images=out, labels=labels_np, affine=_grid_affine(shape, spacing, centre),
-                   subject_id=f"synth{seed:05d}", seed=seed, meta=meta)
+    return Subject(
+        images=out,
+        labels=labels_np,
+        affine=_grid_affine(shape, spacing, centre),
+        subject_id=f"synth{seed:05d}",
+        seed=seed,
+        meta=meta,
+    )

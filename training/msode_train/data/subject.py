@@ -1,4 +1,5 @@
 """One subject: co-registered contrasts, labels and masks on one RAS grid (see :mod:`msode_train.data`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,8 +13,16 @@ from msode_sdk.transforms import Grid
 
 __all__ = ["LABELS", "TUMOUR_LABELS", "Subject"]
 
-LABELS = {0: "background", 1: "csf", 2: "gm", 3: "wm", 4: "oedema", 5: "tumour_core",
-          6: "enhancing_tumour", 7: "brain_unknown_tissue"}
+LABELS = {
+    0: "background",
+    1: "csf",
+    2: "gm",
+    3: "wm",
+    4: "oedema",
+    5: "tumour_core",
+    6: "enhancing_tumour",
+    7: "brain_unknown_tissue",
+}
 TUMOUR_LABELS = (4, 5, 6)
 
 
