@@ -699,7 +699,11 @@ class Registrar:
             order = [1 + 2 - [m for m in range(3) if axis_of[m] == a][0] for a in range(3)]
             return u.permute(*order, 0)
         if deform.kind == "bspline":
-            deform = deform.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz))
+            # exact samples on a half-spacing grid over the box the fixed grid occupies in the model frame
+            corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                                for k in (0, shape[2] - 1)]) @ vox_to_x[:3].T
+            deform = deform.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz),
+                                      within=np.abs(corners).max(axis=0))
         grid = deform.grid  # dense: sample the field (border-extended) at each native point
         to_field = np.linalg.inv(_io._normalised_to_index(grid.shape_dhw)) @ np.eye(4)[[2, 1, 0, 3]]
         field_index = np.diag([1.0 / sp for sp in grid.spacing_xyz] + [1.0])
