@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preview", action="store_true", help="also write preview.png")
     r.add_argument("-q", "--quiet", action="store_true", help="print only errors on stderr (no progress, no warnings)")
     r.set_defaults(func=_cmd_register)
+    b = sub.add_parser(
+        "batch",
+        help="register many pairs (CSV or two folders) into OUT/<id>/ + summary.csv",
+        description="Register a cohort; see msode_sdk.batch. Exit status 3 when some pairs failed.",
+    )
+    from .batch import add_arguments, run as run_batch
+
+    add_arguments(b)
+    b.set_defaults(func=run_batch)
     pl = sub.add_parser("plan", help="inspect plans")
     plsub = pl.add_subparsers(dest="plan_command", required=True)
     info = plsub.add_parser("info", help="print a plan's manifest summary")
@@ -167,6 +176,13 @@ def _add_plugin_commands(sub) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(args, args.func)
+
+
+def run_command(args, func) -> int:
+    """Run a command with the CLI's contract: logging to stderr (``-q``: errors only), a one-line
+    ``msode: error: ...`` and exit 2 for every :class:`MsodeError`, exit 1 with ``internal error`` for bugs,
+    130 on Ctrl-C."""
     logging.basicConfig(
         level=logging.ERROR if getattr(args, "quiet", False) else logging.INFO,
         format="msode: %(message)s",
@@ -177,7 +193,7 @@ def main(argv=None) -> int:
     if getattr(args, "quiet", False):  # basicConfig does nothing when logging is already configured
         sdk_log.setLevel(logging.ERROR)
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except MsodeError as exc:
         print(f"msode: error: {_one_line(exc)}", file=sys.stderr)
         return 2

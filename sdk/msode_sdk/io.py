@@ -48,6 +48,8 @@ __all__ = [
     "tensor_to_array",
     "image_centre",
     "resample_to_model_grid",
+    "PreparedImage",
+    "prepare_image",
     "native_tensor",
     "native_sampling_theta",
     "sample_native",
@@ -552,6 +554,40 @@ def resample_to_model_grid(
     rev = np.eye(4)[[2, 1, 0, 3]]
     theta = native_sampling_theta(vox @ rev, grid.shape_dhw, tuple(vol.shape[2:]))
     return sample_native(vol, theta, grid.shape_dhw)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An input on the plan's model grid: the validated ``image``, its ``centre`` (RAS mm; the model
+    frame's origin), ``vol`` ``(1, 1, D, H, W)`` normalised to [0, 1], and ``native`` (the image as
+    :func:`native_tensor`, on the same device, reused for the world outputs)."""
+
+    image: Image
+    centre: np.ndarray
+    vol: torch.Tensor
+    native: torch.Tensor
+
+
+def prepare_image(
+    img: Image, grid: Grid, centre_mode: str, normalization: dict, device=None, name: str = "image"
+) -> PreparedImage:
+    """Resample a validated image onto the model ``grid`` (centred on the image's ``centre_mode`` centre)
+    and normalise its intensities (``normalization``: the plan's ``low`` / ``high`` percentiles of the
+    native image, from at most 2 M voxels). Raises :class:`InputError` naming ``name`` for images with no
+    intensity range or no content inside the model grid. Needs nothing but the plan's manifest values, so
+    data-loading workers run it without loading any network."""
+    centre = image_centre(img, centre_mode)
+    native = native_tensor(img.array, device)
+    vol = resample_to_model_grid(img, grid, centre, device, tensor=native)
+    flat = native.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
+    try:
+        vol = normalise_intensity(vol, normalization["low"], normalization["high"], reference=sample)
+    except InputError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    if float(vol.max()) <= 0.0:
+        raise InputError(f"{name}: no image content inside the model grid around its centre")
+    return PreparedImage(img, centre, vol, native)
 
 
 def normalise_intensity(

@@ -37,6 +37,7 @@ on CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import json
@@ -517,26 +518,19 @@ class Registrar:
 
     def prepare(self, image, name: str) -> tuple[_io.Image, np.ndarray, torch.Tensor]:
         """Validate an input and put it on the model grid: ``(image, centre RAS, tensor (1,1,D,H,W))``."""
-        img, centre, vol, _ = self._prepare(_io.load_image(image, name), name)
-        return img, centre, vol
+        p = self.prepare_image(_io.load_image(image, name), name)
+        return p.image, p.centre, p.vol
 
-    def _prepare(self, img: _io.Image, name: str):
-        """:meth:`prepare` of a validated image; also returns the image as a native-order device tensor
-        (:func:`msode_sdk.io.native_tensor`: the one host-to-device copy, reused for the world outputs)."""
+    def preparation(self) -> dict:
+        """What :func:`msode_sdk.io.prepare_image` needs from this plan (picklable: data-loading workers
+        prepare inputs with it without the networks): model grid, centre mode, normalisation."""
         m = self.plan.manifest
-        centre = _io.image_centre(img, m.model_grid.centre)
-        native = _io.native_tensor(img.array, self.device)
-        vol = _io.resample_to_model_grid(img, self.model_grid, centre, self.device, tensor=native)
-        flat = native.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
-        norm = m.normalization
-        try:
-            vol = _io.normalise_intensity(vol, norm["low"], norm["high"], reference=sample)
-        except InputError as exc:
-            raise InputError(f"{name}: {exc}") from None
-        if float(vol.max()) <= 0.0:
-            raise InputError(f"{name}: no image content inside the model grid around its centre")
-        return img, centre, vol, native
+        return {"grid": self.model_grid, "centre_mode": m.model_grid.centre, "normalization": dict(m.normalization)}
+
+    def prepare_image(self, img: _io.Image, name: str, device=None) -> _io.PreparedImage:
+        """A validated image on this plan's model grid (:func:`msode_sdk.io.prepare_image`), on ``device``
+        (default: the registrar's)."""
+        return _io.prepare_image(img, **self.preparation(), device=self.device if device is None else device, name=name)
 
     @_typed_failures
     def register(
@@ -557,30 +551,131 @@ class Registrar:
         self._select_stages(stages)  # argument errors first
         moving = _io.load_image(moving, "moving")  # both inputs validated before either is resampled
         fixed = _io.load_image(fixed, "fixed")
-        mov_img, c_m, mov, mov_native = self._prepare(moving, "moving")
-        fix_img, c_f, fix, _ = self._prepare(fixed, "fixed")
+        pair = (self.prepare_image(moving, "moving"), self.prepare_image(fixed, "fixed"))
+        return self.register_prepared([pair], stages, init, load_seconds=[time.perf_counter() - t0])[0]
+
+    @_typed_failures
+    def register_prepared(
+        self,
+        pairs,
+        stages: Sequence[str] | None = None,
+        init: str | None = None,
+        load_seconds: Sequence[float] | None = None,
+    ) -> list[RegistrationResult]:
+        """Register prepared ``(moving, fixed)`` pairs (:class:`msode_sdk.io.PreparedImage`, e.g. from data-
+        loading workers) as one batch on the model grid, then map each back to its own world space.
+        With one pair this is exactly :meth:`register`; a batch gives the same results to float32
+        rounding. Each result's stage times are the batch's divided by its size (``timings["batch"]``
+        says how many pairs shared them); ``load_seconds`` (per pair) is reported as ``load``."""
+        pairs = list(pairs)
+        if not pairs:
+            return []
+        n = len(pairs)
+        dev = self.device
+        mov = torch.cat([m.vol.to(dev) for m, _ in pairs]) if n > 1 else pairs[0][0].vol.to(dev)
+        fix = torch.cat([f.vol.to(dev) for _, f in pairs]) if n > 1 else pairs[0][1].vol.to(dev)
         t1 = time.perf_counter()
         res = self.register_model_grid(mov, fix, stages, init=init)
         t2 = time.perf_counter()
-        warped, matrix, disp = self._to_world(res.chain, mov_img, c_m, fix_img, c_f, mov_native)
-        t3 = time.perf_counter()
-        timings = {"load": t1 - t0, **{s.name: s.seconds for s in res.stages}, "output": t3 - t2, "total": t3 - t0}
-        return RegistrationResult(
-            warped=warped,
-            matrix=matrix,
-            displacement=disp,
-            timings=timings,
-            stages=res.stages,
-            plan_name=self.name,
-            backend=self.backend.name,
-            providers=self.backend.providers(),
-            device=str(self.device),
-            analytic_plan=self.plan.manifest.analytic,
-            plan_kind=self.plan.manifest.kind,
-            model_grid=res,
-            fixed_image=fix_img,
-            moving_image=mov_img,
-        )
+        out = []
+        for i, (m, f) in enumerate(pairs):
+            t3 = time.perf_counter()
+            chain = res.chain if n == 1 else _chain_item(res.chain, i)
+            native = m.native if m.native.device == dev else None
+            warped, matrix, disp = self._to_world(chain, m.image, m.centre, f.image, f.centre, native)
+            t4 = time.perf_counter()
+            load = float(load_seconds[i]) if load_seconds is not None else 0.0
+            timings = {"load": load, **{s.name: s.seconds / n for s in res.stages}, "output": t4 - t3}
+            timings["total"] = load + (t2 - t1) / n + (t4 - t3)
+            if n > 1:
+                timings["batch"] = n
+            out.append(
+                RegistrationResult(
+                    warped=warped,
+                    matrix=matrix,
+                    displacement=disp,
+                    timings=timings,
+                    stages=res.stages,
+                    plan_name=self.name,
+                    backend=self.backend.name,
+                    providers=self.backend.providers(),
+                    device=str(self.device),
+                    analytic_plan=self.plan.manifest.analytic,
+                    plan_kind=self.plan.manifest.kind,
+                    model_grid=res if n == 1 else ModelGridResult(chain, res.warped[i : i + 1], res.stages),
+                    fixed_image=f.image,
+                    moving_image=m.image,
+                )
+            )
+        return out
+
+    def register_many(
+        self,
+        pairs,
+        batch_size: int = 1,
+        stages: Sequence[str] | None = None,
+        init: str | None = None,
+        errors: str = "raise",
+    ):
+        """Register many ``(moving, fixed)`` pairs (each input as :meth:`register` takes it), ``batch_size``
+        at a time on the model grid; yields one :class:`RegistrationResult` per pair, in order.
+        ``errors="raise"`` stops at the first pair that fails; ``errors="return"`` yields the
+        :class:`MsodeError` in its place and goes on. On 2 CPU cores a batch does not pay (measured:
+        batch 8 at 0.25 pairs/s vs 0.60 at batch 1); on a GPU it does."""
+        if errors not in ("raise", "return"):
+            raise InputError(f"errors must be 'raise' or 'return', got {errors!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._select_stages(stages)
+        pending: list = []  # (index, prepared pair, load seconds)
+        done: dict = {}
+
+        def flush():
+            if not pending:
+                return
+            try:
+                results = self.register_prepared(
+                    [p for _, p, _ in pending], stages, init, load_seconds=[s for _, _, s in pending]
+                )
+            except MsodeError as exc:
+                if errors == "raise" or len(pending) == 1:
+                    if errors == "raise":
+                        raise
+                    results = [exc]
+                else:  # one pair spoilt the batch (e.g. memory): each on its own, errors per pair
+                    results = []
+                    for _, p, s in pending:
+                        try:
+                            results += self.register_prepared([p], stages, init, load_seconds=[s])
+                        except MsodeError as one:
+                            results.append(one)
+            for (i, _, _), r in zip(pending, results):
+                done[i] = r
+            pending.clear()
+
+        next_out = 0
+        for i, (moving, fixed) in enumerate(pairs):
+            t0 = time.perf_counter()
+            try:
+                prepared = (
+                    self.prepare_image(_io.load_image(moving, "moving"), "moving"),
+                    self.prepare_image(_io.load_image(fixed, "fixed"), "fixed"),
+                )
+            except MsodeError as exc:
+                if errors == "raise":
+                    raise
+                done[i] = exc
+            else:
+                pending.append((i, prepared, time.perf_counter() - t0))
+                if len(pending) == batch_size:
+                    flush()
+            while next_out in done and not pending:
+                yield done.pop(next_out)
+                next_out += 1
+        flush()
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
 
     def _to_world(self, chain: TransformChain, mov_img, c_m, fix_img, c_f, mov_native: torch.Tensor | None = None):
         """World outputs on the fixed native grid (see RegistrationResult), on the registrar's device.
@@ -700,10 +795,15 @@ class Registrar:
             return u.permute(*order, 0)
         if deform.kind == "bspline":
             # exact samples on a half-spacing grid over the box the fixed grid occupies in the model frame
-            corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
-                                for k in (0, shape[2] - 1)]) @ vox_to_x[:3].T
-            deform = deform.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz),
-                                      within=np.abs(corners).max(axis=0))
+            corners = (
+                np.array(
+                    [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+                )
+                @ vox_to_x[:3].T
+            )
+            deform = deform.densified(
+                tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz), within=np.abs(corners).max(axis=0)
+            )
         grid = deform.grid  # dense: sample the field (border-extended) at each native point
         to_field = np.linalg.inv(_io._normalised_to_index(grid.shape_dhw)) @ np.eye(4)[[2, 1, 0, 3]]
         field_index = np.diag([1.0 / sp for sp in grid.spacing_xyz] + [1.0])
@@ -714,6 +814,16 @@ class Registrar:
         pts = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
         u = F.grid_sample(deform.state[:1].float(), pts, mode="bilinear", padding_mode="border", align_corners=True)
         return u[0].permute(1, 2, 3, 0)
+
+
+def _chain_item(chain: TransformChain, i: int) -> TransformChain:
+    """Pair ``i`` of a batched chain (every stage's state sliced to batch 1)."""
+    out = []
+    for t in chain.transforms:
+        item = copy.copy(t)
+        item.state = t.state[i : i + 1]
+        out.append(item)
+    return TransformChain(out)
 
 
 def _affine_field(m34: np.ndarray, shape, device) -> torch.Tensor:
