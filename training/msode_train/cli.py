@@ -15,6 +15,11 @@
 
     The paper's Table 1 protocol (see :mod:`msode_train.evaluate`).
 
+Under torchrun (``python -m torch.distributed.run --standalone --nproc-per-node=K -m msode_train.cli
+CONFIG ...``) ``msode-train`` trains with DistributedDataParallel (``train.batch_size`` per rank; see
+:mod:`msode_train.train`); after training every rank meets at a barrier, the ranks other than 0 leave
+(exit 0, nothing written) and rank 0 alone writes the checkpoints, evaluates and exports the plan.
+
 Exit status 0 on success, 2 on a usage or configuration error, 1 on a failure during the run.
 """
 
@@ -79,10 +84,17 @@ def main(argv=None) -> int:
     if args.export_only and not state.exists():
         print(f"msode-train: error: --export-only needs a saved state, {state} does not exist", file=sys.stderr)
         return 2
+    trainer = None
+    ok = False
     try:
         trainer = Trainer(cfg, resume=not args.no_resume, log=log)
         if not args.export_only:
             trainer.fit()
+        if trainer.world_size > 1:  # torchrun: training is over on every rank; rank 0 alone exports
+            trainer.close()
+            if not trainer.is_main:
+                ok = True
+                return 0
         if args.no_plan or not cfg["export"].get("plan", True):
             trainer.save_stage_checkpoints()
             return 0
@@ -110,6 +122,7 @@ def main(argv=None) -> int:
         trainer.save_stage_checkpoints(metrics)
         log(f"plan written: {plan}")
         print(json.dumps({"plan": str(plan), "step": trainer.step, "metrics": metrics}, default=str))
+        ok = True
         return 0
     except KeyboardInterrupt:
         return 1
@@ -117,6 +130,9 @@ def main(argv=None) -> int:
         logging.getLogger("msode_train").exception("training failed")
         print(f"msode-train: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if trainer is not None:
+            trainer.close(barrier=ok)  # leaves the process group (torchrun; a no-op otherwise)
 
 
 def eval_main(argv=None) -> int:

@@ -45,6 +45,28 @@ pairs: one image of a random subject and contrast, perturbed by a motion from th
 (``fixed = moving o phi~``). Images are normalised exactly as the SDK normalises its inputs
 (``msode_sdk.io.normalise_intensity`` with the plan's percentiles), so the networks see in training what
 they see at inference.
+
+Several processes or GPUs (``torchrun``): under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the
+trainer joins the process group (gloo on the CPU; NCCL on ``cuda:LOCAL_RANK`` when CUDA is there and
+``train.device`` is ``auto`` or ``cuda``) and wraps the model in ``DistributedDataParallel``, which
+averages the gradients of the trained networks over the ranks after every backward pass.
+``train.batch_size`` is then the batch *per rank*: with K ranks a step trains on ``K * batch_size``
+pairs. The batch is split, not re-seeded: every rank draws the step's *global* batch specification
+(subject index, contrast pair and motion of all ``K * batch_size`` training pairs, then of as many
+self-supervision pairs) from the one numpy stream seeded by ``train.seed``, exactly the draws one
+process with ``batch_size = K * batch_size`` makes, and renders and trains on its own slice (rank r:
+members ``r * batch_size .. (r + 1) * batch_size - 1`` of both lists). Every loss term is a mean over
+batch members (L_sim, L_self, L_reg, L_sup; the brain-point count, the smallest of the batch, is agreed
+across the ranks), so the mean of the ranks' gradients is the gradient of the global batch's mean loss:
+K ranks reproduce one process with the K-fold batch, the same samples and the same optimiser steps, up
+to float32 rounding (the all-reduce sums in another order; tests/test_train_ddp.py measures it). The
+numpy stream is identical on every rank, so ``state.pt`` is the same state a single process would save
+and a run may be resumed with another number of ranks (same global batch: same run). Adaptive solver
+levels are the exception: their step-size controller looks at the whole batch, so a rank's solve of
+its slice is not the global batch's solve (they agree to the solver tolerance). Only rank 0 writes
+(``config.yaml``, logs, ``state.pt``, TensorBoard, validation, stage checkpoints, the plan); logged
+losses are the global means; the ranks agree on stopping (steps, ``max_minutes``, a signal) every step.
+``python -m torch.distributed.run --standalone --nproc-per-node=K -m msode_train.cli CONFIG ...``.
 """
 
 from __future__ import annotations
@@ -84,6 +106,7 @@ __all__ = [
     "train_stages_of",
     "git_commit",
     "NORMALIZATION",
+    "distributed_env",
 ]
 
 _log = logging.getLogger("msode_train")
@@ -320,6 +343,30 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def distributed_env() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from torchrun's environment (``WORLD_SIZE`` > 1), else ``(0, 1, 0)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _distributed_device(spec: str, local_rank: int) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for ``auto`` / ``cuda`` / ``cuda:N`` when CUDA is
+    available (torchrun gives each rank its own GPU), else the CPU."""
+    if spec in (None, "auto") or str(spec).startswith("cuda"):
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): run at most one "
+                    "rank per GPU (--nproc-per-node), or --device cpu"
+                )
+            return torch.device("cuda", local_rank)
+        if spec not in (None, "auto"):
+            raise RuntimeError(f"train.device {spec!r} but CUDA is not available")
+    return torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------------------- chains
 
 
@@ -375,17 +422,47 @@ def normalise(vol: torch.Tensor, norm: dict = NORMALIZATION) -> torch.Tensor:
 
 
 class Trainer:
-    """A training run (see the module docstring). ``resume=True`` continues from ``out_dir/state.pt``."""
+    """A training run (see the module docstring). ``resume=True`` continues from ``out_dir/state.pt``.
 
-    def __init__(self, cfg: dict, resume: bool = True, log: Callable[[str], None] | None = None):
+    ``distributed``: ``None`` (default) joins a torchrun process group when ``WORLD_SIZE`` > 1 (initialising
+    it if nobody has), ``False`` never does. Under torchrun every rank constructs a Trainer and calls
+    :meth:`fit` (collective), and then :meth:`close`; only rank 0 (:attr:`is_main`) writes files."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        resume: bool = True,
+        log: Callable[[str], None] | None = None,
+        distributed: bool | None = None,
+    ):
         self.cfg = cfg
-        self.log = log or (lambda msg: _log.info(msg))
         tr = cfg["train"]
+        self.rank, self.world_size, self.local_rank = distributed_env() if distributed in (None, True) else (0, 1, 0)
+        self.is_main = self.rank == 0
+        self._own_group = False
+        self._closed = False
+        self._ddp: torch.nn.Module | None = None
+        self.log = log or (lambda msg: _log.info(msg))
+        if not self.is_main:
+            self.log = lambda msg: None  # rank 0 speaks for the run
         if tr.get("threads"):
             torch.set_num_threads(int(tr["threads"]))
-        self.device = resolve_device(tr.get("device", "auto"))
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            self.device = _distributed_device(tr.get("device", "auto"), self.local_rank)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+                self._own_group = True
+            if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+                raise RuntimeError("the process group does not match torchrun's RANK / WORLD_SIZE")
+        else:
+            self.device = resolve_device(tr.get("device", "auto"))
         self.out_dir = Path(tr["out_dir"]).expanduser()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(int(tr["seed"]))
         self.model_grid = model_grid_of(cfg)
         self.stages = train_stages_of(cfg)
@@ -437,6 +514,66 @@ class Trainer:
         if resume and (self.out_dir / "state.pt").exists():
             self.load_state(self.out_dir / "state.pt")
             self.log(f"resumed from {self.out_dir / 'state.pt'} at step {self.step}")
+        if self.world_size > 1:
+            # after any resume (every rank has read the state before rank 0 can write the next one: the
+            # wrapper's constructor is collective); it broadcasts rank 0's parameters and buffers
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # no batch statistics: the buffers are constants, synchronised once at construction
+            sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                else {"broadcast_buffers": False}
+            )
+            self._ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **sync
+            )
+            self.log(
+                f"DistributedDataParallel: {self.world_size} ranks ({self._ddp_backend()}), batch "
+                f"{int(tr['batch_size'])} per rank, {self.global_batch_size} per step"
+            )
+
+    # ----------------------------------------------------------------------------------- ranks
+
+    @property
+    def global_batch_size(self) -> int:
+        """Training pairs per optimiser step: ``train.batch_size`` times the number of ranks."""
+        return int(self.cfg["train"]["batch_size"]) * self.world_size
+
+    @staticmethod
+    def _ddp_backend() -> str:
+        import torch.distributed as dist
+
+        return str(dist.get_backend())
+
+    def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``values`` reduced over the ranks (a copy on this rank's device; unchanged with one process)."""
+        if self.world_size <= 1:
+            return values
+        import torch.distributed as dist
+
+        t = values.detach().to(self.device).clone()
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return t
+
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group (a barrier first unless ``barrier=False``, e.g. after a failure; the group
+        is destroyed only if this trainer created it); a no-op with one process or once closed."""
+        if self.world_size <= 1 or self._closed:
+            return
+        import torch.distributed as dist
+
+        self._closed = True
+        if not dist.is_initialized():
+            return
+        if barrier:
+            dist.barrier()
+        self._ddp = None
+        if self._own_group:
+            dist.destroy_process_group()
+            self._own_group = False
 
     # ----------------------------------------------------------------------------------- data
 
@@ -470,23 +607,38 @@ class Trainer:
 
     def sample_batch(self) -> dict:
         """``batch_size`` training pairs (and self-supervision pairs when ``lambda_self > 0``; and, with
-        ``loss.sim_spacing_mm``, the training pairs again at that spacing: ``sim_pairs``)."""
-        n = int(self.cfg["train"]["batch_size"])
+        ``loss.sim_spacing_mm``, the training pairs again at that spacing: ``sim_pairs``).
+
+        Under torchrun: the global batch (``batch_size`` per rank) is drawn on every rank, this rank
+        renders its slice (module docstring)."""
+        b = int(self.cfg["train"]["batch_size"])
+        mains, selfs_ = self._draw_specs(b * self.world_size)
+        lo, hi = self.rank * b, (self.rank + 1) * b
         pairs, selfs, sim_pairs = [], [], []
+        for idx, mc, fc, chain in mains[lo:hi]:
+            pairs.append(self._make(self.bank[idx], mc, fc, chain))
+            if self.sim_bank is not None:  # same subject, contrasts and motion at the loss's spacing
+                sim_pairs.append(self._make(self.sim_bank[idx], mc, fc, pairs[-1].chain, self.sim_grid))
+        for idx, c, _, chain in selfs_[lo:hi]:
+            selfs.append(self._make(self.bank[idx], c, c, chain))
+        return {"pairs": pairs, "self": selfs, "sim_pairs": sim_pairs}
+
+    def _draw_specs(self, n: int) -> tuple[list, list]:
+        """The random part of a batch of ``n``: ``(subject index, moving contrast, fixed contrast, motion)``
+        of ``n`` training pairs, then of ``n`` self-supervision pairs when ``lambda_self > 0`` (the order of
+        the draws from ``self.rng``; rendering a pair draws nothing)."""
+        mains, selfs = [], []
         for _ in range(n):
             idx = int(self.rng.integers(len(self.bank)))
-            subj = self.bank[idx]
             mc, fc = self._contrast_pair()
-            pairs.append(self._make(subj, mc, fc, self._motion()))
-            if self.sim_bank is not None:  # same subject, contrasts and motion; draws nothing from the rng
-                sim_pairs.append(self._make(self.sim_bank[idx], mc, fc, pairs[-1].chain, self.sim_grid))
+            mains.append((idx, mc, fc, self._motion()))
         if float(self.cfg["loss"]["lambda_self"]) > 0:
             cons = list(self.cfg["data"]["contrasts"])
             for _ in range(n):
-                subj = self.bank[int(self.rng.integers(len(self.bank)))]
+                idx = int(self.rng.integers(len(self.bank)))
                 c = cons[int(self.rng.integers(len(cons)))]
-                selfs.append(self._make(subj, c, c, self._motion()))
-        return {"pairs": pairs, "self": selfs, "sim_pairs": sim_pairs}
+                selfs.append((idx, c, c, self._motion()))
+        return mains, selfs
 
     @staticmethod
     def _collate(pairs: Sequence[D.Pair]) -> dict:
@@ -510,7 +662,8 @@ class Trainer:
         s = self._collate(batch["self"]) if batch["self"] else None
         moving = b["moving"] if s is None else torch.cat((b["moving"], s["moving"]))
         fixed = b["fixed"] if s is None else torch.cat((b["fixed"], s["fixed"]))
-        out = self.model(moving, fixed, grad_stages=self.train_names)
+        net = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self.model
+        out = net(moving, fixed, grad_stages=self.train_names)
         chain = slice_chain(out.chain, 0, n_main)
         terms = {}
         zero = torch.zeros((), device=self.device)
@@ -523,7 +676,7 @@ class Trainer:
             terms["sim"] = self.sim(warp_chain(b["moving"], g, chain, g), b["fixed"])
         terms["reg"] = gradient_regulariser(chain, g) if float(lc["lambda_reg"]) > 0 else zero
         npts = int(lc.get("self_points", 4096))
-        sup = point_error(chain, b["chain"], brain_points(b["brain"], g, npts))
+        sup = point_error(chain, b["chain"], self._brain_points(b["brain"], npts))
         terms["sup"] = sup / float(lc["self_scale_mm"]) ** 2
         terms["rmse_phi"] = sup.detach().sqrt()  # RMS over (subsampled) brain points, mm
         if s is not None:
@@ -532,7 +685,7 @@ class Trainer:
             terms["self"] = self_supervision_loss(
                 chain_s,
                 s["chain"],
-                brain_points(s["brain"], g, npts),
+                self._brain_points(s["brain"], npts),
                 lc["self_metric"],
                 float(lc["self_scale_mm"]),
                 states_s,
@@ -549,6 +702,15 @@ class Trainer:
         terms["nfe"] = {k: sum(v) for k, v in out.nfe.items()}
         return terms
 
+    def _brain_points(self, mask: torch.Tensor, npts: int) -> torch.Tensor:
+        """:func:`losses.brain_points` of the batch; under torchrun truncated to the smallest count of all
+        ranks, i.e. what the global batch gets (each member's points are a prefix of its strided list)."""
+        pts = brain_points(mask, self.model_grid, npts)
+        if self.world_size > 1:
+            k = int(self._all_reduce(torch.tensor([pts.shape[1]], dtype=torch.int64), "min")[0])
+            pts = pts[:, :k]
+        return pts
+
     def train_step(self) -> dict:
         """One optimiser step; returns the logged row (floats)."""
         t0 = time.perf_counter()
@@ -561,11 +723,20 @@ class Trainer:
             group["lr"] = lr
         terms = self.compute_losses(batch)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
+        logged = {k: float(terms[k].detach()) for k in ("loss", "sim", "self", "reg", "sup", "rmse_phi")}
+        if self.world_size > 1:  # the global batch's means (every rank also sees a non-finite loss anywhere)
+            keys = ("loss", "sim", "self", "reg", "sup")
+            vec = torch.stack(
+                [terms[k].detach().reshape(()).double() for k in keys] + [terms["rmse_phi"].double() ** 2]
+            )
+            vec = self._all_reduce(vec).cpu() / self.world_size
+            logged = dict(zip(keys, vec[:-1].tolist()))
+            logged["rmse_phi"] = math.sqrt(max(float(vec[-1]), 0.0)) if math.isfinite(float(vec[-1])) else float("nan")
+        if not math.isfinite(logged["loss"]):
             raise FloatingPointError(
                 f"non-finite loss at step {self.step + 1}: { {k: float(v) for k, v in terms.items() if k != 'nfe'} }"
             )
-        loss.backward()
+        loss.backward()  # under torchrun DistributedDataParallel averages the gradients over the ranks
         clip = self.cfg["train"].get("grad_clip")
         params = self.model.stage_parameters(self.train_names)
         gnorm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"))
@@ -578,12 +749,12 @@ class Trainer:
             "time_s": round(self.elapsed, 3),
             "sec_per_step": round(dt, 3),
             "data_s": round(t_data, 3),
-            "loss": float(loss.detach()),
-            "sim": float(terms["sim"].detach()),
-            "self": float(terms["self"]),
-            "reg": float(terms["reg"]),
-            "sup": float(terms["sup"]),
-            "rmse_phi_mm": float(terms["rmse_phi"]),
+            "loss": logged["loss"],
+            "sim": logged["sim"],
+            "self": logged["self"],
+            "reg": logged["reg"],
+            "sup": logged["sup"],
+            "rmse_phi_mm": logged["rmse_phi"],
             "grad_norm": float(gnorm),
             "lr": lr,
             **{f"nfe_{k}": v for k, v in terms["nfe"].items()},
@@ -641,18 +812,22 @@ class Trainer:
 
     def fit(self, steps: int | None = None, max_minutes: float | None = None) -> dict:
         """Train until ``steps`` (total, default ``train.steps``) or ``max_minutes`` of wall time (default
-        ``train.max_minutes``) or a SIGTERM/SIGINT; checkpoints on the way and at the end."""
+        ``train.max_minutes``) or a SIGTERM/SIGINT; checkpoints on the way and at the end. Under torchrun:
+        collective (every rank calls it; the ranks agree on when to stop), rank 0 writes."""
         tr = self.cfg["train"]
         steps = int(steps if steps is not None else tr["steps"])
         max_minutes = float(max_minutes if max_minutes is not None else tr["max_minutes"] or 1e9)
         deadline = time.monotonic() + 60.0 * max_minutes
-        self._write_config()
+        main = self.is_main
+        if main:
+            self._write_config()
         self._install_signals()
         log_path = self.out_dir / "train_log.csv"
-        self._trim_csv(log_path)
-        self._trim_csv(self.out_dir / "val_log.csv")
+        if main:
+            self._trim_csv(log_path)
+            self._trim_csv(self.out_dir / "val_log.csv")
         bar = None
-        if tr.get("progress", True):
+        if tr.get("progress", True) and main:
             try:
                 from tqdm import tqdm
 
@@ -662,25 +837,24 @@ class Trainer:
         stop_reason = "steps"
         try:
             while self.step < steps:
-                if self._stop:
-                    stop_reason = "signal"
-                    break
-                if time.monotonic() > deadline:
-                    stop_reason = "max_minutes"
+                reason = self._stop_reason(deadline)
+                if reason:
+                    stop_reason = reason
                     break
                 row = self.train_step()
-                self._append_csv(log_path, row)
-                self._tensorboard(row)
+                if main:
+                    self._append_csv(log_path, row)
+                    self._tensorboard(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
                         loss=f"{row['loss']:.4g}", rmse=f"{row['rmse_phi_mm']:.2f}", s=f"{row['sec_per_step']:.2f}"
                     )
                 every = int(tr.get("checkpoint_every") or 0)
-                if every and self.step % every == 0:
+                if every and self.step % every == 0 and main:
                     self.save_state()
                 ve = int(tr.get("val_every") or 0)
-                if ve and self.step % ve == 0:
+                if ve and self.step % ve == 0 and main:
                     v = self.validate()
                     self._append_csv(self.out_dir / "val_log.csv", v)
                     self.log(
@@ -690,10 +864,22 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.save_state()
+            if main:
+                self.save_state()
             self._restore_signals()
         self.log(f"stopped at step {self.step} ({stop_reason}); state in {self.out_dir / 'state.pt'}")
         return {"step": self.step, "stop_reason": stop_reason}
+
+    def _stop_reason(self, deadline: float) -> str | None:
+        """``"signal"`` / ``"max_minutes"`` / None; under torchrun the ranks agree (any rank's reason stops all)."""
+        flags = (bool(self._stop), time.monotonic() > deadline)
+        if self.world_size > 1:
+            flags = tuple(bool(v) for v in self._all_reduce(torch.tensor(flags, dtype=torch.int32), "max").tolist())
+        if flags[0]:
+            return "signal"
+        if flags[1]:
+            return "max_minutes"
+        return None
 
     def _install_signals(self):
         self._old = {}
@@ -777,6 +963,7 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history_json": json.dumps(self.history[-20000:]),
+            "world_size": self.world_size,
         }
 
     def save_state(self, path: Path | None = None) -> Path:
@@ -796,6 +983,13 @@ class Trainer:
         if st.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["rng_cuda"])
         self.history = json.loads(st.get("history_json", "[]"))
+        saved_world = int(st.get("world_size", 1))
+        if saved_world != self.world_size:
+            self.log(
+                f"{path} was saved by {saved_world} process(es), this run has {self.world_size}: the batch per "
+                f"step is now {self.global_batch_size} pairs (train.batch_size {self.cfg['train']['batch_size']} "
+                "per process)"
+            )
 
     def init_from(self, path) -> None:
         """Seed networks from a training state, stage checkpoint(s) or a plan (matching names only)."""
@@ -854,6 +1048,11 @@ class Trainer:
             "device": str(self.device),
             "torch": str(torch.__version__),
             "trained_stages": self.train_names,
+            **(
+                {"distributed": {"world_size": self.world_size, "global_batch_size": self.global_batch_size}}
+                if self.world_size > 1
+                else {}
+            ),
             "final_losses_mean_last50": {k: avg(k) for k in ("loss", "sim", "self", "reg", "sup", "rmse_phi_mm")},
             "data": {
                 "generator_version": D.GENERATOR_VERSION,
