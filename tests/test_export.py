@@ -725,3 +725,51 @@ def test_tensorrt_backend_on_gpu(small_plan, pair, tmp_path, monkeypatch):
     shipped = add_tensorrt_engines(small_plan, out_path=tmp_path / "with_engines.plan")
     third = Registrar.load(shipped, device="cuda", backend="tensorrt")
     assert all(s.startswith("plan:engines/") for s in third.backend.sources.values())
+
+
+@pytest.mark.parametrize("geometry", ["oblique_fixed", "flipped_moving", "thick_slice_moving"])
+def test_registrar_ts_register_native_equals_the_sdk(phantom, geometry, tmp_path):
+    """registrar.ts's register_native (what the C++ library calls) runs the SDK's own preprocessing and
+    world outputs (msode_sdk.world, compiled into the module): on native grids -- oblique anisotropic,
+    flipped and differently sized, thick-slice -- it equals Registrar.register to float32 rounding."""
+    from conftest import affine_from, render
+
+    grid = Grid((24, 28, 20), (7.0, 7.0, 7.0))
+    plan = build_analytic_plan(
+        tmp_path / "p.plan",
+        grid,
+        stages=("rigid", "bspline"),
+        control_spacing_mm=(28.0,) * 3,
+        schedules={"rigid": (LevelSolver("euler", 0.25),) * 3},
+        formats=("torchscript",),
+    )
+    c0 = phantom.centre.numpy()
+    m = rigid_matrix(torch.tensor([[0.1, -0.08, 0.12, 5.0, -4.0, 3.0]], dtype=torch.float64))[0]
+    world_map = lambda p: p @ m[:3, :3].T + (m[:3, 3] + torch.from_numpy(c0) - m[:3, :3] @ torch.from_numpy(c0))  # noqa: E731
+    f_shape, f_aff = (40, 44, 30), affine_from((4.0, 4.0, 5.0), (0.0, 0.0, 0.0), (40, 44, 30), c0)
+    m_shape, m_aff = (42, 40, 36), affine_from((4.2, 4.2, 4.2), (0.0, 0.0, 0.0), (42, 40, 36), c0 + 3.0)
+    if geometry == "oblique_fixed":
+        f_aff = affine_from((4.0, 4.5, 6.0), (8.0, -5.0, 20.0), (40, 44, 30), c0 + 2.0)
+    elif geometry == "flipped_moving":
+        m_shape = (46, 38, 34)
+        m_aff = affine_from((4.0, 4.4, 4.6), (0.0, 0.0, 0.0), m_shape, c0 - 4.0) @ np.diag([-1.0, 1.0, -1.0, 1.0])
+        m_aff[:3, 3] = c0 - 4.0 - m_aff[:3, :3] @ ((np.asarray(m_shape) - 1) / 2.0)
+    else:  # thick slices: 1.5 x 1.5 x 12 mm voxels (pooled and blurred in-plane onto the 7 mm model grid)
+        m_shape = (110, 112, 14)
+        m_aff = affine_from((1.5, 1.5, 12.0), (0.0, 0.0, 0.0), m_shape, c0 + 2.0)
+    fixed = render(phantom, f_shape, f_aff, world_map)
+    moving = render(phantom, m_shape, m_aff)
+    ref = Registrar.load(plan, device="cpu", backend="torch").register((moving, m_aff), (fixed, f_aff))
+    module = torch.jit.load(io.BytesIO(build_registrar_ts(load_plan(plan))))
+    warped, disp, matrix = module.register_native(
+        torch.from_numpy(moving), torch.from_numpy(m_aff), torch.from_numpy(fixed), torch.from_numpy(f_aff)
+    )
+    rw, rd = np.asarray(ref.warped.dataobj), np.asarray(ref.displacement.dataobj)[:, :, :, 0, :]
+    assert warped.shape == rw.shape == f_shape and disp.shape == (*f_shape, 3) and matrix.dtype == torch.float64
+    assert float(np.abs(warped.numpy() - rw).max()) <= 1e-3 * float(rw.max() - rw.min())
+    assert float(np.sqrt(((disp.numpy() - rd) ** 2).sum(-1).mean())) <= 0.01
+    assert float(np.abs(matrix.numpy() - ref.matrix).max()) <= 1e-4
+    with pytest.raises(torch.jit.Error, match="InputError: fixed: image has no intensity range"):
+        module.register_native(
+            torch.from_numpy(moving), torch.from_numpy(m_aff), torch.zeros(8, 8, 8), torch.from_numpy(f_aff)
+        )

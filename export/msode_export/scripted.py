@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msode_sdk import world
 from msode_sdk.errors import PlanError
 from msode_sdk.initialize import mutual_information, thetas_of_points
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
@@ -153,6 +154,11 @@ def _fast_coords(
 _rigid_matrix = rigid_matrix_unchecked
 _rigid_inverse = rigid_inverse
 _affine_bspline_coords = affine_bspline_coords
+# the native-image pipeline: the SDK's own msode_sdk.world functions, compiled into the module
+_world_image_centre = world.image_centre
+_world_resample = world.resample_to_grid
+_world_normalise = world.normalise_percentiles
+_world_outputs = world.world_outputs
 _apply_matrix = apply_matrix
 _bspline_kernel = bspline_kernel
 
@@ -642,6 +648,12 @@ class RegistrarModule(nn.Module):
     final_bspline: int
     final_bparams: List[float]
     final_fast: bool
+    final_dense: int
+    final_fparams: List[float]
+    native_ok: bool
+    centre_mode: str
+    norm_low: float
+    norm_high: float
 
     def __init__(
         self,
@@ -670,6 +682,18 @@ class RegistrarModule(nn.Module):
         self.final_bspline = kinds.index("bspline") if fast and "bspline" in kinds else -1
         self.final_bparams = [float(v) for v in final[-1].params] if self.final_bspline >= 0 else []
         self.final_fast = fast
+        # register_native: world outputs of [rigid?, bspline | dense?] chains (msode_sdk.world.world_outputs)
+        self.native_ok = kinds in ([], ["rigid"], ["bspline"], ["dense"], ["rigid", "bspline"], ["rigid", "dense"])
+        self.final_dense = kinds.index("dense") if self.native_ok and "dense" in kinds else -1
+        if self.native_ok and self.final_bspline < 0 and "bspline" in kinds:
+            self.final_bspline = kinds.index("bspline")
+            self.final_bparams = [float(v) for v in final[-1].params]
+        self.final_fparams = [float(v) for v in final[-1].params] if self.final_dense >= 0 else []
+        grid_info = info.get("model_grid", {})
+        norm = info.get("normalization", {})
+        self.centre_mode = str(grid_info.get("centre", "fov"))
+        self.norm_low = float(norm.get("low", 0.5))
+        self.norm_high = float(norm.get("high", 99.5))
 
     @torch.jit.export
     def describe(self) -> str:
@@ -688,6 +712,86 @@ class RegistrarModule(nn.Module):
             cur_shape = steps_shape[i]
             cur_spacing = steps_spacing[i]
         return cur
+
+    def _states(self, moving: Tensor, fixed: Tensor) -> List[Tensor]:
+        """Every stage's final state for model-grid inputs (the pyramid, then the stages in order)."""
+        pyr_m: List[Tensor] = []
+        pyr_f: List[Tensor] = []
+        for p in range(len(self.pyr_shapes)):
+            pyr_m.append(self._downsample(moving, p))
+            pyr_f.append(self._downsample(fixed, p))
+        states: List[Tensor] = []
+        for st in self.stages:
+            states.append(st.run(pyr_m, pyr_f, states))
+        return states
+
+    def _prepare(self, image: Tensor, affine: Tensor, name: str) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(native (1, 1, X, Y, Z), centre RAS, model-grid volume)`` of a native image, as the SDK's
+        ``msode_sdk.io.prepare_image`` computes them (the same :mod:`msode_sdk.world` functions)."""
+        if image.dim() != 3:
+            raise ValueError("InputError: " + name + ": expected a 3-D (X, Y, Z) image, got " + str(image.shape))
+        if list(affine.shape) != [4, 4]:
+            raise ValueError("InputError: " + name + ": expected a 4x4 affine, got " + str(affine.shape))
+        native = image.to(torch.float32).contiguous().unsqueeze(0).unsqueeze(0)
+        aff = affine.to(device=native.device, dtype=torch.float64)
+        centre = _world_image_centre(native, aff, self.centre_mode)
+        vol = _world_resample(native, aff, self.shape, self.spacing, centre)
+        flat = native.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels, as the SDK
+        vol = _world_normalise(vol, sample, self.norm_low, self.norm_high, "InputError: " + name + ": ")
+        if float(vol.max()) <= 0.0:
+            raise ValueError("InputError: " + name + ": no image content inside the model grid around its centre")
+        return native, centre, vol
+
+    @torch.jit.export
+    def register_native(
+        self, moving: Tensor, moving_affine: Tensor, fixed: Tensor, fixed_affine: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The whole pipeline on native images, as ``msode_sdk.Registrar.register`` runs it: ``moving``,
+        ``fixed`` float32 ``(X, Y, Z)`` in NIfTI index order (any strides), their 4x4 float64 voxel -> RAS
+        affines. Returns ``(warped (X, Y, Z) on the fixed grid in the moving image's intensities,
+        displacement (X, Y, Z, 3) LPS mm: fixed point p -> moving point p + d(p), matrix (4, 4) float64
+        RAS: the rigid part, fixed point -> moving point)``. Errors about the inputs start with
+        ``InputError:``."""
+        if not self.native_ok:
+            raise RuntimeError("registrar.ts: register_native supports plans whose chain is [rigid?, bspline|dense?]")
+        with torch.no_grad():
+            mov, c_m, vol_m = self._prepare(moving, moving_affine, "moving")
+            fix, c_f, vol_f = self._prepare(fixed, fixed_affine, "fixed")
+            states = self._states(vol_m, vol_f)
+            a = torch.eye(4, dtype=torch.float64, device=mov.device)
+            first = True
+            for j in self.rigid_indices:
+                m = _rigid_matrix(states[j])[0].to(torch.float64)
+                if first:
+                    a = m
+                    first = False
+                else:
+                    a = a @ m
+            coeffs: Optional[Tensor] = None
+            field: Optional[Tensor] = None
+            if self.final_bspline >= 0:
+                coeffs = states[self.final_bspline]
+            if self.final_dense >= 0:
+                field = states[self.final_dense]
+            shape = [int(fix.shape[2]), int(fix.shape[3]), int(fix.shape[4])]
+            half: List[float] = []
+            for i in range(3):
+                half.append(self.spacing[i] / 2.0)
+            return _world_outputs(
+                a,
+                coeffs,
+                self.final_bparams,
+                field,
+                self.final_fparams,
+                mov,
+                moving_affine,
+                c_m,
+                shape,
+                fixed_affine,
+                c_f,
+                half,
+            )
 
     def forward(self, moving: Tensor, fixed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         expect = [1, self.shape[2], self.shape[1], self.shape[0]]
@@ -711,14 +815,7 @@ class RegistrarModule(nn.Module):
             moving = moving.to(torch.float32)
             fixed = fixed.to(torch.float32)
             n = moving.shape[0]
-            pyr_m: List[Tensor] = []
-            pyr_f: List[Tensor] = []
-            for p in range(len(self.pyr_shapes)):
-                pyr_m.append(self._downsample(moving, p))
-                pyr_f.append(self._downsample(fixed, p))
-            states: List[Tensor] = []
-            for st in self.stages:
-                states.append(st.run(pyr_m, pyr_f, states))
+            states = self._states(moving, fixed)
             # final chain on the model grid: innermost (last) stage evaluated on the grid, then the others
             pts = self.last.map_grid(states[len(states) - 1], self.shape, self.spacing)
             for tr in self.outer:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from nibabel.volumeutils import apply_read_scaling
 
 from .errors import InputError
+from . import world
 from .transforms import Grid
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
     "PreparedImage",
     "prepare_image",
     "native_tensor",
-    "native_sampling_theta",
-    "sample_native",
     "normalise_intensity",
     "sample_image_at_world",
     "world_points",
@@ -418,48 +417,16 @@ def world_points(shape_xyz, affine: np.ndarray, dtype=torch.float32, device=None
 
 def image_centre(img: Image, mode: str = "fov") -> np.ndarray:
     """RAS mm centre of an image: field-of-view centre (``fov``) or intensity centre of mass (``com``)
-    of the voxels above the 2nd percentile."""
-    if mode == "fov":
-        c = (np.asarray(img.shape, dtype=np.float64) - 1.0) / 2.0
-        return img.affine[:3, :3] @ c + img.affine[:3, 3]
-    if mode == "com":
-        arr = img.array
-        w = np.clip(arr - np.percentile(arr, 2.0), 0, None).astype(np.float64)
-        total = w.sum()
-        if total <= 0:
-            return image_centre(img, "fov")
-        idx = [np.arange(n, dtype=np.float64) for n in arr.shape]
-        c = (
-            np.array(
-                [
-                    (w.sum(axis=(1, 2)) * idx[0]).sum(),
-                    (w.sum(axis=(0, 2)) * idx[1]).sum(),
-                    (w.sum(axis=(0, 1)) * idx[2]).sum(),
-                ]
-            )
-            / total
-        )
-        return img.affine[:3, :3] @ c + img.affine[:3, 3]
-    raise InputError(f"unknown centre mode {mode!r}; valid: ['com', 'fov']")
+    of the voxels above the 2nd percentile (:func:`msode_sdk.world.image_centre`)."""
+    if mode not in ("fov", "com"):
+        raise InputError(f"unknown centre mode {mode!r}; valid: ['com', 'fov']")
+    c = world.image_centre(native_tensor(img.array), torch.from_numpy(np.asarray(img.affine, dtype=np.float64)), mode)
+    return c.numpy()
 
 
-def _gaussian_blur_axes(vol: torch.Tensor, sigmas_dhw) -> torch.Tensor:
-    """Separable Gaussian blur of ``(1, 1, D, H, W)`` with per-axis sigma in voxels (0 = none)."""
-    for axis, sigma in enumerate(sigmas_dhw):
-        if sigma < 0.3:
-            continue
-        # 3 sigma, but never more than twice the axis (thin slabs far finer than the grid would
-        # otherwise pad the volume to thousands of slices; beyond 2n the truncation is immaterial)
-        radius = int(min(math.ceil(3.0 * sigma), 2 * vol.shape[2 + axis]))
-        x = torch.arange(-radius, radius + 1, dtype=vol.dtype, device=vol.device)
-        k = torch.exp(-0.5 * (x / sigma) ** 2)
-        k = k / k.sum()
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = k.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        vol = F.conv3d(F.pad(vol, pad, mode="replicate"), k.reshape(shape))
-    return vol
+def _gaussian_blur_axes(vol: torch.Tensor, sigmas) -> torch.Tensor:
+    """Separable Gaussian blur per tensor axis (:func:`msode_sdk.world.gaussian_blur_axes`)."""
+    return world.gaussian_blur_axes(vol, [float(v) for v in sigmas])
 
 
 def sample_image_at_world(
@@ -480,41 +447,8 @@ def sample_image_at_world(
 
 def native_tensor(arr: np.ndarray, device=None) -> torch.Tensor:
     """``(X, Y, Z)`` array -> ``(1, 1, X, Y, Z)`` float32 tensor in the array's own order: no transposing
-    copy (one host-to-device copy on a GPU). Sample it with :func:`native_sampling_theta` coordinates."""
+    copy (one host-to-device copy on a GPU); :mod:`msode_sdk.world` samples it."""
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)[None, None]
-
-
-def _normalised_to_index(shape) -> np.ndarray:
-    """4x4: ``grid_sample`` coordinates of an ``(n0, n1, n2)`` tensor, given in its order ``(c2, c1, c0)``
-    (align_corners), -> voxel index ``(i0, i1, i2, 1)``."""
-    half = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
-    m = np.zeros((4, 4))
-    for a in range(3):
-        m[a, 2 - a] = half[a]
-        m[a, 3] = half[a]
-    m[3, 3] = 1.0
-    return m
-
-
-def native_sampling_theta(out_to_src: np.ndarray, out_shape, src_shape) -> torch.Tensor:
-    """``(1, 3, 4)`` float32 ``affine_grid`` matrix that samples a native-order source tensor of spatial
-    shape ``src_shape`` on an output tensor of spatial shape ``out_shape``, given the 4x4 map
-    ``out_to_src`` from output voxel indices to source voxel indices (float64, composed on the host)."""
-    m = (
-        np.linalg.inv(_normalised_to_index(src_shape))
-        @ np.asarray(out_to_src, dtype=np.float64)
-        @ _normalised_to_index(out_shape)
-    )
-    return torch.from_numpy(m[:3].astype(np.float32))[None]
-
-
-def sample_native(vol: torch.Tensor, theta: torch.Tensor, out_shape) -> torch.Tensor:
-    """Trilinear samples (zeros outside, ``align_corners``) of ``vol`` ``(N, C, n0, n1, n2)`` at the output
-    voxels that ``theta`` (:func:`native_sampling_theta`) maps into it: ``(N, C, *out_shape)``."""
-    grid = F.affine_grid(
-        theta.to(vol.device).expand(vol.shape[0], 3, 4), [vol.shape[0], 1, *out_shape], align_corners=True
-    )
-    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def resample_to_model_grid(
@@ -530,30 +464,9 @@ def resample_to_model_grid(
     Gaussian of ``sigma = 0.5 * sqrt(r'^2 - 1)`` pooled voxels takes the remaining ratio ``r'``.
     The sampling positions are composed in float64 on the host and applied by ``affine_grid``."""
     vol = native_tensor(img.array, device) if tensor is None else tensor
-    affine = np.asarray(img.affine, dtype=np.float64)
-    ratio = np.min(grid.spacing_xyz) / img.spacing  # per source axis x, y, z
-    pool = np.maximum(np.floor(ratio + 1e-6), 1).astype(int)
-    pool = np.minimum(pool, np.asarray(img.shape) // 2).clip(min=1)
-    if np.any(pool > 1):
-        vol = F.avg_pool3d(vol, kernel_size=(int(pool[0]), int(pool[1]), int(pool[2])))
-        # pooled voxel i covers source voxels [f i, f i + f - 1]: its centre is f i + (f - 1) / 2
-        scale = np.diag([*pool.astype(np.float64), 1.0])
-        scale[:3, 3] = (pool - 1) / 2.0
-        affine = affine @ scale
-    rest = ratio / pool
-    sig_xyz = 0.5 * np.sqrt(np.clip(rest**2 - 1.0, 0.0, None))
-    vol = _gaussian_blur_axes(vol, tuple(sig_xyz))
-    # model voxel (x, y, z) -> world -> source voxel
-    model_to_world = np.eye(4)
-    model_to_world[:3, :3] = np.diag(grid.spacing_xyz)
-    model_to_world[:3, 3] = np.asarray(centre_ras, dtype=np.float64) - (
-        np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0
-    ) / 2.0 * np.asarray(grid.spacing_xyz)
-    vox = np.linalg.inv(affine) @ model_to_world
-    # the output tensor is (Z, Y, X): its index order is the reverse of the model voxel (x, y, z)
-    rev = np.eye(4)[[2, 1, 0, 3]]
-    theta = native_sampling_theta(vox @ rev, grid.shape_dhw, tuple(vol.shape[2:]))
-    return sample_native(vol, theta, grid.shape_dhw)
+    affine = torch.from_numpy(np.asarray(img.affine, dtype=np.float64)).to(vol.device)
+    centre = torch.as_tensor(np.asarray(centre_ras, dtype=np.float64), device=vol.device)
+    return world.resample_to_grid(vol, affine, list(grid.shape_xyz), list(grid.spacing_xyz), centre)
 
 
 @dataclass(frozen=True)
@@ -576,9 +489,13 @@ def prepare_image(
     native image, from at most 2 M voxels). Raises :class:`InputError` naming ``name`` for images with no
     intensity range or no content inside the model grid. Needs nothing but the plan's manifest values, so
     data-loading workers run it without loading any network."""
-    centre = image_centre(img, centre_mode)
+    if centre_mode not in ("fov", "com"):
+        raise InputError(f"unknown centre mode {centre_mode!r}; valid: ['com', 'fov']")
     native = native_tensor(img.array, device)
-    vol = resample_to_model_grid(img, grid, centre, device, tensor=native)
+    affine = torch.from_numpy(np.asarray(img.affine, dtype=np.float64)).to(native.device)
+    centre_t = world.image_centre(native, affine, centre_mode)
+    vol = world.resample_to_grid(native, affine, list(grid.shape_xyz), list(grid.spacing_xyz), centre_t)
+    centre = centre_t.cpu().numpy()
     flat = native.reshape(-1)
     sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
     try:
@@ -594,24 +511,16 @@ def normalise_intensity(
     vol: torch.Tensor, low_pct: float, high_pct: float, reference: np.ndarray | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Map intensities so that the ``low_pct``/``high_pct`` percentiles (of ``reference`` when given,
-    e.g. a sample of the native image, else of ``vol``) become 0 and 1, clipped to ``[0, 1]``.
-    Percentiles interpolate linearly (numpy's default); a CUDA ``reference`` is summarised on its device
-    (``torch.quantile``, float64), anything else by numpy."""
+    e.g. a sample of the native image, else of ``vol``) become 0 and 1, clipped to ``[0, 1]``
+    (:func:`msode_sdk.world.normalise_percentiles`: linear interpolation, float64, on the reference's
+    device)."""
     src = reference if reference is not None else vol.detach()
-    if isinstance(src, torch.Tensor) and src.is_cuda:
-        flat = src.reshape(-1).double()
-        q = torch.tensor([low_pct / 100.0, high_pct / 100.0], dtype=torch.float64, device=flat.device)
-        lo, hi = (float(v) for v in torch.quantile(flat, q))
-        if not hi > lo:  # very sparse images: fall back to the full range
-            lo, hi = (float(v) for v in torch.aminmax(flat))
-    else:
-        src = src.cpu().numpy() if isinstance(src, torch.Tensor) else src
-        lo, hi = np.percentile(src, [low_pct, high_pct])
-        if not hi > lo:  # very sparse images: fall back to the full range
-            lo, hi = float(np.min(src)), float(np.max(src))
-    if not hi > lo:
-        raise InputError("image has no intensity range to normalise")
-    return ((vol - float(lo)) / float(hi - lo)).clamp(0.0, 1.0)
+    if not isinstance(src, torch.Tensor):
+        src = torch.from_numpy(np.ascontiguousarray(src))
+    try:
+        return world.normalise_percentiles(vol, src.to(vol.device), float(low_pct), float(high_pct))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------ transforms to files

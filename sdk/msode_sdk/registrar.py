@@ -49,7 +49,7 @@ import uuid
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from . import io as _io
+from . import world
 from .backends import BACKENDS, get_backend
 from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError, ResourceError
 from .integrate import SegmentStats
@@ -678,142 +679,57 @@ class Registrar:
             next_out += 1
 
     def _to_world(self, chain: TransformChain, mov_img, c_m, fix_img, c_f, mov_native: torch.Tensor | None = None):
-        """World outputs on the fixed native grid (see RegistrationResult), on the registrar's device.
-
-        Frames: fixed voxel ``v`` -> fixed model-frame point ``x = aff_f v - c_f`` (mm, centre-relative)
-        -> ``phi(x)`` -> moving world point ``q = phi(x) + c_m`` -> moving voxel ``aff_m^-1 q``. For the
-        chains plans produce, ``phi(x) = A (x + u(x))`` (``A`` the rigid part, ``u`` the deformable stage),
-        every map but ``u`` is affine: composed in float64 on the host and applied by ``affine_grid`` in
-        one pass per output (sampling positions and displacement), to which ``A u`` is added. ``u`` on the
-        native grid: fixed grids whose axes are parallel to RAS (any permutation and flips) evaluate a
-        B-spline separably and exactly; oblique grids sample its exact values on a grid of half the model
-        spacing (max error ~0.02 mm for N(0, 8 mm^2) coefficients on a 20 mm lattice); dense fields are
-        sampled trilinearly (border-extended). Other chains map every point through the chain.
-        The moving image is sampled once (trilinear, zeros outside) in its native array order.
-        """
+        """World outputs on the fixed native grid (see RegistrationResult), on the registrar's device, by
+        :func:`msode_sdk.world.world_outputs` (what ``registrar.ts`` runs too) for the chains plans produce
+        (``[rigid?, bspline | dense?]``); any other chain maps every native point through it."""
         dev = self.device
-        shape = tuple(fix_img.shape)
-        aff_f = np.asarray(fix_img.affine, dtype=np.float64)
-        t_f, t_m = np.eye(4), np.eye(4)
-        t_f[:3, 3] = -np.asarray(c_f, dtype=np.float64)
-        t_m[:3, 3] = np.asarray(c_m, dtype=np.float64)
-        vox_to_x = t_f @ aff_f  # fixed voxel -> model frame
-        inv_m = np.linalg.inv(np.asarray(mov_img.affine, dtype=np.float64))
-        lps = np.diag([-1.0, -1.0, 1.0])
+        shape = [int(n) for n in fix_img.shape]
         if mov_native is None:
             mov_native = _io.native_tensor(mov_img.array, dev)
+        f64 = torch.float64
+        aff_f = torch.from_numpy(np.asarray(fix_img.affine, dtype=np.float64)).to(dev)
+        aff_m = torch.from_numpy(np.asarray(mov_img.affine, dtype=np.float64)).to(dev)
+        cm = torch.as_tensor(np.asarray(c_m, dtype=np.float64), device=dev)
+        cf = torch.as_tensor(np.asarray(c_f, dtype=np.float64), device=dev)
         kinds = [t.kind for t in chain.transforms]
-        standard = kinds in ([], ["rigid"], ["bspline"], ["dense"], ["rigid", "bspline"], ["rigid", "dense"])
         a = chain.affine_part()
-        a_model = np.eye(4) if a is None else a[0].detach().cpu().double().numpy()
+        a_model = torch.eye(4, dtype=f64, device=dev) if a is None else a[0].detach().to(dev, f64)
+        half = [sp / 2.0 for sp in self.model_grid.spacing_xyz]
         with torch.inference_mode():
-            axis_of = _axis_permutation(vox_to_x[:3, :3])
-            deform = chain.transforms[-1] if standard and kinds and kinds[-1] != "rigid" else None
-            # index -> grid_sample coordinates of the moving tensor, and index -> LPS displacement (3 x 4)
-            to_g = np.linalg.inv(_io._normalised_to_index(mov_img.shape)) @ inv_m @ t_m
-            g_map = (to_g @ a_model @ vox_to_x)[:3]
-            d_map = lps @ np.hstack(
-                [
-                    (a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, :3],
-                    (a_model[:3, :3] - np.eye(3)) @ vox_to_x[:3, 3:] + a_model[:3, 3:] + t_m[:3, 3:] + t_f[:3, 3:],
-                ]
-            )
-            k_g = to_g[:3, :3] @ a_model[:3, :3]  # d(grid_sample coordinates) / d(u), u in model mm
-            k_d = lps @ a_model[:3, :3]  # d(LPS displacement) / d(u)
-            if standard and (deform is None or deform.kind != "bspline" or axis_of is not None):
-                g = _affine_field(g_map, shape, dev)
-                disp = _affine_field(d_map, shape, dev)
-                if deform is not None and deform.kind == "bspline":  # separable and exact, mixed by k_g / k_d
-                    g.add_(self._bspline_native(deform, vox_to_x, axis_of, shape, k_g))
-                    disp.add_(self._bspline_native(deform, vox_to_x, axis_of, shape, k_d))
+            if kinds in ([], ["rigid"], ["bspline"], ["dense"], ["rigid", "bspline"], ["rigid", "dense"]):
+                deform: Any = chain.transforms[-1] if kinds and kinds[-1] != "rigid" else None
+                coeffs = field = None
+                bparams: list[float] = []
+                fparams: list[float] = []
+                if deform is not None and deform.kind == "bspline":
+                    coeffs = deform.state[:1]
+                    bparams = [*deform.lattice.control_spacing, *(float(n) for n in deform.lattice.shape_xyz)]
                 elif deform is not None:
-                    u = self._deformation_on(deform, vox_to_x, shape)
-                    g.add_(u @ torch.from_numpy(k_g.T.astype(np.float32)).to(dev))
-                    disp.add_(u @ torch.from_numpy(k_d.T.astype(np.float32)).to(dev))
-            elif standard:  # oblique fixed grid with a B-spline stage: exact samples on a half-spacing grid
-                g = _affine_field(g_map, shape, dev)
-                disp = _affine_field(d_map, shape, dev)
-                u = self._deformation_on(deform, vox_to_x, shape)
-                g.add_(u @ torch.from_numpy(k_g.T.astype(np.float32)).to(dev))
-                disp.add_(u @ torch.from_numpy(k_d.T.astype(np.float32)).to(dev))
+                    field = deform.state[:1]
+                    fparams = [*(float(n) for n in deform.grid.shape_xyz), *deform.grid.spacing_xyz]
+                warped, disp, matrix = world.world_outputs(
+                    a_model, coeffs, bparams, field, fparams, mov_native, aff_m, cm, shape, aff_f, cf, half
+                )
             else:  # any other chain: map every native point through it
-                x = _affine_field(vox_to_x[:3], shape, dev)[None]
-                fast = chain.densified(tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz))
-                phi = fast.map_points(x)
-                g = (
-                    phi @ torch.from_numpy(to_g[:3, :3].T.astype(np.float32)).to(dev)
-                    + torch.from_numpy(to_g[:3, 3].astype(np.float32)).to(dev)
-                )[0]
-                shift = torch.from_numpy((np.asarray(c_m) - np.asarray(c_f)).astype(np.float32)).to(dev)
-                disp = ((phi - x + shift) * torch.tensor([-1.0, -1.0, 1.0], device=dev))[0]
-            warped = F.grid_sample(mov_native, g[None], mode="bilinear", padding_mode="zeros", align_corners=True)[
-                0, 0
-            ]  # (n0, n1, n2)
+                t_f = torch.eye(4, dtype=f64, device=dev)
+                t_f[:3, 3] = -cf
+                vox_to_x = t_f @ aff_f
+                x = world.affine_field(vox_to_x[:3], shape)[None]
+                phi = chain.densified(tuple(half)).map_points(x)
+                t_m = torch.eye(4, dtype=f64, device=dev)
+                t_m[:3, 3] = cm
+                to_g = world.index_to_normalised([int(n) for n in mov_img.shape], dev) @ torch.linalg.inv(aff_m) @ t_m
+                g = (phi @ to_g[:3, :3].T.float() + to_g[:3, 3].float())[0]
+                disp = ((phi - x + (cm - cf).float()) * torch.tensor([-1.0, -1.0, 1.0], device=dev))[0]
+                warped = F.grid_sample(mov_native, g[None], mode="bilinear", padding_mode="zeros", align_corners=True)[
+                    0, 0
+                ]
+                matrix = t_m @ a_model @ t_f
         warped_img = nib.Nifti1Image(warped.cpu().numpy(), fix_img.affine)
         warped_img.set_qform(fix_img.affine, code=1)
         warped_img.set_sform(fix_img.affine, code=1)
         disp_img = _io.displacement_nifti(disp.cpu().numpy(), fix_img.affine, vectors="lps")
-        matrix = t_m @ a_model @ t_f
-        return warped_img, matrix, disp_img
-
-    @staticmethod
-    def _bspline_native(deform, vox_to_x: np.ndarray, axis_of, shape, mix: np.ndarray) -> torch.Tensor:
-        """``mix @ u(x)`` of a B-spline stage at every voxel of a fixed grid whose axes are parallel to the
-        model axes: ``(n0, n1, n2, 3)``, by separable synthesis of the mixed coefficients (exact)."""
-        dev = deform.state.device
-        coeffs = torch.einsum(
-            "ij,jzyx->izyx", torch.from_numpy(mix.astype(np.float32)).to(dev), deform.state[0].float()
-        )  # (3, cz, cy, cx)
-        basis = []
-        for m in range(3):  # model axis m runs along native axis axis_of[m]
-            a = axis_of[m]
-            coords = torch.as_tensor(
-                vox_to_x[m, a] * np.arange(shape[a]) + vox_to_x[m, 3], dtype=torch.float32, device=dev
-            )
-            basis.append(deform.lattice.basis_matrix(coords, m))  # (n_a, c_m)
-        letters = "pqr"  # native axes 0, 1, 2 of the output
-        lx, ly, lz = (letters[axis_of[m]] for m in range(3))
-        return torch.einsum(f"czyx,{lz}z,{ly}y,{lx}x->pqrc", coeffs, basis[2], basis[1], basis[0])
-
-    def _deformation_on(self, deform, vox_to_x: np.ndarray, shape) -> torch.Tensor:
-        """``u(x)`` (mm, model axes) of a B-spline or dense stage at every fixed native voxel: ``(n0, n1, n2, 3)``."""
-        dev = self.device
-        axis_of = _axis_permutation(vox_to_x[:3, :3])
-        if deform.kind == "bspline" and axis_of is not None:
-            # model axis m is native array axis axis_of[m]; 1-D model coordinates along each axis
-            coords = [
-                torch.as_tensor(
-                    vox_to_x[m, axis_of[m]] * np.arange(shape[axis_of[m]]) + vox_to_x[m, 3],
-                    dtype=torch.float32,
-                    device=dev,
-                )
-                for m in range(3)
-            ]
-            u = deform.lattice.displacement_on_axes(deform.state, *coords)[0]  # (3, Z', Y', X')
-            # tensor dim of model axis m is 1 + (2 - m); reorder to native array order (n0, n1, n2, 3)
-            order = [1 + 2 - [m for m in range(3) if axis_of[m] == a][0] for a in range(3)]
-            return u.permute(*order, 0)
-        if deform.kind == "bspline":
-            # exact samples on a half-spacing grid over the box the fixed grid occupies in the model frame
-            corners = (
-                np.array(
-                    [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
-                )
-                @ vox_to_x[:3].T
-            )
-            deform = deform.densified(
-                tuple(sp / 2.0 for sp in self.model_grid.spacing_xyz), within=np.abs(corners).max(axis=0)
-            )
-        grid = deform.grid  # dense: sample the field (border-extended) at each native point
-        to_field = np.linalg.inv(_io._normalised_to_index(grid.shape_dhw)) @ np.eye(4)[[2, 1, 0, 3]]
-        field_index = np.diag([1.0 / sp for sp in grid.spacing_xyz] + [1.0])
-        field_index[:3, 3] = (np.asarray(grid.shape_xyz, dtype=np.float64) - 1.0) / 2.0
-        theta = torch.from_numpy(
-            (to_field @ field_index @ vox_to_x @ _io._normalised_to_index(shape))[:3].astype(np.float32)
-        )[None].to(dev)
-        pts = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
-        u = F.grid_sample(deform.state[:1].float(), pts, mode="bilinear", padding_mode="border", align_corners=True)
-        return u[0].permute(1, 2, 3, 0)
+        return warped_img, matrix.cpu().numpy(), disp_img
 
 
 def _chain_item(chain: TransformChain, i: int) -> TransformChain:
@@ -824,34 +740,3 @@ def _chain_item(chain: TransformChain, i: int) -> TransformChain:
         item.state = t.state[i : i + 1]
         out.append(item)
     return TransformChain(out)
-
-
-def _affine_field(m34: np.ndarray, shape, device) -> torch.Tensor:
-    """``m34 @ (i, j, k, 1)`` at every voxel of a grid of ``shape``: ``(n0, n1, n2, 3)`` float32, as the
-    broadcast sum of one term per axis (composed in float64; cheaper than ``affine_grid``'s product)."""
-    terms = []
-    for a in range(3):
-        idx = np.arange(shape[a], dtype=np.float64)[:, None] * m34[:, a][None, :] + (
-            m34[:, 3][None, :] if a == 0 else 0.0
-        )
-        view = [1, 1, 1, 3]
-        view[a] = shape[a]
-        terms.append(torch.from_numpy(idx.astype(np.float32)).to(device).reshape(view))
-    return terms[0] + terms[1] + terms[2]
-
-
-def _axis_permutation(direction: np.ndarray) -> list[int] | None:
-    """For a 3x3 voxel->RAS matrix whose columns are each parallel to one RAS axis (a signed,
-    scaled permutation), the native axis of each model axis x, y, z; else None (oblique)."""
-    d = np.abs(direction)
-    axis_of = []
-    for m in range(3):
-        a = int(np.argmax(d[m]))
-        if (
-            d[m, a] <= 0
-            or np.any(np.delete(d[m], a) > 1e-6 * d[m, a])
-            or np.any(np.delete(d[:, a], m) > 1e-6 * d[m, a])
-        ):
-            return None
-        axis_of.append(a)
-    return axis_of if sorted(axis_of) == [0, 1, 2] else None

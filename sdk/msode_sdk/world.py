@@ -1,0 +1,373 @@
+"""Native images and the model grid: the preprocessing and the world outputs of a registration, written once.
+
+The Python SDK (:class:`msode_sdk.Registrar`) and the plan's ``registrar.ts`` (its ``register_native``
+method, used by the C++ library) both run these functions -- TorchScript compiles them into the module --
+so the two cannot drift. Every function takes tensors, lists and numbers only; maps between voxel and
+world coordinates are composed in float64 on the tensors' device and applied in float32.
+
+Layouts: a native image is a ``(N, C, n0, n1, n2)`` tensor in its own array order (NIfTI ``(X, Y, Z)``,
+no transposing copy); a model-grid volume is ``(N, C, D, H, W)`` with ``D = z``; affines are 4x4 float64
+voxel -> RAS mm; points are RAS mm. Conventions of the outputs (those of
+:class:`msode_sdk.RegistrationResult`): the warped moving image on the fixed native grid (trilinear,
+zeros outside), the displacement ``(n0, n1, n2, 3)`` in LPS mm (ITK/ANTs: fixed point ``p`` maps to
+moving point ``p + d(p)``), the rigid part as a 4x4 RAS matrix, fixed point -> moving point.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "index_to_normalised",
+    "sampling_theta",
+    "affine_field",
+    "gaussian_blur_axes",
+    "image_centre",
+    "resample_to_grid",
+    "normalise_percentiles",
+    "axis_permutation",
+    "world_outputs",
+]
+
+
+def _normalised_to_index(shape: List[int], device: torch.device) -> torch.Tensor:
+    """4x4 float64: ``grid_sample`` coordinates of an ``(n0, n1, n2)`` tensor, in its order ``(c2, c1, c0)``
+    (align_corners), -> voxel index ``(i0, i1, i2, 1)``."""
+    m = torch.zeros([4, 4], dtype=torch.float64, device=device)
+    for a in range(3):
+        half = (shape[a] - 1) / 2.0
+        m[a, 2 - a] = half
+        m[a, 3] = half
+    m[3, 3] = 1.0
+    return m
+
+
+def index_to_normalised(shape: List[int], device: torch.device) -> torch.Tensor:
+    """4x4 float64: voxel index ``(i0, i1, i2, 1)`` of an ``(n0, n1, n2)`` tensor -> its ``grid_sample``
+    coordinates ``(c2, c1, c0, 1)`` (align_corners; an axis of one voxel maps to 0)."""
+    m = torch.zeros([4, 4], dtype=torch.float64, device=device)
+    for a in range(3):
+        half = max((shape[a] - 1) / 2.0, 1e-12)
+        m[2 - a, a] = 1.0 / half
+        m[2 - a, 3] = -1.0 if shape[a] > 1 else 0.0
+    m[3, 3] = 1.0
+    return m
+
+
+def sampling_theta(out_to_src: torch.Tensor, out_shape: List[int], src_shape: List[int]) -> torch.Tensor:
+    """``(1, 3, 4)`` float32 ``affine_grid`` matrix that samples a source tensor of spatial shape
+    ``src_shape`` on an output tensor of spatial shape ``out_shape``, given the 4x4 float64 map
+    ``out_to_src`` from output voxel indices to source voxel indices."""
+    dev = out_to_src.device
+    m = index_to_normalised(src_shape, dev) @ out_to_src @ _normalised_to_index(out_shape, dev)
+    return m[:3].to(torch.float32).unsqueeze(0)
+
+
+def affine_field(m34: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    """``m34 @ (i, j, k, 1)`` at every voxel of a grid of ``shape``: ``(n0, n1, n2, 3)`` float32, as the
+    broadcast sum of one term per axis (composed in float64; cheaper than ``affine_grid``'s product)."""
+    dev = m34.device
+    i = torch.arange(shape[0], dtype=torch.float64, device=dev)
+    j = torch.arange(shape[1], dtype=torch.float64, device=dev)
+    k = torch.arange(shape[2], dtype=torch.float64, device=dev)
+    t0 = (i[:, None] * m34[:, 0][None, :] + m34[:, 3][None, :]).to(torch.float32).reshape(shape[0], 1, 1, 3)
+    t1 = (j[:, None] * m34[:, 1][None, :]).to(torch.float32).reshape(1, shape[1], 1, 3)
+    t2 = (k[:, None] * m34[:, 2][None, :]).to(torch.float32).reshape(1, 1, shape[2], 3)
+    return t0 + t1 + t2
+
+
+def gaussian_blur_axes(vol: torch.Tensor, sigmas: List[float]) -> torch.Tensor:
+    """Separable Gaussian blur of ``(1, 1, n0, n1, n2)`` with per-axis sigma in voxels (below 0.3: none)."""
+    for axis in range(3):
+        sigma = sigmas[axis]
+        if sigma < 0.3:
+            continue
+        # 3 sigma, but never more than twice the axis (thin slabs far finer than the grid would
+        # otherwise pad the volume to thousands of slices; beyond 2n the truncation is immaterial)
+        radius = int(min(math.ceil(3.0 * sigma), 2 * vol.shape[2 + axis]))
+        x = torch.arange(-radius, radius + 1, dtype=vol.dtype, device=vol.device)
+        k = torch.exp(-0.5 * (x / sigma) ** 2)
+        k = k / k.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = radius
+        pad[2 * (2 - axis) + 1] = radius
+        vol = F.conv3d(F.pad(vol, pad, mode="replicate"), k.reshape(shape))
+    return vol
+
+
+def image_centre(native: torch.Tensor, affine: torch.Tensor, mode: str) -> torch.Tensor:
+    """RAS mm centre ``(3,)`` float64 of a native image ``(1, 1, n0, n1, n2)``: field-of-view centre
+    (``fov``) or the intensity centre of mass (``com``) of the voxels above the 2nd percentile."""
+    shape = [native.shape[2], native.shape[3], native.shape[4]]
+    dev = native.device
+    if mode == "com":
+        arr = native[0, 0].to(torch.float64)
+        flat = arr.reshape(-1)
+        lo = torch.quantile(flat[:: max(1, flat.numel() // 2_000_000)], 0.02)
+        w = (arr - lo).clamp(min=0.0)
+        total = float(w.sum())
+        if total > 0:
+            c = (
+                torch.stack(
+                    [
+                        (w.sum(dim=(1, 2)) * torch.arange(shape[0], dtype=torch.float64, device=dev)).sum(),
+                        (w.sum(dim=(0, 2)) * torch.arange(shape[1], dtype=torch.float64, device=dev)).sum(),
+                        (w.sum(dim=(0, 1)) * torch.arange(shape[2], dtype=torch.float64, device=dev)).sum(),
+                    ]
+                )
+                / total
+            )
+            return affine[:3, :3] @ c + affine[:3, 3]
+    c = torch.tensor([(n - 1) / 2.0 for n in shape], dtype=torch.float64, device=dev)
+    return affine[:3, :3] @ c + affine[:3, 3]
+
+
+def resample_to_grid(
+    vol: torch.Tensor, affine: torch.Tensor, shape_xyz: List[int], spacing_xyz: List[float], centre: torch.Tensor
+) -> torch.Tensor:
+    """A native image ``(1, 1, n0, n1, n2)`` (voxel -> RAS ``affine``) on the axis-aligned RAS grid of
+    ``shape_xyz`` voxels of ``spacing_xyz`` mm centred at ``centre``: ``(1, 1, D, H, W)``.
+
+    Anti-aliasing for inputs finer than the grid: along each source axis whose voxels are ``r`` times
+    smaller than the grid's finest spacing, ``floor(r)`` voxels are first averaged (a strided box filter;
+    the pooled voxel centres are tracked exactly in the affine), then a Gaussian of
+    ``sigma = 0.5 * sqrt(r'^2 - 1)`` pooled voxels takes the remaining ratio ``r'``."""
+    dev = vol.device
+    affine = affine.to(torch.float64)
+    src_spacing = torch.linalg.vector_norm(affine[:3, :3], dim=0)
+    finest = min(spacing_xyz[0], spacing_xyz[1], spacing_xyz[2])
+    ratio: List[float] = (finest / src_spacing).tolist()
+    pool: List[int] = []
+    for a in range(3):
+        p = max(int(math.floor(ratio[a] + 1e-6)), 1)
+        pool.append(max(min(p, int(vol.shape[2 + a]) // 2), 1))
+    if pool[0] > 1 or pool[1] > 1 or pool[2] > 1:
+        vol = F.avg_pool3d(vol, kernel_size=[pool[0], pool[1], pool[2]])
+        # pooled voxel i covers source voxels [f i, f i + f - 1]: its centre is f i + (f - 1) / 2
+        scale = torch.eye(4, dtype=torch.float64, device=dev)
+        for a in range(3):
+            scale[a, a] = float(pool[a])
+            scale[a, 3] = (pool[a] - 1) / 2.0
+        affine = affine @ scale
+    sigmas: List[float] = []
+    for a in range(3):
+        rest = ratio[a] / pool[a]
+        sigmas.append(0.5 * math.sqrt(max(rest * rest - 1.0, 0.0)))
+    vol = gaussian_blur_axes(vol, sigmas)
+    model_to_world = torch.eye(4, dtype=torch.float64, device=dev)
+    for a in range(3):
+        model_to_world[a, a] = spacing_xyz[a]
+        model_to_world[a, 3] = centre[a] - (shape_xyz[a] - 1) / 2.0 * spacing_xyz[a]
+    vox = torch.linalg.inv(affine) @ model_to_world
+    # the output tensor is (Z, Y, X): its index order is the reverse of the model voxel (x, y, z)
+    rev = torch.zeros([4, 4], dtype=torch.float64, device=dev)
+    rev[0, 2] = 1.0
+    rev[1, 1] = 1.0
+    rev[2, 0] = 1.0
+    rev[3, 3] = 1.0
+    out_shape = [shape_xyz[2], shape_xyz[1], shape_xyz[0]]
+    theta = sampling_theta(vox @ rev, out_shape, [int(vol.shape[2]), int(vol.shape[3]), int(vol.shape[4])])
+    grid = F.affine_grid(theta, [1, 1, out_shape[0], out_shape[1], out_shape[2]], align_corners=True)
+    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def normalise_percentiles(
+    vol: torch.Tensor, sample: torch.Tensor, low_pct: float, high_pct: float, what: str = ""
+) -> torch.Tensor:
+    """Map intensities so that the ``low_pct`` / ``high_pct`` percentiles of ``sample`` (linear
+    interpolation, as numpy's default; float64) become 0 and 1, clipped to ``[0, 1]``; a degenerate range
+    falls back to the sample's min / max. Raises ``ValueError(what + "image has no intensity range ...")``
+    when that is degenerate too."""
+    flat = sample.reshape(-1).to(torch.float64)
+    q = torch.quantile(flat, torch.tensor([low_pct / 100.0, high_pct / 100.0], dtype=torch.float64, device=flat.device))
+    lo = float(q[0])
+    hi = float(q[1])
+    if not hi > lo:  # very sparse images: fall back to the full range
+        lo = float(flat.min())
+        hi = float(flat.max())
+    if not hi > lo:
+        raise ValueError(what + "image has no intensity range to normalise")
+    return ((vol - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def axis_permutation(direction: torch.Tensor) -> List[int]:
+    """For a 3x3 voxel -> RAS matrix whose columns are each parallel to one RAS axis (a signed, scaled
+    permutation), the native axis of each model axis x, y, z; else ``[]`` (oblique)."""
+    d: List[List[float]] = direction.abs().tolist()
+    axis_of: List[int] = []
+    for m in range(3):
+        row = d[m]
+        a = 0
+        for c in range(1, 3):
+            if row[c] > row[a]:
+                a = c
+        if row[a] <= 0:
+            return []
+        for c in range(3):
+            if c != a and row[c] > 1e-6 * row[a]:
+                return []
+        for r in range(3):
+            if r != m and d[r][a] > 1e-6 * row[a]:
+                return []
+        axis_of.append(a)
+    if sorted(axis_of) != [0, 1, 2]:
+        return []
+    return axis_of
+
+
+def _bspline_basis(coords: torch.Tensor, n_ctrl: int, cs: float) -> torch.Tensor:
+    """``(len(coords), n_ctrl)`` uniform cubic B-spline basis of a centred lattice (BSplineLattice.basis_matrix)."""
+    p = (torch.arange(n_ctrl, dtype=coords.dtype, device=coords.device) - (n_ctrl - 1) / 2.0) * cs
+    a = ((coords[:, None] - p[None, :]) / cs).abs()
+    inner = 2.0 / 3.0 - a * a + 0.5 * a * a * a
+    outer = (2.0 - a).clamp(min=0.0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
+
+
+def _axis_coords(n: int, vox_to_x: torch.Tensor, m: int, a: int) -> torch.Tensor:
+    """Model coordinate ``m`` (mm) along native axis ``a`` for a grid whose axis ``a`` is model axis ``m``."""
+    idx = torch.arange(n, dtype=torch.float64, device=vox_to_x.device)
+    return (vox_to_x[m, a] * idx + vox_to_x[m, 3]).to(torch.float32)
+
+
+def _bspline_native(
+    coeffs: torch.Tensor,
+    bparams: List[float],
+    vox_to_x: torch.Tensor,
+    axis_of: List[int],
+    shape: List[int],
+    mix: torch.Tensor,
+) -> torch.Tensor:
+    """``mix @ u(x)`` of a B-spline stage (``coeffs (1, 3, cz, cy, cx)``, ``bparams`` = control spacing x, y, z
+    and control counts x, y, z) at every voxel of a native grid whose axes are parallel to the model axes:
+    ``(n0, n1, n2, 3)``, by separable synthesis of the mixed coefficients (exact)."""
+    mixed = torch.einsum("ij,jzyx->izyx", mix.to(torch.float32), coeffs[0].to(torch.float32))
+    bx = _bspline_basis(_axis_coords(shape[axis_of[0]], vox_to_x, 0, axis_of[0]), int(bparams[3]), bparams[0])
+    by = _bspline_basis(_axis_coords(shape[axis_of[1]], vox_to_x, 1, axis_of[1]), int(bparams[4]), bparams[1])
+    bz = _bspline_basis(_axis_coords(shape[axis_of[2]], vox_to_x, 2, axis_of[2]), int(bparams[5]), bparams[2])
+    letters = "pqr"  # native axes 0, 1, 2 of the output
+    eq = "czyx," + letters[axis_of[2]] + "z," + letters[axis_of[1]] + "y," + letters[axis_of[0]] + "x->pqrc"
+    return torch.einsum(eq, [mixed, bz, by, bx])
+
+
+def _bspline_dense(
+    coeffs: torch.Tensor, bparams: List[float], spacing: List[float], within: List[float]
+) -> Tuple[torch.Tensor, List[float]]:
+    """The B-spline sampled exactly on a centred grid of ``spacing`` mm covering the box of half-extents
+    ``within`` (mm) and one node beyond, capped at the lattice's support (BSplineTransform.densified):
+    ``(field (1, 3, D, H, W), field grid [nx, ny, nz, sx, sy, sz])``."""
+    shape: List[int] = []
+    axes: List[torch.Tensor] = []
+    for a in range(3):
+        n_ctrl = int(bparams[3 + a])
+        half = min(((n_ctrl - 1) / 2.0 + 2.0) * bparams[a], within[a] + 2.0 * spacing[a])
+        n = int(math.ceil(2 * half / spacing[a])) + 1
+        shape.append(n)
+        axes.append((torch.arange(n, dtype=torch.float32, device=coeffs.device) - (n - 1) / 2.0) * spacing[a])
+    bx = _bspline_basis(axes[0], int(bparams[3]), bparams[0])
+    by = _bspline_basis(axes[1], int(bparams[4]), bparams[1])
+    bz = _bspline_basis(axes[2], int(bparams[5]), bparams[2])
+    out = torch.einsum("ncklm,xm->ncklx", coeffs.to(torch.float32), bx)
+    out = torch.einsum("ncklx,yl->nckyx", out, by)
+    out = torch.einsum("nckyx,zk->nczyx", out, bz)
+    return out, [float(shape[0]), float(shape[1]), float(shape[2]), spacing[0], spacing[1], spacing[2]]
+
+
+def _dense_native(field: torch.Tensor, fparams: List[float], vox_to_x: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    """A dense displacement ``(1, 3, D, H, W)`` on the centred grid ``fparams`` (``[nx, ny, nz, sx, sy, sz]``)
+    sampled (trilinear, border-extended) at every voxel of a native grid: ``(n0, n1, n2, 3)``."""
+    dev = vox_to_x.device
+    field_index = torch.eye(4, dtype=torch.float64, device=dev)
+    for a in range(3):
+        field_index[a, a] = 1.0 / fparams[3 + a]
+        field_index[a, 3] = (fparams[a] - 1.0) / 2.0
+    rev = torch.zeros([4, 4], dtype=torch.float64, device=dev)
+    rev[0, 2] = 1.0
+    rev[1, 1] = 1.0
+    rev[2, 0] = 1.0
+    rev[3, 3] = 1.0
+    f_shape = [int(fparams[2]), int(fparams[1]), int(fparams[0])]  # (D, H, W)
+    theta = sampling_theta(rev @ field_index @ vox_to_x, shape, f_shape)
+    pts = F.affine_grid(theta, [1, 1, shape[0], shape[1], shape[2]], align_corners=True)
+    u = F.grid_sample(field[:1].to(torch.float32), pts, mode="bilinear", padding_mode="border", align_corners=True)
+    return u[0].permute(1, 2, 3, 0)
+
+
+def world_outputs(
+    matrix: torch.Tensor,
+    coeffs: Optional[torch.Tensor],
+    bparams: List[float],
+    field: Optional[torch.Tensor],
+    fparams: List[float],
+    mov_native: torch.Tensor,
+    mov_affine: torch.Tensor,
+    c_m: torch.Tensor,
+    fix_shape: List[int],
+    fix_affine: torch.Tensor,
+    c_f: torch.Tensor,
+    dense_spacing: List[float],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """World outputs of a chain ``phi(x) = A (x + u(x))`` on the fixed native grid of ``fix_shape`` voxels.
+
+    ``matrix`` is ``A`` (4x4, model frame, float64; identity without a rigid stage), ``u`` a B-spline stage
+    (``coeffs (1, 3, cz, cy, cx)`` with ``bparams``) or a dense one (``field`` with ``fparams``) or neither;
+    ``mov_native`` the moving image ``(1, 1, m0, m1, m2)`` (original intensities); ``c_m`` / ``c_f`` the
+    RAS centres of the two model frames. Frames: fixed voxel ``v`` -> model point ``x = aff_f v - c_f``
+    -> ``phi(x)`` -> moving world point ``phi(x) + c_m`` -> moving voxel. Everything but ``u`` is affine:
+    composed in float64, applied as per-axis sums; ``u`` is added mixed by the linear maps that follow it
+    (separable and exact for a B-spline on grids parallel to the model axes; on oblique grids exact
+    samples on a grid of ``dense_spacing`` mm over the box the fixed grid occupies, interpolated).
+    Returns ``(warped (n0, n1, n2), displacement (n0, n1, n2, 3) LPS mm, matrix (4, 4) RAS)``."""
+    dev = mov_native.device
+    f64 = torch.float64
+    a_model = matrix.to(device=dev, dtype=f64)
+    t_f = torch.eye(4, dtype=f64, device=dev)
+    t_m = torch.eye(4, dtype=f64, device=dev)
+    t_f[:3, 3] = -c_f.to(device=dev, dtype=f64)
+    t_m[:3, 3] = c_m.to(device=dev, dtype=f64)
+    vox_to_x = t_f @ fix_affine.to(device=dev, dtype=f64)
+    inv_m = torch.linalg.inv(mov_affine.to(device=dev, dtype=f64))
+    lps = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=f64, device=dev))
+    eye3 = torch.eye(3, dtype=f64, device=dev)
+    mov_shape = [int(mov_native.shape[2]), int(mov_native.shape[3]), int(mov_native.shape[4])]
+    # index -> grid_sample coordinates of the moving tensor, and index -> LPS displacement (3 x 4)
+    to_g = index_to_normalised(mov_shape, dev) @ inv_m @ t_m
+    g_map = (to_g @ a_model @ vox_to_x)[:3]
+    d_lin = (a_model[:3, :3] - eye3) @ vox_to_x[:3, :3]
+    d_off = (a_model[:3, :3] - eye3) @ vox_to_x[:3, 3:] + a_model[:3, 3:] + t_m[:3, 3:] + t_f[:3, 3:]
+    d_map = lps @ torch.cat([d_lin, d_off], dim=1)
+    k_g = to_g[:3, :3] @ a_model[:3, :3]  # d(grid_sample coordinates) / d(u), u in model mm
+    k_d = lps @ a_model[:3, :3]  # d(LPS displacement) / d(u)
+    g = affine_field(g_map, fix_shape)
+    disp = affine_field(d_map, fix_shape)
+    u: Optional[torch.Tensor] = None
+    if coeffs is not None:
+        axis_of = axis_permutation(vox_to_x[:3, :3])
+        if len(axis_of) == 3:
+            g = g + _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_g)
+            disp = disp + _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_d)
+        else:  # oblique: exact samples on a fine grid over the box the fixed grid occupies
+            corners: List[List[float]] = []
+            for i in [0, fix_shape[0] - 1]:
+                for j in [0, fix_shape[1] - 1]:
+                    for k in [0, fix_shape[2] - 1]:
+                        corners.append([float(i), float(j), float(k), 1.0])
+            pts = torch.tensor(corners, dtype=f64, device=dev) @ vox_to_x[:3].T
+            within: List[float] = pts.abs().amax(dim=0).tolist()
+            dense, dparams = _bspline_dense(coeffs, bparams, dense_spacing, within)
+            u = _dense_native(dense, dparams, vox_to_x, fix_shape)
+    elif field is not None:
+        u = _dense_native(field, fparams, vox_to_x, fix_shape)
+    if u is not None:
+        g = g + u @ k_g.T.to(torch.float32)
+        disp = disp + u @ k_d.T.to(torch.float32)
+    warped = F.grid_sample(
+        mov_native.to(torch.float32), g.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True
+    )[0, 0]
+    return warped, disp, t_m @ a_model @ t_f
