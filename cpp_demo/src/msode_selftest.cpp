@@ -3,6 +3,14 @@
 //   msode_selftest                 built-in known-answer tests; prints "ok" or the failures
 //   msode_selftest sha256 FILE     lower-case hex sha256 of FILE
 //   msode_selftest zip FILE        "name size sha256" per member (CRC verified), or an error
+//   msode_selftest nifti FILE RAW  reads FILE as msode_register does (msode::read_nifti, role "image"):
+//                                  one JSON line (dims, affine, source, version, ...) on stdout and the
+//                                  float32 voxels (x fastest) into RAW; or the one-line error, exit 1
+//   msode_selftest write-nifti RAW X Y Z OUT   float32 voxels from RAW written by msode::write_nifti_float32
+//                                  with an oblique affine (tests the writer's header against nibabel)
+//   msode_selftest itk             msode::itk_affine_text of a fixed matrix (against write_itk_affine)
+#include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -10,7 +18,10 @@
 #include <vector>
 
 #include "msode/error.hpp"
+#include "msode/image.hpp"
 #include "msode/json.hpp"
+#include "msode/nifti.hpp"
+#include "msode/outputs.hpp"
 #include "msode/sha256.hpp"
 #include "msode/zip.hpp"
 
@@ -115,7 +126,37 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
-    std::cerr << "usage: msode_selftest [sha256 FILE | zip FILE]\n";
+    if (cmd == "nifti" && argc == 4) {
+      msode::NiftiImage img = msode::read_nifti(argv[2], "image");
+      std::ofstream raw(argv[3], std::ios::binary);
+      raw.write(reinterpret_cast<const char*>(img.data.data()), std::streamsize(img.data.size() * sizeof(float)));
+      if (!raw) throw msode::Error(std::string(argv[3]) + ": write failed");
+      std::cout << "{\"dims\":[" << img.dims[0] << "," << img.dims[1] << "," << img.dims[2] << "],\"affine\":[";
+      for (int i = 0; i < 16; ++i) std::cout << (i ? "," : "") << msode::json_number(img.affine[i]);
+      std::cout << "],\"source\":\"" << img.affine_source << "\",\"version\":" << img.version
+                << ",\"big_endian\":" << (img.big_endian ? "true" : "false") << ",\"gzip\":"
+                << (img.gzip ? "true" : "false") << ",\"datatype\":" << img.datatype << "}\n";
+      return 0;
+    }
+    if (cmd == "write-nifti" && argc == 7) {
+      const std::int64_t X = std::atoll(argv[3]), Y = std::atoll(argv[4]), Z = std::atoll(argv[5]);
+      auto bytes = slurp(argv[2]);
+      if (std::int64_t(bytes.size()) != 4 * X * Y * Z) throw msode::Error("RAW size does not match X*Y*Z floats");
+      const double c = std::cos(0.3), s = std::sin(0.3);
+      msode::Mat4 a = {0.9 * c, -0.9 * s, 0.0, 12.5, 0.9 * s, 0.9 * c, 0.0, -30.25, 0.0, 0.0, -4.0, 40.0, 0, 0, 0, 1};
+      msode::write_nifti_float32(argv[6], {X, Y, Z}, a, reinterpret_cast<const float*>(bytes.data()), 0, "", "test");
+      std::cout << "[";
+      for (int i = 0; i < 16; ++i) std::cout << (i ? "," : "") << msode::json_number(a[i]);
+      std::cout << "]\n";
+      return 0;
+    }
+    if (cmd == "itk" && argc == 2) {
+      const double c = std::cos(0.2), s = std::sin(0.2);
+      msode::Mat4 m = {c, -s, 0.0, 4.0, s, c, 0.0, -7.0, 0.0, 0.0, 1.0, 2.5, 0, 0, 0, 1};
+      std::cout << msode::itk_affine_text(m);
+      return 0;
+    }
+    std::cerr << "usage: msode_selftest [sha256 FILE | zip FILE | nifti FILE RAW | write-nifti RAW X Y Z OUT | itk]\n";
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "msode_selftest: error: " << e.what() << "\n";

@@ -109,10 +109,41 @@ bool is_hex64(const std::string& s) {
   return true;
 }
 
+// The message of an exception thrown while running registrar.ts. An error the module raises on purpose
+// for bad input has a message starting with "InputError: " (the last line of the TorchScript traceback
+// holds it: earlier lines may quote the source that builds it); anything else: its last line.
+struct ScriptFailure {
+  bool input = false;
+  std::string message;
+};
+
+ScriptFailure script_failure(const std::string& what) {
+  ScriptFailure f;
+  const std::string tag = "InputError: ";
+  auto pos = what.rfind(tag);
+  if (pos != std::string::npos) {
+    f.input = true;
+    auto end = what.find('\n', pos);
+    f.message = what.substr(pos + tag.size(), end == std::string::npos ? std::string::npos : end - pos - tag.size());
+    return f;
+  }
+  std::string last;
+  std::istringstream lines(what);
+  for (std::string line; std::getline(lines, line);)
+    if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
+  auto start = last.find_first_not_of(" \t");
+  f.message = first_line(start == std::string::npos ? what : last.substr(start));
+  return f;
+}
+
 }  // namespace
 
 struct Registrar::Impl {
   std::string path, label, name;
+  std::string kind = "trained";
+  std::string device_name;
+  std::vector<std::string> stages;
+  bool has_native = false;
   bool analytic = false;
   std::string rigid_init = "none";  // the first rigid stage's params.init (registrar.ts runs it)
   ModelGrid grid;
@@ -131,6 +162,7 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
   m.path = plan_path;
   m.jit_optimize = jit_optimize;
   m.label = "plan '" + plan_path + "'";
+  m.device_name = device;
   const std::string& label = m.label;
 
   try {
@@ -165,10 +197,18 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
     if (a->type != Json::Type::Bool) Field{*a, "manifest.analytic", label}.fail("expected true or false");
     m.analytic = a->boolean;
   }
+  if (m.analytic) {
+    m.kind = "analytic";
+  } else if (const Json* tr = root.opt("training")) {
+    const Json* k = tr->find("kind");
+    if (k && k->type == Json::Type::String && !k->string.empty()) m.kind = k->string;
+  }
   // A rigid stage may start from an initialiser (params.init: moments | multistart); registrar.ts
   // runs it like the Python SDK. Recorded for callers (Registrar::rigid_init()) and the JSON report.
   if (const Json* stages = root.opt("stages")) {
     for (const Json& st : stages->array) {
+      const Json* sname = st.find("name");
+      if (sname && sname->type == Json::Type::String) m.stages.push_back(sname->string);
       const Json* tr = st.find("transform");
       const Json* params = st.find("params");
       const Json* init = params ? params->find("init") : nullptr;
@@ -253,6 +293,7 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
   }
   if (!m.module.find_method("forward"))
     throw Error(label + ": member 'registrar.ts' has no forward(moving, fixed) method");
+  m.has_native = m.module.find_method("register_native").has_value();
   m.load_ms = ms_since(t0);
 }
 
@@ -262,6 +303,19 @@ Registrar& Registrar::operator=(Registrar&&) noexcept = default;
 
 const std::string& Registrar::plan_name() const { return impl_->name; }
 const std::string& Registrar::plan_path() const { return impl_->path; }
+const std::string& Registrar::plan_kind() const { return impl_->kind; }
+std::vector<std::string> Registrar::stage_names() const { return impl_->stages; }
+const std::string& Registrar::device() const { return impl_->device_name; }
+bool Registrar::has_register_native() const { return impl_->has_native; }
+ReportInfo Registrar::report_info() const {
+  ReportInfo info;
+  info.plan = impl_->name;
+  info.plan_kind = impl_->kind;
+  info.analytic_plan = impl_->analytic;
+  info.device = impl_->device.str();
+  info.stages = impl_->stages;
+  return info;
+}
 bool Registrar::analytic() const { return impl_->analytic; }
 const std::string& Registrar::rigid_init() const { return impl_->rigid_init; }
 const ModelGrid& Registrar::model_grid() const { return impl_->grid; }
@@ -348,6 +402,90 @@ Result Registrar::register_(const float* moving, const float* fixed,
     throw Error(impl_->label + ": registrar.ts failed: " + first_line(exc.what_without_backtrace()));
   } catch (const std::exception& exc) {  // e.g. torch::jit::JITException from a raise in the module
     throw Error(impl_->label + ": registrar.ts failed: " + first_line(exc.what()));
+  }
+  res.timings.total_ms = ms_since(t0);
+  return res;
+}
+
+WorldResult Registrar::register_native(const ImageView& moving, const ImageView& fixed) const {
+  auto t0 = Clock::now();
+  const Impl& m = *impl_;
+  if (!m.has_native)
+    throw Error(m.label + ": this plan's registrar.ts predates register_native; rebuild it with "
+                "msode_export.scripted.add_registrar_ts");
+  validate_image(moving, "moving");
+  validate_image(fixed, "fixed");
+  WorldResult res;
+  res.dims_xyz = fixed.dims;
+  res.fixed_affine = fixed.affine;
+  res.timings.validate_ms = ms_since(t0);
+  const std::int64_t X = fixed.dims[0], Y = fixed.dims[1], Z = fixed.dims[2], N = X * Y * Z;
+  const std::string who = m.label + ": registrar.ts register_native";
+  try {
+    auto t1 = Clock::now();
+    torch::NoGradGuard no_grad;
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    // x-fastest buffers are contiguous (Z, Y, X) tensors; permuted, they index as [i, j, k] (NIfTI order)
+    auto volume = [&](const ImageView& v) {
+      torch::Tensor t = torch::from_blob(const_cast<float*>(v.data), {v.dims[2], v.dims[1], v.dims[0]}, f32)
+                            .permute({2, 1, 0});
+      return m.device.is_cpu() ? t : t.to(m.device);
+    };
+    auto affine = [&](const ImageView& v) {
+      return torch::from_blob(const_cast<double*>(v.affine.data()), {4, 4}, f64).clone().to(m.device);
+    };
+    std::vector<torch::jit::IValue> args{volume(moving), affine(moving), volume(fixed), affine(fixed)};
+    res.timings.input_ms = ms_since(t1);
+
+    auto t2 = Clock::now();
+    torch::jit::IValue out;
+    {
+      torch::jit::GraphOptimizerEnabledGuard optimize(m.jit_optimize);  // restores on exit
+      out = m.module.get_method("register_native")(std::move(args));
+    }
+    res.timings.register_ms = ms_since(t2);
+
+    auto t3 = Clock::now();
+    if (!out.isTuple()) throw Error(who + " returned " + out.tagKind() + ", expected a tuple");
+    const auto& items = out.toTupleRef().elements();
+    if (items.size() != 3)
+      throw Error(who + " returned a " + std::to_string(items.size()) +
+                  "-tuple, expected (warped, displacement, matrix)");
+    for (int i = 0; i < 3; ++i)
+      if (!items[i].isTensor()) throw Error(who + " output " + std::to_string(i) + " is not a tensor");
+    torch::Tensor warped = items[0].toTensor();
+    torch::Tensor disp = items[1].toTensor();
+    torch::Tensor mat = items[2].toTensor();
+    if (warped.sizes() != torch::IntArrayRef({X, Y, Z}))
+      throw Error(who + " returned warped of shape " + c10::str(warped.sizes()) + ", expected " +
+                  c10::str(torch::IntArrayRef({X, Y, Z})));
+    if (disp.sizes() != torch::IntArrayRef({X, Y, Z, 3}))
+      throw Error(who + " returned a displacement of shape " + c10::str(disp.sizes()) + ", expected " +
+                  c10::str(torch::IntArrayRef({X, Y, Z, 3})));
+    if (mat.sizes() != torch::IntArrayRef({4, 4}))
+      throw Error(who + " returned a matrix of shape " + c10::str(mat.sizes()) + ", expected [4, 4]");
+    // back to x-fastest buffers: (X, Y, Z) -> (Z, Y, X); (X, Y, Z, 3) -> (3, Z, Y, X), component-major
+    warped = warped.to(torch::kCPU, torch::kFloat32).permute({2, 1, 0}).contiguous();
+    disp = disp.to(torch::kCPU, torch::kFloat32).permute({3, 2, 1, 0}).contiguous();
+    mat = mat.to(torch::kCPU, torch::kFloat64).contiguous();
+    for (auto* t : {&warped, &disp, &mat})
+      if (!torch::isfinite(*t).all().item<bool>())
+        throw Error(who + " produced non-finite values (did the registration diverge?)");
+    res.warped.assign(warped.data_ptr<float>(), warped.data_ptr<float>() + N);
+    res.displacement.assign(disp.data_ptr<float>(), disp.data_ptr<float>() + 3 * N);
+    std::copy(mat.data_ptr<double>(), mat.data_ptr<double>() + 16, res.matrix_ras.begin());
+    res.timings.output_ms = ms_since(t3);
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& exc) {
+    ScriptFailure f = script_failure(exc.what_without_backtrace());
+    if (f.input) throw InputError(f.message);
+    throw Error(who + " failed: " + f.message);
+  } catch (const std::exception& exc) {  // torch::jit::JITException from a raise in the module
+    ScriptFailure f = script_failure(exc.what());
+    if (f.input) throw InputError(f.message);
+    throw Error(who + " failed: " + f.message);
   }
   res.timings.total_ms = ms_since(t0);
   return res;

@@ -1,9 +1,21 @@
-// Uncompressed single-file NIfTI-1 (.nii) reading and writing, little-endian only.
+// NIfTI-1 and NIfTI-2 single-file images (.nii, .nii.gz), read as the Python SDK reads them (nibabel +
+// msode_sdk.io.load_image), and float32 NIfTI-1 writing.
 //
-// Reads 3-D scalar images (trailing singleton dimensions allowed) of type uint8, int16 or float32,
-// honouring vox_offset and scl_slope/scl_inter; returns float32 voxels in NIfTI order (x fastest).
-// Refuses, with an msode::Error naming the file: missing/unreadable files, gzip (.nii.gz), NIfTI-2,
-// big-endian files, header/image pairs, other data types, non-3-D images, truncated data, NaN/Inf.
+// Reading: either byte order; gzip-compressed or not (decided by the file's first bytes, so a gzipped
+// file named .nii works too; multi-member gzip is accepted, every member's CRC-32 and length are
+// verified by reading the stream to its end); data types uint8, int8, int16, uint16, int32, uint32,
+// int64, uint64, float32, float64; scl_slope / scl_inter applied as nibabel does (no scaling when the
+// slope is 0 or not finite; computed in float64, then rounded to float32); the affine from the sform
+// (sform_code 1..5), else the qform (qform_code 1..5), else pixdim (nibabel's base affine); trailing
+// singleton dimensions dropped. Header values are checked (image.hpp: shape, type, affine, world
+// extent) before any voxel buffer is allocated, and the data against the file: an uncompressed file
+// must hold what the header declares before anything is read; a gzip stream is inflated in chunks, and
+// the declared size is allocated up front only when the gzip trailer agrees, so a lying header costs
+// what the file really holds. Every failure is an msode::InputError naming the input and the problem.
+//
+// Deliberate differences from nibabel: a zero pixdim[1..3] in a file whose affine comes from the qform
+// or pixdim is refused (nibabel silently substitutes 1 mm); .hdr/.img pairs, bzip2, Analyze 7.5 and
+// complex / RGB / float128 data are refused.
 #pragma once
 
 #include <array>
@@ -11,24 +23,43 @@
 #include <string>
 #include <vector>
 
+#include "msode/image.hpp"
+
 namespace msode {
 
 struct NiftiImage {
-  std::array<std::int64_t, 3> dims{};    // X, Y, Z
-  std::array<double, 3> pixdim{};        // mm (pixdim[1..3])
-  int datatype = 0;                      // as stored in the file (2, 4 or 16)
-  std::vector<float> data;               // X*Y*Z, x fastest, scaling applied
-  std::array<double, 16> affine{};       // voxel -> RAS mm, row-major (sform, else qform, else pixdim)
-  std::string affine_source;             // "sform", "qform" or "pixdim"
-  std::array<std::uint8_t, 348> header{};  // the raw header (to copy geometry into outputs)
+  std::array<std::int64_t, 3> dims{};  // X, Y, Z
+  std::array<double, 3> pixdim{};      // voxel sizes in mm (column norms of the affine)
+  int datatype = 0;                    // NIfTI datatype code as stored
+  int version = 1;                     // 1 or 2
+  bool big_endian = false;
+  bool gzip = false;
+  std::vector<float> data;             // X*Y*Z, x fastest, scaling applied
+  Mat4 affine{};                       // voxel -> RAS mm, row-major
+  std::string affine_source;           // "sform", "qform" or "pixdim"
   std::string path;
+  std::string name;                    // "<role> (<file name>)", the prefix of error messages
+
+  ImageView view() const { return {data.data(), dims, affine}; }
 };
 
+/// Reads and validates `path` (see the header comment). `role` ("moving", "fixed") starts every
+/// message, as in the SDK: "moving: file not found: x.nii", "fixed (f.nii.gz): image has 3 NaN/Inf
+/// voxels".
 NiftiImage read_nifti(const std::string& path, const std::string& role = "image");
 
-/// Writes `data` (dims of `geometry`, x fastest) as float32 with the geometry of `geometry`
-/// (dim, pixdim, qform, sform, units). Written to a temporary file and renamed into place.
-void write_nifti_float32_like(const std::string& path, const NiftiImage& geometry,
-                              const std::vector<float>& data, const std::string& description);
+/// Writes a float32 NIfTI-1 image, little-endian, gzip-compressed when `path` ends in ".gz" (level 1,
+/// as nibabel). `shape`: up to 7 dims, x fastest (e.g. {X, Y, Z} or {X, Y, Z, 1, 3} for the
+/// ITK/ANTs displacement layout); `affine` goes into both the sform and the qform (codes 1; the qform
+/// gets the nearest rotation, as nibabel's set_qform), pixdim the voxel sizes. `intent_code` /
+/// `intent_name` as given (1007 "msode_disp" for displacements). Written to a temporary file next to
+/// `path` and renamed into place.
+void write_nifti_float32(const std::string& path, const std::vector<std::int64_t>& shape, const Mat4& affine,
+                         const float* data, int intent_code = 0, const std::string& intent_name = "",
+                         const std::string& description = "");
+
+/// Legacy helper: `data` with the dims and affine of `geometry` (float32, NIfTI-1).
+void write_nifti_float32_like(const std::string& path, const NiftiImage& geometry, const std::vector<float>& data,
+                              const std::string& description);
 
 }  // namespace msode

@@ -1,11 +1,27 @@
-// msode C++ embedding: register two volumes already on a plan's model grid with the plan's
-// whole-loop TorchScript module (`registrar.ts`), as scanner reconstruction software would.
+// msode C++ embedding: register two volumes with the plan's whole-loop TorchScript module
+// (`registrar.ts`), in-process, as scanner reconstruction software would.
 //
-//   msode::Registrar reg("analytic_ssd.plan");                 // opens, verifies, loads (throws)
+// High level (what the Python SDK's Registrar.register takes and returns): images on any grid.
+//
+//   msode::Registrar reg("rigid_bspline.plan");               // opens, verifies, loads (throws)
+//   msode::ImageView mov{moving_buf, {X1, Y1, Z1}, moving_affine};  // float32, x fastest, voxel->RAS
+//   msode::ImageView fix{fixed_buf, {X2, Y2, Z2}, fixed_affine};
+//   msode::WorldResult r = reg.register_native(mov, fix);     // throws msode::InputError / msode::Error
+//   r.warped;        // X2*Y2*Z2: moving on the fixed grid, original intensities
+//   r.displacement;  // 3*X2*Y2*Z2, LPS mm (ITK/ANTs): fixed point p -> moving point p + d(p)
+//   r.matrix_ras;    // 4x4, RAS mm, fixed point -> moving point (the rigid part)
+//   msode::save_outputs("out", r, reg.report_info());          // the files `msode register` writes
+//
+// registrar.ts's register_native method does the resampling onto the model grid, the normalisation,
+// every stage and the mapping back exactly as the Python SDK (the C++ side only checks inputs, wraps
+// buffers and copies results). See image.hpp for the input limits and result layouts.
+//
+// Low level (unchanged): volumes already on the plan's model grid, normalised, voxel-space results:
+//
 //   auto res = reg.register_(moving, fixed, {120, 120, 80}, {2.0, 2.0, 2.0});
 //   res.warped; res.displacement; res.matrix; res.timings.forward_ms;
 //
-// Inputs are float32 buffers in NIfTI order (x fastest: index = x + X*(y + Y*z)) on the model grid
+// Inputs of register_ are float32 buffers in NIfTI order (x fastest: index = x + X*(y + Y*z)) on the model grid
 // (`model_grid()`), intensities already normalised to [0, 1] (`normalise_percentile` does it like the
 // Python SDK). Conventions of the outputs (voxel space of the model grid, pull-back):
 //   * warped(x) = moving(x + d(x)), same layout as the inputs;
@@ -13,7 +29,8 @@
 //     NIfTI order, in voxels of the model grid (channel 0 = x/W, 1 = y/H, 2 = z/D);
 //   * matrix: 4x4 row-major, homogeneous voxel coordinates (x, y, z, 1) of the fixed grid -> moving
 //     grid, the rigid (affine) part of the transform.
-// Thread safety: a Registrar is immutable after construction; register_ may be called concurrently.
+// Thread safety: a Registrar is immutable after construction; register_ and register_native may be
+// called concurrently.
 #pragma once
 
 #include <array>
@@ -23,6 +40,8 @@
 #include <vector>
 
 #include "msode/error.hpp"
+#include "msode/image.hpp"
+#include "msode/outputs.hpp"
 
 namespace msode {
 
@@ -71,6 +90,14 @@ class Registrar {
   Registrar& operator=(const Registrar&) = delete;
 
   const std::string& plan_name() const;
+  /// What the plan's networks are: "analytic", the builder's training.kind, else "trained".
+  const std::string& plan_kind() const;
+  std::vector<std::string> stage_names() const;  // in plan order
+  const std::string& device() const;             // as given to the constructor
+  /// True when registrar.ts has the register_native method (plans built before it do not).
+  bool has_register_native() const;
+  /// The plan fields of report.json (timings are the caller's).
+  ReportInfo report_info() const;
   const std::string& plan_path() const;
   bool analytic() const;  // the plan's "networks" are gradient-descent stand-ins, not trained
   /// The rigid-stage initialiser the plan asks for ("none", "moments", "multistart"); registrar.ts
@@ -88,6 +115,14 @@ class Registrar {
   /// Registers `moving` onto `fixed` (see the header comment for layouts and conventions).
   Result register_(const float* moving, const float* fixed, std::array<std::int64_t, 3> dims_xyz,
                    std::array<double, 3> spacing_mm) const;
+
+  /// Registers `moving` onto `fixed`, each on its own native grid (any size, spacing, orientation), as
+  /// the Python SDK's Registrar.register does: both are checked against the SDK's input limits first
+  /// (msode::validate_image; msode::InputError naming "moving" or "fixed"), then registrar.ts's
+  /// register_native resamples, normalises, registers and maps the result back onto the fixed grid.
+  /// Images with no intensity range or nothing inside the model grid raise msode::InputError too.
+  /// Throws msode::Error when the plan's registrar.ts predates register_native.
+  WorldResult register_native(const ImageView& moving, const ImageView& fixed) const;
 
  private:
   struct Impl;
