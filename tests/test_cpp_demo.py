@@ -989,13 +989,15 @@ def test_nifti_writer_and_itk_text(cpp_bin, tmp_path):
 
 def test_recon_example_in_memory(cpp_bin, native_plan):
     """The library on in-memory volumes (examples/recon_example.cpp): an oblique 0.9 x 0.9 x 3 mm fixed and a
-    flipped 1.5 mm moving of a moved phantom; the rigid motion is recovered; warm calls are reported."""
-    r = _run(cpp_bin / "recon_example", native_plan, "--repeat", "2")
+    flipped 1.5 mm moving of a moved phantom; the rigid motion is recovered; warm calls are reported; two
+    threads calling register_native at once on one Registrar get the sequential result."""
+    r = _run(cpp_bin / "recon_example", native_plan, "--repeat", "2", "--concurrent")
     assert r.returncode == 0, r.stderr
     print(r.stdout.strip())
     words = r.stdout.split()
     err = float(words[words.index("error") + 1])
     assert err < 2.0, r.stdout  # mm at the corners of a 70 mm cube (analytic SSD plan, 3.5 mm model grid)
+    assert float(words[-1]) <= 1e-5, r.stdout  # two threads on one Registrar: the sequential result
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "sample" / "fixed_t1.nii.gz").exists(), reason="data/sample is missing")
