@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -224,6 +225,8 @@ def run_batch(
     )
     bar = _progress(len(mine), len(mine) - len(todo), progress, rank)
     pending: list = []
+    saving: list = []  # (index, load seconds, result, future) in list order
+    saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msode-save")
 
     def record_error(i: int, message: str, load: float = 0.0):
         rows[i] = _row(pairs[i], "error", out, output="", error=message, seconds_load=f"{load:.3f}")
@@ -253,11 +256,19 @@ def run_batch(
             if isinstance(res, MsodeError):
                 record_error(i, f"{type(res).__name__}: {_one_line(res)}", load)
                 continue
-            try:
-                _save_atomically(res, out / pairs[i].id)
-            except (MsodeError, OSError) as exc:
-                record_error(i, f"{type(exc).__name__}: {_one_line(exc)}", load)
-                continue
+            # written by a background thread (gzip of a 1 mm displacement takes seconds; zlib releases the
+            # GIL), overlapping the next registration; at most two results wait in memory
+            saving.append((i, load, res, saver.submit(_save_atomically, res, out / pairs[i].id)))
+            while len(saving) > 2:
+                finish_save()
+
+    def finish_save():
+        i, load, res, future = saving.pop(0)
+        try:
+            future.result()
+        except (MsodeError, OSError) as exc:
+            record_error(i, f"{type(exc).__name__}: {_one_line(exc)}", load)
+        else:
             t = res.timings
             register_s = sum(v for k, v in t.items() if k not in ("load", "output", "total", "batch"))
             rows[i] = _row(
@@ -273,14 +284,19 @@ def run_batch(
             )
             bar.update(1)
 
-    for index, prepared, error, load in loader:
-        if error is not None:
-            record_error(index, error, load)
-            continue
-        pending.append((index, prepared, load))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    try:
+        for index, prepared, error, load in loader:
+            if error is not None:
+                record_error(index, error, load)
+                continue
+            pending.append((index, prepared, load))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        while saving:
+            finish_save()
+    finally:
+        saver.shutdown(wait=True)  # never leave a half-written temporary folder behind a stop
     bar.close()
     return [rows[i] for i, _ in mine]
 
