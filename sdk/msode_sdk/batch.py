@@ -238,20 +238,9 @@ def run_batch(
             return
         batch = [(i, prep, load) for i, prep, load in pending]
         pending.clear()
-        try:
-            results: list = reg.register_prepared(
-                [p for _, p, _ in batch], stages, init, load_seconds=[s for _, _, s in batch]
-            )
-        except MsodeError as exc:
-            if len(batch) == 1:
-                results = [exc]
-            else:  # one pair spoilt the batch (e.g. memory): each on its own
-                results = []
-                for _, p, s in batch:
-                    try:
-                        results += reg.register_prepared([p], stages, init, load_seconds=[s])
-                    except MsodeError as one:
-                        results.append(one)
+        results = reg.register_prepared_or_each(
+            [p for _, p, _ in batch], stages, init, load_seconds=[s for _, _, s in batch]
+        )
         for (i, _, load), res in zip(batch, results):
             if isinstance(res, MsodeError):
                 record_error(i, f"{type(res).__name__}: {_one_line(res)}", load)

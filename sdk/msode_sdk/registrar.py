@@ -610,6 +610,31 @@ class Registrar:
             )
         return out
 
+    def register_prepared_or_each(
+        self,
+        pairs,
+        stages: Sequence[str] | None = None,
+        init: str | None = None,
+        load_seconds: Sequence[float] | None = None,
+    ) -> list:
+        """:meth:`register_prepared` of a batch, with each failure in place: when the batch as a whole fails
+        (e.g. out of memory), each pair is registered on its own and the ones that still fail come back as
+        their :class:`MsodeError` instead of a :class:`RegistrationResult`."""
+        pairs = list(pairs)
+        loads = list(load_seconds) if load_seconds is not None else [0.0] * len(pairs)
+        try:
+            return list(self.register_prepared(pairs, stages, init, load_seconds=loads))
+        except MsodeError as exc:
+            if len(pairs) == 1:
+                return [exc]
+        results: list = []
+        for p, s in zip(pairs, loads):  # one pair spoilt the batch: each on its own, errors per pair
+            try:
+                results += self.register_prepared([p], stages, init, load_seconds=[s])
+            except MsodeError as one:
+                results.append(one)
+        return results
+
     def register_many(
         self,
         pairs,
@@ -634,22 +659,13 @@ class Registrar:
         def flush():
             if not pending:
                 return
-            try:
-                results = self.register_prepared(
-                    [p for _, p, _ in pending], stages, init, load_seconds=[s for _, _, s in pending]
-                )
-            except MsodeError as exc:
-                if errors == "raise" or len(pending) == 1:
-                    if errors == "raise":
-                        raise
-                    results = [exc]
-                else:  # one pair spoilt the batch (e.g. memory): each on its own, errors per pair
-                    results = []
-                    for _, p, s in pending:
-                        try:
-                            results += self.register_prepared([p], stages, init, load_seconds=[s])
-                        except MsodeError as one:
-                            results.append(one)
+            results = self.register_prepared_or_each(
+                [p for _, p, _ in pending], stages, init, load_seconds=[s for _, _, s in pending]
+            )
+            if errors == "raise":
+                for r in results:
+                    if isinstance(r, MsodeError):
+                        raise r
             for (i, _, _), r in zip(pending, results):
                 done[i] = r
             pending.clear()
