@@ -105,39 +105,31 @@ def export_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET, channels
     """ONNX of a vector field with inputs ``warped``, ``fixed`` ``(N, C, D, H, W)`` (``C = channels``: 1 for
     images, the feature count for a format-2 level) and ``t`` ``(N,)``, output ``velocity``; dynamic batch.
     Checked with ``onnx.checker`` when onnx is installed."""
-    module = module.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            _example_inputs(grid, channels=channels),
-            buf,
-            opset_version=opset,
-            dynamo=False,
-            input_names=["warped", "fixed", "t"],
-            output_names=["velocity"],
-            dynamic_axes={"warped": {0: "N"}, "fixed": {0: "N"}, "t": {0: "N"}, "velocity": {0: "N"}},
-        )
-    return _checked_onnx(buf.getvalue())
+    return _to_onnx(module, _example_inputs(grid, channels=channels), ["warped", "fixed", "t"], "velocity", opset)
 
 
 def export_features_onnx(module: nn.Module, grid: Grid, opset: int = ONNX_OPSET) -> bytes:
     """ONNX of a feature network: input ``image`` ``(N, 1, D, H, W)`` on the level ``grid``, output
     ``features`` ``(N, C, D', H', W')``; dynamic batch."""
+    return _to_onnx(module, (torch.rand(1, 1, *grid.shape_dhw),), ["image"], "features", opset)
+
+
+def _to_onnx(module: nn.Module, example: tuple, inputs: list, output: str, opset: int) -> bytes:
+    """The TorchScript-based ONNX export of every plan network: named inputs, one output, the batch
+    dimension dynamic; checked (:func:`_checked_onnx`)."""
     module = module.eval()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (torch.rand(1, 1, *grid.shape_dhw),),
+            example,
             buf,
             opset_version=opset,
             dynamo=False,
-            input_names=["image"],
-            output_names=["features"],
-            dynamic_axes={"image": {0: "N"}, "features": {0: "N"}},
+            input_names=inputs,
+            output_names=[output],
+            dynamic_axes={**{name: {0: "N"} for name in inputs}, output: {0: "N"}},
         )
     return _checked_onnx(buf.getvalue())
 
