@@ -113,3 +113,31 @@ def test_recovers_paper_range_rigid_motion_on_held_out_subject(reg, tmp_path_fac
     assert before > 10.0
     err = D.rmse_phi(res.model_grid.chain, pair.chain, pair.grid, mask=pair.fixed_brain)
     assert err < 1.5, (moving, err, before)
+
+
+def test_networks_export_with_torch_export(reg):
+    """TorchScript is deprecated upstream (torch >= 2.10): the successor, torch.export, captures every
+    feature network and vector field of the bundled plan's coarse levels (the same module classes as the
+    fine levels), and the exported programs compute what the TorchScript members compute."""
+    from msode_export.analytic import BSplineSSDField, FeatureMap, MINDSSC, RigidSSDField
+    from msode_sdk.transforms import BSplineLattice, Grid
+    from msode_train.tissue import load_encoders
+
+    encoders, _ = load_encoders()
+    g = Grid((30, 30, 20), (8.0, 8.0, 8.0))
+    x = torch.nn.functional.avg_pool3d(
+        torch.rand(1, 1, *g.shape_dhw, generator=torch.Generator().manual_seed(0)), 3, 1, 1
+    )
+    lattice = BSplineLattice(Grid((120, 120, 80), (2.0, 2.0, 2.0)), (40.0, 40.0, 40.0))
+    for features in (encoders[8.0], MINDSSC(1, 1, "six")):
+        fmap = FeatureMap(g, features, 1).eval()
+        with torch.no_grad():
+            f_ref = fmap(x)
+            exported = torch.export.export(fmap, (x,), strict=False).module()
+            assert torch.equal(exported(x), f_ref)
+            f2 = torch.roll(f_ref, 1, dims=4)
+            for head in (RigidSSDField(g, features=None), BSplineSSDField(g, lattice, features=None, cg_iters=4)):
+                head = head.eval()
+                args = (f_ref, f2, torch.zeros(1))
+                out = torch.export.export(head, args, strict=False).module()(*args)
+                torch.testing.assert_close(out, head(*args), rtol=1e-6, atol=1e-6 * float(head(*args).abs().max()))
