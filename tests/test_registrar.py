@@ -121,6 +121,11 @@ def test_save_outputs_and_simpleitk_reproduces_warped(registrar, rigid_case, tmp
     report = json.loads(files["report"].read_text())
     assert report["plan"] == registrar.name and report["analytic_plan"] is True
     assert set(report["nfe"]) == {"rigid", "bspline"} and report["backend"] == "torch"
+    jac = report["jacobian_determinant"]  # a deformable stage ran: folding is reported
+    det = res.model_grid.jacobian_determinant(MODEL_GRID)
+    assert "model grid" in jac["domain"] and float(det.min()) == pytest.approx(jac["min"]) and jac["min"] < 1.0
+    assert jac["fraction_nonpositive"] == pytest.approx(float((det <= 0).double().mean()))
+    assert "jacobian_determinant" not in registrar.register(moving, fixed, stages=["rigid"]).report()
     disp = nib.load(str(files["displacement"]))
     assert disp.shape == fixed[0].shape + (1, 3) and disp.header["intent_code"] == 1007
     warped = nib.load(str(files["warped"]))
@@ -280,3 +285,16 @@ def test_world_outputs_match_the_chain_point_by_point(registrar, grid_kind, chai
     ref = sdk_io.sample_image_at_world(sdk_io.array_to_tensor(moving.array).double(), m_aff, q)[0, 0]
     w = torch.from_numpy(np.asarray(warped.dataobj).astype(np.float64)).reshape(-1)
     assert float((w - ref).abs().max()) <= (0.02 if tol > 2e-3 else 2e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 4099, 300_000])
+def test_quantiles_equal_torch_quantile(n):
+    """msode_sdk.world.quantiles (tails by topk, the middle by a sort) is torch.quantile's linear
+    interpolation on the float64 copy, with ties and at both ends."""
+    from msode_sdk.world import quantiles
+
+    g = torch.Generator().manual_seed(n)
+    for x in (torch.rand(n, generator=g) * 1000.0, torch.randint(0, 4, (n,), generator=g).float()):
+        qs = [0.0, 0.001, 0.005, 0.02, 0.37, 0.5, 0.995, 0.9999, 1.0]
+        want = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64)).tolist()
+        assert quantiles(x, qs) == pytest.approx(want, rel=1e-15, abs=0.0)

@@ -222,3 +222,49 @@ def test_carry_dense_state_preserves_smooth_field_in_mm():
     inside = (fine.points().abs() <= 7.0).all(-1)
     assert torch.allclose(up[0][:, inside], expect[0][:, inside], atol=1e-5)
     assert torch.equal(carry_state("rigid", torch.ones(1, 6), coarse, fine), torch.ones(1, 6))
+
+
+@pytest.mark.parametrize("shape_xyz", [(12, 10, 8), (12, 11, 8), (9, 9, 7)])
+def test_pyramid_levels_sample_the_coarse_voxel_centres(shape_xyz):
+    """msode_sdk.loop.downsample (2x2x2 averages for even sizes, warps otherwise) equals trilinear sampling
+    of the fine volume at the coarse grid's voxel centres, two factor-2 steps deep (the warps' sampling
+    coordinates are float32: 1e-6)."""
+    from msode_sdk.loop import downsample
+    from msode_sdk.transforms import TransformChain
+
+    grid = Grid(shape_xyz, (1.5, 1.5, 1.5))
+    vol = torch.rand(2, 1, *grid.shape_dhw, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    half = grid.downsampled(2)
+    want = warp_chain(vol, grid, TransformChain(), half)
+    torch.testing.assert_close(downsample(vol, grid, half), want, rtol=0, atol=1e-6)
+    quarter = half.downsampled(2)
+    want2 = warp_chain(want, half, TransformChain(), quarter)
+    torch.testing.assert_close(downsample(vol, grid, quarter), want2, rtol=0, atol=1e-6)
+
+
+def test_jacobian_determinant_known_maps():
+    """Linear maps: det(A) at every voxel (finite differences are exact); a reflection is negative; a
+    shear wave x + a sin(k y) e_x keeps det 1; x + a sin(k x) e_x has det 1 + a k cos(k x) (central
+    differences: to O(h^2)) and folds where a k cos(k x) < -1, which evaluate.folding_fraction counts."""
+    from msode_sdk.transforms import jacobian_determinant
+    from msode_train.evaluate import folding_fraction
+
+    grid = Grid((20, 16, 12), (2.0, 1.5, 3.0))
+    pts = grid.points(torch.float64)[None]  # (1, D, H, W, 3)
+    a = torch.tensor([[1.2, 0.1, -0.3], [0.05, 0.9, 0.2], [0.1, -0.2, 1.1]], dtype=torch.float64)
+    det = jacobian_determinant(pts @ a.T + 5.0, grid.spacing_xyz)
+    torch.testing.assert_close(det, torch.full_like(det, float(torch.linalg.det(a))))
+    flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
+    assert bool((jacobian_determinant(pts @ flip, grid.spacing_xyz) < 0).all())
+    shear = pts.clone()
+    shear[..., 0] += 3.0 * torch.sin(0.2 * pts[..., 1])
+    torch.testing.assert_close(jacobian_determinant(shear, grid.spacing_xyz), torch.ones_like(det))
+    k, amp = 0.2, 7.5  # a k = 1.5: folds where cos(k x) < -2/3 (x spans +-19 mm: k x up to +-3.8 rad)
+    wave = pts.clone()
+    wave[..., 0] += amp * torch.sin(k * pts[..., 0])
+    det = jacobian_determinant(wave, grid.spacing_xyz)
+    want = 1.0 + amp * k * torch.cos(k * pts[..., 0])
+    inner = (slice(None), slice(None), slice(None), slice(1, -1))
+    assert float((det[inner] - want[inner]).abs().max()) < 0.06  # a k (k h)^2 / 6 = 0.04 at h = 2 mm
+    frac = folding_fraction(wave, grid, torch.ones(grid.shape_dhw, dtype=torch.bool))
+    assert frac == pytest.approx(float((det <= 0).double().mean())) and 0.05 < frac < 0.5

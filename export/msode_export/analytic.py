@@ -30,7 +30,7 @@ The ODE is ``d(theta)/dt = -gain * step``: near the optimum the error decays lik
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,32 +39,56 @@ from torch import nn
 from msode_sdk.transforms import BSplineLattice, Grid
 
 
+#: voxels per slab of the CPU slab loops (MIND, the B-spline field's moments): a slab's temporaries stay
+#: in cache, where the whole-volume versions are memory-bound (MIND at 120x120x80: 2x faster on 2 CPU
+#: cores). Volumes of at most two slabs, GPUs and tracing (ONNX export) run as one slab.
+CPU_SLAB_VOXELS = 16 * 120 * 120
+
+
+def _slab_size(x: torch.Tensor, slab_voxels: int) -> int:
+    """The z-extent of one slab of ``x`` ``(N, C, D, H, W)``: about ``slab_voxels`` voxels per slab on CPU,
+    the whole depth on GPUs, while tracing, for small volumes and for ``slab_voxels`` < 1."""
+    d, plane = x.shape[2], x.shape[3] * x.shape[4]
+    if x.is_cuda or torch.jit.is_tracing() or slab_voxels < 1 or d * plane <= 2 * slab_voxels:
+        return max(d, 1)
+    return max(slab_voxels // max(plane, 1), 1)
+
+
+def central_diff(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``v[i+1] - v[i-1]`` along ``dim`` with replicated ends (``v[1] - v[0]`` and ``v[n-1] - v[n-2]``):
+    twice the derivative in voxels, as central differences on a replicate-padded copy give it, without the
+    padded copy. Axes of size 1 give 0."""
+    n = v.shape[dim]
+    if n < 2:
+        return torch.zeros_like(v)
+    lo = v.narrow(dim, 1, 1) - v.narrow(dim, 0, 1)
+    hi = v.narrow(dim, n - 1, 1) - v.narrow(dim, n - 2, 1)
+    return torch.cat((lo, v.narrow(dim, 2, n - 2) - v.narrow(dim, 0, n - 2), hi), dim)
+
+
 class _Gradient(nn.Module):
-    """Central-difference gradient in 1/mm of ``(N, 1, D, H, W)`` -> ``(N, 3, D, H, W)`` (x, y, z)."""
+    """Central-difference gradient in 1/mm of ``(N, 1, D, H, W)`` -> ``(N, 3, D, H, W)`` (x, y, z), ends
+    one-sided (replicate)."""
 
     def __init__(self, spacing_xyz):
         super().__init__()
         self.sx, self.sy, self.sz = (float(s) for s in spacing_xyz)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        p = F.pad(v, (1, 1, 1, 1, 1, 1), mode="replicate")
-        gx = (p[:, :, 1:-1, 1:-1, 2:] - p[:, :, 1:-1, 1:-1, :-2]) / (2.0 * self.sx)
-        gy = (p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]) / (2.0 * self.sy)
-        gz = (p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]) / (2.0 * self.sz)
+        gx, gy, gz = self.components(v)
         return torch.cat((gx, gy, gz), dim=1)
 
     def channels(self, feats: torch.Tensor) -> torch.Tensor:
         """Gradient of every channel: ``(N, C, D, H, W)`` -> ``(N, C, 3, D, H, W)`` (x, y, z; 1/mm)."""
-        n, c, d, h, w = feats.shape
-        return self.forward(feats.reshape(n * c, 1, d, h, w)).reshape(n, c, 3, d, h, w)
+        gx, gy, gz = self.components(feats)
+        return torch.stack((gx, gy, gz), dim=2)
 
     def components(self, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The same gradient as three ``(N, C, D, H, W)`` tensors ``(d/dx, d/dy, d/dz)`` (no concatenated
         copy: the Gauss-Newton fields use the components separately)."""
-        p = F.pad(feats, (1, 1, 1, 1, 1, 1), mode="replicate")
-        gx = (p[:, :, 1:-1, 1:-1, 2:] - p[:, :, 1:-1, 1:-1, :-2]) / (2.0 * self.sx)
-        gy = (p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]) / (2.0 * self.sy)
-        gz = (p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]) / (2.0 * self.sz)
+        gx = central_diff(feats, 4) * (0.5 / self.sx)
+        gy = central_diff(feats, 3) * (0.5 / self.sy)
+        gz = central_diff(feats, 2) * (0.5 / self.sz)
         return gx, gy, gz
 
 
@@ -81,7 +105,9 @@ class MINDSSC(nn.Module):
     ``msode_train.losses.mind_loss``.
     """
 
-    def __init__(self, radius: int = 1, dilation: int = 2, neighbourhood: str = "ssc"):
+    def __init__(
+        self, radius: int = 1, dilation: int = 2, neighbourhood: str = "ssc", slab_voxels: int = CPU_SLAB_VOXELS
+    ):
         super().__init__()
         self.radius = int(radius)
         self.dilation = int(dilation)
@@ -97,6 +123,7 @@ class MINDSSC(nn.Module):
         else:
             raise ValueError(f"unknown MIND neighbourhood {neighbourhood!r}; valid: ['six', 'ssc']")
         self.pairs: list[tuple[int, int, int, int, int, int]] = pairs
+        self.slab_voxels = int(slab_voxels)
 
     @staticmethod
     def _box(v: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -110,26 +137,42 @@ class MINDSSC(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         dl, r = self.dilation, self.radius
         d, h, w = img.shape[2], img.shape[3], img.shape[4]
-        p = F.pad(img, (dl, dl, dl, dl, dl, dl), mode="replicate")
-        # differences of shifted copies (slices, not one-hot convolutions: ~4x cheaper on CPU)
-        diffs = []
-        for z1, y1, x1, z2, y2, x2 in self.pairs:
-            a = p[:, :, z1 * dl : z1 * dl + d, y1 * dl : y1 * dl + h, x1 * dl : x1 * dl + w]
-            b = p[:, :, z2 * dl : z2 * dl + d, y2 * dl : y2 * dl + h, x2 * dl : x2 * dl + w]
-            diffs.append(a - b)
-        diff = torch.cat(diffs, dim=1)
-        # patch SSD: box filter of 2r+1 voxels, separable, as sums of shifted slices (on CPU ~6x faster
-        # than avg_pool3d with stride 1); one division at the end
         k = 2 * r + 1
-        ssd = F.pad(diff * diff, (r, r, r, r, r, r), mode="replicate")
-        ssd = self._box(ssd, k, 2)
-        ssd = self._box(ssd, k, 3)
-        ssd = self._box(ssd, k, 4) / float(k * k * k)
-        mind = ssd - ssd.min(dim=1, keepdim=True)[0]
-        var = mind.mean(dim=1, keepdim=True)
-        mv = var.detach().mean()
-        var = torch.maximum(torch.minimum(var, mv * 1e3 + 1e-12), mv * 1e-3 + 1e-12)
-        return torch.exp(-mind / var)
+        p = F.pad(img, (dl, dl, dl, dl, dl, dl), mode="replicate")
+        # z-slabs (CPU: in cache, see CPU_SLAB_VOXELS); the descriptor of rows [z0, z1) needs the patch SSD
+        # of rows [z0 - r, z1 + r), replicated beyond the volume as the whole-volume box filter pads it
+        slab = _slab_size(img, self.slab_voxels)
+        minds: List[torch.Tensor] = []
+        variances: List[torch.Tensor] = []
+        for z0 in range(0, d, slab):
+            z1 = min(d, z0 + slab)
+            a, b = max(0, z0 - r), min(d, z1 + r)
+            # differences of shifted copies (slices, not one-hot convolutions: ~4x cheaper on CPU)
+            diffs = []
+            for oz, oy, ox, qz, qy, qx in self.pairs:  # the two offsets of each pair (+1, in dilations)
+                u = p[:, :, oz * dl + a : oz * dl + b, oy * dl : oy * dl + h, ox * dl : ox * dl + w]
+                v = p[:, :, qz * dl + a : qz * dl + b, qy * dl : qy * dl + h, qx * dl : qx * dl + w]
+                diffs.append(u - v)
+            diff = torch.cat(diffs, dim=1)
+            # patch SSD: box filter of 2r+1 voxels, separable, as sums of shifted slices (on CPU ~6x faster
+            # than avg_pool3d with stride 1); one division at the end
+            ssd = F.pad(diff * diff, (r, r, r, r, r - (z0 - a), z1 + r - b), mode="replicate")
+            ssd = self._box(ssd, k, 2)
+            ssd = self._box(ssd, k, 3)
+            ssd = self._box(ssd, k, 4) / float(k * k * k)
+            mind = ssd - ssd.min(dim=1, keepdim=True)[0]
+            minds.append(mind)
+            variances.append(mind.mean(dim=1, keepdim=True))
+        # the variance is clamped to [1e-3, 1e3] of its mean over the whole volume (and batch)
+        total = variances[0].detach().sum()
+        for v in variances[1:]:
+            total = total + v.detach().sum()
+        mv = total / float(img.shape[0] * d * h * w)
+        out = []
+        for mind, var in zip(minds, variances):
+            var = torch.maximum(torch.minimum(var, mv * 1e3 + 1e-12), mv * 1e-3 + 1e-12)
+            out.append(torch.exp(-mind / var))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 class _IntensityFeatures(nn.Module):
@@ -173,6 +216,48 @@ class _FeatureResidual(nn.Module):
         fw = self.features(warped)
         gx, gy, gz = self.grad.components(fw)
         return fw - self.features(fixed), gx, gy, gz
+
+    def moments(self, warped: torch.Tensor, fixed: torch.Tensor, slab_voxels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The per-voxel Gauss-Newton moments summed over channels: ``sum_c r g`` ``(N, 3, D, H, W)`` (x, y,
+        z; 1/mm) and the structure tensor ``sum_c g g^T`` ``(N, 6, D, H, W)`` (xx, yy, zz, xy, xz, yz;
+        1/mm^2). The same numbers as products of :meth:`forward`'s outputs, computed in z-slabs of about
+        ``slab_voxels`` voxels (CPU). Two tensors, not one of 9 channels: on CPU every allocation above
+        32 MB is a fresh mapping, page-faulted on every call (a 120x120x80 level's 9 channels are 41 MB)."""
+        if self.pool > 1:
+            warped = F.avg_pool3d(warped, self.pool)
+            fixed = F.avg_pool3d(fixed, self.pool)
+        fw = self.features(warped)
+        ff = self.features(fixed)
+        d = fw.shape[2]
+        hx, hy, hz = 0.5 / self.grad.sx, 0.5 / self.grad.sy, 0.5 / self.grad.sz
+        step = _slab_size(fw, slab_voxels)
+        grads: List[torch.Tensor] = []
+        tensors: List[torch.Tensor] = []
+        for z0 in range(0, d, step):
+            z1 = min(d, z0 + step)
+            a, b = max(0, z0 - 1), min(d, z1 + 1)  # one row of halo for d/dz
+            gz = central_diff(fw[:, :, a:b], 2).narrow(2, z0 - a, z1 - z0) * hz
+            w = fw[:, :, z0:z1]
+            gx = central_diff(w, 4) * hx
+            gy = central_diff(w, 3) * hy
+            r = w - ff[:, :, z0:z1]
+            grads.append(torch.stack(((r * gx).sum(dim=1), (r * gy).sum(dim=1), (r * gz).sum(dim=1)), dim=1))
+            tensors.append(
+                torch.stack(
+                    (
+                        (gx * gx).sum(dim=1),
+                        (gy * gy).sum(dim=1),
+                        (gz * gz).sum(dim=1),
+                        (gx * gy).sum(dim=1),
+                        (gx * gz).sum(dim=1),
+                        (gy * gz).sum(dim=1),
+                    ),
+                    dim=1,
+                )
+            )
+        if len(grads) == 1:
+            return grads[0], tensors[0]
+        return torch.cat(grads, dim=2), torch.cat(tensors, dim=2)
 
 
 class FeatureMap(nn.Module):
@@ -259,6 +344,11 @@ class BSplineSSDField(nn.Module):
     Gershgorin row-sum bound ``sum_x sum_c |g_c|^2 B_k``); ``B`` and ``B^T`` are the separable B-spline
     synthesis and its adjoint. ``mu`` damps directions the image does not constrain. ``pool`` > 1 runs
     the step on ``pool``-times averaged images (cheaper fine levels).
+
+    ``hessian_pool`` > 1 evaluates ``H`` (and ``D``) by a coarser quadrature: the structure tensor summed
+    over blocks of ``hessian_pool``^3 voxels, the basis at the block centres. The gradient ``G`` stays
+    exact, so the flow's fixed points are unchanged; only the step's metric is approximated (the basis
+    varies over the control spacing, not over a voxel block), and the CG runs on 8x fewer voxels.
     """
 
     def __init__(
@@ -270,6 +360,8 @@ class BSplineSSDField(nn.Module):
         cg_iters: int = 10,
         features: nn.Module | None = None,
         pool: int = 1,
+        slab_voxels: int = CPU_SLAB_VOXELS,
+        hessian_pool: int = 1,
     ):
         super().__init__()
         self.residual = _FeatureResidual(level_grid, features, pool)
@@ -277,31 +369,53 @@ class BSplineSSDField(nn.Module):
         self.register_buffer("bx", bx)  # (X, cx)
         self.register_buffer("by", by)  # (Y, cy)
         self.register_buffer("bz", bz)  # (Z, cz)
+        hgrid = _pooled_grid(self.residual.grid, hessian_pool)
+        hx, hy, hz = (lattice.basis_matrix(hgrid.axis_coords(a), a) for a in range(3))
+        self.register_buffer("hx", hx)  # the Hessian's quadrature: basis at the (pooled) block centres
+        self.register_buffer("hy", hy)
+        self.register_buffer("hz", hz)
+        self.hessian_pool = int(hessian_pool)
         self.gain = float(gain)
         self.damping = float(damping)
         self.cg_iters = int(cg_iters)
+        self.slab_voxels = int(slab_voxels)
 
-    def _adjoint(self, v: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _adjoint(v: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
         """``(N, C, Z, Y, X)`` -> ``(N, C, cz, cy, cx)``: sum over voxels weighted by ``B_k``."""
-        v = torch.einsum("nczyx,xm->nczym", v, self.bx)
-        v = torch.einsum("nczym,yl->nczlm", v, self.by)
-        return torch.einsum("nczlm,zk->ncklm", v, self.bz)
+        v = torch.einsum("nczyx,xm->nczym", v, bx)
+        v = torch.einsum("nczym,yl->nczlm", v, by)
+        return torch.einsum("nczlm,zk->ncklm", v, bz)
 
-    def _synth(self, c: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _synth(c: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
         """``(N, C, cz, cy, cx)`` -> ``(N, C, Z, Y, X)``: the B-spline field of coefficients ``c``."""
-        v = torch.einsum("ncklm,xm->ncklx", c, self.bx)
-        v = torch.einsum("ncklx,yl->nckyx", v, self.by)
-        return torch.einsum("nckyx,zk->nczyx", v, self.bz)
+        v = torch.einsum("ncklm,xm->ncklx", c, bx)
+        v = torch.einsum("ncklx,yl->nckyx", v, by)
+        return torch.einsum("nckyx,zk->nczyx", v, bz)
+
+    def _normal_apply(self, p: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``B^T S B p``: coefficients ``(N, 3, cz, cy, cx)`` -> the same shape, with ``S`` the per-voxel
+        (per-block) structure tensor ``tensor`` ``(N, 6, Z, Y, X)`` (xx, yy, zz, xy, xz, yz)."""
+        v = self._synth(p, self.hx, self.hy, self.hz)  # (N, 3, Z, Y, X)
+        vx, vy, vz = v[:, 0], v[:, 1], v[:, 2]
+        sxx, syy, szz = tensor[:, 0], tensor[:, 1], tensor[:, 2]
+        sxy, sxz, syz = tensor[:, 3], tensor[:, 4], tensor[:, 5]
+        tv = torch.stack(
+            (sxx * vx + sxy * vy + sxz * vz, sxy * vx + syy * vy + syz * vz, sxz * vx + syz * vy + szz * vz), dim=1
+        )
+        return self._adjoint(tv, self.hx, self.hy, self.hz)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r, gx, gy, gz = self.residual(warped, fixed)  # each (N, C, D, H, W)
-        rhs = self._adjoint(torch.stack(((r * gx).sum(dim=1), (r * gy).sum(dim=1), (r * gz).sum(dim=1)), dim=1))
-        # per-voxel structure tensor sum_c g_c g_c^T as its 6 distinct entries: every CG product then
-        # reads 6 channels (not 3 C) and never forms a (N, 3, 3, D, H, W) broadcast (profiled: it was
-        # half the B-spline stage's GPU time)
-        sxx, syy, szz = (gx * gx).sum(dim=1), (gy * gy).sum(dim=1), (gz * gz).sum(dim=1)
-        sxy, sxz, syz = (gx * gy).sum(dim=1), (gx * gz).sum(dim=1), (gy * gz).sum(dim=1)
-        diag = self._adjoint((sxx + syy + szz).unsqueeze(1))  # (N, 1, cz, cy, cx)
+        # sum_c r g (N, 3, D, H, W) and the structure tensor as its 6 distinct entries (N, 6, D, H, W): every
+        # CG product reads 6 channels (not 3 C) and never forms a (N, 3, 3, D, H, W) broadcast (profiled: it
+        # was half the B-spline stage's GPU time)
+        grad, tensor = self.residual.moments(warped, fixed, self.slab_voxels)
+        rhs = self._adjoint(grad, self.bx, self.by, self.bz)
+        if self.hessian_pool > 1:  # block sums (the quadrature's weights), see the class docstring
+            k = self.hessian_pool
+            tensor = F.avg_pool3d(tensor, k) * float(k * k * k)
+        diag = self._adjoint(tensor[:, 0:3].sum(dim=1, keepdim=True), self.hx, self.hy, self.hz)  # (N, 1, cz, cy, cx)
         diag = diag + 1e-3 * diag.mean(dim=(2, 3, 4), keepdim=True) + 1e-12
         sol = torch.zeros_like(rhs)
         res = rhs
@@ -309,12 +423,7 @@ class BSplineSSDField(nn.Module):
         p = z
         rz = (res * z).sum(dim=(1, 2, 3, 4), keepdim=True)
         for _ in range(self.cg_iters):
-            v = self._synth(p)  # (N, 3, D, H, W)
-            vx, vy, vz = v[:, 0], v[:, 1], v[:, 2]
-            tv = torch.stack(
-                (sxx * vx + sxy * vy + sxz * vz, sxy * vx + syy * vy + syz * vz, sxz * vx + syz * vy + szz * vz), dim=1
-            )  # (sum_c g_c g_c^T) v per voxel
-            hp = self._adjoint(tv) + self.damping * diag * p
+            hp = self._normal_apply(p, tensor) + self.damping * diag * p
             alpha = rz / (p * hp).sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1e-30)
             sol = sol + alpha * p
             res = res - alpha * hp

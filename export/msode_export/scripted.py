@@ -707,8 +707,17 @@ class RegistrarModule(nn.Module):
         steps_shape = self.pyr_shapes[p]
         steps_spacing = self.pyr_spacings[p]
         for i in range(len(steps_shape)):
-            pts = _expand(_grid_points(steps_shape[i], steps_spacing[i], cur.device), cur.shape[0])
-            cur = _sample(cur, cur_shape, cur_spacing, pts)
+            halving = True  # an exact factor-2 step of even sizes: 2x2x2 averages (msode_sdk.loop.downsample)
+            for a in range(3):
+                if cur_shape[a] % 2 != 0 or steps_shape[i][a] * 2 != cur_shape[a]:
+                    halving = False
+                if abs(steps_spacing[i][a] - 2.0 * cur_spacing[a]) > 1e-9 * cur_spacing[a]:
+                    halving = False
+            if halving:
+                cur = F.avg_pool3d(cur, 2)
+            else:
+                pts = _expand(_grid_points(steps_shape[i], steps_spacing[i], cur.device), cur.shape[0])
+                cur = _sample(cur, cur_shape, cur_spacing, pts)
             cur_shape = steps_shape[i]
             cur_spacing = steps_spacing[i]
         return cur

@@ -49,6 +49,7 @@ __all__ = [
     "bspline_kernel",
     "bspline_displacement_at",
     "affine_bspline_coords",
+    "jacobian_determinant",
     "TRANSFORM_KINDS",
     "make_transform",
     "initial_state",
@@ -560,6 +561,30 @@ class TransformChain:
         for m in mats[1:]:
             out = out @ m
         return out
+
+
+def _grid_derivative(points: torch.Tensor, dim: int, spacing: float) -> torch.Tensor:
+    """d(points)/d(axis ``dim`` of ``(N, D, H, W, 3)``) per mm: central differences, one-sided at the ends
+    (0 on an axis of one voxel)."""
+    n = points.shape[dim]
+    if n < 2:
+        return torch.zeros_like(points)
+    inner = (points.narrow(dim, 2, n - 2) - points.narrow(dim, 0, n - 2)) / (2.0 * spacing)
+    lo = (points.narrow(dim, 1, 1) - points.narrow(dim, 0, 1)) / spacing
+    hi = (points.narrow(dim, n - 1, 1) - points.narrow(dim, n - 2, 1)) / spacing
+    return torch.cat((lo, inner, hi), dim)
+
+
+def jacobian_determinant(points: torch.Tensor, spacing_xyz: Sequence[float]) -> torch.Tensor:
+    """Determinant of the Jacobian of a point map sampled on a grid: ``points`` ``(N, D, H, W, 3)`` mm
+    (``phi`` at every voxel, e.g. :meth:`TransformChain.map_grid`; grid of ``spacing_xyz`` mm) ->
+    ``(N, D, H, W)``, by finite differences (central inside, one-sided at the borders). 1 for rigid maps;
+    values <= 0 mark folding (the map is not locally invertible there)."""
+    jx = _grid_derivative(points, 3, float(spacing_xyz[0]))  # d phi / dx: (N, D, H, W, 3)
+    jy = _grid_derivative(points, 2, float(spacing_xyz[1]))
+    jz = _grid_derivative(points, 1, float(spacing_xyz[2]))
+    # det [jx jy jz] (columns) = jx . (jy x jz)
+    return (jx * torch.linalg.cross(jy, jz, dim=-1)).sum(-1)
 
 
 # ------------------------------------------------------------------------ kinds (integrator state)

@@ -29,6 +29,7 @@ __all__ = [
     "image_centre",
     "resample_to_grid",
     "normalise_percentiles",
+    "quantiles",
     "axis_permutation",
     "world_outputs",
 ]
@@ -67,14 +68,16 @@ def sampling_theta(out_to_src: torch.Tensor, out_shape: List[int], src_shape: Li
     return m[:3].to(torch.float32).unsqueeze(0)
 
 
-def affine_field(m34: torch.Tensor, shape: List[int]) -> torch.Tensor:
-    """``m34 @ (i, j, k, 1)`` at every voxel of a grid of ``shape``: ``(n0, n1, n2, 3)`` float32, as the
-    broadcast sum of one term per axis (composed in float64; cheaper than ``affine_grid``'s product)."""
+def affine_field(m34: torch.Tensor, shape: List[int], start: int = 0, stop: int = -1) -> torch.Tensor:
+    """``m34 @ (i, j, k, 1)`` at every voxel of a grid of ``shape`` (rows ``start:stop`` of axis 0; ``stop``
+    -1: to the end): ``(rows, n1, n2, 3)`` float32, as the broadcast sum of one term per axis (composed in
+    float64; cheaper than ``affine_grid``'s product)."""
     dev = m34.device
-    i = torch.arange(shape[0], dtype=torch.float64, device=dev)
+    stop = shape[0] if stop < 0 else stop
+    i = torch.arange(start, stop, dtype=torch.float64, device=dev)
     j = torch.arange(shape[1], dtype=torch.float64, device=dev)
     k = torch.arange(shape[2], dtype=torch.float64, device=dev)
-    t0 = (i[:, None] * m34[:, 0][None, :] + m34[:, 3][None, :]).to(torch.float32).reshape(shape[0], 1, 1, 3)
+    t0 = (i[:, None] * m34[:, 0][None, :] + m34[:, 3][None, :]).to(torch.float32).reshape(stop - start, 1, 1, 3)
     t1 = (j[:, None] * m34[:, 1][None, :]).to(torch.float32).reshape(1, shape[1], 1, 3)
     t2 = (k[:, None] * m34[:, 2][None, :]).to(torch.float32).reshape(1, 1, shape[2], 3)
     return t0 + t1 + t2
@@ -101,6 +104,33 @@ def gaussian_blur_axes(vol: torch.Tensor, sigmas: List[float]) -> torch.Tensor:
     return vol
 
 
+def quantiles(flat: torch.Tensor, qs: List[float]) -> List[float]:
+    """``torch.quantile(flat.double(), q)`` for each ``q`` in ``qs`` (linear interpolation between the
+    order statistics at ``floor`` / ``ceil`` of ``q (n - 1)``, as numpy's default), without sorting all of
+    ``flat`` (1-D, finite): tail quantiles read the ``k`` smallest or largest values (``topk``, O(n log k);
+    the 0.5 / 99.5 % percentiles of a 2 M-voxel sample: 8x faster than ``torch.quantile`` on CPU, and
+    faster than ``kthvalue`` selection), others sort. The order statistics of a float32 sample are those
+    of its float64 copy, so the result is identical."""
+    n = flat.numel()
+    out: List[float] = []
+    for q in qs:
+        rank = q * (n - 1)
+        below = min(int(math.floor(rank)), n - 1)
+        above = min(below + 1, n - 1)
+        if below + 1 <= n // 16:  # lower tail: the above + 1 smallest, ascending
+            vals = torch.topk(flat, above + 1, largest=False, sorted=True)[0]
+            v_lo, v_hi = vals[below], vals[above]
+        elif n - below <= n // 16:  # upper tail: the n - below largest, descending
+            vals = torch.topk(flat, n - below, largest=True, sorted=True)[0]
+            v_lo, v_hi = vals[n - 1 - below], vals[n - 1 - above]
+        else:
+            vals = torch.sort(flat)[0]
+            v_lo, v_hi = vals[below], vals[above]
+        lo, hi = float(v_lo.double()), float(v_hi.double())
+        out.append(lo + (hi - lo) * (rank - below))
+    return out
+
+
 def image_centre(native: torch.Tensor, affine: torch.Tensor, mode: str) -> torch.Tensor:
     """RAS mm centre ``(3,)`` float64 of a native image ``(1, 1, n0, n1, n2)``: field-of-view centre
     (``fov``) or the intensity centre of mass (``com``) of the voxels above the 2nd percentile."""
@@ -109,7 +139,7 @@ def image_centre(native: torch.Tensor, affine: torch.Tensor, mode: str) -> torch
     if mode == "com":
         arr = native[0, 0].to(torch.float64)
         flat = arr.reshape(-1)
-        lo = torch.quantile(flat[:: max(1, flat.numel() // 2_000_000)], 0.02)
+        lo = quantiles(flat[:: max(1, flat.numel() // 2_000_000)], [0.02])[0]
         w = (arr - lo).clamp(min=0.0)
         total = float(w.sum())
         if total > 0:
@@ -184,10 +214,10 @@ def normalise_percentiles(
     interpolation, as numpy's default; float64) become 0 and 1, clipped to ``[0, 1]``; a degenerate range
     falls back to the sample's min / max. Raises ``ValueError(what + "image has no intensity range ...")``
     when that is degenerate too."""
-    flat = sample.reshape(-1).to(torch.float64)
-    q = torch.quantile(flat, torch.tensor([low_pct / 100.0, high_pct / 100.0], dtype=torch.float64, device=flat.device))
-    lo = float(q[0])
-    hi = float(q[1])
+    flat = sample.reshape(-1)
+    q = quantiles(flat, [low_pct / 100.0, high_pct / 100.0])
+    lo = q[0]
+    hi = q[1]
     if not hi > lo:  # very sparse images: fall back to the full range
         lo = float(flat.min())
         hi = float(flat.max())
@@ -243,17 +273,50 @@ def _bspline_native(
     axis_of: List[int],
     shape: List[int],
     mix: torch.Tensor,
-) -> torch.Tensor:
-    """``mix @ u(x)`` of a B-spline stage (``coeffs (1, 3, cz, cy, cx)``, ``bparams`` = control spacing x, y, z
-    and control counts x, y, z) at every voxel of a native grid whose axes are parallel to the model axes:
-    ``(n0, n1, n2, 3)``, by separable synthesis of the mixed coefficients (exact)."""
+    lin: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``lin @ (i, j, k, 1) + mix @ u(x)`` of a B-spline stage (``coeffs (1, 3, cz, cy, cx)``, ``bparams`` =
+    control spacing x, y, z and control counts x, y, z; ``lin`` 3x4 and ``mix`` 3x3 float64) at every voxel
+    ``(i, j, k)`` of a native grid whose axes are parallel to the model axes, as two factors ``(cols,
+    rows)``: ``(cols[a:b] @ rows).reshape(b - a, n1, n2, 3)`` is the field on rows ``a:b`` of axis 0.
+
+    Separable synthesis of the mixed coefficients along native axes 2 and 1 gives ``rows``; the contraction
+    along axis 0 also adds the affine part (its terms are extra rows: a column of ones and one of ``i``
+    per output component), so a full-size field is written once by one matrix product, not summed from
+    full-size parts (at 240x240x160 those sums were most of the output stage on CPU)."""
+    dev = coeffs.device
+    model_of = [0, 0, 0]  # the model axis (x 0, y 1, z 2) of each native axis
+    for m in range(3):
+        model_of[axis_of[m]] = m
+    basis: List[torch.Tensor] = []
+    for a in range(3):
+        m = model_of[a]
+        basis.append(_bspline_basis(_axis_coords(shape[a], vox_to_x, m, a), int(bparams[3 + m]), bparams[m]))
     mixed = torch.einsum("ij,jzyx->izyx", mix.to(torch.float32), coeffs[0].to(torch.float32))
-    bx = _bspline_basis(_axis_coords(shape[axis_of[0]], vox_to_x, 0, axis_of[0]), int(bparams[3]), bparams[0])
-    by = _bspline_basis(_axis_coords(shape[axis_of[1]], vox_to_x, 1, axis_of[1]), int(bparams[4]), bparams[1])
-    bz = _bspline_basis(_axis_coords(shape[axis_of[2]], vox_to_x, 2, axis_of[2]), int(bparams[5]), bparams[2])
-    letters = "pqr"  # native axes 0, 1, 2 of the output
-    eq = "czyx," + letters[axis_of[2]] + "z," + letters[axis_of[1]] + "y," + letters[axis_of[0]] + "x->pqrc"
-    return torch.einsum(eq, [mixed, bz, by, bx])
+    # coefficient dims in native axis order: model axis m is dim 3 - m of (c, z, y, x)
+    mixed = mixed.permute([0, 3 - model_of[0], 3 - model_of[1], 3 - model_of[2]])  # (3, k0, k1, k2)
+    t = torch.einsum("cabr,nr->cabn", mixed, basis[2])  # (3, k0, k1, n2)
+    t = torch.einsum("cabn,mb->amnc", t, basis[1])  # (k0, n1, n2, 3)
+    k0 = t.shape[0]
+    rest = shape[1] * shape[2] * 3
+    j = torch.arange(shape[1], dtype=torch.float64, device=dev)
+    k = torch.arange(shape[2], dtype=torch.float64, device=dev)
+    # rows of the contraction: k0 B-spline rows, the (j, k, 1) affine terms, one indicator per component
+    ones_row = (
+        j[:, None, None] * lin[:, 1][None, None, :] + k[None, :, None] * lin[:, 2][None, None, :] + lin[:, 3]
+    ).to(torch.float32)
+    indicator = torch.eye(3, dtype=torch.float32, device=dev).reshape(3, 1, 1, 3).expand(3, shape[1], shape[2], 3)
+    rows = torch.cat([t.reshape(k0, rest), ones_row.reshape(1, rest), indicator.reshape(3, rest)], dim=0)
+    i = torch.arange(shape[0], dtype=torch.float64, device=dev)
+    cols = torch.cat(
+        [
+            basis[0],
+            torch.ones([shape[0], 1], dtype=torch.float32, device=dev),
+            (i[:, None] * lin[:, 0][None, :]).to(torch.float32),
+        ],
+        dim=1,
+    )  # (n0, k0 + 4)
+    return cols, rows
 
 
 def _bspline_dense(
@@ -344,30 +407,48 @@ def world_outputs(
     d_map = lps @ torch.cat([d_lin, d_off], dim=1)
     k_g = to_g[:3, :3] @ a_model[:3, :3]  # d(grid_sample coordinates) / d(u), u in model mm
     k_d = lps @ a_model[:3, :3]  # d(LPS displacement) / d(u)
-    g = affine_field(g_map, fix_shape)
-    disp = affine_field(d_map, fix_shape)
-    u: Optional[torch.Tensor] = None
+    axis_of: List[int] = []
     if coeffs is not None:
         axis_of = axis_permutation(vox_to_x[:3, :3])
-        if len(axis_of) == 3:
-            g = g + _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_g)
-            disp = disp + _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_d)
-        else:  # oblique: exact samples on a fine grid over the box the fixed grid occupies
-            corners: List[List[float]] = []
-            for i in [0, fix_shape[0] - 1]:
-                for j in [0, fix_shape[1] - 1]:
-                    for k in [0, fix_shape[2] - 1]:
-                        corners.append([float(i), float(j), float(k), 1.0])
-            pts = torch.tensor(corners, dtype=f64, device=dev) @ vox_to_x[:3].T
-            within: List[float] = pts.abs().amax(dim=0).tolist()
-            dense, dparams = _bspline_dense(coeffs, bparams, dense_spacing, within)
-            u = _dense_native(dense, dparams, vox_to_x, fix_shape)
+    separable = coeffs is not None and len(axis_of) == 3
+    g_cols = torch.zeros([0])
+    g_rows = torch.zeros([0])
+    if coeffs is not None and separable:  # the affine part folded into the separable synthesis
+        g_cols, g_rows = _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_g, g_map)
+        d_cols, d_rows = _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_d, d_map)
+        disp = torch.mm(d_cols, d_rows).reshape(fix_shape[0], fix_shape[1], fix_shape[2], 3)
+    else:
+        disp = affine_field(d_map, fix_shape)
+    u: Optional[torch.Tensor] = None
+    if coeffs is not None and not separable:  # oblique: exact samples on a fine grid over the fixed grid's box
+        corners: List[List[float]] = []
+        for i in [0, fix_shape[0] - 1]:
+            for j in [0, fix_shape[1] - 1]:
+                for k in [0, fix_shape[2] - 1]:
+                    corners.append([float(i), float(j), float(k), 1.0])
+        pts = torch.tensor(corners, dtype=f64, device=dev) @ vox_to_x[:3].T
+        within: List[float] = pts.abs().amax(dim=0).tolist()
+        dense, dparams = _bspline_dense(coeffs, bparams, dense_spacing, within)
+        u = _dense_native(dense, dparams, vox_to_x, fix_shape)
     elif field is not None:
         u = _dense_native(field, fparams, vox_to_x, fix_shape)
     if u is not None:
-        g = g + u @ k_g.T.to(torch.float32)
         disp = disp + u @ k_d.T.to(torch.float32)
-    warped = F.grid_sample(
-        mov_native.to(torch.float32), g.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True
-    )[0, 0]
+    # the warped image slab by slab along axis 0: its grid_sample coordinates never exist at full size
+    # (at 240x240x160 a 110 MB temporary, written and read once)
+    mov = mov_native.to(torch.float32)
+    warped = torch.empty(fix_shape, dtype=torch.float32, device=dev)
+    plane = fix_shape[1] * fix_shape[2]
+    step = max(1, (1 << 20) // max(plane, 1))
+    for start in range(0, fix_shape[0], step):
+        stop = min(fix_shape[0], start + step)
+        if separable:
+            g = torch.mm(g_cols[start:stop], g_rows).reshape(stop - start, fix_shape[1], fix_shape[2], 3)
+        else:
+            g = affine_field(g_map, fix_shape, start, stop)
+        if u is not None:
+            g = g + u[start:stop] @ k_g.T.to(torch.float32)
+        warped[start:stop] = F.grid_sample(
+            mov, g.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True
+        )[0, 0]
     return warped, disp, t_m @ a_model @ t_f

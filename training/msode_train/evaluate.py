@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msode_sdk.transforms import Grid, TransformChain
+from msode_sdk.transforms import Grid, TransformChain, jacobian_determinant
 from msode_sdk.warp import sample_points
 
 from . import data as D
@@ -167,7 +167,16 @@ def pair_metrics(pair, points: torch.Tensor) -> dict:
         "dice_wm": tissue[2],
         "rmse_x": D.rmse_x(warped, truth, brain),
         "rmse_phi_mm": float(D.rmse_phi(points, pair.chain, g, mask=brain)),
+        "folding_frac": folding_fraction(points, g, brain),
     }
+
+
+def folding_fraction(points: torch.Tensor, grid: Grid, mask: torch.Tensor) -> float:
+    """Fraction of the voxels in ``mask`` (``[1, 1,] D, H, W``) where the point map ``(1, D, H, W, 3)`` mm
+    on ``grid`` has a Jacobian determinant <= 0 (folds)."""
+    det = jacobian_determinant(points.float(), grid.spacing_xyz)[0].cpu()
+    inside = mask.reshape(det.shape).to(torch.bool).cpu()
+    return float((det[inside] <= 0).double().mean()) if bool(inside.any()) else 0.0
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -293,7 +302,9 @@ def run_ants(pair, deformable: bool) -> tuple[torch.Tensor, float, dict]:
 
 def _summary(rows: list[dict]) -> dict:
     out = {}
-    for key in ("dice_tumour", "dice_tissue", "rmse_x", "rmse_phi_mm", "seconds"):
+    for key in ("dice_tumour", "dice_tissue", "rmse_x", "rmse_phi_mm", "seconds", "folding_frac"):
+        if not all(key in r for r in rows):  # rows of reports written before the key existed
+            continue
         v = np.asarray([r[key] for r in rows], dtype=np.float64)
         out[key] = {
             "mean": float(v.mean()),
@@ -575,12 +586,16 @@ def markdown_table(report: dict) -> str:
         "",
         f"Synthetic test subjects (seeds {p['test_seeds'][0]}..{p['test_seeds'][-1]}) at {p['spacing_mm']:g} mm, "
         f"contrast pairs {p['pairs']}, protocol seed {p['seed']}, device {p['device']}. "
-        "Mean (std); RMSE(phi) also median / worst; success = RMSE(phi) < 2 mm.",
+        "Mean (std); RMSE(phi) also median / worst; success = RMSE(phi) < 2 mm; folding = brain voxels where "
+        "the map's Jacobian determinant is <= 0 (mean / worst pair).",
         "",
-        "| Method | Dice tumour / % | Dice tissue / % | RMSE(x) x1e-2 | RMSE(phi) / mm | median / worst | success | Time / s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Method | Dice tumour / % | Dice tissue / % | RMSE(x) x1e-2 | RMSE(phi) / mm | median / worst | success "
+        "| folding / % | Time / s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in report["summary"].items():
+        fold = s.get("folding_frac")
+        folding = f"{100 * fold['mean']:.3f} / {100 * fold['max']:.3f}" if fold else "n/a"
         lines.append(
             f"| {m} | {100 * s['dice_tumour']['mean']:.1f} ({100 * s['dice_tumour']['std']:.1f}) "
             f"| {100 * s['dice_tissue']['mean']:.1f} ({100 * s['dice_tissue']['std']:.1f}) "
@@ -588,6 +603,7 @@ def markdown_table(report: dict) -> str:
             f"| {s['rmse_phi_mm']['mean']:.2f} ({s['rmse_phi_mm']['std']:.2f}) "
             f"| {s['rmse_phi_mm']['median']:.2f} / {s['rmse_phi_mm']['max']:.2f} "
             f"| {100 * s['success_rmse_phi_lt_2mm']:.0f} % "
+            f"| {folding} "
             f"| {s['seconds']['mean']:.2f} ({s['seconds']['std']:.2f}) |"
         )
     return "\n".join(lines) + "\n"

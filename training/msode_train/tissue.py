@@ -40,13 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from msode_sdk.io import normalise_intensity
 from msode_sdk.registrar import Registrar
 from msode_sdk.warp import warp_chain
 
-from .models import ContextTrunk
+from .models import Conv3d, ContextTrunk
 
 __all__ = [
     "TissueEncoder",
@@ -80,8 +79,8 @@ class TissueEncoder(ContextTrunk):
 
     def __init__(self, width: int = 16, n_classes: int = N_CLASSES):
         super().__init__(width)
-        self.c4 = nn.Conv3d(self.width, self.width, 3, padding=1)
-        self.out = nn.Conv3d(self.width, int(n_classes), 1)
+        self.c4 = Conv3d(self.width, self.width, 3, padding=1)
+        self.out = Conv3d(self.width, int(n_classes), 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(F.leaky_relu(self.c4(self.trunk(x)), 0.2))
