@@ -326,8 +326,14 @@ def test_content_outside_the_model_grid(reg, pair):
     arr = np.zeros((40, 40, 40), np.float32)
     arr[:4, :4, :4] = _good_array((4, 4, 4)) + 1.0
     aff = np.diag([30.0, 30.0, 30.0, 1.0])
-    with pytest.raises(InputError, match="no image content inside the model grid"):
+    with pytest.raises(InputError, match="^moving: no image content inside the model grid"):
         reg.register((arr, aff), pair[1])
+    # moving and fixed are prepared side by side: the fixed image's failure is reported as its own, and
+    # when both fail the moving image's error comes first, as when they were prepared one after the other
+    with pytest.raises(InputError, match="^fixed: no image content inside the model grid"):
+        reg.register(pair[0], (arr, aff))
+    with pytest.raises(InputError, match="^moving: no image content inside the model grid"):
+        reg.register((arr, aff), (arr, aff))
 
 
 def test_mismatched_inputs_name_the_bad_one(reg, pair):

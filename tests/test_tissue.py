@@ -18,6 +18,11 @@ def test_encoder_shapes_probabilities_and_script():
     torch.testing.assert_close(p.sum(1), torch.ones(2, 10, 12, 14))
     ts = torch.jit.script(net)
     torch.testing.assert_close(ts(x), p)
+    # scripted on CPU without gradients the convolutions call oneDNN directly (msode_train.models.Conv3d):
+    # the same numbers to float32 rounding, for one image too (PyTorch's dispatch uses its native kernel)
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x[:1]), net(x[:1]), rtol=1e-5, atol=1e-6)
+    assert [k for k in net.state_dict() if k.startswith("c1.")] == ["c1.weight", "c1.bias"]
     # the global-context path: the same voxel neighbourhood gets other probabilities in another image
     net.film[2].weight.data.normal_(0, 0.5)
     a = net(torch.cat((x[:1], x[:1] * 0.3)))

@@ -47,7 +47,7 @@ import threading
 import traceback
 import uuid
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -642,9 +642,10 @@ class Registrar:
         job = _prepare_pool().submit(self.prepare_image, fixed, "fixed")
         try:
             prepared_moving = self.prepare_image(moving, "moving")
-        finally:
-            prepared_fixed = job.result()  # waited for even when moving failed (its error is raised first)
-        pair = (prepared_moving, prepared_fixed)
+        except BaseException:
+            wait([job])  # the moving image's error first, as when prepared one after the other
+            raise
+        pair = (prepared_moving, job.result())
         return self.register_prepared([pair], stages, init, load_seconds=[time.perf_counter() - t0])[0]
 
     @_typed_failures
