@@ -77,12 +77,24 @@ _PREPARE_POOL_LOCK = threading.Lock()
 
 
 def _prepare_pool() -> ThreadPoolExecutor:
-    """One worker thread that prepares a pair's second image while the caller prepares the first."""
+    """Worker threads that prepare a pair's second image while the caller prepares the first."""
     global _PREPARE_POOL
     with _PREPARE_POOL_LOCK:
         if _PREPARE_POOL is None:
             _PREPARE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="msode-prepare")
         return _PREPARE_POOL
+
+
+def _forget_prepare_pool() -> None:
+    """In a forked child the pool's threads do not exist: a new pool is made on first use (else a job
+    submitted there would wait forever)."""
+    global _PREPARE_POOL, _PREPARE_POOL_LOCK
+    _PREPARE_POOL = None
+    _PREPARE_POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_prepare_pool)
 
 
 def bundled_plans() -> list[str]:
