@@ -59,6 +59,7 @@ from msode_sdk import world
 from msode_sdk.errors import PlanError
 from msode_sdk.initialize import mutual_information, thetas_of_points
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
+from msode_sdk.loop import halves
 from msode_sdk.plan import Plan, load_plan, write_plan
 from msode_sdk.transforms import (
     Grid,
@@ -643,6 +644,7 @@ class RegistrarModule(nn.Module):
     rigid_indices: List[int]
     pyr_shapes: List[List[List[int]]]
     pyr_spacings: List[List[List[float]]]
+    pyr_halving: List[List[bool]]
     info_json: str
     final_rigid: int
     final_bspline: int
@@ -674,6 +676,7 @@ class RegistrarModule(nn.Module):
         self.rigid_indices = [int(i) for i in rigid_indices]
         self.pyr_shapes = [[[int(v) for v in g.shape_xyz] for g in steps] for steps in pyramid]
         self.pyr_spacings = [[[float(v) for v in g.spacing_xyz] for g in steps] for steps in pyramid]
+        self.pyr_halving = [[halves(a, b) for a, b in zip([model_grid, *steps[:-1]], steps)] for steps in pyramid]
         self.info_json = json.dumps(info, sort_keys=True)
         # the final warp of a [rigid?, bspline?] chain through affine_bspline_coords, as the SDK's reference warp
         kinds = list(kinds or [])
@@ -707,13 +710,7 @@ class RegistrarModule(nn.Module):
         steps_shape = self.pyr_shapes[p]
         steps_spacing = self.pyr_spacings[p]
         for i in range(len(steps_shape)):
-            halving = True  # an exact factor-2 step of even sizes: 2x2x2 averages (msode_sdk.loop.downsample)
-            for a in range(3):
-                if cur_shape[a] % 2 != 0 or steps_shape[i][a] * 2 != cur_shape[a]:
-                    halving = False
-                if abs(steps_spacing[i][a] - 2.0 * cur_spacing[a]) > 1e-9 * cur_spacing[a]:
-                    halving = False
-            if halving:
+            if self.pyr_halving[p][i]:  # 2x2x2 averages, as msode_sdk.loop.downsample
                 cur = F.avg_pool3d(cur, 2)
             else:
                 pts = _expand(_grid_points(steps_shape[i], steps_spacing[i], cur.device), cur.shape[0])

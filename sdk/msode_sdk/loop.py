@@ -67,7 +67,7 @@ from .transforms import (
 )
 from .warp import warp_chain
 
-__all__ = ["LevelRun", "StageRun", "RegistrationLoop", "downsample", "INIT_MODES", "Warp"]
+__all__ = ["LevelRun", "StageRun", "RegistrationLoop", "downsample", "halves", "INIT_MODES", "Warp"]
 
 _log = logging.getLogger("msode_sdk")
 
@@ -81,14 +81,20 @@ def _dispatching_warp(volume, src_grid, chain, out_grid):
     return warp_chain(volume, src_grid, chain, out_grid)  # looked up per call (tests may replace it)
 
 
+def halves(src: Grid, dst: Grid) -> bool:
+    """Whether ``dst`` is ``src`` at half the resolution with every size of ``src`` even: its voxel
+    centres are then the centres of ``src``'s 2x2x2 blocks, where trilinear sampling is the blocks'
+    average (``avg_pool3d``, a tenth of a warp's cost on CPU)."""
+    return dst == src.downsampled(2) and all(n % 2 == 0 for n in src.shape_xyz)
+
+
 def downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid, warp: Warp = _dispatching_warp) -> torch.Tensor:
     """Pyramid level by repeated factor-2 steps; each step samples the finer level at the coarser voxel
-    centres (mm-exact). For even sizes the coarse centres are the centres of 2x2x2 blocks, where trilinear
-    sampling is the blocks' average: those steps run as ``avg_pool3d`` (a tenth of a warp's cost on CPU)."""
+    centres (mm-exact; 2x2x2 averages where :func:`halves`)."""
     cur_grid, cur = grid, vol
     while cur_grid.spacing_xyz[0] * 1.5 < level_grid.spacing_xyz[0]:
         nxt = cur_grid.downsampled(2)
-        if all(n % 2 == 0 for n in cur_grid.shape_xyz):
+        if halves(cur_grid, nxt):
             cur = torch.nn.functional.avg_pool3d(cur, 2)
         else:
             cur = warp(cur, cur_grid, TransformChain(), nxt)
