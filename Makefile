@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.msode-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan plan-report similarity-ablation clean
+.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan rigid-dense-plan plan-report similarity-ablation clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,14 +40,21 @@ bench: $(STAMP)
 analytic-plan: $(STAMP)
 	$(PY) scripts/build_analytic_plan.py sdk/msode_sdk/models/analytic_ssd.plan
 
-# Retrain the tissue encoders (~13 min on 2 CPU cores), rebuild the bundled multi-contrast plan, re-evaluate it.
+# Retrain the tissue encoders (~13 min on 2 CPU cores), rebuild the bundled multi-contrast plans, re-evaluate them.
 tissue-encoder: $(STAMP)
 	$(PY) -m msode_train.tissue --width 8 --steps 16=1500,8=1500,4=1000 \
 		--report training/reports/tissue_encoder/history.json
+# (the bundled files also record their report's figures: --metrics, from scripts/report_metrics.py)
 rigid-bspline-plan: $(STAMP)
 	$(PY) scripts/build_rigid_bspline_plan.py sdk/msode_sdk/models/rigid_bspline.plan
+	$(PY) scripts/build_rigid_bspline_plan.py --bspline-field gn sdk/msode_sdk/models/rigid_bspline_v1.plan
+rigid-dense-plan: $(STAMP)
+	$(PY) scripts/build_rigid_dense_plan.py sdk/msode_sdk/models/rigid_dense.plan
+# both bundled plans' held-out reports -> training/reports/<plan>/ (~25 min; rigid_dense shares the rigid
+# stage, so its rigid set runs without the SimpleITK baseline)
 plan-report: $(STAMP)
 	PY=$(PY) bash scripts/evaluate_bundled_plan.sh
+	PY=$(PY) RIGID_BASELINES=none bash scripts/evaluate_bundled_plan.sh sdk/msode_sdk/models/rigid_dense.plan
 
 # Research (issue 4, not part of the SDK): the same rigid MS-ODENet trained with L_sim = content and with
 # L_sim = MI, evaluated side by side (~55-75 min on 2 CPU cores)

@@ -5,7 +5,7 @@ Pairs: folders from ``scripts/make_latency_pairs.py`` (240x240x160 1 mm T2 -> T1
 ``truth.json``); default ``out/latency_pairs/pair*``. For each pair, in this process:
 
 * msode: a warm ``Registrar`` (loaded once; one unmeasured registration first), ``register`` from host
-  arrays, rigid stage only and rigid + B-spline, median of ``--repeats`` calls, with the load / stage /
+  arrays, rigid stage only and all stages (rigid + B-spline or rigid + dense), median of ``--repeats`` calls, with the load / stage /
   output split that ``RegistrationResult.timings`` reports;
 * SimpleITK: the multi-resolution Mattes-MI rigid registration of ``msode-eval``'s baseline
   (``msode_train.evaluate.run_sitk``: shrink 4/2/1, smoothing 2/1/0 voxels, 10 % random sampling, regular
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         mask = fix_t > 0.05
         row = {"pair": str(folder), "shape": list(fix[0].shape)}
         reg.register(mov, fix)  # warm-up
-        for label, stages in (("rigid", ["rigid"]), ("rigid_bspline", None)):
+        full = "_".join(reg.stage_names)  # "rigid_bspline", "rigid_dense"
+        for label, stages in (("rigid", ["rigid"]), (full, None)):
             times, parts = [], {}
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
@@ -99,12 +100,12 @@ def main(argv=None) -> int:
             err = float((((pts[0] - gt[0]) ** 2).sum(-1)[fmask]).mean().sqrt())
             row["sitk_rigid"] = {"seconds": secs, "rmse_phi_mm": err}
         rows.append(row)
-        r, rb = row["rigid"], row["rigid_bspline"]
+        r, rb, last = row["rigid"], row[full], reg.stage_names[-1]
         line = (
             f"{folder.name}: msode rigid {r['seconds_median']:.2f} s ({r['rigid_rmse_phi_mm']:.2f} mm; "
             f"load {r['split_median']['load']:.2f} rigid {r['split_median']['rigid']:.2f} output "
-            f"{r['split_median']['output']:.2f}), rigid + B-spline {rb['seconds_median']:.2f} s (B-spline "
-            f"{rb['split_median']['bspline']:.2f}, output {rb['split_median']['output']:.2f})"
+            f"{r['split_median']['output']:.2f}), {' + '.join(reg.stage_names)} {rb['seconds_median']:.2f} s ({last} "
+            f"{rb['split_median'][last]:.2f}, output {rb['split_median']['output']:.2f})"
         )
         if "sitk_rigid" in row:
             s = row["sitk_rigid"]

@@ -339,7 +339,7 @@ def test_embed_example_two_threads(cpp_bin, standin_plan):
     assert float(words[-1]) == 0.0
 
 
-@pytest.mark.parametrize("name", ["analytic_ssd.plan", "rigid_bspline.plan"])
+@pytest.mark.parametrize("name", ["analytic_ssd.plan", "rigid_bspline.plan", "rigid_dense.plan"])
 def test_bundled_plan(cpp_bin, pair, tmp_path, name):
     """Each bundled plan opens, verifies and loads its registrar.ts in C++ (checked cheaply: inputs on
     the wrong grid are refused with the plan's 120x120x80 model grid in the message, after loading)."""
@@ -1001,14 +1001,15 @@ def test_recon_example_in_memory(cpp_bin, native_plan):
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "sample" / "fixed_t1.nii.gz").exists(), reason="data/sample is missing")
-def test_bundled_plan_sample_pair(cpp_bin, tmp_path):
-    """The bundled rigid_bspline.plan on data/sample (fixed_t1: oblique, anisotropic; moving_t2: flipped,
+@pytest.mark.parametrize("name", ["rigid_bspline.plan", "rigid_dense.plan"])
+def test_bundled_plan_sample_pair(cpp_bin, tmp_path, name):
+    """A bundled multi-contrast plan on data/sample (fixed_t1: oblique, anisotropic; moving_t2: flipped,
     another size): C++ msode_register -o == `msode register` (torch backend, CPU)."""
     from msode_sdk.registrar import MODELS_DIR
 
-    plan = MODELS_DIR / "rigid_bspline.plan"
+    plan = MODELS_DIR / name
     if not _has_register_native(plan):
-        pytest.skip("the bundled rigid_bspline.plan's registrar.ts has no register_native yet (rebuild the plan)")
+        pytest.skip(f"the bundled {name}'s registrar.ts has no register_native yet (rebuild the plan)")
     moving, fixed = ROOT / "data" / "sample" / "moving_t2.nii.gz", ROOT / "data" / "sample" / "fixed_t1.nii.gz"
     t0 = time.perf_counter()
     _cpp_native(cpp_bin, plan, moving, fixed, tmp_path / "cpp", timeout=900)

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import MODEL_GRID, affine_from, render
-from msode_export.analytic import BSplineSSDField, MINDSSC, RigidSSDField, build_analytic_plan
+from msode_export.analytic import (
+    BSplineLKField,
+    BSplineSSDField,
+    DenseGNField,
+    MINDSSC,
+    RigidSSDField,
+    build_analytic_plan,
+)
 from msode_sdk import Registrar
 from msode_sdk.transforms import BSplineLattice, Grid
 
@@ -65,7 +72,21 @@ def test_feature_fields_script_and_export(tmp_path):
     grid = Grid((14, 12, 10), (4.0, 4.0, 4.0))
     lat = BSplineLattice(grid, (16.0, 16.0, 16.0))
     w, f, t = _smooth_random(grid.shape_dhw, 4), _smooth_random(grid.shape_dhw, 5), torch.zeros(1)
-    for net in (RigidSSDField(grid, features=MINDSSC(1, 1)), BSplineSSDField(grid, lat, features=MINDSSC(1, 1))):
+    for net in (
+        RigidSSDField(grid, features=MINDSSC(1, 1)),
+        BSplineSSDField(grid, lat, features=MINDSSC(1, 1)),
+        DenseGNField(Grid((16, 12, 10), (4.0, 4.0, 4.0)), block_mm=8.0, window_blocks=1.0, features=MINDSSC(1, 1)),
+        BSplineLKField(
+            Grid((16, 12, 10), (4.0, 4.0, 4.0)),
+            BSplineLattice(Grid((16, 12, 10), (4.0, 4.0, 4.0)), (16.0, 16.0, 16.0)),
+            block_mm=8.0,
+            window_blocks=1.0,
+            features=MINDSSC(1, 1),
+        ),
+    ):
+        if isinstance(net, DenseGNField):  # its grid needs sizes divisible by the 2-voxel block
+            grid = net.residual.grid
+            w, f = _smooth_random(grid.shape_dhw, 4), _smooth_random(grid.shape_dhw, 5)
         ref = net(w, f, t)
         ts = torch.jit.load(io.BytesIO(export_torchscript(net)))
         torch.testing.assert_close(ts(w, f, t), ref, rtol=1e-5, atol=1e-6)
@@ -216,3 +237,150 @@ def test_bspline_field_slabs_and_moments():
     whole = BSplineSSDField(grid, lat, cg_iters=5, slab_voxels=0).double()
     t = torch.zeros(1, dtype=torch.float64)
     torch.testing.assert_close(net(w, f, t), whole(w, f, t), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- dense Gauss-Newton
+
+
+def _interp_matrix(n_blocks: int, k: int) -> torch.Tensor:
+    """(n_blocks * k, n_blocks): linear interpolation between block centres at the voxel centres (voxel i
+    sits at block coordinate (i + 0.5) / k - 0.5), constant beyond the first and last centres."""
+    m = torch.zeros(n_blocks * k, n_blocks, dtype=torch.float64)
+    for i in range(n_blocks * k):
+        c = min(max((i + 0.5) / k - 0.5, 0.0), n_blocks - 1.0)
+        lo = int(np.floor(c))
+        hi = min(lo + 1, n_blocks - 1)
+        m[i, lo] += 1.0 - (c - lo)
+        m[i, hi] += c - lo
+    return m
+
+
+def _dense_gn_reference(net: DenseGNField, w, f, block: int, sigma: float, damping: float, gain: float):
+    """The field's definition written out (float64): per-voxel moments from the residual and gradient,
+    block means, a Gaussian window over the block grid with clamped (replicated) borders as explicit
+    weighted sums, one damped 3x3 solve per block, linear interpolation back to the voxels per axis."""
+    r, gx, gy, gz = net.residual(w, f)
+    g = torch.stack((gx, gy, gz), dim=2)[0]  # (C, 3, Z, Y, X)
+    rhs = torch.einsum("cizyx,czyx->izyx", g, r[0])  # (3, Z, Y, X)
+    hess = torch.einsum("cizyx,cjzyx->ijzyx", g, g)  # (3, 3, Z, Y, X)
+    z, y, x = rhs.shape[1:]
+    bz, by, bx = z // block, y // block, x // block
+
+    def block_mean(v):
+        return v.reshape(*v.shape[:-3], bz, block, by, block, bx, block).mean(dim=(-5, -3, -1))
+
+    rhs, hess = block_mean(rhs), block_mean(hess)
+    rad = max(int(np.ceil(2.5 * sigma)), 1)
+    gauss = np.exp(-0.5 * (np.arange(-rad, rad + 1) / sigma) ** 2)
+    # the module's taps (float32 values): the damped 3x3 solves amplify a 1e-8 change of the weights to 1e-4
+    taps = net.wx[0].flatten().tolist()
+    np.testing.assert_allclose(taps, gauss / gauss.sum(), rtol=1e-6)
+
+    def window(v):
+        out = torch.zeros_like(v)
+        for a in range(bz):
+            for b in range(by):
+                for c in range(bx):
+                    acc = 0.0
+                    for i, ti in enumerate(taps):
+                        for j, tj in enumerate(taps):
+                            for k, tk in enumerate(taps):
+                                aa = min(max(a + i - rad, 0), bz - 1)
+                                bb = min(max(b + j - rad, 0), by - 1)
+                                cc = min(max(c + k - rad, 0), bx - 1)
+                                acc = acc + ti * tj * tk * v[..., aa, bb, cc]
+                    out[..., a, b, c] = acc
+        return out
+
+    rhs, hess = window(rhs), window(hess)
+    tr = torch.einsum("iizyx->zyx", hess) / 3.0
+    lift = damping * tr + 1e-3 * tr.mean() + 1e-12
+    a_mat = hess.permute(2, 3, 4, 0, 1) + lift[..., None, None] * torch.eye(3, dtype=torch.float64)
+    v = torch.linalg.solve(a_mat, rhs.permute(1, 2, 3, 0)[..., None])[..., 0].permute(3, 0, 1, 2)  # (3, bz, by, bx)
+    if block > 1:
+        v = torch.einsum(
+            "czyx,Zz,Yy,Xx->cZYX", v, _interp_matrix(bz, block), _interp_matrix(by, block), _interp_matrix(bx, block)
+        )
+    return (-gain * v)[None]
+
+
+@pytest.mark.parametrize("block,sigma", [(1, 0.75), (2, 1.0), (2, 1.5)])
+def test_dense_gn_field_is_its_definition(block, sigma):
+    """Known answer: the field equals its definition written out by hand (float64, MIND features)."""
+    grid = Grid((8, 6, 10), (2.0, 2.0, 2.0))
+    net = DenseGNField(
+        grid, gain=3.0, block_mm=2.0 * block, window_blocks=sigma, damping=0.05, features=MINDSSC(1, 1, "six")
+    ).double()
+    w, f = _smooth_random(grid.shape_dhw, 10).double(), _smooth_random(grid.shape_dhw, 11).double()
+    out = net(w, f, torch.zeros(1, dtype=torch.float64))
+    want = _dense_gn_reference(net, w, f, block, sigma, 0.05, 3.0)
+    assert out.shape == (1, 3, *grid.shape_dhw) and float(want.abs().max()) > 0
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+def test_dense_gn_field_recovers_a_small_translation():
+    """A smooth image and its copy shifted by s (mm): the undamped field (intensities, gain 1) is -(-s) =
+    the displacement d = s that aligns them (W(x) = F(x - s) -> W(x + d) = F(x)), to first order."""
+    grid = Grid((24, 24, 24), (2.0, 2.0, 2.0))
+    zs, ys, xs = torch.meshgrid(*(torch.arange(24.0, dtype=torch.float64) * 2.0 - 23.0,) * 3, indexing="ij")
+
+    def image(s):
+        x, y, z = xs - s[0], ys - s[1], zs - s[2]
+        return (torch.sin(x / 5.0) * torch.cos(y / 7.0) + torch.sin(z / 6.0 + x / 9.0) + 0.3 * torch.cos(y / 4.0))[
+            None, None
+        ]
+
+    s = (0.4, -0.3, 0.2)
+    net = DenseGNField(grid, gain=1.0, block_mm=8.0, window_blocks=1.0, damping=0.0).double()
+    v = net(image(s), image((0.0, 0.0, 0.0)), torch.zeros(1, dtype=torch.float64))
+    inner = v[0, :, 6:18, 6:18, 6:18].reshape(3, -1)
+    torch.testing.assert_close(inner.mean(dim=1), torch.tensor(s, dtype=torch.float64), rtol=0, atol=0.02)
+    assert float((inner - torch.tensor(s, dtype=torch.float64)[:, None]).abs().max()) < 0.05
+
+
+def test_dense_gn_field_batches_independently_and_checks_its_grid():
+    grid = Grid((8, 8, 8), (4.0, 4.0, 4.0))
+    net = DenseGNField(grid, block_mm=8.0, window_blocks=1.0, features=MINDSSC(1, 1, "six"))
+    w = torch.cat([_smooth_random(grid.shape_dhw, s) for s in (12, 13)])
+    f = torch.cat([_smooth_random(grid.shape_dhw, s) for s in (14, 15)])
+    both = net(w, f, torch.zeros(1))
+    for i in range(2):
+        one = net(w[i : i + 1], f[i : i + 1], torch.zeros(1))
+        torch.testing.assert_close(both[i : i + 1], one, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
+    with pytest.raises(ValueError, match="divisible"):
+        DenseGNField(Grid((9, 8, 8), (4.0, 4.0, 4.0)), block_mm=8.0)
+
+
+def test_bspline_lk_field_is_the_least_squares_fit_of_the_block_solutions():
+    """Known answer: the B-spline coefficients are the ridge least-squares fit of the dense field's block
+    solutions by the cubic B-spline at the block centres, solved here as one dense float64 system."""
+    grid = Grid((12, 8, 10), (2.0, 2.0, 2.0))
+    lattice = BSplineLattice(grid, (8.0, 8.0, 8.0))
+    net = BSplineLKField(grid, lattice, gain=2.0, block_mm=4.0, window_blocks=1.0, features=MINDSSC(1, 1, "six"))
+    net = net.double()
+    w, f = _smooth_random(grid.shape_dhw, 16).double(), _smooth_random(grid.shape_dhw, 17).double()
+    out = net(w, f, torch.zeros(1, dtype=torch.float64))
+    v = net.block_solution(w, f)[0]  # (3, bz, by, bx)
+    blocks = grid.downsampled(2)
+    bx, by, bz = (lattice.basis_matrix(blocks.axis_coords(a), a).double() for a in range(3))
+    b = torch.kron(torch.kron(bz, by), bx)  # (blocks, controls), x fastest
+    # the ridge per axis: (G_z + r_z I) x (G_y + r_y I) x (G_x + r_x I), as the field defines it
+    grams = []
+    for m in (bz, by, bx):
+        gram = m.T @ m
+        grams.append(gram + 1e-3 * torch.diagonal(gram).mean() * torch.eye(gram.shape[0], dtype=torch.float64))
+    normal = torch.kron(torch.kron(grams[0], grams[1]), grams[2])
+    want = torch.stack([torch.linalg.solve(normal, b.T @ v[c].reshape(-1)) for c in range(3)])
+    want = (-2.0 * want).reshape(1, 3, bz.shape[1], by.shape[1], bx.shape[1])
+    assert out.shape == want.shape and float(want.abs().max()) > 0
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    # the field's per-axis projections reproduce a displacement the spline represents exactly (small ridge;
+    # the coefficients themselves are not unique where control points outnumber blocks)
+    from msode_export.analytic import _separable_adjoint
+
+    gen = torch.Generator().manual_seed(3)
+    c_true = torch.randn(3, bz.shape[1], by.shape[1], bx.shape[1], generator=gen, dtype=torch.float64)
+    smooth = torch.stack([(b @ c_true[c].reshape(-1)).reshape(v.shape[1:]) for c in range(3)])
+    fit = _separable_adjoint(smooth[None], net.px, net.py, net.pz)[0]
+    refit = torch.stack([(b @ fit[c].reshape(-1)).reshape(v.shape[1:]) for c in range(3)])
+    assert float((refit - smooth).abs().max()) < 0.02 * float(smooth.abs().max())

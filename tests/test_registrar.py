@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import MODEL_GRID, affine_from, render, voxel_world_points
 from msode_sdk import BackendUnavailable, InputError, PlanError, Registrar, bundled_plans
@@ -243,7 +244,7 @@ def test_auto_backend_falls_back_when_a_backend_fails_to_load(analytic_plan, mon
 
 
 @pytest.mark.parametrize("grid_kind", ["aligned_flipped_permuted", "oblique"])
-@pytest.mark.parametrize("chain_kind", ["rigid", "bspline", "rigid+bspline", "rigid+dense", "bspline+rigid"])
+@pytest.mark.parametrize("chain_kind", ["rigid", "bspline", "rigid+bspline", "dense", "rigid+dense", "bspline+rigid"])
 def test_world_outputs_match_the_chain_point_by_point(registrar, grid_kind, chain_kind):
     """_to_world's displacement and warped image at every native fixed voxel equal the chain applied to
     that voxel's world point (computed here point by point, float64): the separable aligned path, the
@@ -298,3 +299,55 @@ def test_quantiles_equal_torch_quantile(n):
         qs = [0.0, 0.001, 0.005, 0.02, 0.37, 0.5, 0.995, 0.9999, 1.0]
         want = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64)).tolist()
         assert quantiles(x, qs) == pytest.approx(want, rel=1e-15, abs=0.0)
+
+
+def test_lerp_is_trilinear_sampling_with_border_extension_along_one_axis():
+    """The separable world output of a dense field (msode_sdk.world.lerp_rows / lerp_axis0) samples as
+    grid_sample with padding_mode="border" does, inside the field's grid, between nodes and beyond both
+    ends, and for a grid of one node."""
+    from msode_sdk.world import lerp_axis0, lerp_rows
+
+    n, spacing = 7, 2.5
+    values = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    coords = torch.linspace(-14.0, 14.0, 57, dtype=torch.float64)  # the grid spans +-7.5 mm
+    rows = values.reshape(n, 1)
+    mine = lerp_axis0(rows, *lerp_rows(rows, coords, n, spacing)).reshape(-1)
+    norm = coords / (spacing * (n - 1) / 2.0)  # align_corners=True: the end nodes at -1 and 1
+    grid = torch.stack((norm, torch.zeros_like(norm), torch.zeros_like(norm)), dim=-1).reshape(1, 1, 1, -1, 3)
+    vol = values.reshape(1, 1, 1, 1, n)
+    want = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True).reshape(-1)
+    torch.testing.assert_close(mine, want, rtol=0, atol=1e-12)
+    assert float(mine[0]) == pytest.approx(float(values[0])) and float(mine[-1]) == pytest.approx(float(values[-1]))
+    one = values[:1].reshape(1, 1)
+    torch.testing.assert_close(lerp_axis0(one, *lerp_rows(one, coords, 1, spacing)), one.expand(len(coords), 1))
+
+
+@pytest.mark.parametrize("kind", ["dense", "bspline"])
+def test_world_outputs_scripted_equal_eager(kind):
+    """registrar.ts runs msode_sdk.world.world_outputs compiled by TorchScript: on a native grid parallel to
+    the model axes (permuted, flipped: the separable paths) the compiled function computes what the eager
+    one does."""
+    from msode_sdk import world as W
+
+    g = torch.Generator().manual_seed(5)
+    field, fparams, coeffs, bparams = None, [], None, []
+    if kind == "dense":
+        field, fparams = torch.randn(1, 3, 10, 12, 14, generator=g), [14.0, 12.0, 10.0, 4.0, 4.0, 4.0]
+    else:
+        coeffs, bparams = torch.randn(1, 3, 6, 7, 8, generator=g), [12.0, 12.0, 12.0, 8.0, 7.0, 6.0]
+    fix_aff = torch.tensor(
+        [[0.0, -3.0, 0.0, 20.0], [0.0, 0.0, 2.5, -30.0], [3.5, 0.0, 0.0, -10.0], [0, 0, 0, 1.0]], dtype=torch.float64
+    )
+    mov_aff = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64))
+    mov_aff[:3, 3] = -30.0
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[:3, :3] = torch.from_numpy(rigid_matrix(torch.tensor([[0.1, -0.05, 0.2, 0, 0, 0]]))[0, :3, :3].numpy())
+    matrix[:3, 3] = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    mov = torch.rand(1, 1, 20, 22, 18, generator=g)
+    args = (matrix, coeffs, bparams, field, fparams, mov, mov_aff, c, [16, 18, 12], fix_aff, c, [2.0, 2.0, 2.0])
+    eager = W.world_outputs(*args)
+    scripted = torch.jit.script(W.world_outputs)(*args)
+    assert float(eager[1].abs().max()) > 1.0
+    for a, b in zip(eager, scripted):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

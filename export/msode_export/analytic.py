@@ -66,6 +66,14 @@ def central_diff(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat((lo, v.narrow(dim, 2, n - 2) - v.narrow(dim, 0, n - 2), hi), dim)
 
 
+def _separable_adjoint(v: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
+    """``(N, C, Z, Y, X)`` -> ``(N, C, cz, cy, cx)``: ``sum_x v(x) b_x(x) b_y(y) b_z(z)`` with per-axis
+    matrices ``(X, cx)``, ``(Y, cy)``, ``(Z, cz)`` (the transpose of a separable B-spline synthesis)."""
+    v = torch.einsum("nczyx,xm->nczym", v, bx)
+    v = torch.einsum("nczym,yl->nczlm", v, by)
+    return torch.einsum("nczlm,zk->ncklm", v, bz)
+
+
 class _Gradient(nn.Module):
     """Central-difference gradient in 1/mm of ``(N, 1, D, H, W)`` -> ``(N, 3, D, H, W)`` (x, y, z), ends
     one-sided (replicate)."""
@@ -383,9 +391,7 @@ class BSplineSSDField(nn.Module):
     @staticmethod
     def _adjoint(v: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
         """``(N, C, Z, Y, X)`` -> ``(N, C, cz, cy, cx)``: sum over voxels weighted by ``B_k``."""
-        v = torch.einsum("nczyx,xm->nczym", v, bx)
-        v = torch.einsum("nczym,yl->nczlm", v, by)
-        return torch.einsum("nczlm,zk->ncklm", v, bz)
+        return _separable_adjoint(v, bx, by, bz)
 
     @staticmethod
     def _synth(c: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
@@ -432,6 +438,123 @@ class BSplineSSDField(nn.Module):
             p = z + (rz_new / rz.clamp(min=1e-30)) * p
             rz = rz_new
         return -self.gain * sol
+
+
+def _gaussian_taps(sigma: float) -> torch.Tensor:
+    """A normalised 1-D Gaussian of ``sigma`` samples, radius ``ceil(2.5 sigma)`` (at least 1 tap each side)."""
+    rad = max(int(math.ceil(2.5 * sigma)), 1)
+    xs = torch.arange(-rad, rad + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (xs / sigma) ** 2)
+    return k / k.sum()
+
+
+class DenseGNField(nn.Module):
+    """Gauss-Newton flow for a dense displacement on one pyramid level, on the SSD of ``features``: the
+    dense analogue of :class:`BSplineSSDField` (local, "Lucas-Kanade" normal equations).
+
+    The per-voxel moments ``G = sum_c r g`` and ``S = sum_c g g^T`` are averaged over blocks of
+    ``block_mm`` (``k``^3 voxels) and smoothed over the block grid by a Gaussian of ``window_blocks``
+    blocks (the window of the local least squares); each block solves the damped 3x3 system
+    ``(S + mu tr(S)/3 I + eps I) v = G`` in closed form (``mu``: ``damping``, the aperture problem's
+    regulariser along directions the features do not constrain; ``eps``: 1e-3 of the volume's mean
+    ``tr(S)/3``, so featureless background stays still), and ``v`` is interpolated back to the level grid
+    (trilinear between block centres). The field is smooth on the block scale by construction, which
+    is what keeps the integrated displacement free of folds. Output ``-gain v`` ``(N, 3, D, H, W)`` (x,
+    y, z; mm per unit time), the layout of :class:`msode_sdk.transforms.DenseTransform`'s state.
+
+    ``block_mm`` must divide the level grid (sizes divisible by the block's voxel count).
+    """
+
+    def __init__(
+        self,
+        level_grid: Grid,
+        gain: float = 5.0,
+        block_mm: float = 8.0,
+        window_blocks: float = 1.0,
+        damping: float = 0.05,
+        features: nn.Module | None = None,
+        pool: int = 1,
+        slab_voxels: int = CPU_SLAB_VOXELS,
+    ):
+        super().__init__()
+        self.residual = _FeatureResidual(level_grid, features, pool)
+        spacing = max(self.residual.grid.spacing_xyz)
+        self.block = max(int(round(float(block_mm) / spacing)), 1)
+        _pooled_grid(self.residual.grid, self.block)  # validates divisibility
+        taps = _gaussian_taps(float(window_blocks)) if window_blocks > 0 else torch.ones(1)
+        self.radius = int(taps.shape[0]) // 2
+        # one separable window over the 9 moment channels (3 of G, 6 of S); fixed-shape kernels (ONNX)
+        n = int(taps.shape[0])
+        self.register_buffer("wx", taps.reshape(1, 1, 1, 1, n).repeat(9, 1, 1, 1, 1))
+        self.register_buffer("wy", taps.reshape(1, 1, 1, n, 1).repeat(9, 1, 1, 1, 1))
+        self.register_buffer("wz", taps.reshape(1, 1, n, 1, 1).repeat(9, 1, 1, 1, 1))
+        self.gain = float(gain)
+        self.damping = float(damping)
+        self.slab_voxels = int(slab_voxels)
+
+    def _window(self, v: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian over the block grid, borders replicated: ``(N, 9, d, h, w)``, same shape."""
+        r = self.radius
+        if r == 0:
+            return v
+        v = F.conv3d(F.pad(v, (r, r, 0, 0, 0, 0), mode="replicate"), self.wx, groups=9)
+        v = F.conv3d(F.pad(v, (0, 0, r, r, 0, 0), mode="replicate"), self.wy, groups=9)
+        return F.conv3d(F.pad(v, (0, 0, 0, 0, r, r), mode="replicate"), self.wz, groups=9)
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = self.block_solution(warped, fixed)
+        if self.block > 1:
+            v = F.interpolate(v, size=warped.shape[2:], mode="trilinear", align_corners=False)
+        return -self.gain * v
+
+    def block_solution(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The local Gauss-Newton displacement of every block ``(N, 3, d, h, w)`` (x, y, z; mm), before
+        interpolation and gain."""
+        grad, tensor = self.residual.moments(warped, fixed, self.slab_voxels)
+        if self.block > 1:
+            grad = F.avg_pool3d(grad, self.block)
+            tensor = F.avg_pool3d(tensor, self.block)
+        m = self._window(torch.cat((grad, tensor), dim=1))
+        g, s = m[:, 0:3], m[:, 3:9]
+        sxx, syy, szz, sxy, sxz, syz = s[:, 0], s[:, 1], s[:, 2], s[:, 3], s[:, 4], s[:, 5]
+        tr = (sxx + syy + szz) / 3.0
+        lift = self.damping * tr + 1e-3 * tr.mean(dim=(1, 2, 3), keepdim=True) + 1e-12
+        a, b, c = sxx + lift, syy + lift, szz + lift
+        # the symmetric 3x3 inverse by cofactors (closed form: exportable, batched over blocks)
+        c00 = b * c - syz * syz
+        c01 = sxz * syz - sxy * c
+        c02 = sxy * syz - b * sxz
+        c11 = a * c - sxz * sxz
+        c12 = sxy * sxz - a * syz
+        c22 = a * b - sxy * sxy
+        det = a * c00 + sxy * c01 + sxz * c02
+        gx, gy, gz = g[:, 0], g[:, 1], g[:, 2]
+        return torch.stack(
+            (c00 * gx + c01 * gy + c02 * gz, c01 * gx + c11 * gy + c12 * gz, c02 * gx + c12 * gy + c22 * gz), dim=1
+        ) / det.unsqueeze(1)
+
+
+class BSplineLKField(DenseGNField):
+    """B-spline control displacements fitted to :class:`DenseGNField`'s local block solutions: ``c =
+    argmin_c sum_blocks |B c - v_b|^2 + ridge |c|^2`` with ``B`` the cubic B-spline basis at the block
+    centres. The normal matrix is a Kronecker product of per-axis Gram matrices, so the fit is exact and
+    separable: ``c = (P_z x P_y x P_x) v`` with ``P_a = (B_a^T B_a + ridge I)^-1 B_a^T`` precomputed
+    (``ridge``: 1e-3 of the Gram diagonal's mean, for control points the blocks barely reach). Every block
+    weighs the same in the fit, where :class:`BSplineSSDField`'s normal equations weigh voxels by their
+    feature gradients. Output ``-gain c`` ``(N, 3, cz, cy, cx)``."""
+
+    def __init__(self, level_grid: Grid, lattice: BSplineLattice, **kwargs):
+        super().__init__(level_grid, **kwargs)
+        blocks = _pooled_grid(self.residual.grid, self.block)
+        for axis, name in enumerate(("px", "py", "pz")):
+            b = lattice.basis_matrix(blocks.axis_coords(axis), axis).double()  # (n_blocks, n_ctrl)
+            gram = b.T @ b
+            gram = gram + 1e-3 * torch.diagonal(gram).mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+            self.register_buffer(name, torch.linalg.solve(gram, b.T).T.float().contiguous())  # (n_blocks, n_ctrl)
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = self.block_solution(warped, fixed)
+        return -self.gain * _separable_adjoint(v, self.px, self.py, self.pz)
 
 
 class DenseDemonsField(nn.Module):

@@ -319,6 +319,56 @@ def _bspline_native(
     return cols, rows
 
 
+def lerp_rows(v: torch.Tensor, coords: torch.Tensor, n: int, spacing: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where linear interpolation along dim 0 of ``v`` (``n`` nodes of a centred grid of ``spacing`` mm)
+    samples ``coords`` (mm), clamped to the first and last node as ``grid_sample(...,
+    padding_mode="border", align_corners=True)`` does: the lower node of each sample ``(len,)`` (int64)
+    and its weight on the upper node, shaped to broadcast against ``v``'s rows."""
+    pos = (coords / spacing + (n - 1) / 2.0).clamp(0.0, float(n - 1))
+    lo = pos.floor().clamp(max=float(max(n - 2, 0)))
+    shape = [1] * v.dim()
+    shape[0] = coords.shape[0]
+    w = (pos - lo).to(v.dtype).reshape(shape)
+    return lo.to(torch.long), w
+
+
+def lerp_axis0(v: torch.Tensor, lo: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows of ``v`` interpolated between rows ``lo`` and ``lo + 1`` with weights ``w`` (:func:`lerp_rows`)."""
+    hi = (lo + 1).clamp(max=v.shape[0] - 1)
+    return torch.lerp(v.index_select(0, lo), v.index_select(0, hi), w)
+
+
+def _dense_aligned(
+    field: torch.Tensor,
+    fparams: List[float],
+    vox_to_x: torch.Tensor,
+    axis_of: List[int],
+    shape: List[int],
+    mix: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mix @ u`` (``mix`` C x 3) of a dense field ``(1, 3, D, H, W)`` on the centred grid ``fparams`` at
+    the voxels of a native grid whose axes are parallel to the model axes (``axis_of``): trilinear with
+    border extension, which is separable. Interpolated here along native axes 2 and 1, ``(k0, n1, n2,
+    C)``, with the rows and weights along axis 0 (:func:`lerp_rows`); :func:`lerp_axis0` of a slice of them
+    finishes a slab of rows, so that no full-size field is made that is not an output (2 reads per sample
+    and axis; ``grid_sample`` of the field at every native voxel was 4x slower on CPU)."""
+    model_of = [0, 0, 0]
+    for m in range(3):
+        model_of[axis_of[m]] = m
+    mixed = torch.einsum("ij,jzyx->izyx", mix.to(torch.float32), field[0].to(torch.float32))
+    # model axis m is dim 3 - m of (c, z, y, x); each pass interpolates dim 0 (contiguous rows)
+    t = mixed.permute([3 - model_of[2], 3 - model_of[1], 3 - model_of[0], 0]).contiguous()  # (k2, k1, k0, C)
+    for a in [2, 1]:
+        m = model_of[a]
+        lo, w = lerp_rows(t, _axis_coords(shape[a], vox_to_x, m, a), int(fparams[m]), fparams[3 + m])
+        t = lerp_axis0(t, lo, w)
+        t = t.permute(1, 0, 2, 3).contiguous()  # (k1, n2, k0, C), then (n2, n1, k0, C)
+    t = t.permute(2, 1, 0, 3).contiguous()  # (k0, n1, n2, C)
+    m0 = model_of[0]
+    lo, w = lerp_rows(t, _axis_coords(shape[0], vox_to_x, m0, 0), int(fparams[m0]), fparams[3 + m0])
+    return t, lo, w
+
+
 def _bspline_dense(
     coeffs: torch.Tensor, bparams: List[float], spacing: List[float], within: List[float]
 ) -> Tuple[torch.Tensor, List[float]]:
@@ -408,15 +458,24 @@ def world_outputs(
     k_g = to_g[:3, :3] @ a_model[:3, :3]  # d(grid_sample coordinates) / d(u), u in model mm
     k_d = lps @ a_model[:3, :3]  # d(LPS displacement) / d(u)
     axis_of: List[int] = []
-    if coeffs is not None:
+    if coeffs is not None or field is not None:
         axis_of = axis_permutation(vox_to_x[:3, :3])
-    separable = coeffs is not None and len(axis_of) == 3
+    separable = len(axis_of) == 3
     g_cols = torch.zeros([0])
     g_rows = torch.zeros([0])
-    if coeffs is not None and separable:  # the affine part folded into the separable synthesis
+    dense_sep = separable and coeffs is None and field is not None
+    dense_t = torch.zeros([0])
+    dense_lo = torch.zeros([0], dtype=torch.long)
+    dense_w = torch.zeros([0])
+    if separable and coeffs is not None:  # the affine part folded into the separable synthesis
         g_cols, g_rows = _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_g, g_map)
         d_cols, d_rows = _bspline_native(coeffs, bparams, vox_to_x, axis_of, fix_shape, k_d, d_map)
         disp = torch.mm(d_cols, d_rows).reshape(fix_shape[0], fix_shape[1], fix_shape[2], 3)
+    elif dense_sep and field is not None:  # separable trilinear: both mixes at once, rows in the slab loop below
+        dense_t, dense_lo, dense_w = _dense_aligned(
+            field, fparams, vox_to_x, axis_of, fix_shape, torch.cat([k_d, k_g], dim=0)
+        )
+        disp = torch.empty([fix_shape[0], fix_shape[1], fix_shape[2], 3], dtype=torch.float32, device=dev)
     else:
         disp = affine_field(d_map, fix_shape)
     u: Optional[torch.Tensor] = None
@@ -430,7 +489,7 @@ def world_outputs(
         within: List[float] = pts.abs().amax(dim=0).tolist()
         dense, dparams = _bspline_dense(coeffs, bparams, dense_spacing, within)
         u = _dense_native(dense, dparams, vox_to_x, fix_shape)
-    elif field is not None:
+    elif field is not None and not separable:
         u = _dense_native(field, fparams, vox_to_x, fix_shape)
     if u is not None:
         disp = disp + u @ k_d.T.to(torch.float32)
@@ -442,8 +501,12 @@ def world_outputs(
     step = max(1, (1 << 20) // max(plane, 1))
     for start in range(0, fix_shape[0], step):
         stop = min(fix_shape[0], start + step)
-        if separable:
+        if separable and coeffs is not None:
             g = torch.mm(g_cols[start:stop], g_rows).reshape(stop - start, fix_shape[1], fix_shape[2], 3)
+        elif dense_sep:
+            u_rows = lerp_axis0(dense_t, dense_lo[start:stop], dense_w[start:stop])  # (rows, n1, n2, 6)
+            disp[start:stop] = affine_field(d_map, fix_shape, start, stop) + u_rows[..., 0:3]
+            g = affine_field(g_map, fix_shape, start, stop) + u_rows[..., 3:6]
         else:
             g = affine_field(g_map, fix_shape, start, stop)
         if u is not None:
