@@ -141,7 +141,7 @@ def build(
         raise ValueError(f"unknown deformable stage {deformable!r}; valid: ['bspline', 'dense']")
     if bspline_field not in ("lk", "gn"):
         raise ValueError(f"unknown B-spline field {bspline_field!r}; valid: ['gn', 'lk']")
-    if bspline_field == "lk" and bspline_lk is None:
+    if deformable == "bspline" and bspline_field == "lk" and bspline_lk is None:
         bspline_lk = dict(BSPLINE_LK)
     encoders, meta = load_encoders(weights)
     enc_levels = {float(s) for s in encoder_levels}
@@ -171,24 +171,26 @@ def build(
         feats[f"rigid_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
     lattice = BSplineLattice(MODEL_GRID, CONTROL_SPACING_MM)
     for lv, g in enumerate(level_grids(MODEL_GRID, len(bspline_schedule)), start=1):
-        if deformable == "dense":  # the dense state lives on the level grid: no pooling
-            f, desc = _features_for(float(g.spacing_xyz[0]), encoders, False, bspline_mind)
-            kw = {k: (v[lv - 1] if isinstance(v, (tuple, list)) else v) for k, v in (dense or {}).items()}
-            level("dense", lv, g, f, 1, lambda grid, f, pool, kw=kw: DenseGNField(grid, features=f, pool=pool, **kw))
-            feats[f"dense_L{lv}"] = desc
-            continue
-        if bspline_field == "lk":  # B-spline fitted to local block solutions (BSplineLKField)
-            f, desc = _features_for(float(g.spacing_xyz[0]), encoders, False, bspline_mind)
-            kw = {k: (v[lv - 1] if isinstance(v, (tuple, list)) else v) for k, v in bspline_lk.items()}
-            level(
-                "bspline",
-                lv,
-                g,
-                f,
-                1,
-                lambda grid, f, pool, kw=kw: BSplineLKField(grid, lattice, features=f, pool=pool, **kw),
-            )
-            feats[f"bspline_L{lv}"] = desc + ", local block solutions fitted by the B-spline"
+        if deformable == "dense" or bspline_field == "lk":  # local block solves on the level grid: no pooling
+            sp = float(g.spacing_xyz[0])
+            f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind)
+            params = (dense or {}) if deformable == "dense" else bspline_lk
+            kw = {k: (v[lv - 1] if isinstance(v, (tuple, list)) else v) for k, v in params.items()}
+            if deformable == "dense":
+                level(
+                    "dense", lv, g, f, 1, lambda grid, f, pool, kw=kw: DenseGNField(grid, features=f, pool=pool, **kw)
+                )
+                feats[f"dense_L{lv}"] = desc
+            else:  # the B-spline fitted to the block solutions (BSplineLKField)
+                level(
+                    "bspline",
+                    lv,
+                    g,
+                    f,
+                    1,
+                    lambda grid, f, pool, kw=kw: BSplineLKField(grid, lattice, features=f, pool=pool, **kw),
+                )
+                feats[f"bspline_L{lv}"] = desc + ", local block solutions fitted by the B-spline"
             continue
         pool = bspline_pool if g == MODEL_GRID else 1
         sp = float(g.spacing_xyz[0]) * pool

@@ -358,12 +358,12 @@ def _dense_aligned(
     mixed = torch.einsum("ij,jzyx->izyx", mix.to(torch.float32), field[0].to(torch.float32))
     # model axis m is dim 3 - m of (c, z, y, x); each pass interpolates dim 0 (contiguous rows)
     t = mixed.permute([3 - model_of[2], 3 - model_of[1], 3 - model_of[0], 0]).contiguous()  # (k2, k1, k0, C)
-    for a in [2, 1]:
-        m = model_of[a]
-        lo, w = lerp_rows(t, _axis_coords(shape[a], vox_to_x, m, a), int(fparams[m]), fparams[3 + m])
-        t = lerp_axis0(t, lo, w)
-        t = t.permute(1, 0, 2, 3).contiguous()  # (k1, n2, k0, C), then (n2, n1, k0, C)
-    t = t.permute(2, 1, 0, 3).contiguous()  # (k0, n1, n2, C)
+    m = model_of[2]
+    lo, w = lerp_rows(t, _axis_coords(shape[2], vox_to_x, m, 2), int(fparams[m]), fparams[3 + m])
+    t = lerp_axis0(t, lo, w).permute(1, 0, 2, 3).contiguous()  # (k1, n2, k0, C)
+    m = model_of[1]
+    lo, w = lerp_rows(t, _axis_coords(shape[1], vox_to_x, m, 1), int(fparams[m]), fparams[3 + m])
+    t = lerp_axis0(t, lo, w).permute(2, 0, 1, 3).contiguous()  # (k0, n1, n2, C): one copy of the largest
     m0 = model_of[0]
     lo, w = lerp_rows(t, _axis_coords(shape[0], vox_to_x, m0, 0), int(fparams[m0]), fparams[3 + m0])
     return t, lo, w
