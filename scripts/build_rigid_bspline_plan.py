@@ -15,7 +15,11 @@ SSD of modality-independent features (msode_export.analytic.RigidSSDField / BSpl
   (``bspline_field="lk"``, msode_export.analytic.BSplineLKField): each level solves the Gauss-Newton step
   locally on 16 mm blocks (the MIND moments averaged over a block, a Gaussian window of 2 / 1.5 / 0.75 blocks
   = 32 / 24 / 12 mm coarse to fine, one damped 3x3 solve per block, damping 0.05) and the B-spline is the
-  least-squares fit of those block displacements (closed form, separable: no CG), gain 3 / 3 / 5.
+  least-squares fit of those block displacements (closed form, separable: no CG), gain 3 / 3 / 5; the outer
+  control ring, which the blocks barely reach, follows its inner neighbours (``fit_smoothing`` 1: without it,
+  as first built, that ring took coefficients of ~3000 mm and the displacement reached ~500 mm just beyond
+  the field of view, where native grids reach; see BSplineLKField). ``--bspline-checkpoint``: the B-spline
+  levels' features trained through the loop (``make plan-v2``) instead of MIND.
   ``bspline_field="gn"`` builds rigid_bspline_v1.plan (the global normal equations of BSplineSSDField,
   settings below), shipped for comparison.
 
@@ -75,7 +79,15 @@ from pathlib import Path
 
 from torch import nn
 
-from msode_export.analytic import BSplineLKField, BSplineSSDField, DenseGNField, FeatureMap, MINDSSC, RigidSSDField
+from msode_export.analytic import (
+    MINDSSC,
+    BSplineLKField,
+    BSplineSSDField,
+    DenseGNField,
+    FeatureMap,
+    RigidSSDField,
+    mind_dilation,
+)
 from msode_export.pack import LevelFeatures, LevelSolver, StageDef, build_plan, level_grids
 from msode_sdk.transforms import BSplineLattice, Grid
 from msode_train.tissue import DEFAULT_WEIGHTS, load_encoders
@@ -91,7 +103,56 @@ BSPLINE_HESSIAN_POOL = (2, 2, 4)
 # the B-spline stage's fields (bspline_field="lk", this plan): local Gauss-Newton solutions on 16 mm blocks,
 # Gaussian windows of 2 / 1.5 / 0.75 blocks (32 / 24 / 12 mm), fitted by the B-spline (BSplineLKField);
 # "gn" (rigid_bspline_v1.plan): the global normal equations (BSplineSSDField, the settings above)
-BSPLINE_LK = {"block_mm": 16.0, "window_blocks": (2.0, 1.5, 0.75), "damping": 0.05, "gain": (3.0, 3.0, 5.0)}
+# fit_smoothing: the outer control ring follows its neighbours (BSplineLKField; 0 in the first v2 build)
+BSPLINE_LK = {
+    "block_mm": 16.0,
+    "window_blocks": (2.0, 1.5, 0.75),
+    "damping": 0.05,
+    "gain": (3.0, 3.0, 5.0),
+    "fit_smoothing": 1.0,
+}
+
+
+def trained_bspline_levels(ckpt_path) -> tuple[dict, dict, dict]:
+    """The B-spline stage trained through the loop (``msode-train plan_v2_bspline``: its ``bspline.ckpt``):
+    per level (1 = coarse) the trained feature network (slabbed for CPU inference again) and the field's
+    keyword arguments, and the manifest's record of it (file, sha256, config, step, loss weights)."""
+    from msode_export.analytic import CPU_SLAB_VOXELS
+    from msode_export.checkpoint import build_networks, load_checkpoint
+    from msode_train.models import per_level
+
+    path = Path(ckpt_path)
+    ck = load_checkpoint(path)
+    if ck.model_grid != MODEL_GRID:
+        raise ValueError(f"{path}: trained on model grid {ck.model_grid}, this plan's is {MODEL_GRID}")
+    if ck["arch"]["name"] != "bspline_lk_mind_learned":
+        raise ValueError(f"{path}: architecture {ck['arch']['name']!r}, expected 'bspline_lk_mind_learned'")
+    spacing = tuple(float(v) for v in ck.stage["params"]["control_spacing_mm"])
+    if spacing != CONTROL_SPACING_MM:
+        raise ValueError(f"{path}: control spacing {spacing} mm, this plan's is {CONTROL_SPACING_MM}")
+    nets = build_networks(ck)
+    field_keys = ("gain", "block_mm", "window_blocks", "damping", "fit_smoothing")
+    feats, kwargs = {}, {}
+    for lv, (net, g) in enumerate(zip(nets.values(), level_grids(MODEL_GRID, len(nets))), start=1):
+        f = net.residual.features
+        f.mind.slab_voxels = CPU_SLAB_VOXELS
+        feats[lv] = f
+        kw = ck["arch"]["kwargs"]
+        kwargs[lv] = {k: per_level(kw[k], g, MODEL_GRID) for k in field_keys if k in kw}
+    tr = ck.get("training") or {}
+    record = {
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "config": (tr.get("config") or {}).get("name"),
+        "steps": tr.get("steps"),
+        "wall_seconds": tr.get("wall_seconds"),
+        "device": tr.get("device"),
+        "git_commit": tr.get("git_commit"),
+        "loss": (tr.get("config") or {}).get("loss"),
+        "final_losses_mean_last50": tr.get("final_losses_mean_last50"),
+        "arch": ck["arch"],
+    }
+    return feats, kwargs, record
 
 
 def _features_for(
@@ -99,7 +160,7 @@ def _features_for(
 ) -> tuple[nn.Module, str]:
     if use_encoder and spacing in encoders:
         return encoders[spacing], f"tissue_encoder_{spacing:g}mm"
-    dil = 2 if spacing < 4.0 else 1
+    dil = mind_dilation(spacing)
     return MINDSSC(radius=1, dilation=dil, neighbourhood=neighbourhood), f"mind_{neighbourhood}(r=1,d={dil})"
 
 
@@ -133,6 +194,7 @@ def build(
     description: str | None = None,
     training_note: str | None = None,
     builder: str = "scripts/build_rigid_bspline_plan.py",
+    bspline_checkpoint=None,
 ) -> Path:
     """Write the plan: the rigid stage, then a ``deformable`` stage, ``bspline`` (the bundled
     rigid_bspline.plan) or ``dense`` (:class:`DenseGNField` on MIND, levels as the B-spline's; ``dense``:
@@ -143,6 +205,11 @@ def build(
         raise ValueError(f"unknown B-spline field {bspline_field!r}; valid: ['gn', 'lk']")
     if deformable == "bspline" and bspline_field == "lk" and bspline_lk is None:
         bspline_lk = dict(BSPLINE_LK)
+    trained = None
+    if bspline_checkpoint is not None:
+        if deformable != "bspline" or bspline_field != "lk":
+            raise ValueError("bspline_checkpoint needs the B-spline stage with bspline_field='lk'")
+        trained = trained_bspline_levels(bspline_checkpoint)
     encoders, meta = load_encoders(weights)
     enc_levels = {float(s) for s in encoder_levels}
     nets, feats, feature_nets = {}, {}, {}
@@ -176,6 +243,9 @@ def build(
             f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind)
             params = (dense or {}) if deformable == "dense" else bspline_lk
             kw = {k: (v[lv - 1] if isinstance(v, (tuple, list)) else v) for k, v in params.items()}
+            if trained is not None:  # the features (and field settings) trained through the loop
+                f, kw = trained[0][lv], {**kw, **trained[1][lv]}
+                desc = "MIND (6-neighbourhood) with learned gains + 2 learned maps, trained through the loop"
             if deformable == "dense":
                 level(
                     "dense", lv, g, f, 1, lambda grid, f, pool, kw=kw: DenseGNField(grid, features=f, pool=pool, **kw)
@@ -233,6 +303,9 @@ def build(
         ),
         "builder": builder,
     }
+    if trained is not None:
+        training["kind"] = "learned-features+gauss-newton, B-spline features trained through the loop"
+        training["bspline_trained"] = trained[2]
     path = build_plan(
         out,
         name,
@@ -284,6 +357,11 @@ def main(argv=None) -> int:
         help="B-spline fields: local block solutions fitted by the spline (lk, this plan) or the global "
         "Gauss-Newton normal equations (gn: rigid_bspline_v1.plan)",
     )
+    ap.add_argument(
+        "--bspline-checkpoint",
+        help="B-spline stage trained through the loop (msode-train plan_v2_bspline: out/train/plan_v2_bspline/"
+        "bspline.ckpt): its learned features and field settings replace MIND on the B-spline levels",
+    )
     ap.add_argument("--name", default=None, help="the plan's name (default: the output file's stem)")
     ap.add_argument("--metrics", help="JSON file with evaluation metrics to record in the manifest")
     ap.add_argument("--no-registrar-ts", action="store_true")
@@ -303,6 +381,7 @@ def main(argv=None) -> int:
         registrar_ts=not args.no_registrar_ts,
         formats=tuple(args.formats.split(",")),
         metrics=metrics,
+        bspline_checkpoint=args.bspline_checkpoint,
     )
     print(p)
     return 0

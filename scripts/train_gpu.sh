@@ -26,6 +26,9 @@
 #    Evaluation against SimpleITK/ANTs runs afterwards
 #    on the CPU machine: msode-eval --plan out/gpu/<name>.plan --motion hybrid --pairs random --n 16.
 #    To continue training in a later session, put state.pt back into out/gpu_run/ and carry it too.
+#    Plan v2 (issue 20): CONFIG=plan_v2_bspline_gpu bash scripts/train_gpu.sh run (the B-spline stage behind
+#    the bundled rigid stage; no plan is written there: bspline.ckpt comes back), then here:
+#    python scripts/build_rigid_bspline_plan.py --bspline-checkpoint out/gpu/bspline.ckpt OUT.plan
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-run}"
@@ -70,10 +73,14 @@ n_bank=$(ls "$BANK_DIR"/msode_subj_*_s[0-9]_sp2_* "$BANK_DIR"/msode_subj_*_s[0-9
 echo "== train_gpu $(date -u +%FT%TZ): config $CONFIG, $n_bank carried training subjects, ${TRAIN_MINUTES} min"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, torchdiffeq; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+case "$CONFIG" in  # plan v2's config is sized for a GPU itself; the older CNN configs get the GPU batch here
+  plan_v2*) TUNE=() ;;
+  *) TUNE=(--set train.batch_size=4 --set train.lr=2.0e-4) ;;
+esac
 timeout -k 30 -s TERM 570 "$PY" -m msode_train.cli "$CONFIG" \
   --device "$DEVICE" --out-dir "$RUN_DIR" --max-minutes "$TRAIN_MINUTES" \
-  --set "data.n_train=${n_bank:-$N_TRAIN}" --set "data.n_val=$N_VAL" --set train.batch_size=4 \
-  --set train.lr=2.0e-4 --set train.val_every=100 --set train.checkpoint_every=50 \
+  --set "data.n_train=${n_bank:-$N_TRAIN}" --set "data.n_val=$N_VAL" "${TUNE[@]}" \
+  --set train.val_every=100 --set train.checkpoint_every=50 \
   --set train.progress=false --set export.eval_pairs=0 2>&1 | tee "$RUN_DIR/train.log"
 rc=${PIPESTATUS[0]}
 # at most 8 files of <= 16 MiB come back: state.pt (networks + Adam moments, ~18 MB for rigid+B-spline

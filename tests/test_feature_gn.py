@@ -351,12 +351,39 @@ def test_dense_gn_field_batches_independently_and_checks_its_grid():
         DenseGNField(Grid((9, 8, 8), (4.0, 4.0, 4.0)), block_mm=8.0)
 
 
-def test_bspline_lk_field_is_the_least_squares_fit_of_the_block_solutions():
-    """Known answer: the B-spline coefficients are the ridge least-squares fit of the dense field's block
-    solutions by the cubic B-spline at the block centres, solved here as one dense float64 system."""
+def _fit_regulariser(m: torch.Tensor, fit_smoothing: float) -> torch.Tensor:
+    """BSplineLKField's per-axis regulariser, written out from its definition (float64)."""
+    gram = m.T @ m
+    n = gram.shape[0]
+    diag = torch.diagonal(gram)
+    if fit_smoothing == 0:
+        return 1e-3 * diag.mean() * torch.eye(n, dtype=torch.float64)
+    deficit = 1.0 - diag / diag.max()
+    reg = torch.zeros(n, n, dtype=torch.float64)
+    for k in range(n - 1):  # (c_k - c_k+1)^2 weighted by the less constrained point's deficit^8
+        w = max(float(deficit[k]), float(deficit[k + 1]), 0.0) ** 8
+        reg[k, k] += w
+        reg[k + 1, k + 1] += w
+        reg[k, k + 1] -= w
+        reg[k + 1, k] -= w
+    return fit_smoothing * diag.mean() * reg + 1e-6 * diag.mean() * torch.eye(n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fit_smoothing", [0.0, 1.0])
+def test_bspline_lk_field_is_the_least_squares_fit_of_the_block_solutions(fit_smoothing):
+    """Known answer: the B-spline coefficients are the regularised least-squares fit of the dense field's
+    block solutions by the cubic B-spline at the block centres, solved here as one dense float64 system."""
     grid = Grid((12, 8, 10), (2.0, 2.0, 2.0))
     lattice = BSplineLattice(grid, (8.0, 8.0, 8.0))
-    net = BSplineLKField(grid, lattice, gain=2.0, block_mm=4.0, window_blocks=1.0, features=MINDSSC(1, 1, "six"))
+    net = BSplineLKField(
+        grid,
+        lattice,
+        gain=2.0,
+        block_mm=4.0,
+        window_blocks=1.0,
+        features=MINDSSC(1, 1, "six"),
+        fit_smoothing=fit_smoothing,
+    )
     net = net.double()
     w, f = _smooth_random(grid.shape_dhw, 16).double(), _smooth_random(grid.shape_dhw, 17).double()
     out = net(w, f, torch.zeros(1, dtype=torch.float64))
@@ -364,16 +391,15 @@ def test_bspline_lk_field_is_the_least_squares_fit_of_the_block_solutions():
     blocks = grid.downsampled(2)
     bx, by, bz = (lattice.basis_matrix(blocks.axis_coords(a), a).double() for a in range(3))
     b = torch.kron(torch.kron(bz, by), bx)  # (blocks, controls), x fastest
-    # the ridge per axis: (G_z + r_z I) x (G_y + r_y I) x (G_x + r_x I), as the field defines it
-    grams = []
-    for m in (bz, by, bx):
-        gram = m.T @ m
-        grams.append(gram + 1e-3 * torch.diagonal(gram).mean() * torch.eye(gram.shape[0], dtype=torch.float64))
+    # regularised per axis: (G_z + R_z) x (G_y + R_y) x (G_x + R_x), as the field defines it
+    grams = [m.T @ m + _fit_regulariser(m, fit_smoothing) for m in (bz, by, bx)]
     normal = torch.kron(torch.kron(grams[0], grams[1]), grams[2])
     want = torch.stack([torch.linalg.solve(normal, b.T @ v[c].reshape(-1)) for c in range(3)])
     want = (-2.0 * want).reshape(1, 3, bz.shape[1], by.shape[1], bx.shape[1])
     assert out.shape == want.shape and float(want.abs().max()) > 0
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    if fit_smoothing:
+        return  # below: the plain ridge's fit of a displacement the spline represents (outer ring included)
     # the field's per-axis projections reproduce a displacement the spline represents exactly (small ridge;
     # the coefficients themselves are not unique where control points outnumber blocks)
     from msode_export.analytic import _separable_adjoint
@@ -384,3 +410,29 @@ def test_bspline_lk_field_is_the_least_squares_fit_of_the_block_solutions():
     fit = _separable_adjoint(smooth[None], net.px, net.py, net.pz)[0]
     refit = torch.stack([(b @ fit[c].reshape(-1)).reshape(v.shape[1:]) for c in range(3)])
     assert float((refit - smooth).abs().max()) < 0.02 * float(smooth.abs().max())
+
+
+def test_bspline_lk_fit_keeps_the_outer_control_ring_bounded():
+    """The bundled geometry (120x120x80 at 2 mm, 40 mm lattice, 16 mm blocks): the outer control ring is barely
+    reached by any block. With the plain ridge (fit_smoothing 0) block noise of 1 mm made coefficients of
+    thousands of mm there, i.e. displacements of hundreds of mm just beyond the field of view, where a native
+    grid reaches; the default fit keeps them of the order of the block values, and reproduces a uniform
+    translation exactly (first differences do not penalise constants)."""
+    from msode_export.analytic import _separable_adjoint
+
+    model = Grid((120, 120, 80), (2.0, 2.0, 2.0))
+    lattice = BSplineLattice(model, (40.0, 40.0, 40.0))
+    gen = torch.Generator().manual_seed(0)
+    v = torch.rand(1, 3, 10, 15, 15, generator=gen) * 2 - 1  # block solutions in [-1, 1] mm (16 mm blocks)
+    wide = Grid((150, 150, 110), (2.0, 2.0, 2.0))  # 30 mm beyond the field of view on every side
+    coeffs = {}
+    for fs in (0.0, 1.0):
+        net = BSplineLKField(model, lattice, block_mm=16.0, fit_smoothing=fs)
+        coeffs[fs] = _separable_adjoint(v, net.px, net.py, net.pz)
+    assert float(coeffs[0.0].abs().max()) > 100.0  # the defect the default removes
+    assert float(coeffs[1.0].abs().max()) < 10.0
+    assert float(lattice.displacement_on(coeffs[1.0], wide).abs().max()) < 5.0
+    net = BSplineLKField(model, lattice, block_mm=16.0)
+    shift = torch.tensor([1.5, -2.0, 0.5]).reshape(1, 3, 1, 1, 1).expand(1, 3, 10, 15, 15)
+    c = _separable_adjoint(shift, net.px, net.py, net.pz)
+    torch.testing.assert_close(c, shift[:, :, :1, :1, :1].expand_as(c), rtol=0, atol=1e-3)

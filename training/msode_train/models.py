@@ -48,13 +48,22 @@ a checkpoint; :func:`register_architectures` is also the ``msode.architectures``
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msode_export.analytic import BSplineSSDField, RigidSSDField
+from msode_export.analytic import (
+    CPU_SLAB_VOXELS,
+    MINDSSC,
+    BSplineLKField,
+    BSplineSSDField,
+    RigidSSDField,
+    mind_dilation,
+)
 from msode_export.checkpoint import register_architecture
 from msode_sdk.transforms import BSplineLattice, Grid
 
@@ -376,6 +385,37 @@ class LearnedFeatures(ContextTrunk):
         return torch.cat((x * self.intensity_gain.reshape(1, 1, 1, 1, 1), self.out(self.trunk(x))), dim=1)
 
 
+class MINDPlusLearned(ContextTrunk):
+    """Normalised image ``(N, 1, D, H, W)`` -> ``(N, 6 + channels, D, H, W)``: 6-neighbourhood MIND
+    (:class:`msode_export.analytic.MINDSSC`, ``mind_dilation`` voxels), each channel times a learned gain
+    (1 at the start), followed by ``channels`` learned maps (:class:`ContextTrunk` -> conv1, which sees
+    the image's contrast through its FiLM).
+
+    Starts as (almost) plan v2's MIND features, so training through the loop begins from the shipped
+    fields and learns what MIND gets wrong between contrasts. The learned maps start small but not zero
+    (``init_scale``): a Gauss-Newton step's derivative with respect to an identically zero feature channel
+    is zero, so such a channel would never learn (see :class:`LearnedFeatures`)."""
+
+    def __init__(
+        self,
+        width: int = 8,
+        channels: int = 2,
+        mind_dilation: int = 2,
+        init_scale: float = 0.05,
+        slab_voxels: int = CPU_SLAB_VOXELS,
+    ):
+        super().__init__(width)
+        self.mind = MINDSSC(radius=1, dilation=int(mind_dilation), neighbourhood="six", slab_voxels=slab_voxels)
+        self.mind_gain = nn.Parameter(torch.ones(6))
+        self.out = Conv3d(self.width, int(channels), 1)
+        with torch.no_grad():
+            self.out.weight.mul_(float(init_scale))
+            self.out.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.mind(x) * self.mind_gain.reshape(1, 6, 1, 1, 1), self.out(self.trunk(x))), dim=1)
+
+
 # -------------------------------------------------------------------------------------------- registry
 
 
@@ -425,6 +465,44 @@ def _bspline_gn_factory(
     )
 
 
+#: z-slab size of fields trained under autograd: the whole volume at once
+TRAINING_SLAB_VOXELS = 1 << 40
+
+
+def per_level(value, level_grid: Grid, model_grid: Grid):
+    """``value``, or for a list (one entry per level, coarse first, the last on the model grid) the
+    entry of ``level_grid``: levels are 2x steps, so the entry counted from the fine end is
+    ``log2(level spacing / model spacing)``."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    from_fine = int(round(math.log2(max(level_grid.spacing_xyz) / max(model_grid.spacing_xyz))))
+    if not 0 <= from_fine < len(value):
+        raise ValueError(f"per-level value {list(value)} has no entry for the level at {level_grid.spacing_xyz} mm")
+    return value[len(value) - 1 - from_fine]
+
+
+def _bspline_lk_factory(
+    level_grid: Grid,
+    model_grid: Grid,
+    stage_params: dict,
+    width: int = 8,
+    channels: int = 2,
+    init_scale: float = 0.05,
+    slab_voxels: int = TRAINING_SLAB_VOXELS,
+    **kwargs,
+) -> nn.Module:
+    """Plan v2's B-spline field (:class:`msode_export.analytic.BSplineLKField`: local block solves fitted
+    by the spline) on :class:`MINDPlusLearned` features. ``kwargs``: the field's (``gain``, ``block_mm``,
+    ``window_blocks``, ``damping``, ``fit_smoothing``), each a value or a per-level list (coarse first). ``slab_voxels``:
+    default one slab (under autograd every slab's slice costs a zero-filled full-size gradient; the plan
+    builder sets the CPU inference slabs again)."""
+    lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
+    kw = {k: per_level(v, level_grid, model_grid) for k, v in kwargs.items()}
+    dil = mind_dilation(max(level_grid.spacing_xyz))  # as the plan's MIND
+    feats = MINDPlusLearned(width, channels, mind_dilation=dil, init_scale=init_scale, slab_voxels=slab_voxels)
+    return BSplineLKField(level_grid, lattice, features=feats, slab_voxels=slab_voxels, **kw)
+
+
 Factory = Callable[..., nn.Module]
 
 #: name -> (transform kind, factory(level_grid, model_grid, stage_params, **kwargs))
@@ -435,6 +513,8 @@ ARCHITECTURES: dict[str, tuple[str, Factory]] = {
     # a Gauss-Newton step on the SSD of learned features (msode_export.analytic fields + LearnedFeatures)
     "rigid_feature_gn": ("rigid", _rigid_gn_factory),
     "bspline_feature_gn": ("bspline", _bspline_gn_factory),
+    # plan v2's local-block B-spline field on MIND + learned channels (the shipped field at the start)
+    "bspline_lk_mind_learned": ("bspline", _bspline_lk_factory),
 }
 #: default architecture per transform kind
 DEFAULT_ARCH = {"rigid": "rigid_convfc", "bspline": "bspline_fcn", "dense": "dense_unet"}

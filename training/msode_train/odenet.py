@@ -125,16 +125,18 @@ class ODEOutput:
     nfe: dict
 
 
-def detach_chain(chain: TransformChain) -> TransformChain:
-    """The same chain with every state detached from the autograd graph."""
+def detach_chain(chain: TransformChain, copy: bool = False) -> TransformChain:
+    """The same chain with every state detached from the autograd graph (``copy``: copied as well, e.g.
+    states made under ``torch.inference_mode``, which autograd may not save)."""
     out = []
     for t in chain.transforms:
+        state = t.state.detach().clone() if copy else t.state.detach()
         if isinstance(t, RigidTransform):
-            out.append(RigidTransform(t.state.detach()))
+            out.append(RigidTransform(state))
         elif isinstance(t, BSplineTransform):
-            out.append(BSplineTransform(t.state.detach(), t.lattice))
+            out.append(BSplineTransform(state, t.lattice))
         elif isinstance(t, DenseTransform):
-            out.append(DenseTransform(t.state.detach(), t.grid))
+            out.append(DenseTransform(state, t.grid))
         else:  # pragma: no cover - no other kinds exist
             raise TypeError(f"unknown transform {type(t).__name__}")
     return TransformChain(out)
@@ -166,11 +168,19 @@ class _LevelField(nn.Module):
         self.fixed = fixed
         self.prior = prior
         self.nfe = 0
+        # fields that compare features (msode_export.analytic.DenseGNField and its B-spline fit): the fixed
+        # image's features once per level, as a plan's feature members run at inference (same numbers)
+        self.fixed_features = net.image_features(fixed) if hasattr(net, "field_on_features") else None
 
     def forward(self, t, state: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         tr = make_transform(self.transform, state, self.params, self.model_grid, self.level_grid)
         warped = warp_chain(self.moving, self.level_grid, self.prior.then(tr), self.level_grid)
+        if self.fixed_features is not None:
+            shape = [int(n) for n in warped.shape[2:]]
+            return self.net.field_on_features(self.net.image_features(warped), self.fixed_features, shape).to(
+                state.dtype
+            )
         tf = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
         tt = torch.full((state.shape[0],), tf, dtype=torch.float32, device=state.device)
         v = self.net(warped, self.fixed, tt)

@@ -7,7 +7,9 @@ it over :data:`DEFAULTS` and applies ``--set a.b=value`` overrides (values parse
             as every synthetic subject and the SDK's ``centre: fov``), ``levels``, ``integrator``
             (``torchdiffeq`` | ``sdk``, see :mod:`msode_train.odenet`), ``adjoint``, ``init_from``
             (a training state ``.pt``, a stage checkpoint ``.ckpt`` or a ``.plan`` whose networks seed
-            matching ``<stage>_L<l>`` networks).
+            matching ``<stage>_L<l>`` networks), ``prior_plan`` / ``prior_stages`` (a plan whose stages run first,
+            frozen, through the SDK itself, ``Registrar.register_model_grid``: e.g. a shipped plan's rigid stage
+            in front of a deformable stage being trained; its model grid must be the config's).
 ``stages``  list of ``{name, transform, schedule (paper | list of {solver, step_size, tol, max_steps}),
             params, arch, arch_kwargs, train}``; stages with ``train: false`` run frozen (no_grad), e.g.
             a trained rigid stage in front of a B-spline stage being trained.
@@ -16,7 +18,8 @@ it over :data:`DEFAULTS` and applies ``--set a.b=value`` overrides (values parse
             ``n_train``,
             ``n_val``, ``contrasts``, ``pairs`` (``random``: ordered pairs of distinct contrasts, or a
             list of ``[moving, fixed]``), ``motion`` (rigid | bspline | hybrid, the paper's
-            distributions from :mod:`msode_train.data`), ``motion_kwargs``, ``control_spacing_mm``.
+            distributions from :mod:`msode_train.data`; a list: each pair draws one of them, uniformly),
+            ``motion_kwargs``, ``control_spacing_mm``.
 ``loss``    ``sim`` (mi | ncc | mind | content), ``sim_kwargs``, ``sim_spacing_mm`` (default: the model
             grid; else L_sim is computed on the same pairs rendered at this spacing from a bank of
             that spacing, the moving image warped by the estimated map: e.g. a 4 mm ODE with a
@@ -33,7 +36,8 @@ it over :data:`DEFAULTS` and applies ``--set a.b=value`` overrides (values parse
             (held-out pairs evaluated through the SDK and recorded in the plan's metrics).
 
 Outputs in ``out_dir``: ``config.yaml`` (resolved), ``train_log.csv`` (one row per step),
-``val_log.csv``, ``state.pt`` (resumable: networks, optimiser, step, RNG, history; written
+``val_log.csv``, ``loss.png`` (:func:`msode_train.plots.write_loss_plot`, at every validation and at the
+end), ``state.pt`` (resumable: networks, optimiser, step, RNG, history; written
 atomically every ``checkpoint_every`` steps, on SIGTERM/SIGINT and at the end), one stage
 checkpoint ``<stage>.ckpt`` per stage (``msode_export.checkpoint`` format, for ``msode export``), the
 plan, and TensorBoard events when ``tensorboard`` is installed.
@@ -95,7 +99,8 @@ from msode_sdk.warp import warp_chain
 
 from . import data as D
 from .losses import brain_points, get_similarity, gradient_regulariser, point_error, self_supervision_loss
-from .odenet import MSODENet, TrainStage
+from .odenet import MSODENet, TrainStage, detach_chain
+from .plots import write_loss_plot
 
 __all__ = [
     "DEFAULTS",
@@ -125,6 +130,8 @@ DEFAULTS: dict = {
         "integrator": "torchdiffeq",
         "adjoint": False,
         "init_from": None,
+        "prior_plan": None,
+        "prior_stages": None,
     },
     "stages": [{"name": "rigid", "transform": "rigid", "schedule": "paper"}],
     "data": {
@@ -232,10 +239,18 @@ def _check_config(cfg: dict) -> None:
 
     if cfg["loss"]["sim"] not in SIMILARITIES:
         raise ValueError(f"loss.sim {cfg['loss']['sim']!r} is not one of {list(SIMILARITIES)}")
-    if cfg["data"]["motion"] not in ("rigid", "bspline", "hybrid", "identity"):
-        raise ValueError(f"data.motion {cfg['data']['motion']!r} is not one of rigid, bspline, hybrid")
+    kinds = cfg["data"]["motion"]
+    for kind in kinds if isinstance(kinds, list) else [kinds]:
+        if kind not in D.MOTION_KINDS:
+            raise ValueError(f"data.motion {kind!r} is not one of {list(D.MOTION_KINDS)}")
     if not cfg["stages"]:
         raise ValueError("config needs at least one stage")
+    if cfg["model"].get("prior_plan") and cfg["export"].get("plan", True):
+        raise ValueError(
+            "model.prior_plan needs export.plan: false (a plan of the trained stages alone would lack the prior "
+            "stages; build the whole plan from the stage checkpoint, e.g. scripts/build_rigid_bspline_plan.py "
+            "--bspline-checkpoint)"
+        )
     for c in cfg["data"]["contrasts"]:
         if c not in D.CLASS_MEANS:
             raise ValueError(f"unknown contrast {c!r}; synthetic contrasts are {list(D.CLASS_MEANS)}")
@@ -477,6 +492,9 @@ class Trainer:
                 p.requires_grad_(st.name in self.train_names)
         if cfg["model"].get("init_from"):
             self.init_from(cfg["model"]["init_from"])
+        self.prior_registrar, self.prior_stages = None, None
+        if cfg["model"].get("prior_plan"):
+            self._load_prior(cfg["model"]["prior_plan"], cfg["model"].get("prior_stages"))
         self.opt = torch.optim.Adam(self.model.stage_parameters(self.train_names), lr=float(tr["lr"]))
         dc = cfg["data"]
         self.bank_dir = Path(os.environ.get("MSODE_BANK") or dc["bank_dir"]).expanduser()
@@ -593,9 +611,12 @@ class Trainer:
 
     def _motion(self) -> TransformChain:
         dc = self.cfg["data"]
+        kind = dc["motion"]
+        if isinstance(kind, list):  # a mixture: one kind per pair, uniformly (repeat a kind to weigh it)
+            kind = kind[int(self.rng.integers(len(kind)))]
         return D.sample_motion(
             self.rng,
-            dc["motion"],
+            kind,
             self.model_grid,
             1,
             control_spacing_mm=float(dc["control_spacing_mm"]),
@@ -663,7 +684,7 @@ class Trainer:
         moving = b["moving"] if s is None else torch.cat((b["moving"], s["moving"]))
         fixed = b["fixed"] if s is None else torch.cat((b["fixed"], s["fixed"]))
         net = self._ddp if self._ddp is not None and torch.is_grad_enabled() else self.model
-        out = net(moving, fixed, grad_stages=self.train_names)
+        out = net(moving, fixed, prior=self.prior_chain(moving, fixed), grad_stages=self.train_names)
         chain = slice_chain(out.chain, 0, n_main)
         terms = {}
         zero = torch.zeros((), device=self.device)
@@ -701,6 +722,32 @@ class Trainer:
         )
         terms["nfe"] = {k: sum(v) for k, v in out.nfe.items()}
         return terms
+
+    def _load_prior(self, plan, stages) -> None:
+        from msode_sdk.registrar import Registrar
+
+        reg = Registrar.load(plan, device=str(self.device), backend="torch")
+        if reg.model_grid != self.model_grid:
+            raise ValueError(
+                f"model.prior_plan {plan}: model grid {reg.model_grid} differs from the config's {self.model_grid}"
+            )
+        names = list(stages) if stages else reg.stage_names
+        unknown = [s for s in names if s not in reg.stage_names]
+        if unknown:
+            raise ValueError(f"model.prior_stages {unknown} not in {plan}'s stages {reg.stage_names}")
+        clash = [s for s in names if s in {st.name for st in self.stages}]
+        if clash:
+            raise ValueError(f"model.prior_stages {clash} have the names of stages being trained; rename them")
+        self.prior_registrar, self.prior_stages = reg, names
+        self.log(f"prior: stages {names} of {reg.name} ({plan}) run first, frozen")
+
+    def prior_chain(self, moving: torch.Tensor, fixed: torch.Tensor) -> TransformChain | None:
+        """The frozen prior stages' chain for a batch (``model.prior_plan``), or None. Run by the SDK (inference
+        mode); the states are copied out of inference mode so the trained stages' autograd can read them."""
+        if self.prior_registrar is None:
+            return None
+        res = self.prior_registrar.register_model_grid(moving.detach(), fixed.detach(), stages=self.prior_stages)
+        return detach_chain(res.chain, copy=True)
 
     def _brain_points(self, mask: torch.Tensor, npts: int) -> torch.Tensor:
         """:func:`losses.brain_points` of the batch; under torchrun truncated to the smallest count of all
@@ -795,7 +842,7 @@ class Trainer:
         errs = []
         for p in self.validation_pairs(n):
             b = self._collate([p])
-            out = self.model(b["moving"], b["fixed"])
+            out = self.model(b["moving"], b["fixed"], prior=self.prior_chain(b["moving"], b["fixed"]))
             errs.append(
                 D.rmse_phi(chain_to(out.chain, "cpu"), chain_to(p.chain, "cpu"), p.grid, mask=p.fixed_brain.cpu())
             )
@@ -861,11 +908,13 @@ class Trainer:
                         f"step {self.step}: val RMSE(phi) median {v['val_rmse_phi_median']:.2f} mm, "
                         f"max {v['val_rmse_phi_max']:.2f} mm"
                     )
+                    write_loss_plot(self.out_dir, self.cfg["name"])
         finally:
             if bar is not None:
                 bar.close()
             if main:
                 self.save_state()
+                write_loss_plot(self.out_dir, self.cfg["name"])
             self._restore_signals()
         self.log(f"stopped at step {self.step} ({stop_reason}); state in {self.out_dir / 'state.pt'}")
         return {"step": self.step, "stop_reason": stop_reason}
