@@ -51,7 +51,7 @@ rigid-bspline-plan: $(STAMP)
 rigid-dense-plan: $(STAMP)
 	$(PY) scripts/build_rigid_dense_plan.py sdk/msode_sdk/models/rigid_dense.plan
 # Plan v2's B-spline stage trained end to end through the loop behind the bundled rigid stage (issue 20; 2 CPU
-# cores: 240 steps, ~17 s each, ~70 min; interrupted or stopped by train.max_minutes, run it again to resume;
+# cores: 400 steps, ~6.5 s each, ~45 min; interrupted or stopped by train.max_minutes, run it again to resume;
 # progress bar, out/train/plan_v2_bspline/loss.png), then the plan built from it:
 # out/train/plan_v2_bspline/rigid_bspline_trained.plan (its report: `bash scripts/evaluate_bundled_plan.sh PLAN`).
 # One NVIDIA GPU: make plan-v2 PLAN_V2_CONFIG=plan_v2_bspline_gpu

@@ -245,7 +245,8 @@ def build(
             kw = {k: (v[lv - 1] if isinstance(v, (tuple, list)) else v) for k, v in params.items()}
             if trained is not None:  # the features (and field settings) trained through the loop
                 f, kw = trained[0][lv], {**kw, **trained[1][lv]}
-                desc = "MIND (6-neighbourhood) with learned gains + 2 learned maps, trained through the loop"
+                maps = f"+ {f.out.out_channels} learned maps " if hasattr(f, "out") else ""
+                desc = f"MIND (6-neighbourhood) with learned gains {maps}trained through the loop"
             if deformable == "dense":
                 level(
                     "dense", lv, g, f, 1, lambda grid, f, pool, kw=kw: DenseGNField(grid, features=f, pool=pool, **kw)
@@ -306,6 +307,14 @@ def build(
     if trained is not None:
         training["kind"] = "learned-features+gauss-newton, B-spline features trained through the loop"
         training["bspline_trained"] = trained[2]
+        if training_note is None:
+            training["note"] = (
+                "Trained: the contrast-agnostic tissue encoders (msode_train.tissue; supervised on phantom tissue "
+                "labels) and, end to end through the plan's own loop behind its rigid stage, the B-spline levels' "
+                "features (MIND with learned gains plus learned maps; L_sup on the phantoms' known maps + L_sim, "
+                "see bspline_trained). Closed-form: the Gauss-Newton heads, the multistart initialiser and the "
+                "fine rigid levels' MIND."
+            )
     path = build_plan(
         out,
         name,
@@ -325,6 +334,7 @@ def build(
             "Per-level fields: Gauss-Newton steps on the SSD of learned tissue-class features "
             "(coarse rigid levels) and MIND (6-neighbourhood, fine levels"
             + ("; B-spline levels: local solves on 16 mm blocks fitted by the spline" if bspline_field == "lk" else "")
+            + ("; B-spline features trained through the loop" if trained is not None else "")
             + "); multistart rigid init; see training.note."
         ),
     )

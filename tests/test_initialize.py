@@ -36,6 +36,22 @@ def test_foreground_moments_of_a_box():
     assert cov[0, 0, 0] > cov[0, 1, 1] > 0
 
 
+def test_separable_moments_equal_the_moments_of_the_points():
+    """The moments summed axis by axis equal the centroid and central covariance of the voxel centres above
+    the threshold, on an anisotropic grid with a random, off-centre foreground (two volumes in a batch)."""
+    grid = Grid((9, 7, 5), (1.5, 2.0, 3.0))
+    g = torch.Generator().manual_seed(4)
+    vol = torch.rand(2, 1, *grid.shape_dhw, generator=g) * torch.linspace(0, 1, 9)  # denser towards +x
+    c, cov = foreground_moments(vol, grid, threshold=0.3)
+    pts = grid.points(torch.float64).reshape(-1, 3)
+    for i in range(2):
+        sel = pts[vol[i, 0].reshape(-1) > 0.3]
+        ref_c = sel.mean(0)
+        d = sel - ref_c
+        torch.testing.assert_close(c[i], ref_c, rtol=0, atol=1e-9)
+        torch.testing.assert_close(cov[i], d.T @ d / len(sel), rtol=0, atol=1e-9 * float((d * d).sum(1).max()))
+
+
 @pytest.mark.parametrize("angles", [(0.5, -0.9, 1.1), (-1.2, 0.3, -0.6)])
 def test_candidates_contain_truth_and_mi_selects_it(angles):
     fixed = _blob()

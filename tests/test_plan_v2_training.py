@@ -15,7 +15,7 @@ from msode_export.analytic import CPU_SLAB_VOXELS, MINDSSC, BSplineLKField, Dens
 from msode_export.checkpoint import save_checkpoint
 from msode_export.pack import level_grids
 from msode_sdk.transforms import BSplineLattice, Grid
-from msode_train.models import MINDPlusLearned, per_level, build_network
+from msode_train.models import MINDGains, MINDPlusLearned, build_network, per_level
 from msode_train.odenet import MSODENet, TrainStage
 from msode_train.plots import write_loss_plot
 from msode_train.train import Trainer, load_config
@@ -76,6 +76,16 @@ def test_mind_plus_learned_starts_as_mind_and_its_learned_channels_get_gradients
         torch.testing.assert_close(trained(w, f, t), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
+def test_mind_gains_start_as_mind_and_learn():
+    torch.manual_seed(2)
+    feats = MINDGains(mind_dilation=1)
+    w, _ = _smooth_pair(SMALL, seed=3)
+    x = feats(w)
+    torch.testing.assert_close(x, MINDSSC(1, 1, "six")(w))
+    x.square().sum().backward()
+    assert float(feats.mind_gain.grad.abs().min()) > 0
+
+
 def test_per_level_values_count_from_the_model_grid():
     model = Grid((120, 120, 80), (2.0, 2.0, 2.0))
     grids = level_grids(model, 3)  # 8, 4, 2 mm
@@ -87,7 +97,7 @@ def test_per_level_values_count_from_the_model_grid():
 
 def test_bspline_lk_architecture_builds_per_level_fields():
     model = Grid((120, 120, 80), (2.0, 2.0, 2.0))
-    kw = dict(width=4, channels=2, block_mm=16.0, window_blocks=[2.0, 1.5, 0.75], gain=[3.0, 3.0, 5.0])
+    kw = dict(width=[4, 2, 4], channels=[2, 1, 0], block_mm=16.0, window_blocks=[2.0, 1.5, 0.75], gain=[3.0, 3.0, 5.0])
     nets = [
         build_network("bspline_lk_mind_learned", g, model, {"control_spacing_mm": [40.0] * 3}, **kw)
         for g in level_grids(model, 3)
@@ -95,6 +105,11 @@ def test_bspline_lk_architecture_builds_per_level_fields():
     assert [n.gain for n in nets] == [3.0, 3.0, 5.0]
     assert [n.residual.features.mind.dilation for n in nets] == [1, 1, 2]  # as the plan's MIND
     assert [n.block for n in nets] == [2, 4, 8]  # 16 mm blocks on 8 / 4 / 2 mm levels
+    feats = [n.residual.features for n in nets]
+    assert [type(f) for f in feats] == [MINDPlusLearned, MINDPlusLearned, MINDGains]  # channels 0: no CNN
+    assert [f.width for f in feats[:2]] == [4, 2] and [f.out.out_channels for f in feats[:2]] == [2, 1]
+    with pytest.raises(ValueError, match="channels"):
+        build_network("bspline_lk_mind_learned", model, model, {"control_spacing_mm": [40.0] * 3}, channels=-1)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -298,7 +313,13 @@ def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path)
     from msode_sdk import Registrar
 
     b = _builder()
-    kw = {"width": 4, "channels": 2, "block_mm": 16.0, "window_blocks": [2.0, 1.5, 0.75], "gain": [3.0, 3.0, 5.0]}
+    kw = {
+        "width": 4,
+        "channels": [2, 2, 0],  # as the shipped config: the finest level without learned maps
+        "block_mm": 16.0,
+        "window_blocks": [2.0, 1.5, 0.75],
+        "gain": [3.0, 3.0, 5.0],
+    }
     _save_stage(tmp_path / "bspline.ckpt", "bspline_lk_mind_learned", kw)
     plan = b.build(
         tmp_path / "trained.plan",
@@ -308,7 +329,9 @@ def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path)
         name="trained",
     )
     reg = Registrar.load(plan, device="cpu", backend="torch")
-    assert "trained through the loop" in reg.plan.manifest.training["kind"]
+    training = reg.plan.manifest.training
+    assert "trained through the loop" in training["kind"] and "trained" in training["note"]
+    assert "trained through the loop" in reg.plan.manifest.description
     model = b.MODEL_GRID
     g = torch.Generator().manual_seed(11)
     blur = lambda v: torch.nn.functional.avg_pool3d(v, 5, 1, 2)  # noqa: E731

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from msode_sdk import world
 from msode_sdk.errors import PlanError
-from msode_sdk.initialize import mutual_information, thetas_of_points
+from msode_sdk.initialize import mutual_information, thetas_of_axes
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
 from msode_sdk.loop import halves
 from msode_sdk.plan import Plan, load_plan, write_plan
@@ -456,8 +456,10 @@ class _Level(nn.Module):
     def start_candidates(self, pyr_m: List[Tensor], pyr_f: List[Tensor]) -> Tensor:
         """``(N, 5, 6)`` rigid starts on this level: identity + 4 principal-axes candidates."""
         mov = pyr_m[self.pyr]
-        pts = _grid_points(self.shape, self.spacing, mov.device, torch.float64).reshape(-1, 3)
-        return thetas_of_points(mov, pyr_f[self.pyr], pts, 0.05)
+        xs = _axis_coords(self.shape[0], self.spacing[0], mov.device, torch.float64)
+        ys = _axis_coords(self.shape[1], self.spacing[1], mov.device, torch.float64)
+        zs = _axis_coords(self.shape[2], self.spacing[2], mov.device, torch.float64)
+        return thetas_of_axes(mov, pyr_f[self.pyr], xs, ys, zs, 0.05)
 
     def mi_of(self, y: Tensor, mov: Tensor, fix: Tensor) -> Tensor:
         """MI ``(N,)`` between ``fix`` and ``mov`` warped by this level's own transform of state ``y``."""
@@ -610,14 +612,15 @@ class _Stage(nn.Module):
             for i in range(len(pyr_m)):
                 rep_m.append(pyr_m[i].repeat_interleave(k, 0))
                 rep_f.append(pyr_f[i].repeat_interleave(k, 0))
+            last = len(self.levels) - 1
+            for j, lvc in enumerate(self.levels):
+                if j == last:  # from the finest level's images, as msode_sdk.loop's _candidates
+                    th = lvc.start_candidates(pyr_m, pyr_f)
+            k = th.shape[1]
             ends = th.reshape(n * k, 6)
             score = torch.zeros([n, k], dtype=torch.float64, device=y.device)
-            last = len(self.levels) - 1
             for i, lv in enumerate(self.levels):
                 if i == 0:
-                    th = lv.start_candidates(pyr_m, pyr_f)
-                    k = th.shape[1]
-                    ends = th.reshape(n * k, 6)
                     if self.init == "moments":  # score the raw starts on the first level
                         score = lv.mi_of(ends, rep_m[lv.pyr], rep_f[lv.pyr]).reshape(n, k)
                     else:  # multistart: integrate the first level from every start

@@ -281,11 +281,20 @@ class RegistrationLoop:
                 f"(N, C, {', '.join(map(str, want))}) on the level's feature grid"
             )
 
+    def _candidates(self, st: StageRun, pyr: dict, prior: TransformChain) -> torch.Tensor:
+        """``(N, K, 6)`` rigid starts: the identity and the principal-axes candidates, from the images of the
+        stage's *finest* level (after ``prior``): the foreground moments of 16 mm averages lose the head's shape
+        (measured on 100 random-contrast pairs of U(+-75 deg) motions: best candidate's RMSE(phi) median 14 mm
+        and > 20 mm on 29 from the 16 mm level, 6.5 mm and 10 from the 2 mm model grid)."""
+        lv = st.levels[-1]
+        mov, fix = pyr[lv.grid]
+        mov_p = self.warp(mov, lv.grid, prior, lv.grid) if len(prior) else mov
+        return candidate_thetas(mov_p, fix, lv.grid)
+
     def _start(self, st: StageRun, lv: LevelRun, pyr: dict, prior: TransformChain, n: int):
         """``moments`` start ``(N, 6)``: candidates scored by MI on the first level (device-side)."""
         mov, fix = pyr[lv.grid]
-        mov_p = self.warp(mov, lv.grid, prior, lv.grid) if len(prior) else mov
-        thetas = candidate_thetas(mov_p, fix, lv.grid)  # (N, K, 6)
+        thetas = self._candidates(st, pyr, prior)
         scores = torch.stack(
             [
                 mutual_information(
@@ -335,8 +344,7 @@ class RegistrationLoop:
         """The first level from the identity and the 4 principal-axes candidates as one batch; MI on the
         next level picks each pair's best end point (first level's NFE counts batched calls)."""
         lv0 = st.levels[0]
-        mov0, fix0 = pyr[lv0.grid]
-        thetas = candidate_thetas(mov0, fix0, lv0.grid)  # (N, K, 6)
+        thetas = self._candidates(st, pyr, prior)
         k = thetas.shape[1]
         y1, stats0 = self._integrate(st, 0, thetas.reshape(n * k, 6), pyr, prior, repeat=k)
         lv_s = st.levels[1] if len(st.levels) > 1 else lv0

@@ -416,6 +416,20 @@ class MINDPlusLearned(ContextTrunk):
         return torch.cat((self.mind(x) * self.mind_gain.reshape(1, 6, 1, 1, 1), self.out(self.trunk(x))), dim=1)
 
 
+class MINDGains(nn.Module):
+    """Normalised image ``(N, 1, D, H, W)`` -> ``(N, 6, D, H, W)``: 6-neighbourhood MIND times 6 learned gains
+    (1 at the start): :class:`MINDPlusLearned` without its learned maps, for levels where a CNN per
+    evaluation costs more than it gives (the plan's finest B-spline level: 4 evaluations at full resolution)."""
+
+    def __init__(self, mind_dilation: int = 2, slab_voxels: int = CPU_SLAB_VOXELS):
+        super().__init__()
+        self.mind = MINDSSC(radius=1, dilation=int(mind_dilation), neighbourhood="six", slab_voxels=slab_voxels)
+        self.mind_gain = nn.Parameter(torch.ones(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mind(x) * self.mind_gain.reshape(1, 6, 1, 1, 1)
+
+
 # -------------------------------------------------------------------------------------------- registry
 
 
@@ -485,21 +499,29 @@ def _bspline_lk_factory(
     level_grid: Grid,
     model_grid: Grid,
     stage_params: dict,
-    width: int = 8,
-    channels: int = 2,
+    width: int | list = 8,
+    channels: int | list = 2,
     init_scale: float = 0.05,
     slab_voxels: int = TRAINING_SLAB_VOXELS,
     **kwargs,
 ) -> nn.Module:
     """Plan v2's B-spline field (:class:`msode_export.analytic.BSplineLKField`: local block solves fitted
-    by the spline) on :class:`MINDPlusLearned` features. ``kwargs``: the field's (``gain``, ``block_mm``,
-    ``window_blocks``, ``damping``, ``fit_smoothing``), each a value or a per-level list (coarse first). ``slab_voxels``:
+    by the spline) on :class:`MINDPlusLearned` features (:class:`MINDGains` where ``channels`` is 0).
+    ``width`` and ``channels`` and the field's ``kwargs`` (``gain``, ``block_mm``, ``window_blocks``,
+    ``damping``, ``fit_smoothing``) are each a value or a per-level list (coarse first). ``slab_voxels``:
     default one slab (under autograd every slab's slice costs a zero-filled full-size gradient; the plan
     builder sets the CPU inference slabs again)."""
     lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
     kw = {k: per_level(v, level_grid, model_grid) for k, v in kwargs.items()}
     dil = mind_dilation(max(level_grid.spacing_xyz))  # as the plan's MIND
-    feats = MINDPlusLearned(width, channels, mind_dilation=dil, init_scale=init_scale, slab_voxels=slab_voxels)
+    width, channels = int(per_level(width, level_grid, model_grid)), int(per_level(channels, level_grid, model_grid))
+    if channels < 0:
+        raise ValueError(f"channels must be >= 0, got {channels}")
+    feats: nn.Module
+    if channels == 0:
+        feats = MINDGains(mind_dilation=dil, slab_voxels=slab_voxels)
+    else:
+        feats = MINDPlusLearned(width, channels, mind_dilation=dil, init_scale=init_scale, slab_voxels=slab_voxels)
     return BSplineLKField(level_grid, lattice, features=feats, slab_voxels=slab_voxels, **kw)
 
 
