@@ -55,6 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from msode_sdk.errors import PlanError
+from msode_sdk.registrar import resolve_plan_path
 from msode_sdk.transforms import Grid, TransformChain, jacobian_determinant
 from msode_sdk.warp import sample_points
 
@@ -704,10 +706,11 @@ def main(argv=None) -> int:
     for spec in args.plan:
         label, _, path = spec.rpartition("=")
         label = label or Path(path).stem
-        if not Path(path).exists():
-            print(f"msode-eval: error: plan {path!r} not found", file=sys.stderr)
+        try:  # a file, or a bundled plan's name (as Registrar.load takes it)
+            plans[label] = str(resolve_plan_path(path))
+        except PlanError as e:
+            print(f"msode-eval: error: {e}", file=sys.stderr)
             return 2
-        plans[label] = path
     pairs = "random" if args.pairs == "random" else [tuple(p.split(":")) for p in args.pairs.split(",")]
     for p in [] if pairs == "random" else pairs:
         if len(p) != 2 or any(c not in D.CLASS_MEANS for c in p):
