@@ -132,13 +132,13 @@ def trained_bspline_levels(ckpt_path) -> tuple[dict, dict, dict]:
         raise ValueError(f"{path}: control spacing {spacing} mm, this plan's is {CONTROL_SPACING_MM}")
     nets = build_networks(ck)
     field_keys = ("gain", "block_mm", "window_blocks", "damping", "fit_smoothing")
+    arch_kwargs = ck["arch"]["kwargs"]
     feats, kwargs = {}, {}
     for lv, (net, g) in enumerate(zip(nets.values(), level_grids(MODEL_GRID, len(nets))), start=1):
         f = net.residual.features
         f.mind.slab_voxels = CPU_SLAB_VOXELS
         feats[lv] = f
-        kw = ck["arch"]["kwargs"]
-        kwargs[lv] = {k: per_level(kw[k], g, MODEL_GRID) for k in field_keys if k in kw}
+        kwargs[lv] = {k: per_level(arch_kwargs[k], g, MODEL_GRID) for k in field_keys if k in arch_kwargs}
     tr = ck.get("training") or {}
     record = {
         "file": path.name,
