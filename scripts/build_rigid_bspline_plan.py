@@ -11,11 +11,17 @@ SSD of modality-independent features (msode_export.analytic.RigidSSDField / BSpl
   The rigid stage starts with init="multistart" (msode_sdk.initialize): the 16 mm level runs from the
   identity and the 4 principal-axes candidates as one batch, MI at 8 mm keeps the best;
 * B-spline, 3 levels 8/4/2 mm, the paper's F(0.2)-F(0.2)-F(0.25) (NFE 14), 40 mm control spacing (the motion
-  simulator's), MIND (6-neighbourhood; dilation 1, 1, 2 voxels; 2 mm level at full resolution). Plan v2
+  simulator's), MIND (6-neighbourhood; dilation 1 voxel at every level; 2 mm level at full resolution). Plan v2
   (``bspline_field="lk"``, msode_export.analytic.BSplineLKField): each level solves the Gauss-Newton step
-  locally on 16 mm blocks (the MIND moments averaged over a block, a Gaussian window of 2 / 1.5 / 0.75 blocks
-  = 32 / 24 / 12 mm coarse to fine, one damped 3x3 solve per block, damping 0.05) and the B-spline is the
-  least-squares fit of those block displacements (closed form, separable: no CG), gain 3 / 3 / 5; the outer
+  locally on 16 mm blocks (the MIND moments averaged over a block, a Gaussian window of 2 / 1 / 0.5 blocks
+  = 32 / 16 / 8 mm coarse to fine, one damped 3x3 solve per block, damping 0.05 / 0.05 / 0.02) and the
+  B-spline is the least-squares fit of those block displacements (closed form, separable: no CG), gain
+  3 / 3 / 5; the stage ends with a scale search (``SCALE_SEARCH``: its state times the factor in 0.25 ... 1
+  with the best MI, msode_sdk.loop), which removes most of what MIND's bias between contrasts adds to a
+  purely rigid pair (third build, 2026-12-05: the fine level's dilation 2 -> 1, windows 1.5 / 0.75 -> 1 /
+  0.5, fine damping 0.05 -> 0.02, and the search; chosen on validation subjects, see the report's README:
+  rigid motions through both stages 0.39 -> 0.26 mm T2 -> T1 and 0.52 -> 0.28 on the other contrasts,
+  hybrid 0.57 -> 0.47 and 0.71 -> 0.65, B-spline 0.60 -> 0.46; every one of 60 report pairs better); the outer
   control ring, which the blocks barely reach, follows its inner neighbours (``fit_smoothing`` 1: without it,
   as first built, that ring took coefficients of ~3000 mm and the displacement reached ~500 mm just beyond
   the field of view, where native grids reach; see BSplineLKField). ``--bspline-checkpoint``: the B-spline
@@ -104,13 +110,17 @@ BSPLINE_HESSIAN_POOL = (2, 2, 4)
 # Gaussian windows of 2 / 1.5 / 0.75 blocks (32 / 24 / 12 mm), fitted by the B-spline (BSplineLKField);
 # "gn" (rigid_bspline_v1.plan): the global normal equations (BSplineSSDField, the settings above)
 # fit_smoothing: the outer control ring follows its neighbours (BSplineLKField; 0 in the first v2 build)
+# mind_dilation (the features', not the field's): 1 voxel at every level (2 at the 2 mm level until 2026-12-05)
 BSPLINE_LK = {
     "block_mm": 16.0,
-    "window_blocks": (2.0, 1.5, 0.75),
-    "damping": 0.05,
+    "window_blocks": (2.0, 1.0, 0.5),
+    "damping": (0.05, 0.05, 0.02),
     "gain": (3.0, 3.0, 5.0),
     "fit_smoothing": 1.0,
+    "mind_dilation": (1, 1, 1),
 }
+# the deformable stage's final state scaled by the factor with the best MI (msode_sdk.loop, "scale search")
+SCALE_SEARCH = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def trained_bspline_levels(ckpt_path) -> tuple[dict, dict, dict]:
@@ -156,11 +166,11 @@ def trained_bspline_levels(ckpt_path) -> tuple[dict, dict, dict]:
 
 
 def _features_for(
-    spacing: float, encoders: dict, use_encoder: bool, neighbourhood: str = "ssc"
+    spacing: float, encoders: dict, use_encoder: bool, neighbourhood: str = "ssc", dilation: int | None = None
 ) -> tuple[nn.Module, str]:
     if use_encoder and spacing in encoders:
         return encoders[spacing], f"tissue_encoder_{spacing:g}mm"
-    dil = mind_dilation(spacing)
+    dil = mind_dilation(spacing) if dilation is None else int(dilation)
     return MINDSSC(radius=1, dilation=dil, neighbourhood=neighbourhood), f"mind_{neighbourhood}(r=1,d={dil})"
 
 
@@ -195,6 +205,7 @@ def build(
     training_note: str | None = None,
     builder: str = "scripts/build_rigid_bspline_plan.py",
     bspline_checkpoint=None,
+    scale_search="default",
 ) -> Path:
     """Write the plan: the rigid stage, then a ``deformable`` stage, ``bspline`` (the bundled
     rigid_bspline.plan) or ``dense`` (:class:`DenseGNField` on MIND, levels as the B-spline's; ``dense``:
@@ -205,6 +216,8 @@ def build(
         raise ValueError(f"unknown B-spline field {bspline_field!r}; valid: ['gn', 'lk']")
     if deformable == "bspline" and bspline_field == "lk" and bspline_lk is None:
         bspline_lk = dict(BSPLINE_LK)
+    if scale_search == "default":  # plan v2's B-spline stage; the v1 comparison plan and dense: none
+        scale_search = SCALE_SEARCH if deformable == "bspline" and bspline_field == "lk" else None
     trained = None
     if bspline_checkpoint is not None:
         if deformable != "bspline" or bspline_field != "lk":
@@ -240,9 +253,10 @@ def build(
     for lv, g in enumerate(level_grids(MODEL_GRID, len(bspline_schedule)), start=1):
         if deformable == "dense" or bspline_field == "lk":  # local block solves on the level grid: no pooling
             sp = float(g.spacing_xyz[0])
-            f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind)
             params = (dense or {}) if deformable == "dense" else bspline_lk
             kw = {k: (v[lv - 1] if isinstance(v, (tuple, list)) else v) for k, v in params.items()}
+            dil = kw.pop("mind_dilation", None)
+            f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind, dil)
             if trained is not None:  # the features (and field settings) trained through the loop
                 f, kw = trained[0][lv], {**kw, **trained[1][lv]}
                 maps = f"+ {f.out.out_channels} learned maps " if hasattr(f, "out") else ""
@@ -285,11 +299,17 @@ def build(
             ),
         )
         feats[f"bspline_L{lv}"] = desc + (f", on {pool}x averaged images" if pool > 1 else "")
+    deformable_params = {"scale_search": [float(v) for v in scale_search]} if scale_search else {}
     stages = [
         StageDef("rigid", "rigid", tuple(rigid_schedule), {"init": rigid_init} if rigid_init != "none" else {}),
-        StageDef("bspline", "bspline", tuple(bspline_schedule), {"control_spacing_mm": list(CONTROL_SPACING_MM)})
+        StageDef(
+            "bspline",
+            "bspline",
+            tuple(bspline_schedule),
+            {"control_spacing_mm": list(CONTROL_SPACING_MM), **deformable_params},
+        )
         if deformable == "bspline"
-        else StageDef("dense", "dense", tuple(bspline_schedule), {}),
+        else StageDef("dense", "dense", tuple(bspline_schedule), deformable_params),
     ]
     wpath = Path(weights)
     training = {

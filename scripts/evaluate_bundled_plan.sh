@@ -11,7 +11,7 @@ PLAN=${1:-sdk/msode_sdk/models/rigid_bspline.plan}
 N=${2:-12}
 LABEL=$(basename "$PLAN" .plan)
 OUT=${OUT_DIR:-training/reports/$LABEL}
-SETS=${SETS:-rigid_t2_t1 rigid_full_t2_t1 bspline_t2_t1 hybrid_t2_t1 rigid_other hybrid_other}
+SETS=${SETS:-rigid_t2_t1 rigid_full_t2_t1 bspline_t2_t1 hybrid_t2_t1 rigid_other rigid_full_other hybrid_other}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # with the project installed (make demo)
 OTHER=flair:t1,pd:t1,t1:t2,flair:t2
 mkdir -p "$OUT"
@@ -29,4 +29,5 @@ run bspline_t2_t1    --motion bspline --pairs t2:t1 --n "$N" --baselines none
 run hybrid_t2_t1     --motion hybrid  --pairs t2:t1 --n "$N" --baselines none
 # other contrast pairs
 run rigid_other      --motion rigid   --pairs "$OTHER" --n "$N" --baselines none --stages rigid --no-figures
+run rigid_full_other --motion rigid   --pairs "$OTHER" --n "$N" --baselines none --no-figures
 run hybrid_other     --motion hybrid  --pairs "$OTHER" --n "$N" --baselines none --no-figures

@@ -282,6 +282,36 @@ def test_registrar_ts_parity_three_stages(three_stage_plan, pair):
     assert torch.equal(matrix[3], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
 
 
+def test_registrar_ts_parity_with_scale_search(pair, tmp_path):
+    """The deformable stages' scale search (B-spline after rigid, dense after both) runs the same in
+    registrar.ts as in the SDK loop, and it chooses: the stages' end points differ from the plan without it."""
+    schedules = {
+        "bspline": (LevelSolver("euler", 0.5), LevelSolver("euler", 0.5)),
+        "dense": (LevelSolver("euler", 0.5), LevelSolver("euler", 0.5)),
+    }
+    common = dict(
+        model_grid=GRID,
+        stages=("rigid", "bspline", "dense"),
+        control_spacing_mm=CS,
+        schedules=schedules,
+        formats=("torchscript",),
+        gains={"bspline": 4.0, "dense": 3.0},  # overshooting gains, so a factor < 1 wins somewhere
+    )
+    searched = build_analytic_plan(
+        tmp_path / "searched.plan",
+        stage_params={"bspline": {"scale_search": [0.25, 0.5, 1.0]}, "dense": {"scale_search": [0.5, 1.0]}},
+        **common,
+    )
+    plain = build_analytic_plan(tmp_path / "plain.plan", **common)
+    moving, fixed = pair
+    ref, _ = _check_parity(searched, moving, fixed, build_registrar_ts(load_plan(searched)))
+    other = Registrar.load(plain, device="cpu", backend="torch").register_model_grid(moving, fixed)
+    diff = [
+        float((a.state - b.state).abs().max()) for a, b in zip(ref.chain.transforms[1:], other.chain.transforms[1:])
+    ]
+    assert max(diff) > 0.05, diff  # mm: far beyond the parity tolerances above
+
+
 def test_registrar_ts_in_plan_and_in_a_bare_process(small_plan, pair, tmp_path):
     """add_registrar_ts rewrites the plan with the member listed; a Python process without msode on its
     path (torch only) loads and runs it with the same results."""

@@ -781,6 +781,26 @@ BSC = ["stages", 1, "scales", 0]  # bspline L1 (euler)
             [16, -1, 16],
             "manifest.stages[1].params.control_spacing_mm[1]: -1 is not in (0, inf]",
         ),
+        (
+            ["stages", 0, "params", "scale_search"],
+            [0.5, 1.0],
+            "manifest.stages[0].params.scale_search: a rigid stage has no scale search (deformable stages only)",
+        ),
+        (
+            ["stages", 1, "params", "scale_search"],
+            [],
+            "manifest.stages[1].params.scale_search: expected 1 to 8 factors, got 0",
+        ),
+        (
+            ["stages", 1, "params", "scale_search"],
+            [0.5, 0.0],
+            "manifest.stages[1].params.scale_search[1]: 0.0 is not in (0, 4]",
+        ),
+        (
+            ["stages", 1, "params", "scale_search"],
+            [0.5, "1"],
+            "manifest.stages[1].params.scale_search[1]: expected a number, got str '1'",
+        ),
         (["stages", 0, "scales"], [], "manifest.stages[0].scales: a stage needs at least one scale"),
         ([*SC, "level"], 0, "manifest.stages[0].scales[0].level: expected 1, got 0"),
         ([*SC, "level"], True, "manifest.stages[0].scales[0].level: expected an integer, got bool True"),

@@ -678,6 +678,7 @@ def build_analytic_plan(
     registrar_ts: bool = False,
     features: str = "intensity",
     feature_params: dict | None = None,
+    stage_params: dict | None = None,
 ):
     """Write a plan whose networks are the analytic Gauss-Newton fields above (``analytic: true``).
 
@@ -685,7 +686,8 @@ def build_analytic_plan(
     MIND-SSC descriptors: any contrast pair); ``feature_params``: e.g. ``mind_radius``, ``mind_dilation``.
 
     ``schedules``: stage kind -> sequence of :class:`msode_export.pack.LevelSolver` (default: the
-    paper's schedules); ``gains``: stage kind -> ODE gain; ``registrar_ts``: also embed the whole loop
+    paper's schedules); ``gains``: stage kind -> ODE gain; ``stage_params``: stage kind -> extra plan
+    parameters of the stage (e.g. ``scale_search``); ``registrar_ts``: also embed the whole loop
     as ``registrar.ts`` (:func:`msode_export.scripted.add_registrar_ts`; needs TorchScript networks).
     """
     from .pack import PAPER_SCHEDULES, StageDef, build_plan, level_grids
@@ -695,6 +697,7 @@ def build_analytic_plan(
     for kind in stages:
         params = {"control_spacing_mm": list(control_spacing_mm)} if kind == "bspline" else {}
         net_params = dict(params, features=features, **(feature_params or {}))
+        params.update((stage_params or {}).get(kind, {}))
         if gains and kind in gains:
             net_params["gain"] = gains[kind]
         sched = schedules[kind]

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from msode_sdk import world
 from msode_sdk.errors import PlanError
-from msode_sdk.initialize import mutual_information, thetas_of_axes
+from msode_sdk.initialize import choose_scale, mutual_information, thetas_of_axes
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
 from msode_sdk.loop import halves
 from msode_sdk.plan import Plan, load_plan, write_plan
@@ -100,6 +100,11 @@ def _grid_points(
     xs = _axis_coords(shape[0], spacing[0], device, dtype)
     ys = _axis_coords(shape[1], spacing[1], device, dtype)
     zs = _axis_coords(shape[2], spacing[2], device, dtype)
+    return _axes_points(xs, ys, zs)
+
+
+def _axes_points(xs: Tensor, ys: Tensor, zs: Tensor) -> Tensor:
+    """``(D, H, W, 3)`` (x, y, z) points of the rectilinear grid ``xs x ys x zs`` (transforms._axes_points)."""
     g = torch.meshgrid([zs, ys, xs], indexing="ij")
     return torch.stack([g[2], g[1], g[0]], dim=-1)
 
@@ -171,9 +176,21 @@ def _bspline_basis(coords: Tensor, n_ctrl: int, cs: float) -> Tensor:
 
 def _bspline_on(coeffs: Tensor, params: List[float], shape: List[int], spacing: List[float]) -> Tensor:
     """Exact separable FFD displacement ``(N, 3, D, H, W)`` on a grid (BSplineLattice.displacement_on)."""
-    bx = _bspline_basis(_axis_coords(shape[0], spacing[0], coeffs.device).to(coeffs.dtype), int(params[3]), params[0])
-    by = _bspline_basis(_axis_coords(shape[1], spacing[1], coeffs.device).to(coeffs.dtype), int(params[4]), params[1])
-    bz = _bspline_basis(_axis_coords(shape[2], spacing[2], coeffs.device).to(coeffs.dtype), int(params[5]), params[2])
+    return _bspline_on_axes(
+        coeffs,
+        params,
+        _axis_coords(shape[0], spacing[0], coeffs.device),
+        _axis_coords(shape[1], spacing[1], coeffs.device),
+        _axis_coords(shape[2], spacing[2], coeffs.device),
+    )
+
+
+def _bspline_on_axes(coeffs: Tensor, params: List[float], xs: Tensor, ys: Tensor, zs: Tensor) -> Tensor:
+    """Exact separable FFD displacement ``(N, 3, len(zs), len(ys), len(xs))`` on the rectilinear grid of
+    the mm axes ``xs``, ``ys``, ``zs`` (BSplineLattice.displacement_on_axes)."""
+    bx = _bspline_basis(xs.to(coeffs.dtype), int(params[3]), params[0])
+    by = _bspline_basis(ys.to(coeffs.dtype), int(params[4]), params[1])
+    bz = _bspline_basis(zs.to(coeffs.dtype), int(params[5]), params[2])
     out = torch.einsum("ncklm,xm->ncklx", coeffs, bx)
     out = torch.einsum("ncklx,yl->nckyx", out, by)
     out = torch.einsum("nckyx,zk->nczyx", out, bz)
@@ -225,6 +242,9 @@ class _RigidT(nn.Module):
         pts = _grid_points(shape, spacing, state.device)
         return _apply_matrix(_rigid_matrix(state), _expand(pts, state.shape[0]))
 
+    def map_axes(self, state: Tensor, xs: Tensor, ys: Tensor, zs: Tensor) -> Tensor:
+        return self.map_points(state, _expand(_axes_points(xs, ys, zs), state.shape[0]))
+
 
 class _ParamsT(nn.Module):
     """A stage transform described by a list of floats (lattice or field grid)."""
@@ -248,6 +268,9 @@ class _BSplineT(_ParamsT):
         pts = _grid_points(shape, spacing, state.device)
         return pts + _bspline_on(state, self.params, shape, spacing).permute(0, 2, 3, 4, 1)
 
+    def map_axes(self, state: Tensor, xs: Tensor, ys: Tensor, zs: Tensor) -> Tensor:
+        return _axes_points(xs, ys, zs) + _bspline_on_axes(state, self.params, xs, ys, zs).permute(0, 2, 3, 4, 1)
+
 
 class _DenseT(_ParamsT):
     """``phi(x) = x + d(x)``, ``d`` sampled on the grid ``params`` (DenseTransform)."""
@@ -269,6 +292,9 @@ class _DenseT(_ParamsT):
         if same:
             return pts + state.permute(0, 2, 3, 4, 1)
         return _dense_at(state, self.params, _expand(pts, state.shape[0]))
+
+    def map_axes(self, state: Tensor, xs: Tensor, ys: Tensor, zs: Tensor) -> Tensor:
+        return self.map_points(state, _expand(_axes_points(xs, ys, zs), state.shape[0]))
 
 
 def _transform_module(kind: str, index: int, params: List[float]) -> nn.Module:
@@ -472,6 +498,25 @@ class _Level(nn.Module):
             warped = _sample(mov, self.shape, self.spacing, self.own.map_grid(y, self.shape, self.spacing))
         return mutual_information(warped, fix)
 
+    def scale_search(
+        self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor], scales: List[float]
+    ) -> Tensor:
+        """A deformable stage's scale search on this (finest) level, as msode_sdk.loop's ``_scale_search``:
+        ``y`` times the factor whose chain gives the highest MI at every other voxel of each axis."""
+        mov = pyr_m[self.pyr]
+        xs = _axis_coords(self.shape[0], self.spacing[0], y.device)[1::2]
+        ys = _axis_coords(self.shape[1], self.spacing[1], y.device)[1::2]
+        zs = _axis_coords(self.shape[2], self.spacing[2], y.device)[1::2]
+        fix_s = pyr_f[self.pyr][:, :, 1::2, 1::2, 1::2]
+        scores: List[Tensor] = []
+        for a in scales:
+            pts = self.own.map_axes(y * a, xs, ys, zs)
+            for pr in self.priors:
+                pts = pr.map_points(states[pr.index], pts)
+            scores.append(mutual_information(_sample(mov, self.shape, self.spacing, pts), fix_s))
+        factors = torch.tensor(scales, dtype=y.dtype, device=y.device)
+        return choose_scale(y, factors, torch.stack(scores, 1))
+
     def carried(self, y: Tensor) -> Tensor:
         if self.carry:
             pts = _expand(_grid_points(self.shape, self.spacing, y.device), y.shape[0])
@@ -589,13 +634,22 @@ class _Stage(nn.Module):
     name: str
     init_shape: List[int]
     init: str
+    scale_search: List[float]
 
-    def __init__(self, name: str, levels: List[_Level], init_shape: List[int], init: str = "none"):
+    def __init__(
+        self,
+        name: str,
+        levels: List[_Level],
+        init_shape: List[int],
+        init: str = "none",
+        scale_search: Optional[List[float]] = None,
+    ):
         super().__init__()
         self.name = name
         self.levels = nn.ModuleList(levels)
         self.init_shape = [int(v) for v in init_shape]
         self.init = init
+        self.scale_search = [float(v) for v in (scale_search or [])]
 
     def run(self, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
         n = pyr_m[0].shape[0]
@@ -634,6 +688,11 @@ class _Stage(nn.Module):
         for j, lvi in enumerate(self.levels):
             if j >= first:
                 y = lvi.integrate(y, pyr_m, pyr_f, states)
+        if len(self.scale_search) > 0:
+            last = len(self.levels) - 1
+            for j, lvl in enumerate(self.levels):
+                if j == last:
+                    y = lvl.scale_search(y, pyr_m, pyr_f, states, self.scale_search)
         if not bool(torch.isfinite(y).all()):
             raise RuntimeError("stage " + self.name + " produced non-finite parameters")
         return y
@@ -985,7 +1044,8 @@ def build_registrar_module(plan, stages=None) -> RegistrarModule:
                 f"not from init={init_mode!r}"
             )
             init_mode = "none"
-        stage_modules.append(_Stage(st.name, levels, init, init_mode))
+        scales = list(st.params.get("scale_search", [])) if st.transform != "rigid" else []
+        stage_modules.append(_Stage(st.name, levels, init, init_mode, scales))
         finals.append(
             _transform_module(st.transform, index, _stage_params(st.transform, st.params, model_grid, grids[-1]))
         )

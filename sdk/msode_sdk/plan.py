@@ -379,6 +379,19 @@ def _spacing3(value: object, path: str, hi: float = MAX_SPACING_MM) -> tuple[flo
     return (a, b, c)
 
 
+MAX_SCALE_SEARCH = 8
+
+
+def _scale_search(value: object, path: str, transform: str) -> list[float]:
+    """A deformable stage's ``scale_search`` factors (msode_sdk.loop): 1 to 8 numbers in (0, 4]."""
+    if transform == "rigid":
+        _fail(path, "a rigid stage has no scale search (deformable stages only)")
+    items = _list(value, path)
+    if not 1 <= len(items) <= MAX_SCALE_SEARCH:
+        _fail(path, f"expected 1 to {MAX_SCALE_SEARCH} factors, got {len(items)}")
+    return [_float_in(v, f"{path}[{i}]", 0.0, 4.0, True, False) for i, v in enumerate(items)]
+
+
 def _member_name_problem(name: str) -> str | None:
     """Why ``name`` is not a safe zip member name, or None. Directory names end with '/'."""
     if not name:
@@ -569,6 +582,8 @@ def _validate_stage(
         params["control_spacing_mm"] = _spacing3(
             _require(params, "control_spacing_mm", params_path), cs_path, hi=math.inf
         )
+    if "scale_search" in params:
+        params["scale_search"] = _scale_search(params["scale_search"], _child(params_path, "scale_search"), transform)
 
     scales_path = _child(path, "scales")
     items = _list(_require(s, "scales", path), scales_path)
