@@ -16,7 +16,7 @@ SSD of modality-independent features (msode_export.analytic.RigidSSDField / BSpl
   locally on 16 mm blocks (the MIND moments averaged over a block, a Gaussian window of 2 / 1 / 0.5 blocks
   = 32 / 16 / 8 mm coarse to fine, one damped 3x3 solve per block, damping 0.05 / 0.05 / 0.02) and the
   B-spline is the least-squares fit of those block displacements (closed form, separable: no CG), gain
-  3 / 3 / 5; the stage ends with a scale search (``SCALE_SEARCH``: its state times the factor in 0.25 ... 1
+  3 / 3 / 5; the stage ends with a scale search (``SCALE_SEARCH``: its state times the factor of 0.25 ... 1
   with the best MI, msode_sdk.loop), which removes most of what MIND's bias between contrasts adds to a
   purely rigid pair (third build, 2026-12-05: the fine level's dilation 2 -> 1, windows 1.5 / 0.75 -> 1 /
   0.5, fine damping 0.05 -> 0.02, and the search; chosen on validation subjects, see the report's README:
@@ -120,7 +120,7 @@ BSPLINE_LK = {
     "mind_dilation": (1, 1, 1),
 }
 # the deformable stage's final state scaled by the factor with the best MI (msode_sdk.loop, "scale search")
-SCALE_SEARCH = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)
+SCALE_SEARCH = (0.25, 0.5, 0.75, 1.0)
 
 
 def trained_bspline_levels(ckpt_path) -> tuple[dict, dict, dict]:

@@ -18,6 +18,11 @@ coarse to fine (32 / 24 / 16 mm) 0.83, (32 / 24 / 12 mm) 0.70 at damping 0.5, 0.
 FLAIR/PD/T1/T2 pairs: 0.84 / 1.28 (rigid_bspline.plan 1.28 / 2.25); on 6 B-spline-only T2 -> T1 pairs 0.64 /
 0.67 (0.84 / 1.04); on 6 purely rigid T2 -> T1 pairs through both stages 0.40 / 0.45 (0.52 / 0.67).
 
+The dense stage ends with the B-spline stage's scale search (msode_sdk.loop; factors 0.25, 0.5, 0.75, 1 by
+MI). On 4 validation pairs per set (2026-12-05): rigid motions through both stages T2 -> T1 0.47 -> 0.32 mm,
+FLAIR -> T2 1.06 -> 0.57; hybrid pairs unchanged (factor 1 chosen on all). The B-spline stage's fine-level
+retune of that day (MIND dilation 1, windows 1 / 0.5 blocks, damping 0.02) made this dense field worse
+(hybrid T2 -> T1 0.78 -> 0.82, rigid 0.47 -> 0.63), so its levels are unchanged.
 What is learned and what is not: as rigid_bspline.plan, the tissue encoders of the rigid stage are trained;
 the dense stage is closed-form (MIND + Gauss-Newton), not the paper's UNet fields trained through the ODE.
 """
@@ -28,7 +33,7 @@ import argparse
 import json
 from pathlib import Path
 
-from build_rigid_bspline_plan import build
+from build_rigid_bspline_plan import SCALE_SEARCH, build
 
 from msode_train.tissue import DEFAULT_WEIGHTS
 
@@ -42,6 +47,7 @@ def build_rigid_dense(out, weights=DEFAULT_WEIGHTS, metrics: dict | None = None,
         weights,
         deformable="dense",
         dense=dict(DENSE_FIELD),
+        scale_search=SCALE_SEARCH,
         name="rigid_dense",
         metrics=metrics,
         builder="scripts/build_rigid_dense_plan.py",

@@ -59,7 +59,7 @@ from msode_sdk import world
 from msode_sdk.errors import PlanError
 from msode_sdk.initialize import choose_scale, mutual_information, thetas_of_axes
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
-from msode_sdk.loop import halves
+from msode_sdk.loop import SCALE_SEARCH_STRIDE, halves
 from msode_sdk.plan import Plan, load_plan, write_plan
 from msode_sdk.transforms import (
     Grid,
@@ -336,6 +336,7 @@ class _Level(nn.Module):
     fast: int
     prior_rigid: int
     bparams: List[float]
+    stride: int
 
     def __init__(
         self,
@@ -383,6 +384,7 @@ class _Level(nn.Module):
         prior_kinds = list(prior_kinds or [])
         self.prior_rigid = priors[0].index if prior_kinds == ["rigid"] else -1
         self.bparams = [float(v) for v in own.params] if kind == "bspline" else []
+        self.stride = int(SCALE_SEARCH_STRIDE)
         if kind == "rigid" and not prior_kinds:
             self.fast = 1
         elif kind == "bspline" and not prior_kinds:
@@ -502,12 +504,13 @@ class _Level(nn.Module):
         self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor], scales: List[float]
     ) -> Tensor:
         """A deformable stage's scale search on this (finest) level, as msode_sdk.loop's ``_scale_search``:
-        ``y`` times the factor whose chain gives the highest MI at every other voxel of each axis."""
+        ``y`` times the factor whose chain gives the highest MI at every ``stride``-th voxel of each axis."""
         mov = pyr_m[self.pyr]
-        xs = _axis_coords(self.shape[0], self.spacing[0], y.device)[1::2]
-        ys = _axis_coords(self.shape[1], self.spacing[1], y.device)[1::2]
-        zs = _axis_coords(self.shape[2], self.spacing[2], y.device)[1::2]
-        fix_s = pyr_f[self.pyr][:, :, 1::2, 1::2, 1::2]
+        k = self.stride
+        xs = _axis_coords(self.shape[0], self.spacing[0], y.device)[k // 2 :: k]
+        ys = _axis_coords(self.shape[1], self.spacing[1], y.device)[k // 2 :: k]
+        zs = _axis_coords(self.shape[2], self.spacing[2], y.device)[k // 2 :: k]
+        fix_s = pyr_f[self.pyr][:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
         scores: List[Tensor] = []
         for a in scales:
             pts = self.own.map_axes(y * a, xs, ys, zs)
