@@ -1,6 +1,7 @@
 """A deformable stage's scale search (plan parameter ``scale_search``, msode_sdk.loop): the final state
 times the factor whose warped moving image has the highest MI with the fixed image. Known answers on a
-stage that overshoots by construction, the device-side choice, and parity with registrar.ts."""
+stage that overshoots by construction, each pair of a batch on its own (registrar.ts parity:
+tests/test_export.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import math
 
 import torch
 
-from msode_sdk.initialize import choose_scale
 from msode_sdk.integrate import LevelSchedule, get_solver
 from msode_sdk.loop import LevelRun, RegistrationLoop, StageRun
 from msode_sdk.transforms import BSplineLattice, BSplineTransform, Grid, TransformChain
@@ -26,16 +26,6 @@ def _blobs(grid: Grid) -> torch.Tensor:
         d2 = (pts[..., 0] - cx) ** 2 + (pts[..., 1] - cy) ** 2 + (pts[..., 2] - cz) ** 2
         img = img + a * torch.exp(-0.5 * d2 / r**2)
     return img.clamp(0, 1)[None, None]
-
-
-def test_choose_scale_scales_each_pair_by_its_best_factor():
-    y = torch.ones(2, 3, 4, 4, 4)
-    scales = torch.tensor([0.25, 0.5, 1.0])
-    scores = torch.tensor([[0.1, 0.9, 0.3], [0.2, 0.2, 0.7]], dtype=torch.float64)
-    out = choose_scale(y, scales, scores)
-    assert torch.allclose(out[0], torch.full_like(out[0], 0.5)) and torch.allclose(out[1], torch.ones_like(out[1]))
-    # ties: the first maximum
-    assert torch.allclose(choose_scale(y[:1], scales, torch.tensor([[0.4, 0.4, 0.1]])), 0.25 * y[:1])
 
 
 def _overshooting_stage(coeffs: torch.Tensor, scales) -> StageRun:

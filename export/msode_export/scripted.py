@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from msode_sdk import world
 from msode_sdk.errors import PlanError
-from msode_sdk.initialize import choose_scale, mutual_information, thetas_of_axes
+from msode_sdk.initialize import choose_start, mutual_information, thetas_of_axes
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
 from msode_sdk.loop import SCALE_SEARCH_STRIDE, halves
 from msode_sdk.plan import Plan, load_plan, write_plan
@@ -511,14 +511,18 @@ class _Level(nn.Module):
         ys = _axis_coords(self.shape[1], self.spacing[1], y.device)[k // 2 :: k]
         zs = _axis_coords(self.shape[2], self.spacing[2], y.device)[k // 2 :: k]
         fix_s = pyr_f[self.pyr][:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
+        n = y.shape[0]
+        candidates: List[Tensor] = []
         scores: List[Tensor] = []
         for a in scales:
-            pts = self.own.map_axes(y * a, xs, ys, zs)
+            ya = y * a
+            pts = self.own.map_axes(ya, xs, ys, zs)
             for pr in self.priors:
                 pts = pr.map_points(states[pr.index], pts)
+            candidates.append(ya.reshape(n, -1))
             scores.append(mutual_information(_sample(mov, self.shape, self.spacing, pts), fix_s))
-        factors = torch.tensor(scales, dtype=y.dtype, device=y.device)
-        return choose_scale(y, factors, torch.stack(scores, 1))
+        best, _ = choose_start(torch.stack(candidates, 1), torch.stack(scores, 1))
+        return best.reshape(y.shape)
 
     def carried(self, y: Tensor) -> Tensor:
         if self.carry:

@@ -42,7 +42,6 @@ __all__ = [
     "candidate_thetas",
     "mutual_information",
     "choose_start",
-    "choose_scale",
     "moments_initial_theta",
     "symmetric_eigh3",
     "JACOBI_SWEEPS",
@@ -236,15 +235,6 @@ def choose_start(thetas: torch.Tensor, scores: torch.Tensor) -> Tuple[torch.Tens
     best = scores.argmax(1)
     chosen = torch.gather(thetas, 1, best[:, None, None].expand(thetas.shape[0], 1, thetas.shape[2]))[:, 0]
     return chosen, best
-
-
-def choose_scale(y: torch.Tensor, scales: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Per pair, the state ``y (N, ...)`` times the scale with the highest score: ``scales (K,)``,
-    ``scores (N, K)`` (a deformable stage's scale search, :mod:`msode_sdk.loop`); on the device, the first
-    maximum on ties."""
-    best = scales.to(y.dtype)[scores.argmax(1)]  # (N,)
-    shape = [y.shape[0]] + [1] * (y.dim() - 1)
-    return y * best.reshape(shape)
 
 
 def moments_initial_theta(

@@ -62,7 +62,7 @@ from typing import Callable, Sequence
 import torch
 
 from .integrate import LevelSchedule, SegmentStats, Solver, get_solver
-from .initialize import candidate_thetas, choose_scale, choose_start, mutual_information
+from .initialize import candidate_thetas, choose_start, mutual_information
 from .transforms import (
     Grid,
     MatrixTransform,
@@ -374,12 +374,15 @@ class RegistrationLoop:
         k = SCALE_SEARCH_STRIDE
         xs, ys, zs = (self.grid.axis_coords(a, torch.float32, y.device)[k // 2 :: k] for a in range(3))
         fix_s = fix[:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
-        scores = []
+        n = y.shape[0]
+        candidates, scores = [], []
         for a in scales:
-            pts = prior.then(self._transform(st, y * float(a), self.grid)).map_axes(xs, ys, zs, batch=y.shape[0])
+            ya = y * float(a)  # python scalars only: no host-to-device copy inside a CUDA graph capture
+            pts = prior.then(self._transform(st, ya, self.grid)).map_axes(xs, ys, zs, batch=n)
+            candidates.append(ya.reshape(n, -1))
             scores.append(mutual_information(sample_points(mov, self.grid, pts), fix_s))
-        factors = torch.tensor([float(a) for a in scales], dtype=y.dtype, device=y.device)
-        return choose_scale(y, factors, torch.stack(scores, 1))
+        best, _ = choose_start(torch.stack(candidates, 1), torch.stack(scores, 1))
+        return best.reshape(y.shape)
 
     def _multistart(self, st: StageRun, pyr: dict, prior: TransformChain, n: int):
         """The first level from the identity and the 4 principal-axes candidates as one batch; MI on the
