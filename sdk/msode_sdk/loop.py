@@ -381,7 +381,9 @@ class RegistrationLoop:
             pts = prior.then(self._transform(st, ya, self.grid)).map_axes(xs, ys, zs, batch=n)
             candidates.append(ya.reshape(n, -1))
             scores.append(mutual_information(sample_points(mov, self.grid, pts), fix_s))
-        best, _ = choose_start(torch.stack(candidates, 1), torch.stack(scores, 1))
+        stacked = torch.stack(scores, 1)
+        best, index = choose_start(torch.stack(candidates, 1), stacked)
+        self.last_scale_search = (index, stacked)  # for the eager path's log line (read after the run)
         return best.reshape(y.shape)
 
     def _multistart(self, st: StageRun, pyr: dict, prior: TransformChain, n: int):

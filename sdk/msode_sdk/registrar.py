@@ -591,6 +591,14 @@ class Registrar:
                         best.tolist(),
                         [[round(float(v), 3) for v in row] for row in score],
                     )
+                if st.params.get("scale_search") and st.transform != "rigid":
+                    index, score = loop.last_scale_search
+                    _log.info(
+                        "stage %s: scale search chose %s (MI %s)",
+                        st.name,
+                        [st.params["scale_search"][int(i)] for i in index.tolist()],
+                        [[round(float(v), 3) for v in row] for row in score],
+                    )
                 if not bool(torch.isfinite(y).all()):
                     raise FloatingPointError(f"stage {st.name!r} produced non-finite parameters")
                 chain = loop.chain_after(chain, k, y)
