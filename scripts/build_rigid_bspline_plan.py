@@ -258,7 +258,9 @@ def build(
             dil = kw.pop("mind_dilation", None)
             f, desc = _features_for(sp, encoders, bspline_encoder and sp in enc_levels, bspline_mind, dil)
             if trained is not None:  # the features (and field settings) trained through the loop
-                f, kw = trained[0][lv], {**kw, **trained[1][lv]}
+                # the field exactly as trained: the checkpoint's settings, the field's defaults for the rest (not
+                # this plan's, which may have moved since: the third build's fine damping differs from the default)
+                f, kw = trained[0][lv], dict(trained[1][lv])
                 maps = f"+ {f.out.out_channels} learned maps " if hasattr(f, "out") else ""
                 desc = f"MIND (6-neighbourhood) with learned gains {maps}trained through the loop"
             if deformable == "dense":

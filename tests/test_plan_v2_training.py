@@ -338,7 +338,9 @@ def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path)
     fixed = blur(torch.rand(1, 1, *model.shape_dhw, generator=g))
     moving = torch.roll(fixed, shifts=(2, -1, 3), dims=(2, 3, 4))  # a shifted copy: a non-trivial problem
     res = reg.register_model_grid(moving, fixed)
-    params = {"control_spacing_mm": list(b.CONTROL_SPACING_MM)}
+    # the plan's stage parameters (the scale search included: training runs it as the SDK loop does)
+    params = dict(reg.plan.manifest.stages[1].params)
+    assert params["scale_search"] == list(b.SCALE_SEARCH)
     net = MSODENet(model, [TrainStage("bspline", "bspline", b.BSPLINE_SCHEDULE, params, "bspline_lk_mind_learned", kw)])
     for lv, trained in build_networks(load_checkpoint(tmp_path / "bspline.ckpt")).items():
         net.nets[f"bspline_L{lv}"] = trained

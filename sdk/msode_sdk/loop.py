@@ -85,6 +85,7 @@ __all__ = [
     "INIT_MODES",
     "Warp",
     "SCALE_SEARCH_STRIDE",
+    "scale_search",
 ]
 
 # the scale search scores every 3rd model-grid voxel of each axis (1/27 of them; measured on validation pairs:
@@ -200,6 +201,38 @@ def stage_runs(reg, stage_defs: Sequence, init: str | None = None) -> list[Stage
             levels.append(LevelRun(sched, sc.level, reg._networks[(st.name, sc.level)], feats, fgrid, sc.feature_warp))
         out.append(StageRun(st.name, st.transform, dict(st.params), tuple(levels), _resolve_init(st, k, init)))
     return out
+
+
+def scale_search(
+    kind: str,
+    params: dict,
+    model_grid: Grid,
+    y: torch.Tensor,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    prior: TransformChain,
+    scales: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A deformable stage's scale search (module docstring, point 4): its final state ``y`` (on the model
+    grid, the stage's finest level) times the factor of ``scales`` whose chain ``prior o own(factor y)``
+    gives the highest MI between ``fixed`` and the warped ``moving`` (``(N, 1, D, H, W)`` model-grid images),
+    both at every ``SCALE_SEARCH_STRIDE``-th voxel of each axis. Returns ``(chosen state, index (N,),
+    scores (N, K))``; device-side, no host sync (python scalars only: no host-to-device copy inside a CUDA
+    graph capture). The SDK loop and training (:mod:`msode_train.odenet`) both call it."""
+    k = SCALE_SEARCH_STRIDE
+    xs, ys, zs = (model_grid.axis_coords(a, torch.float32, y.device)[k // 2 :: k] for a in range(3))
+    fix_s = fixed[:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
+    n = y.shape[0]
+    candidates, scores = [], []
+    for a in scales:
+        ya = y * float(a)
+        own = make_transform(kind, ya, params, model_grid, model_grid)
+        pts = prior.then(own).map_axes(xs, ys, zs, batch=n)
+        candidates.append(ya.reshape(n, -1))
+        scores.append(mutual_information(sample_points(moving, model_grid, pts), fix_s))
+    stacked = torch.stack(scores, 1)
+    best, index = choose_start(torch.stack(candidates, 1), stacked)
+    return best.reshape(y.shape), index, stacked
 
 
 class RegistrationLoop:
@@ -366,25 +399,10 @@ class RegistrationLoop:
         return y, stats
 
     def _scale_search(self, st: StageRun, y: torch.Tensor, pyr: dict, prior: TransformChain, scales) -> torch.Tensor:
-        """``y`` times the factor of ``scales`` whose chain ``prior o own(factor y)`` gives the highest MI
-        between the fixed image and the warped moving image, both at every ``SCALE_SEARCH_STRIDE``-th voxel of
-        each axis of the model grid (the stage's finest level; module docstring, point 4). Device-side, no
-        host sync."""
         mov, fix = pyr[self.grid]
-        k = SCALE_SEARCH_STRIDE
-        xs, ys, zs = (self.grid.axis_coords(a, torch.float32, y.device)[k // 2 :: k] for a in range(3))
-        fix_s = fix[:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
-        n = y.shape[0]
-        candidates, scores = [], []
-        for a in scales:
-            ya = y * float(a)  # python scalars only: no host-to-device copy inside a CUDA graph capture
-            pts = prior.then(self._transform(st, ya, self.grid)).map_axes(xs, ys, zs, batch=n)
-            candidates.append(ya.reshape(n, -1))
-            scores.append(mutual_information(sample_points(mov, self.grid, pts), fix_s))
-        stacked = torch.stack(scores, 1)
-        best, index = choose_start(torch.stack(candidates, 1), stacked)
-        self.last_scale_search = (index, stacked)  # for the eager path's log line (read after the run)
-        return best.reshape(y.shape)
+        best, index, scores = scale_search(st.transform, st.params, self.grid, y, mov, fix, prior, scales)
+        self.last_scale_search = (index, scores)  # for the eager path's log line (read after the run)
+        return best
 
     def _multistart(self, st: StageRun, pyr: dict, prior: TransformChain, n: int):
         """The first level from the identity and the 4 principal-axes candidates as one batch; MI on the

@@ -43,6 +43,7 @@ from torch import nn
 
 from msode_export.pack import LevelSolver, StageDef, level_grids
 from msode_sdk.integrate import fixed_step_grid, get_solver
+from msode_sdk.loop import scale_search
 from msode_sdk.registrar import Registrar
 from msode_sdk.transforms import (
     BSplineTransform,
@@ -300,6 +301,11 @@ class MSODENet(nn.Module):
             else:
                 y = self._odeint(field_fn, y, t0, t1, sched)
             counts.append(field_fn.nfe)
+        scales = st.params.get("scale_search")
+        if scales and st.transform != "rigid":  # as the SDK loop ends such a stage (msode_sdk.loop.scale_search)
+            y = scale_search(
+                st.transform, st.params, self.model_grid, y, pyr_m[grids[-1]], pyr_f[grids[-1]], prior_c, scales
+            )[0]
         return y, counts
 
     def _odeint(self, field_fn: _LevelField, y: torch.Tensor, t0: float, t1: float, sched: LevelSolver):
