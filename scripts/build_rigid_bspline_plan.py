@@ -16,12 +16,12 @@ SSD of modality-independent features (msode_export.analytic.RigidSSDField / BSpl
   locally on 16 mm blocks (the MIND moments averaged over a block, a Gaussian window of 2 / 1 / 0.5 blocks
   = 32 / 16 / 8 mm coarse to fine, one damped 3x3 solve per block, damping 0.05 / 0.05 / 0.02) and the
   B-spline is the least-squares fit of those block displacements (closed form, separable: no CG), gain
-  3 / 3 / 5; the stage ends with a scale search (``SCALE_SEARCH``: its state times the factor of 0.25 ... 1
+  3 / 3 / 7; the stage ends with a scale search (``SCALE_SEARCH``: its state times the factor of 0.25 ... 1
   with the best MI, msode_sdk.loop), which removes most of what MIND's bias between contrasts adds to a
   purely rigid pair (third build, 2026-12-05: the fine level's dilation 2 -> 1, windows 1.5 / 0.75 -> 1 /
-  0.5, fine damping 0.05 -> 0.02, and the search; chosen on validation subjects, see the report's README:
-  rigid motions through both stages 0.39 -> 0.26 mm T2 -> T1 and 0.52 -> 0.28 on the other contrasts,
-  hybrid 0.57 -> 0.47 and 0.71 -> 0.65, B-spline 0.60 -> 0.46; every one of 60 report pairs better); the outer
+  0.5, fine damping 0.05 -> 0.02, fine gain 5 -> 7, and the search; chosen on validation subjects, see the
+  report's README: rigid motions through both stages 0.39 -> 0.26 mm T2 -> T1 and 0.52 -> 0.28 on the other
+  contrasts, hybrid 0.57 -> 0.49 and 0.71 -> 0.55, B-spline 0.60 -> 0.47); the outer
   control ring, which the blocks barely reach, follows its inner neighbours (``fit_smoothing`` 1: without it,
   as first built, that ring took coefficients of ~3000 mm and the displacement reached ~500 mm just beyond
   the field of view, where native grids reach; see BSplineLKField). ``--bspline-checkpoint``: the B-spline
@@ -115,7 +115,7 @@ BSPLINE_LK = {
     "block_mm": 16.0,
     "window_blocks": (2.0, 1.0, 0.5),
     "damping": (0.05, 0.05, 0.02),
-    "gain": (3.0, 3.0, 5.0),
+    "gain": (3.0, 3.0, 7.0),
     "fit_smoothing": 1.0,
     "mind_dilation": (1, 1, 1),
 }
