@@ -243,6 +243,8 @@ class RegistrationLoop:
         self.stages = list(stages)
         self.grid = model_grid
         self.warp = warp if warp is not None else _dispatching_warp
+        # the last run_stage's scale search (index (N,), scores (N, K)), None if it had none: the eager log line
+        self.last_scale_search: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------- pieces
 
@@ -393,6 +395,7 @@ class RegistrationLoop:
                 y = carry_state(st.transform, y, levels[i - 1].grid, levels[i].grid)
             y, s = self._integrate(st, i, y, pyr, prior)
             stats.append(s)
+        self.last_scale_search = None
         scales = st.params.get("scale_search")
         if scales and st.transform != "rigid":
             y = self._scale_search(st, y, pyr, prior, scales)

@@ -591,7 +591,7 @@ class Registrar:
                         best.tolist(),
                         [[round(float(v), 3) for v in row] for row in score],
                     )
-                if st.params.get("scale_search") and st.transform != "rigid":
+                if loop.last_scale_search is not None:  # the stage ended with one (msode_sdk.loop)
                     index, score = loop.last_scale_search
                     _log.info(
                         "stage %s: scale search chose %s (MI %s)",
