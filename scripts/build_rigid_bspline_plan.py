@@ -90,6 +90,7 @@ from msode_export.analytic import (
     BSplineLKField,
     BSplineSSDField,
     DenseGNField,
+    DenseSplineField,
     FeatureMap,
     RigidSSDField,
     mind_dilation,
@@ -264,9 +265,19 @@ def build(
                 maps = f"+ {f.out.out_channels} learned maps " if hasattr(f, "out") else ""
                 desc = f"MIND (6-neighbourhood) with learned gains {maps}trained through the loop"
             if deformable == "dense":
-                level(
-                    "dense", lv, g, f, 1, lambda grid, f, pool, kw=kw: DenseGNField(grid, features=f, pool=pool, **kw)
-                )
+                if kw.pop("spline_fit", False):  # the block solutions' B-spline fit, sampled on the level grid
+
+                    def make_field(grid, f, pool, kw=kw):
+                        return DenseSplineField(grid, lattice, features=f, pool=pool, **kw)
+
+                    desc += ", local block solutions fitted by the B-spline, sampled densely"
+                else:
+
+                    def make_field(grid, f, pool, kw=kw):
+                        return DenseGNField(grid, features=f, pool=pool, **kw)
+
+                    desc += ", local block solutions interpolated trilinearly"
+                level("dense", lv, g, f, 1, make_field)
                 feats[f"dense_L{lv}"] = desc
             else:  # the B-spline fitted to the block solutions (BSplineLKField)
                 level(

@@ -13,6 +13,7 @@ from msode_export.analytic import (
     BSplineLKField,
     BSplineSSDField,
     DenseGNField,
+    DenseSplineField,
     MINDSSC,
     RigidSSDField,
     build_analytic_plan,
@@ -77,6 +78,13 @@ def test_feature_fields_script_and_export(tmp_path):
         BSplineSSDField(grid, lat, features=MINDSSC(1, 1)),
         DenseGNField(Grid((16, 12, 10), (4.0, 4.0, 4.0)), block_mm=8.0, window_blocks=1.0, features=MINDSSC(1, 1)),
         BSplineLKField(
+            Grid((16, 12, 10), (4.0, 4.0, 4.0)),
+            BSplineLattice(Grid((16, 12, 10), (4.0, 4.0, 4.0)), (16.0, 16.0, 16.0)),
+            block_mm=8.0,
+            window_blocks=1.0,
+            features=MINDSSC(1, 1),
+        ),
+        DenseSplineField(
             Grid((16, 12, 10), (4.0, 4.0, 4.0)),
             BSplineLattice(Grid((16, 12, 10), (4.0, 4.0, 4.0)), (16.0, 16.0, 16.0)),
             block_mm=8.0,
@@ -436,3 +444,27 @@ def test_bspline_lk_fit_keeps_the_outer_control_ring_bounded():
     shift = torch.tensor([1.5, -2.0, 0.5]).reshape(1, 3, 1, 1, 1).expand(1, 3, 10, 15, 15)
     c = _separable_adjoint(shift, net.px, net.py, net.pz)
     torch.testing.assert_close(c, shift[:, :, :1, :1, :1].expand_as(c), rtol=0, atol=1e-3)
+
+
+def test_dense_spline_field_is_the_lk_fit_sampled_on_the_level_grid():
+    """Known answer: DenseSplineField's dense step equals BSplineLKField's coefficients (same settings)
+    evaluated at every voxel by the SDK's own B-spline (BSplineLattice.displacement_on, exact FFD), here on
+    a coarse level of a finer model grid (the lattice is the model grid's); a uniform translation of the block
+    solutions stays uniform (the fit reproduces constants)."""
+    model = Grid((24, 16, 20), (2.0, 2.0, 2.0))
+    level = model.downsampled(2)
+    lattice = BSplineLattice(model, (16.0, 16.0, 16.0))
+    kw = dict(gain=2.0, block_mm=8.0, window_blocks=1.0, features=MINDSSC(1, 1, "six"))
+    dense = DenseSplineField(level, lattice, **kw).double()
+    lk = BSplineLKField(level, lattice, **kw).double()
+    w, f = _smooth_random(level.shape_dhw, 20).double(), _smooth_random(level.shape_dhw, 21).double()
+    t = torch.zeros(1, dtype=torch.float64)
+    out = dense(w, f, t)
+    want = lattice.displacement_on(lk(w, f, t), level)
+    assert out.shape == (1, 3, *level.shape_dhw) and float(want.abs().max()) > 0
+    # the field's basis matrices are float32 buffers (as every plan member's): float32 round-off
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    shift = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64).reshape(1, 3, 1, 1, 1)
+    blocks = shift.expand(1, 3, *level.downsampled(2).shape_dhw)
+    uniform = dense._output(blocks, list(level.shape_dhw))
+    torch.testing.assert_close(uniform, (-2.0 * shift).expand_as(out), rtol=0, atol=1e-3)

@@ -220,6 +220,22 @@ def test_bundled_plan_v2_configs_load():
         assert [s["step_size"] for s in st["schedule"]] == [0.2, 0.2, 0.25]
 
 
+def test_plan_v2_configs_start_from_the_shipped_bspline_fields():
+    """Training starts from the shipped plan: the configs' field settings and scale search are the
+    builder's (they had stayed at the second build's after the third changed four of them)."""
+    b = _builder()
+    for name in ("plan_v2_bspline", "plan_v2_bspline_gpu"):
+        st = load_config(name)["stages"][0]
+        kw = st["arch_kwargs"]
+        for key, shipped in b.BSPLINE_LK.items():
+            assert key in kw, (name, key)
+            want = list(shipped) if isinstance(shipped, tuple) else [shipped] * 3
+            got = list(kw[key]) if isinstance(kw[key], list) else [kw[key]] * 3
+            assert [float(v) for v in got] == [float(v) for v in want], (name, key, got, want)
+        assert [float(v) for v in st["params"]["scale_search"]] == list(b.SCALE_SEARCH)
+        assert [float(v) for v in st["params"]["control_spacing_mm"]] == list(b.CONTROL_SPACING_MM)
+
+
 # ------------------------------------------------------------------------------------------- loss plot
 
 

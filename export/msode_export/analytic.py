@@ -350,6 +350,14 @@ class RigidSSDField(nn.Module):
         return -self.gain * (sol * s).squeeze(-1)
 
 
+def _separable_synth(c: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
+    """``(N, C, cz, cy, cx)`` -> ``(N, C, Z, Y, X)``: the B-spline field of coefficients ``c`` with per-axis
+    basis matrices ``(X, cx)``, ``(Y, cy)``, ``(Z, cz)``."""
+    v = torch.einsum("ncklm,xm->ncklx", c, bx)
+    v = torch.einsum("ncklx,yl->nckyx", v, by)
+    return torch.einsum("nckyx,zk->nczyx", v, bz)
+
+
 class BSplineSSDField(nn.Module):
     """Levenberg-Marquardt flow for B-spline control displacements on one pyramid level, on the SSD of
     ``features`` (default: the intensities; :class:`MINDSSC` for multi-contrast pairs).
@@ -403,9 +411,7 @@ class BSplineSSDField(nn.Module):
     @staticmethod
     def _synth(c: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
         """``(N, C, cz, cy, cx)`` -> ``(N, C, Z, Y, X)``: the B-spline field of coefficients ``c``."""
-        v = torch.einsum("ncklm,xm->ncklx", c, bx)
-        v = torch.einsum("ncklx,yl->nckyx", v, by)
-        return torch.einsum("nckyx,zk->nczyx", v, bz)
+        return _separable_synth(c, bx, by, bz)
 
     def _normal_apply(self, p: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
         """``B^T S B p``: coefficients ``(N, 3, cz, cy, cx)`` -> the same shape, with ``S`` the per-voxel
@@ -598,6 +604,28 @@ class BSplineLKField(DenseGNField):
 
     def _output(self, v: torch.Tensor, out_shape: List[int]) -> torch.Tensor:
         return -self.gain * _separable_adjoint(v, self.px, self.py, self.pz)
+
+
+class DenseSplineField(BSplineLKField):
+    """A dense displacement step that is :class:`BSplineLKField`'s B-spline fit of the block solutions,
+    evaluated at every voxel of the level grid: ``(N, 3, D, H, W)`` (x, y, z; mm per unit time), the layout of
+    :class:`DenseGNField`. For the coarse levels of a dense stage: there a block's solution is mostly noise
+    at scales below the lattice's, and the fit keeps only what the lattice represents (measured on
+    validation pairs, 2026-12-05: hybrid T2 -> T1 0.78 -> 0.72 mm against trilinear block interpolation at
+    8 and 4 mm). The dense state stays free-form: a finer level with :class:`DenseGNField` adds detail the
+    lattice cannot hold. ``level_grid``: the grid the output is sampled on (the warped image's)."""
+
+    def __init__(self, level_grid: Grid, lattice: BSplineLattice, **kwargs):
+        super().__init__(level_grid, lattice, **kwargs)
+        for axis, name in enumerate(("sx", "sy", "sz")):
+            self.register_buffer(name, lattice.basis_matrix(level_grid.axis_coords(axis), axis).float().contiguous())
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._output(self.block_solution(warped, fixed), [int(n) for n in warped.shape[2:]])
+
+    def _output(self, v: torch.Tensor, out_shape: List[int]) -> torch.Tensor:
+        c = -self.gain * _separable_adjoint(v, self.px, self.py, self.pz)
+        return _separable_synth(c, self.sx, self.sy, self.sz)
 
 
 class DenseDemonsField(nn.Module):

@@ -62,7 +62,7 @@ from msode_export.analytic import (
     BSplineLKField,
     BSplineSSDField,
     RigidSSDField,
-    mind_dilation,
+    mind_dilation as default_mind_dilation,
 )
 from msode_export.checkpoint import register_architecture
 from msode_sdk.transforms import BSplineLattice, Grid
@@ -503,17 +503,22 @@ def _bspline_lk_factory(
     channels: int | list = 2,
     init_scale: float = 0.05,
     slab_voxels: int = TRAINING_SLAB_VOXELS,
+    mind_dilation: int | list | None = None,
     **kwargs,
 ) -> nn.Module:
     """Plan v2's B-spline field (:class:`msode_export.analytic.BSplineLKField`: local block solves fitted
     by the spline) on :class:`MINDPlusLearned` features (:class:`MINDGains` where ``channels`` is 0).
-    ``width`` and ``channels`` and the field's ``kwargs`` (``gain``, ``block_mm``, ``window_blocks``,
-    ``damping``, ``fit_smoothing``) are each a value or a per-level list (coarse first). ``slab_voxels``:
+    ``width``, ``channels``, ``mind_dilation`` (voxels; default ``msode_export.analytic.mind_dilation`` of the
+    level's spacing) and the field's ``kwargs`` (``gain``, ``block_mm``, ``window_blocks``, ``damping``,
+    ``fit_smoothing``) are each a value or a per-level list (coarse first). ``slab_voxels``:
     default one slab (under autograd every slab's slice costs a zero-filled full-size gradient; the plan
     builder sets the CPU inference slabs again)."""
     lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
     kw = {k: per_level(v, level_grid, model_grid) for k, v in kwargs.items()}
-    dil = mind_dilation(max(level_grid.spacing_xyz))  # as the plan's MIND
+    if mind_dilation is None:
+        dil = default_mind_dilation(max(level_grid.spacing_xyz))
+    else:
+        dil = int(per_level(mind_dilation, level_grid, model_grid))
     width, channels = int(per_level(width, level_grid, model_grid)), int(per_level(channels, level_grid, model_grid))
     if channels < 0:
         raise ValueError(f"channels must be >= 0, got {channels}")
