@@ -462,6 +462,29 @@ def test_bad_file_is_input_error(reg, bad, pair, case):
     _one_line(str(ei.value))
 
 
+@pytest.mark.parametrize("cls", [nib.Nifti1Image, nib.Nifti2Image])
+def test_a_file_without_orientation_is_loaded_with_a_warning(tmp_path, caplog, cls):
+    """qform_code = sform_code = 0: the header says nothing about orientation or origin; the image loads
+    (nibabel's fallback affine, as other tools do) with a warning naming the file; a header with either code
+    set loads silently."""
+    import logging
+
+    from msode_sdk.io import load_image
+
+    arr = _good_array()
+    img = cls(arr, np.diag([2.0, 2.0, 3.0, 1.0]))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "bare.nii.gz"))
+    aligned = _save(tmp_path / "aligned.nii.gz", arr, np.diag([2.0, 2.0, 3.0, 1.0]), cls)
+    with caplog.at_level(logging.WARNING, logger="msode_sdk"):
+        loaded = load_image(str(tmp_path / "bare.nii.gz"), "moving")
+        load_image(str(aligned), "fixed")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and said[0].startswith("moving") and "no orientation" in said[0], said
+    np.testing.assert_allclose(loaded.spacing, [2.0, 2.0, 3.0])
+
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_lying_header_is_refused_without_allocating(files, suffix):
     """A header-only file claiming 2000x2000x2 (32 MB) or 2000x2000x60 float64 (1.9 GB): refused as

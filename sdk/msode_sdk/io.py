@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from nibabel.volumeutils import apply_read_scaling
 from .errors import InputError
 from . import world
 from .transforms import Grid
+
+_log = logging.getLogger("msode_sdk")
 
 __all__ = [
     "Image",
@@ -272,8 +275,29 @@ def _from_nibabel(img, name: str) -> Image:
         _check_dtype(header_dtype, name)
     affine = _validate_affine(affine, name)
     _check_world_extent(shape, affine, name)
+    _warn_without_orientation(img, name)
     arr = _validate_array(_read_voxels(img, name), name)
     return Image(arr, affine, name)
+
+
+def _warn_without_orientation(img, name: str) -> None:
+    """A NIfTI header with qform_code and sform_code both 0 says nothing about where the voxels are: its
+    affine is nibabel's fallback (voxel sizes on the diagonal, no orientation, no origin). Registration
+    compares world positions, so say so rather than register silently in a made-up frame."""
+    hdr = getattr(img, "header", None)
+    if not isinstance(hdr, nib.Nifti1Header):  # NIfTI-2's header subclasses it; other formats: their own
+        return
+    try:
+        codes = int(hdr["qform_code"]), int(hdr["sform_code"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if codes == (0, 0):
+        _log.warning(
+            "%s: the NIfTI header has no orientation (qform_code and sform_code both 0); its world "
+            "coordinates are a fallback (voxel sizes only, no orientation or origin), so results in world "
+            "coordinates may be wrong: set the qform/sform (scanner or aligned) or pass (array, affine)",
+            name,
+        )
 
 
 def _read_voxels(img, name: str) -> np.ndarray:
