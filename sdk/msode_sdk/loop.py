@@ -86,6 +86,7 @@ __all__ = [
     "Warp",
     "SCALE_SEARCH_STRIDE",
     "scale_search",
+    "similarity",
 ]
 
 # the scale search scores every 3rd model-grid voxel of each axis (1/27 of them; measured on validation pairs:
@@ -219,20 +220,29 @@ def scale_search(
     both at every ``SCALE_SEARCH_STRIDE``-th voxel of each axis. Returns ``(chosen state, index (N,),
     scores (N, K))``; device-side, no host sync (python scalars only: no host-to-device copy inside a CUDA
     graph capture). The SDK loop and training (:mod:`msode_train.odenet`) both call it."""
-    k = SCALE_SEARCH_STRIDE
-    xs, ys, zs = (model_grid.axis_coords(a, torch.float32, y.device)[k // 2 :: k] for a in range(3))
-    fix_s = fixed[:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
     n = y.shape[0]
     candidates, scores = [], []
     for a in scales:
         ya = y * float(a)
         own = make_transform(kind, ya, params, model_grid, model_grid)
-        pts = prior.then(own).map_axes(xs, ys, zs, batch=n)
         candidates.append(ya.reshape(n, -1))
-        scores.append(mutual_information(sample_points(moving, model_grid, pts), fix_s))
+        scores.append(similarity(model_grid, prior.then(own), moving, fixed))
     stacked = torch.stack(scores, 1)
     best, index = choose_start(torch.stack(candidates, 1), stacked)
     return best.reshape(y.shape), index, stacked
+
+
+def similarity(model_grid: Grid, chain: TransformChain, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Mutual information ``(N,)`` float64 (nats; :func:`msode_sdk.initialize.mutual_information`, 32 bins)
+    between ``fixed`` and ``moving`` warped by ``chain`` (fixed model frame -> moving model frame, mm), both
+    ``(N, 1, D, H, W)`` model-grid images in [0, 1], at every ``SCALE_SEARCH_STRIDE``-th voxel of each axis:
+    the scale search's score and the registration report's similarity. Device-side, no host sync."""
+    k = SCALE_SEARCH_STRIDE
+    xs, ys, zs = (model_grid.axis_coords(a, torch.float32, fixed.device)[k // 2 :: k] for a in range(3))
+    pts = chain.map_axes(xs, ys, zs, batch=fixed.shape[0])
+    return mutual_information(
+        sample_points(moving, model_grid, pts), fixed[:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k]
+    )
 
 
 class RegistrationLoop:

@@ -63,6 +63,7 @@ from .backends import BACKENDS, get_backend
 from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError, ResourceError
 from .integrate import SegmentStats
 from .loop import INIT_MODES, RegistrationLoop, downsample, stage_runs
+from .loop import similarity as model_grid_similarity
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain, jacobian_determinant
 
@@ -272,7 +273,8 @@ class ModelGridResult:
     centre-relative), the warped moving image ``(N, 1, D, H, W)`` and the stages' reports.
 
     ``warped`` may be given as a zero-argument function: it then runs on first access (``register``
-    resamples the native moving image instead and never needs the model-grid one)."""
+    resamples the native moving image instead and never needs the model-grid one). ``images``: the
+    registered ``(moving, fixed)`` model-grid tensors, for :meth:`similarity`."""
 
     def __init__(
         self,
@@ -281,9 +283,11 @@ class ModelGridResult:
         stages: list[StageReport],
         batch: int | None = None,
         device: torch.device | None = None,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.chain = chain
         self.stages = stages
+        self.images = images
         self._warped = warped
         if isinstance(warped, torch.Tensor):
             batch, device = warped.shape[0], warped.device
@@ -312,6 +316,21 @@ class ModelGridResult:
             pts = self.chain.map_grid(grid, self.batch, torch.float32, self.device)
             return jacobian_determinant(pts, grid.spacing_xyz)
 
+    def similarity(self, grid: Grid) -> dict[str, list[float]] | None:
+        """Mutual information (nats, 32 bins, every 3rd voxel of the model ``grid``; :func:`msode_sdk.loop.
+        similarity`) between the fixed image and the moving one warped by the map so far: ``"start"`` (the
+        two images' centres aligned, before any stage), then after each stage (by name); one value per
+        batch item. None without the images (a result built by hand)."""
+        if self.images is None:
+            return None
+        moving, fixed = self.images
+        out = {}
+        with torch.inference_mode():
+            for k, name in enumerate(["start", *(s.name for s in self.stages)]):
+                chain = TransformChain(self.chain.transforms[:k])
+                out[name] = [round(float(v), 4) for v in model_grid_similarity(grid, chain, moving, fixed).tolist()]
+        return out
+
     def folding(self, grid: Grid) -> dict:
         """``{"min", "fraction_nonpositive"}`` of the Jacobian determinant over ``grid`` (batch item 0)."""
         det = self.jacobian_determinant(grid)[0]
@@ -324,7 +343,8 @@ def _batch_item(res: ModelGridResult, chain: TransformChain, i: int) -> ModelGri
     def warped() -> torch.Tensor:
         return res.warped[i : i + 1]
 
-    return ModelGridResult(chain, warped, res.stages, batch=1, device=res.device)
+    images = None if res.images is None else (res.images[0][i : i + 1], res.images[1][i : i + 1])
+    return ModelGridResult(chain, warped, res.stages, batch=1, device=res.device, images=images)
 
 
 @dataclass
@@ -371,6 +391,7 @@ class RegistrationResult:
             "stages": [s.to_dict() for s in self.stages],
             "matrix_ras": np.asarray(self.matrix).tolist(),
             **self._folding_report(),
+            **self._similarity_report(),
             "conventions": {
                 "matrix": "RAS mm, fixed point -> moving point",
                 "displacement": "LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)",
@@ -387,6 +408,31 @@ class RegistrationResult:
         g = self.grid
         domain = f"model grid {'x'.join(map(str, g.shape_xyz))} at {'x'.join(f'{v:g}' for v in g.spacing_xyz)} mm"
         return {"jacobian_determinant": {"domain": domain, **self.model_grid.folding(g)}}
+
+    def _similarity_report(self) -> dict:
+        """Mutual information between the fixed image and the warped moving one on the model grid, before
+        the first stage and after each (:meth:`ModelGridResult.similarity`): a registration that lowered it
+        deserves a look."""
+        if self.model_grid is None or self.grid is None:
+            return {}
+        values = self.model_grid.similarity(self.grid)
+        if values is None:
+            return {}
+        start, final = values["start"][0], list(values.values())[-1][0]
+        if final < start:
+            _log.warning(
+                "the registration lowered the images' mutual information (%.3f at the start, %.3f after it): "
+                "check the result (inputs of the same anatomy? orientation headers?)",
+                start,
+                final,
+            )
+        return {
+            "similarity": {
+                "metric": "mutual information, nats, 32 bins, intensities normalised to [0, 1], every 3rd "
+                "voxel of the model grid; 'start': the images' centres aligned, then after each stage",
+                **{name: v[0] for name, v in values.items()},
+            }
+        }
 
     def save(self, out_dir, preview: bool = False) -> dict[str, Path]:
         """Write ``warped.nii.gz``, ``transform.tfm``, ``displacement.nii.gz``, ``report.json`` (and
@@ -574,6 +620,7 @@ class Registrar:
             opts = self.cuda_graph if isinstance(self.cuda_graph, GraphOptions) else None
             res = run_graphed(self, moving, fixed, stages, options=opts, init=init)
             if res is not None:
+                res.images = (moving, fixed)
                 return res
         n = moving.shape[0]
         loop = RegistrationLoop(stage_runs(self, self._select_stages(stages), init), self.model_grid)
@@ -607,13 +654,13 @@ class Registrar:
                 reports.append(StageReport(st.name, st.transform, seg_stats, time.perf_counter() - t_start))
                 _log.info("stage %s done: %.1f ms, NFE %d", st.name, reports[-1].seconds * 1000, reports[-1].nfe)
             if not lazy_warp:
-                return ModelGridResult(chain, loop.final_warp(moving, chain), reports)
+                return ModelGridResult(chain, loop.final_warp(moving, chain), reports, images=(moving, fixed))
 
         def final_warp(chain: TransformChain = chain) -> torch.Tensor:
             with torch.inference_mode():
                 return loop.final_warp(moving, chain)
 
-        return ModelGridResult(chain, final_warp, reports, batch=n, device=moving.device)
+        return ModelGridResult(chain, final_warp, reports, batch=n, device=moving.device, images=(moving, fixed))
 
     @staticmethod
     def _downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid) -> torch.Tensor:
