@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.msode-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan rigid-dense-plan plan-v2 plan-report similarity-ablation clean
+.PHONY: demo test test-slow bench cpp-demo analytic-plan tissue-encoder rigid-bspline-plan rigid-dense-plan plan-v2 plan-v2-dense plan-report similarity-ablation clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -60,6 +60,14 @@ plan-v2: $(STAMP)
 	$(VENV)/bin/msode-train $(PLAN_V2_CONFIG) --no-plan
 	$(PY) scripts/build_rigid_bspline_plan.py --bspline-checkpoint out/train/$(PLAN_V2_CONFIG)/bspline.ckpt \
 		--name rigid_bspline_trained out/train/$(PLAN_V2_CONFIG)/rigid_bspline_trained.plan
+# rigid_dense.plan's dense stage trained the same way (the dense fields on MIND + learned maps; not yet run to the
+# end here: ~20-30 s a step on 2 busy CPU cores, so ~2-3 h for 400 steps; resumable as plan-v2), then its plan:
+# out/train/plan_v2_dense/rigid_dense_trained.plan. One NVIDIA GPU: make plan-v2-dense PLAN_V2_DENSE_CONFIG=plan_v2_dense_gpu
+PLAN_V2_DENSE_CONFIG ?= plan_v2_dense
+plan-v2-dense: $(STAMP)
+	$(VENV)/bin/msode-train $(PLAN_V2_DENSE_CONFIG) --no-plan
+	$(PY) scripts/build_rigid_dense_plan.py --dense-checkpoint out/train/$(PLAN_V2_DENSE_CONFIG)/dense.ckpt \
+		--name rigid_dense_trained out/train/$(PLAN_V2_DENSE_CONFIG)/rigid_dense_trained.plan
 # both bundled plans' held-out reports -> training/reports/<plan>/ (~25 min; rigid_dense shares the rigid
 # stage, so its rigid set runs without the SimpleITK baseline)
 plan-report: $(STAMP)

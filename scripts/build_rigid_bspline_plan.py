@@ -124,32 +124,43 @@ BSPLINE_LK = {
 SCALE_SEARCH = (0.25, 0.5, 0.75, 1.0)
 
 
-def trained_bspline_levels(ckpt_path) -> tuple[dict, dict, dict]:
-    """The B-spline stage trained through the loop (``msode-train plan_v2_bspline``: its ``bspline.ckpt``):
-    per level (1 = coarse) the trained feature network (slabbed for CPU inference again) and the field's
-    keyword arguments, and the manifest's record of it (file, sha256, config, step, loss weights)."""
+def trained_levels(ckpt_path, stage: str = "bspline") -> tuple[dict, dict, dict]:
+    """The deformable ``stage`` (``bspline`` | ``dense``) trained through the loop (``msode-train
+    plan_v2_bspline`` / ``plan_v2_dense``: its ``<stage>.ckpt``): per level (1 = coarse) the trained feature
+    network (slabbed for CPU inference again) and the field's keyword arguments, and the manifest's record of
+    it (file, sha256, config, step, loss weights)."""
     from msode_export.analytic import CPU_SLAB_VOXELS
     from msode_export.checkpoint import build_networks, load_checkpoint
     from msode_train.models import per_level
 
+    if stage not in ("bspline", "dense"):
+        raise ValueError(f"unknown deformable stage {stage!r}; valid: ['bspline', 'dense']")
     path = Path(ckpt_path)
     ck = load_checkpoint(path)
     if ck.model_grid != MODEL_GRID:
         raise ValueError(f"{path}: trained on model grid {ck.model_grid}, this plan's is {MODEL_GRID}")
-    if ck["arch"]["name"] != "bspline_lk_mind_learned":
-        raise ValueError(f"{path}: architecture {ck['arch']['name']!r}, expected 'bspline_lk_mind_learned'")
-    spacing = tuple(float(v) for v in ck.stage["params"]["control_spacing_mm"])
+    arch = f"{stage}_lk_mind_learned"
+    if ck["arch"]["name"] != arch:
+        raise ValueError(f"{path}: architecture {ck['arch']['name']!r}, expected {arch!r}")
+    arch_kwargs = ck["arch"]["kwargs"]
+    if stage == "bspline":
+        spacing = tuple(float(v) for v in ck.stage["params"]["control_spacing_mm"])
+    else:  # the dense levels' spline fit uses this plan's lattice
+        spacing = (float(arch_kwargs.get("spline_spacing_mm", 40.0)),) * 3
     if spacing != CONTROL_SPACING_MM:
         raise ValueError(f"{path}: control spacing {spacing} mm, this plan's is {CONTROL_SPACING_MM}")
     nets = build_networks(ck)
-    field_keys = ("gain", "block_mm", "window_blocks", "damping", "fit_smoothing")
-    arch_kwargs = ck["arch"]["kwargs"]
+    field_keys = ("gain", "block_mm", "window_blocks", "damping", "fit_smoothing") + (
+        ("spline_fit",) if stage == "dense" else ()
+    )
     feats, kwargs = {}, {}
     for lv, (net, g) in enumerate(zip(nets.values(), level_grids(MODEL_GRID, len(nets))), start=1):
         f = net.residual.features
         f.mind.slab_voxels = CPU_SLAB_VOXELS
         feats[lv] = f
         kwargs[lv] = {k: per_level(arch_kwargs[k], g, MODEL_GRID) for k in field_keys if k in arch_kwargs}
+        if stage == "dense" and not kwargs[lv].get("spline_fit", False):
+            kwargs[lv].pop("fit_smoothing", None)
     tr = ck.get("training") or {}
     record = {
         "file": path.name,
@@ -206,11 +217,14 @@ def build(
     training_note: str | None = None,
     builder: str = "scripts/build_rigid_bspline_plan.py",
     bspline_checkpoint=None,
+    dense_checkpoint=None,
     scale_search="default",
 ) -> Path:
     """Write the plan: the rigid stage, then a ``deformable`` stage, ``bspline`` (the bundled
     rigid_bspline.plan) or ``dense`` (:class:`DenseGNField` on MIND, levels as the B-spline's; ``dense``:
-    keyword arguments of the field, per level where a value is a tuple, e.g. ``block_mm``)."""
+    keyword arguments of the field, per level where a value is a tuple, e.g. ``block_mm``).
+    ``bspline_checkpoint`` / ``dense_checkpoint``: that stage's features and field settings trained through
+    the loop (:func:`trained_levels`) instead of MIND's."""
     if deformable not in ("bspline", "dense"):
         raise ValueError(f"unknown deformable stage {deformable!r}; valid: ['bspline', 'dense']")
     if bspline_field not in ("lk", "gn"):
@@ -220,10 +234,17 @@ def build(
     if scale_search == "default":  # plan v2's B-spline stage; the v1 comparison plan and dense: none
         scale_search = SCALE_SEARCH if deformable == "bspline" and bspline_field == "lk" else None
     trained = None
+    if bspline_checkpoint is not None and dense_checkpoint is not None:
+        raise ValueError("a plan has one deformable stage: give bspline_checkpoint or dense_checkpoint, not both")
     if bspline_checkpoint is not None:
         if deformable != "bspline" or bspline_field != "lk":
             raise ValueError("bspline_checkpoint needs the B-spline stage with bspline_field='lk'")
-        trained = trained_bspline_levels(bspline_checkpoint)
+        trained = trained_levels(bspline_checkpoint, "bspline")
+    if dense_checkpoint is not None:
+        if deformable != "dense":
+            raise ValueError("dense_checkpoint needs deformable='dense'")
+        trained = trained_levels(dense_checkpoint, "dense")
+    stage_label = "B-spline" if deformable == "bspline" else "dense"
     encoders, meta = load_encoders(weights)
     enc_levels = {float(s) for s in encoder_levels}
     nets, feats, feature_nets = {}, {}, {}
@@ -338,15 +359,15 @@ def build(
         "builder": builder,
     }
     if trained is not None:
-        training["kind"] = "learned-features+gauss-newton, B-spline features trained through the loop"
-        training["bspline_trained"] = trained[2]
+        training["kind"] = f"learned-features+gauss-newton, {stage_label} features trained through the loop"
+        training[f"{deformable}_trained"] = trained[2]
         if training_note is None:
             training["note"] = (
                 "Trained: the contrast-agnostic tissue encoders (msode_train.tissue; supervised on phantom tissue "
-                "labels) and, end to end through the plan's own loop behind its rigid stage, the B-spline levels' "
-                "features (MIND with learned gains plus learned maps; L_sup on the phantoms' known maps + L_sim, "
-                "see bspline_trained). Closed-form: the Gauss-Newton heads, the multistart initialiser and the "
-                "fine rigid levels' MIND."
+                f"labels) and, end to end through the plan's own loop behind its rigid stage, the {stage_label} "
+                "levels' features (MIND with learned gains plus learned maps; L_sup on the phantoms' known maps + "
+                f"L_sim, see {deformable}_trained). Closed-form: the Gauss-Newton heads, the multistart initialiser "
+                "and the fine rigid levels' MIND."
             )
     path = build_plan(
         out,

@@ -60,23 +60,33 @@ DENSE_FIELD = {
 }
 
 
-def build_rigid_dense(out, weights=DEFAULT_WEIGHTS, metrics: dict | None = None, **kw) -> Path:
+def build_rigid_dense(
+    out, weights=DEFAULT_WEIGHTS, metrics: dict | None = None, dense_checkpoint=None, name="rigid_dense", **kw
+) -> Path:
+    """The plan; ``dense_checkpoint``: the dense stage's features trained through the loop (``msode-train
+    plan_v2_dense``: ``out/train/plan_v2_dense/dense.ckpt``) instead of MIND, its field settings as trained."""
+    trained = dense_checkpoint is not None
     return build(
         out,
         weights,
         deformable="dense",
         dense=dict(DENSE_FIELD),
+        dense_checkpoint=dense_checkpoint,
         scale_search=SCALE_SEARCH,
-        name="rigid_dense",
+        name=name,
         metrics=metrics,
         builder="scripts/build_rigid_dense_plan.py",
         description=(
             "Rigid (4 levels) then a dense displacement field (3 levels) for multi-contrast brain MRI. "
             "Per-level fields: Gauss-Newton steps on the SSD of learned tissue-class features (coarse rigid "
             "levels) and MIND (fine rigid levels; dense levels by local block solves, spline-fitted at 8/4 mm, "
-            "free-form at 2 mm); multistart rigid init; see training.note."
+            "free-form at 2 mm"
+            + ("; dense features trained through the loop" if trained else "")
+            + "); multistart rigid init; see training.note."
         ),
-        training_note=(
+        training_note=None  # build's note of a stage trained through the loop
+        if trained
+        else (
             "Trained: the contrast-agnostic tissue encoders of the rigid stage (msode_train.tissue; supervised "
             "on phantom tissue labels, random contrasts and orientations). Closed-form: the Gauss-Newton heads "
             "(rigid; dense: msode_export.analytic.DenseSplineField at 8/4 mm, DenseGNField at 2 mm), the multistart "
@@ -91,6 +101,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", default="sdk/msode_sdk/models/rigid_dense.plan")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument(
+        "--dense-checkpoint",
+        help="dense stage trained through the loop (msode-train plan_v2_dense: out/train/plan_v2_dense/dense.ckpt): "
+        "its learned features and field settings replace MIND on the dense levels",
+    )
+    ap.add_argument("--name", default=None, help="the plan's name (default: the output file's stem)")
     ap.add_argument("--metrics", help="JSON file with evaluation metrics to record in the manifest")
     ap.add_argument("--no-registrar-ts", action="store_true")
     ap.add_argument("--formats", default="torchscript,onnx")
@@ -100,6 +116,8 @@ def main(argv=None) -> int:
         args.out,
         args.weights,
         metrics=metrics,
+        dense_checkpoint=args.dense_checkpoint,
+        name=args.name or Path(args.out).stem,
         registrar_ts=not args.no_registrar_ts,
         formats=tuple(args.formats.split(",")),
     )

@@ -29,6 +29,8 @@
 #    Plan v2 (issue 20): CONFIG=plan_v2_bspline_gpu bash scripts/train_gpu.sh run (the B-spline stage behind
 #    the bundled rigid stage; no plan is written there: bspline.ckpt comes back), then here:
 #    python scripts/build_rigid_bspline_plan.py --bspline-checkpoint out/gpu/bspline.ckpt OUT.plan
+#    The dense stage likewise: CONFIG=plan_v2_dense_gpu (dense.ckpt comes back), then
+#    python scripts/build_rigid_dense_plan.py --dense-checkpoint out/gpu/dense.ckpt OUT.plan
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-run}"
@@ -86,7 +88,7 @@ rc=${PIPESTATUS[0]}
 # at most 8 files of <= 16 MiB come back: state.pt (networks + Adam moments, ~18 MB for rigid+B-spline
 # at width 16) travels in 15 MiB parts (cat state.pt.part* > state.pt); config.yaml is inside the plan.
 for f in "$RUN_DIR"/*.plan "$RUN_DIR"/train_log.csv "$RUN_DIR"/val_log.csv \
-         "$RUN_DIR"/rigid.ckpt "$RUN_DIR"/bspline.ckpt "$RUN_DIR"/train.log; do
+         "$RUN_DIR"/rigid.ckpt "$RUN_DIR"/bspline.ckpt "$RUN_DIR"/dense.ckpt "$RUN_DIR"/train.log; do
   [ -f "$f" ] && cp "$f" "$OUT_DIR"/
 done
 [ -f "$RUN_DIR/state.pt" ] && split -b 15m -d "$RUN_DIR/state.pt" "$OUT_DIR/state.pt.part"

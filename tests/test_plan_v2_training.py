@@ -211,11 +211,12 @@ def test_motion_mixtures_draw_every_kind_and_unknown_kinds_are_refused(tmp_path,
 
 
 def test_bundled_plan_v2_configs_load():
-    for name in ("plan_v2_bspline", "plan_v2_bspline_gpu"):
+    for name in ("plan_v2_bspline", "plan_v2_bspline_gpu", "plan_v2_dense", "plan_v2_dense_gpu"):
         cfg = load_config(name)
         assert cfg["model"]["prior_plan"] and cfg["model"]["prior_stages"] == ["rigid"]
         st = cfg["stages"][0]
-        assert st["arch"] == "bspline_lk_mind_learned" and st.get("train", True)
+        assert st["arch"] == f"{st['transform']}_lk_mind_learned" and st.get("train", True)
+        assert cfg["model"]["prior_plan"] == f"rigid_{st['transform']}.plan"
         # the schedule is plan v2's (NFE 14): training is what runs at inference
         assert [s["step_size"] for s in st["schedule"]] == [0.2, 0.2, 0.25]
 
@@ -234,6 +235,16 @@ def test_plan_v2_configs_start_from_the_shipped_bspline_fields():
             assert [float(v) for v in got] == [float(v) for v in want], (name, key, got, want)
         assert [float(v) for v in st["params"]["scale_search"]] == list(b.SCALE_SEARCH)
         assert [float(v) for v in st["params"]["control_spacing_mm"]] == list(b.CONTROL_SPACING_MM)
+    d = _dense_builder()
+    for name in ("plan_v2_dense", "plan_v2_dense_gpu"):
+        st = load_config(name)["stages"][0]
+        kw = st["arch_kwargs"]
+        for key, shipped in d.DENSE_FIELD.items():
+            want = list(shipped) if isinstance(shipped, tuple) else [shipped] * 3
+            got = list(kw[key]) if isinstance(kw[key], list) else [kw[key]] * 3
+            assert got == want, (name, key, got, want)
+        assert [float(v) for v in st["params"]["scale_search"]] == list(b.SCALE_SEARCH)
+        assert float(kw["spline_spacing_mm"]) == b.CONTROL_SPACING_MM[0]
 
 
 # ------------------------------------------------------------------------------------------- loss plot
@@ -267,12 +278,26 @@ def _builder():
     return mod
 
 
-def _save_stage(path, arch_name, kwargs, control=(40.0, 40.0, 40.0)):
+def _dense_builder():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))  # it imports build_rigid_bspline_plan by name
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "build_rigid_dense_plan", ROOT / "scripts" / "build_rigid_dense_plan.py"
+        )
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return mod
+
+
+def _save_stage(path, arch_name, kwargs, control=(40.0, 40.0, 40.0), kind="bspline"):
     b = _builder()
     model = b.MODEL_GRID
-    stage = TrainStage(
-        "bspline", "bspline", b.BSPLINE_SCHEDULE, {"control_spacing_mm": list(control)}, arch_name, kwargs
-    )
+    params = {"control_spacing_mm": list(control)} if kind == "bspline" else {}
+    stage = TrainStage(kind, kind, b.BSPLINE_SCHEDULE, params, arch_name, kwargs)
     net = MSODENet(model, [stage])
     torch.manual_seed(3)
     with torch.no_grad():
@@ -283,11 +308,11 @@ def _save_stage(path, arch_name, kwargs, control=(40.0, 40.0, 40.0)):
         stage=stage.to_dict(),
         model_grid={"shape_xyz": list(model.shape_xyz), "spacing_xyz_mm": list(model.spacing_xyz), "centre": "fov"},
         arch={"name": arch_name, "kwargs": kwargs},
-        state_dicts={lv: net.network("bspline", lv).state_dict() for lv in range(1, 4)},
+        state_dicts={lv: net.network(kind, lv).state_dict() for lv in range(1, 4)},
         training={
             "kind": "msode_train",
             "steps": 7,
-            "config": {"name": "plan_v2_bspline", "loss": {"lambda_sup": 1.0}},
+            "config": {"name": f"plan_v2_{kind}", "loss": {"lambda_sup": 1.0}},
         },
         normalization={"method": "percentile", "low": 0.5, "high": 99.5},
         modalities=["t1", "t2"],
@@ -307,7 +332,7 @@ def test_builder_reads_the_trained_bspline_checkpoint(tmp_path):
         "gain": [3.0, 3.0, 5.0],
     }
     net = _save_stage(tmp_path / "bspline.ckpt", "bspline_lk_mind_learned", kw)
-    feats, kwargs, record = b.trained_bspline_levels(tmp_path / "bspline.ckpt")
+    feats, kwargs, record = b.trained_levels(tmp_path / "bspline.ckpt", "bspline")
     assert [kwargs[lv]["gain"] for lv in (1, 2, 3)] == [3.0, 3.0, 5.0]
     assert [kwargs[lv]["window_blocks"] for lv in (1, 2, 3)] == [2.0, 1.5, 0.75]
     for lv in (1, 2, 3):
@@ -318,7 +343,7 @@ def test_builder_reads_the_trained_bspline_checkpoint(tmp_path):
     assert record["steps"] == 7 and record["config"] == "plan_v2_bspline" and len(record["sha256"]) == 64
     _save_stage(tmp_path / "other.ckpt", "bspline_lk_mind_learned", kw, control=(20.0, 20.0, 20.0))
     with pytest.raises(ValueError, match="control spacing"):
-        b.trained_bspline_levels(tmp_path / "other.ckpt")
+        b.trained_levels(tmp_path / "other.ckpt", "bspline")
 
 
 def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path):
@@ -364,5 +389,80 @@ def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path)
     with torch.no_grad():
         out = net(moving, fixed, prior=rigid)
     want, got = out.states["bspline"], res.chain.transforms[1].state
+    assert float(want.abs().max()) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+DENSE_KW = {
+    "width": 4,
+    "channels": [2, 2, 0],
+    "spline_fit": [True, True, False],
+    "block_mm": [16.0, 16.0, 8.0],
+    "window_blocks": [2.0, 1.0, 1.5],
+    "gain": [3.0, 3.0, 5.0],
+    "mind_dilation": [1, 1, 2],
+}
+
+
+def test_builder_reads_the_trained_dense_checkpoint(tmp_path):
+    """The dense stage trained through the loop (architecture dense_lk_mind_learned): per level the trained
+    features, the field class and settings as trained; another lattice or architecture is refused."""
+    from msode_export.analytic import DenseGNField, DenseSplineField
+    from msode_export.checkpoint import build_networks, load_checkpoint
+
+    b = _builder()
+    net = _save_stage(tmp_path / "dense.ckpt", "dense_lk_mind_learned", DENSE_KW, kind="dense")
+    feats, kwargs, record = b.trained_levels(tmp_path / "dense.ckpt", "dense")
+    assert [kwargs[lv]["spline_fit"] for lv in (1, 2, 3)] == [True, True, False]
+    assert [kwargs[lv]["block_mm"] for lv in (1, 2, 3)] == [16.0, 16.0, 8.0]
+    fields = build_networks(load_checkpoint(tmp_path / "dense.ckpt"))
+    assert [type(fields[lv]) for lv in (1, 2, 3)] == [DenseSplineField, DenseSplineField, DenseGNField]
+    for lv in (1, 2, 3):
+        trained = net.network("dense", lv).residual.features.state_dict()
+        for k, v in feats[lv].state_dict().items():
+            torch.testing.assert_close(v, trained[k])
+    assert record["config"] == "plan_v2_dense" and len(record["sha256"]) == 64
+    with pytest.raises(ValueError, match="architecture"):
+        b.trained_levels(tmp_path / "dense.ckpt", "bspline")
+    _save_stage(tmp_path / "other.ckpt", "dense_lk_mind_learned", {**DENSE_KW, "spline_spacing_mm": 20.0}, kind="dense")
+    with pytest.raises(ValueError, match="control spacing"):
+        b.trained_levels(tmp_path / "other.ckpt", "dense")
+
+
+def test_rigid_dense_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path):
+    """rigid_dense.plan's structure with trained dense features (``--dense-checkpoint``) computes what the
+    training model computes: the dense stage behind the plan's rigid stage, through ``MSODENet`` and through
+    ``Registrar`` (the plan's TorchScript members), on one pair; the manifest says what was trained."""
+    from msode_export.checkpoint import build_networks, load_checkpoint
+    from msode_sdk import Registrar
+
+    b, d = _builder(), _dense_builder()
+    _save_stage(tmp_path / "dense.ckpt", "dense_lk_mind_learned", DENSE_KW, kind="dense")
+    plan = d.build_rigid_dense(
+        tmp_path / "trained.plan",
+        dense_checkpoint=tmp_path / "dense.ckpt",
+        name="trained",
+        registrar_ts=False,
+        formats=("torchscript",),
+    )
+    reg = Registrar.load(plan, device="cpu", backend="torch")
+    m = reg.plan.manifest
+    assert "dense features trained through the loop" in m.training["kind"] and "dense_trained" in m.training
+    assert "trained through the loop" in m.description and "Closed-form: the Gauss-Newton heads" in m.training["note"]
+    model = b.MODEL_GRID
+    g = torch.Generator().manual_seed(11)
+    blur = lambda v: torch.nn.functional.avg_pool3d(v, 5, 1, 2)  # noqa: E731
+    fixed = blur(torch.rand(1, 1, *model.shape_dhw, generator=g))
+    moving = torch.roll(fixed, shifts=(2, -1, 3), dims=(2, 3, 4))
+    res = reg.register_model_grid(moving, fixed)
+    params = dict(m.stages[1].params)
+    assert params["scale_search"] == list(b.SCALE_SEARCH)
+    net = MSODENet(model, [TrainStage("dense", "dense", b.BSPLINE_SCHEDULE, params, "dense_lk_mind_learned", DENSE_KW)])
+    for lv, trained in build_networks(load_checkpoint(tmp_path / "dense.ckpt")).items():
+        net.nets[f"dense_L{lv}"] = trained
+    rigid = reg.register_model_grid(moving, fixed, stages=["rigid"]).chain
+    with torch.no_grad():
+        out = net(moving, fixed, prior=rigid)
+    want, got = out.states["dense"], res.chain.transforms[1].state
     assert float(want.abs().max()) > 0.1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

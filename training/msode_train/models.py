@@ -61,6 +61,8 @@ from msode_export.analytic import (
     MINDSSC,
     BSplineLKField,
     BSplineSSDField,
+    DenseGNField,
+    DenseSplineField,
     RigidSSDField,
     mind_dilation as default_mind_dilation,
 )
@@ -495,6 +497,30 @@ def per_level(value, level_grid: Grid, model_grid: Grid):
     return value[len(value) - 1 - from_fine]
 
 
+def _mind_learned_features(
+    level_grid: Grid,
+    model_grid: Grid,
+    width: int | list,
+    channels: int | list,
+    init_scale: float,
+    slab_voxels: int,
+    mind_dilation: int | list | None,
+) -> nn.Module:
+    """One level's features of the ``*_lk_mind_learned`` fields: :class:`MINDPlusLearned` (:class:`MINDGains`
+    where ``channels`` is 0); ``mind_dilation`` default ``msode_export.analytic.mind_dilation`` of the level's
+    spacing (the plans' MIND)."""
+    if mind_dilation is None:
+        dil = default_mind_dilation(max(level_grid.spacing_xyz))
+    else:
+        dil = int(per_level(mind_dilation, level_grid, model_grid))
+    width, channels = int(per_level(width, level_grid, model_grid)), int(per_level(channels, level_grid, model_grid))
+    if channels < 0:
+        raise ValueError(f"channels must be >= 0, got {channels}")
+    if channels == 0:
+        return MINDGains(mind_dilation=dil, slab_voxels=slab_voxels)
+    return MINDPlusLearned(width, channels, mind_dilation=dil, init_scale=init_scale, slab_voxels=slab_voxels)
+
+
 def _bspline_lk_factory(
     level_grid: Grid,
     model_grid: Grid,
@@ -515,19 +541,36 @@ def _bspline_lk_factory(
     builder sets the CPU inference slabs again)."""
     lattice = BSplineLattice(model_grid, tuple(stage_params["control_spacing_mm"]))
     kw = {k: per_level(v, level_grid, model_grid) for k, v in kwargs.items()}
-    if mind_dilation is None:
-        dil = default_mind_dilation(max(level_grid.spacing_xyz))
-    else:
-        dil = int(per_level(mind_dilation, level_grid, model_grid))
-    width, channels = int(per_level(width, level_grid, model_grid)), int(per_level(channels, level_grid, model_grid))
-    if channels < 0:
-        raise ValueError(f"channels must be >= 0, got {channels}")
-    feats: nn.Module
-    if channels == 0:
-        feats = MINDGains(mind_dilation=dil, slab_voxels=slab_voxels)
-    else:
-        feats = MINDPlusLearned(width, channels, mind_dilation=dil, init_scale=init_scale, slab_voxels=slab_voxels)
+    feats = _mind_learned_features(level_grid, model_grid, width, channels, init_scale, slab_voxels, mind_dilation)
     return BSplineLKField(level_grid, lattice, features=feats, slab_voxels=slab_voxels, **kw)
+
+
+def _dense_lk_factory(
+    level_grid: Grid,
+    model_grid: Grid,
+    stage_params: dict,
+    width: int | list = 8,
+    channels: int | list = 2,
+    init_scale: float = 0.05,
+    slab_voxels: int = TRAINING_SLAB_VOXELS,
+    mind_dilation: int | list | None = None,
+    spline_fit: bool | list = False,
+    spline_spacing_mm: float = 40.0,
+    **kwargs,
+) -> nn.Module:
+    """rigid_dense.plan's dense field on the features of :func:`_bspline_lk_factory`: where ``spline_fit``
+    (per level) :class:`msode_export.analytic.DenseSplineField` (the block solutions' fit by the cubic
+    B-spline of ``spline_spacing_mm`` on the model grid, sampled at every voxel), else
+    :class:`~msode_export.analytic.DenseGNField` (free-form: the block solutions interpolated). The other
+    arguments as :func:`_bspline_lk_factory`'s; the field's ``kwargs``: ``gain``, ``block_mm``,
+    ``window_blocks``, ``damping`` (and ``fit_smoothing`` where spline-fitted)."""
+    kw = {k: per_level(v, level_grid, model_grid) for k, v in kwargs.items()}
+    feats = _mind_learned_features(level_grid, model_grid, width, channels, init_scale, slab_voxels, mind_dilation)
+    if bool(per_level(spline_fit, level_grid, model_grid)):
+        lattice = BSplineLattice(model_grid, (float(spline_spacing_mm),) * 3)
+        return DenseSplineField(level_grid, lattice, features=feats, slab_voxels=slab_voxels, **kw)
+    kw.pop("fit_smoothing", None)  # a spline-fit setting; the free-form levels have no fit
+    return DenseGNField(level_grid, features=feats, slab_voxels=slab_voxels, **kw)
 
 
 Factory = Callable[..., nn.Module]
@@ -542,6 +585,8 @@ ARCHITECTURES: dict[str, tuple[str, Factory]] = {
     "bspline_feature_gn": ("bspline", _bspline_gn_factory),
     # plan v2's local-block B-spline field on MIND + learned channels (the shipped field at the start)
     "bspline_lk_mind_learned": ("bspline", _bspline_lk_factory),
+    # rigid_dense.plan's dense field (spline-fitted or free-form per level) on the same features
+    "dense_lk_mind_learned": ("dense", _dense_lk_factory),
 }
 #: default architecture per transform kind
 DEFAULT_ARCH = {"rigid": "rigid_convfc", "bspline": "bspline_fcn", "dense": "dense_unet"}
