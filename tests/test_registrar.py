@@ -374,8 +374,9 @@ def test_report_similarity_before_and_after_each_stage(registrar, rigid_case):
 
 
 def test_a_registration_that_lowers_the_similarity_is_flagged(registrar, rigid_case, caplog):
-    """An aligned pair (fixed registered to itself) whose result is replaced by a 15 mm shift: the report's
-    similarity after the stage is below the start and a warning says so."""
+    """A pair registered to itself: no warning (interpolation costs it a little MI); the same result with its
+    map replaced by a 15 mm shift: the similarity after the stage is far below the start and a warning says
+    so."""
     import dataclasses
     import logging
 
@@ -387,6 +388,8 @@ def test_a_registration_that_lowers_the_similarity_is_flagged(registrar, rigid_c
     mg = res.model_grid
     bad = dataclasses.replace(res, model_grid=ModelGridResult(shift, mg.warped, mg.stages, images=mg.images))
     with caplog.at_level(logging.WARNING, logger="msode_sdk"):
+        good = res.report()["similarity"]
+        assert not any("lowered" in r.getMessage() for r in caplog.records)  # aligned: a tiny loss, no warning
         sim = bad.report()["similarity"]
-    assert sim["rigid"] < sim["start"]
-    assert any("lowered" in r.getMessage() for r in caplog.records)
+    assert sim["rigid"] < 0.9 * sim["start"] and good["rigid"] >= 0.9 * good["start"]
+    assert sum("lowered" in r.getMessage() for r in caplog.records) == 1
