@@ -346,11 +346,37 @@ def test_builder_reads_the_trained_bspline_checkpoint(tmp_path):
         b.trained_levels(tmp_path / "other.ckpt", "bspline")
 
 
+def _plan_equals_training_model(reg, ckpt, kind: str, arch_kwargs: dict) -> None:
+    """The plan's deformable stage (behind its own rigid stage) through ``Registrar`` equals ``MSODENet``
+    with the checkpoint's networks, on one shifted smooth random pair; the plan's stage parameters (the scale
+    search included: training runs it as the SDK loop does) are the builder's."""
+    from msode_export.checkpoint import build_networks, load_checkpoint
+
+    b = _builder()
+    model = b.MODEL_GRID
+    g = torch.Generator().manual_seed(11)
+    blur = lambda v: torch.nn.functional.avg_pool3d(v, 5, 1, 2)  # noqa: E731
+    fixed = blur(torch.rand(1, 1, *model.shape_dhw, generator=g))
+    moving = torch.roll(fixed, shifts=(2, -1, 3), dims=(2, 3, 4))  # a shifted copy: a non-trivial problem
+    res = reg.register_model_grid(moving, fixed)
+    params = dict(reg.plan.manifest.stages[1].params)
+    assert params["scale_search"] == list(b.SCALE_SEARCH)
+    stage = TrainStage(kind, kind, b.BSPLINE_SCHEDULE, params, f"{kind}_lk_mind_learned", arch_kwargs)
+    net = MSODENet(model, [stage])
+    for lv, trained in build_networks(load_checkpoint(ckpt)).items():
+        net.nets[f"{kind}_L{lv}"] = trained
+    rigid = reg.register_model_grid(moving, fixed, stages=["rigid"]).chain
+    with torch.no_grad():
+        out = net(moving, fixed, prior=rigid)
+    want, got = out.states[kind], res.chain.transforms[1].state
+    assert float(want.abs().max()) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path):
     """The bundled plan's structure with trained B-spline features (the builder's ``--bspline-checkpoint``)
     computes what the training model computes: the B-spline stage behind the plan's own rigid stage, through
     ``MSODENet`` (training) and through ``Registrar`` (the plan's TorchScript members), on one pair."""
-    from msode_export.checkpoint import build_networks, load_checkpoint
     from msode_sdk import Registrar
 
     b = _builder()
@@ -373,24 +399,7 @@ def test_plan_built_from_a_trained_checkpoint_equals_the_trained_model(tmp_path)
     training = reg.plan.manifest.training
     assert "trained through the loop" in training["kind"] and "trained" in training["note"]
     assert "trained through the loop" in reg.plan.manifest.description
-    model = b.MODEL_GRID
-    g = torch.Generator().manual_seed(11)
-    blur = lambda v: torch.nn.functional.avg_pool3d(v, 5, 1, 2)  # noqa: E731
-    fixed = blur(torch.rand(1, 1, *model.shape_dhw, generator=g))
-    moving = torch.roll(fixed, shifts=(2, -1, 3), dims=(2, 3, 4))  # a shifted copy: a non-trivial problem
-    res = reg.register_model_grid(moving, fixed)
-    # the plan's stage parameters (the scale search included: training runs it as the SDK loop does)
-    params = dict(reg.plan.manifest.stages[1].params)
-    assert params["scale_search"] == list(b.SCALE_SEARCH)
-    net = MSODENet(model, [TrainStage("bspline", "bspline", b.BSPLINE_SCHEDULE, params, "bspline_lk_mind_learned", kw)])
-    for lv, trained in build_networks(load_checkpoint(tmp_path / "bspline.ckpt")).items():
-        net.nets[f"bspline_L{lv}"] = trained
-    rigid = reg.register_model_grid(moving, fixed, stages=["rigid"]).chain
-    with torch.no_grad():
-        out = net(moving, fixed, prior=rigid)
-    want, got = out.states["bspline"], res.chain.transforms[1].state
-    assert float(want.abs().max()) > 0.1
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    _plan_equals_training_model(reg, tmp_path / "bspline.ckpt", "bspline", kw)
 
 
 DENSE_KW = {
@@ -433,10 +442,9 @@ def test_rigid_dense_plan_built_from_a_trained_checkpoint_equals_the_trained_mod
     """rigid_dense.plan's structure with trained dense features (``--dense-checkpoint``) computes what the
     training model computes: the dense stage behind the plan's rigid stage, through ``MSODENet`` and through
     ``Registrar`` (the plan's TorchScript members), on one pair; the manifest says what was trained."""
-    from msode_export.checkpoint import build_networks, load_checkpoint
     from msode_sdk import Registrar
 
-    b, d = _builder(), _dense_builder()
+    d = _dense_builder()
     _save_stage(tmp_path / "dense.ckpt", "dense_lk_mind_learned", DENSE_KW, kind="dense")
     plan = d.build_rigid_dense(
         tmp_path / "trained.plan",
@@ -449,20 +457,4 @@ def test_rigid_dense_plan_built_from_a_trained_checkpoint_equals_the_trained_mod
     m = reg.plan.manifest
     assert "dense features trained through the loop" in m.training["kind"] and "dense_trained" in m.training
     assert "trained through the loop" in m.description and "Closed-form: the Gauss-Newton heads" in m.training["note"]
-    model = b.MODEL_GRID
-    g = torch.Generator().manual_seed(11)
-    blur = lambda v: torch.nn.functional.avg_pool3d(v, 5, 1, 2)  # noqa: E731
-    fixed = blur(torch.rand(1, 1, *model.shape_dhw, generator=g))
-    moving = torch.roll(fixed, shifts=(2, -1, 3), dims=(2, 3, 4))
-    res = reg.register_model_grid(moving, fixed)
-    params = dict(m.stages[1].params)
-    assert params["scale_search"] == list(b.SCALE_SEARCH)
-    net = MSODENet(model, [TrainStage("dense", "dense", b.BSPLINE_SCHEDULE, params, "dense_lk_mind_learned", DENSE_KW)])
-    for lv, trained in build_networks(load_checkpoint(tmp_path / "dense.ckpt")).items():
-        net.nets[f"dense_L{lv}"] = trained
-    rigid = reg.register_model_grid(moving, fixed, stages=["rigid"]).chain
-    with torch.no_grad():
-        out = net(moving, fixed, prior=rigid)
-    want, got = out.states["dense"], res.chain.transforms[1].state
-    assert float(want.abs().max()) > 0.1
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    _plan_equals_training_model(reg, tmp_path / "dense.ckpt", "dense", DENSE_KW)
