@@ -61,7 +61,7 @@ plan-v2: $(STAMP)
 	$(PY) scripts/build_rigid_bspline_plan.py --bspline-checkpoint out/train/$(PLAN_V2_CONFIG)/bspline.ckpt \
 		--name rigid_bspline_trained out/train/$(PLAN_V2_CONFIG)/rigid_bspline_trained.plan
 # rigid_dense.plan's dense stage trained the same way (the dense fields on MIND + learned maps; not yet run to the
-# end here: ~20-30 s a step on 2 busy CPU cores, so ~2-3 h for 400 steps; resumable as plan-v2), then its plan:
+# end here: ~7 s a step on 2 CPU cores, so ~47 min for 400 steps; resumable as plan-v2), then its plan:
 # out/train/plan_v2_dense/rigid_dense_trained.plan. One NVIDIA GPU: make plan-v2-dense PLAN_V2_DENSE_CONFIG=plan_v2_dense_gpu
 PLAN_V2_DENSE_CONFIG ?= plan_v2_dense
 plan-v2-dense: $(STAMP)
