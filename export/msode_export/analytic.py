@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msode_sdk.transforms import BSplineLattice, Grid
+from msode_sdk.transforms import BSplineLattice, Grid, bspline_synth_on_axes
 
 
 #: voxels per slab of the CPU slab loops (MIND, the B-spline field's moments): a slab's temporaries stay
@@ -350,14 +350,6 @@ class RigidSSDField(nn.Module):
         return -self.gain * (sol * s).squeeze(-1)
 
 
-def _separable_synth(c: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
-    """``(N, C, cz, cy, cx)`` -> ``(N, C, Z, Y, X)``: the B-spline field of coefficients ``c`` with per-axis
-    basis matrices ``(X, cx)``, ``(Y, cy)``, ``(Z, cz)``."""
-    v = torch.einsum("ncklm,xm->ncklx", c, bx)
-    v = torch.einsum("ncklx,yl->nckyx", v, by)
-    return torch.einsum("nckyx,zk->nczyx", v, bz)
-
-
 class BSplineSSDField(nn.Module):
     """Levenberg-Marquardt flow for B-spline control displacements on one pyramid level, on the SSD of
     ``features`` (default: the intensities; :class:`MINDSSC` for multi-contrast pairs).
@@ -411,7 +403,7 @@ class BSplineSSDField(nn.Module):
     @staticmethod
     def _synth(c: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
         """``(N, C, cz, cy, cx)`` -> ``(N, C, Z, Y, X)``: the B-spline field of coefficients ``c``."""
-        return _separable_synth(c, bx, by, bz)
+        return bspline_synth_on_axes(c, bx, by, bz)
 
     def _normal_apply(self, p: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
         """``B^T S B p``: coefficients ``(N, 3, cz, cy, cx)`` -> the same shape, with ``S`` the per-voxel
@@ -599,9 +591,6 @@ class BSplineLKField(DenseGNField):
                 gram = gram + 1e-3 * scale * eye
             self.register_buffer(name, torch.linalg.solve(gram, b.T).T.float().contiguous())  # (n_blocks, n_ctrl)
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._output(self.block_solution(warped, fixed), [int(n) for n in warped.shape[2:]])
-
     def _output(self, v: torch.Tensor, out_shape: List[int]) -> torch.Tensor:
         return -self.gain * _separable_adjoint(v, self.px, self.py, self.pz)
 
@@ -620,12 +609,9 @@ class DenseSplineField(BSplineLKField):
         for axis, name in enumerate(("sx", "sy", "sz")):
             self.register_buffer(name, lattice.basis_matrix(level_grid.axis_coords(axis), axis).float().contiguous())
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._output(self.block_solution(warped, fixed), [int(n) for n in warped.shape[2:]])
-
     def _output(self, v: torch.Tensor, out_shape: List[int]) -> torch.Tensor:
         c = -self.gain * _separable_adjoint(v, self.px, self.py, self.pz)
-        return _separable_synth(c, self.sx, self.sy, self.sz)
+        return bspline_synth_on_axes(c, self.sx, self.sy, self.sz)
 
 
 class DenseDemonsField(nn.Module):

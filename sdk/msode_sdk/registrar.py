@@ -376,6 +376,9 @@ class RegistrationResult:
     fixed_image: _io.Image | None = field(default=None, repr=False)
     moving_image: _io.Image | None = field(default=None, repr=False)
     grid: Grid | None = field(default=None, repr=False)  # the plan's model grid
+    # the model-grid measures report() adds (folding, similarity): computed on first use, then kept, so
+    # report() and save() do not recompute them (nor log the similarity warning twice)
+    _measures: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def nfe(self) -> dict[str, int]:
@@ -393,14 +396,18 @@ class RegistrationResult:
             "nfe": self.nfe,
             "stages": [s.to_dict() for s in self.stages],
             "matrix_ras": np.asarray(self.matrix).tolist(),
-            **self._folding_report(),
-            **self._similarity_report(),
+            **self._model_grid_measures(),
             "conventions": {
                 "matrix": "RAS mm, fixed point -> moving point",
                 "displacement": "LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)",
                 "transform.tfm": "ITK AffineTransform, LPS, fixed -> moving (rigid part)",
             },
         }
+
+    def _model_grid_measures(self) -> dict:
+        if self._measures is None:
+            self._measures = {**self._folding_report(), **self._similarity_report()}
+        return copy.deepcopy(self._measures)  # a caller may edit the report it gets
 
     def _folding_report(self) -> dict:
         """The map's Jacobian determinant on the model grid (the registration's own domain, centred on the

@@ -277,10 +277,7 @@ class BSplineLattice:
         """Exact FFD displacement on the rectilinear grid ``xs x ys x zs`` (mm, any order or spacing):
         ``(N, 3, len(zs), len(ys), len(xs))``."""
         bx, by, bz = self.basis_matrix(xs, 0), self.basis_matrix(ys, 1), self.basis_matrix(zs, 2)
-        # coeffs (N, 3, cz, cy, cx) -> contract x, then y, then z with the 1-D basis matrices.
-        out = torch.einsum("ncklm,xm->ncklx", coeffs, bx)
-        out = torch.einsum("ncklx,yl->nckyx", out, by)
-        return torch.einsum("nckyx,zk->nczyx", out, bz)
+        return bspline_synth_on_axes(coeffs, bx, by, bz)
 
     def displacement_at(self, coeffs: torch.Tensor, points: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
         """Exact FFD displacement at arbitrary points ``(N, ..., 3)`` mm -> ``(N, ..., 3)`` mm.
@@ -288,6 +285,15 @@ class BSplineLattice:
         Points outside the lattice support get zero displacement (the kernel vanishes there).
         """
         return bspline_displacement_at(coeffs, points, list(self.shape_xyz), list(self.control_spacing), chunk)
+
+
+def bspline_synth_on_axes(coeffs: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, bz: torch.Tensor) -> torch.Tensor:
+    """``(N, C, cz, cy, cx)`` coefficients -> ``(N, C, Z, Y, X)``: the B-spline sum on a rectilinear grid given
+    its per-axis basis matrices ``(X, cx)``, ``(Y, cy)``, ``(Z, cz)`` (:meth:`BSplineLattice.basis_matrix`).
+    Separable: contract x, then y, then z. TorchScript-compatible (exported fields call it)."""
+    out = torch.einsum("ncklm,xm->ncklx", coeffs, bx)
+    out = torch.einsum("ncklx,yl->nckyx", out, by)
+    return torch.einsum("nckyx,zk->nczyx", out, bz)
 
 
 def bspline_displacement_at(
