@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import resource
 import signal
 import struct
@@ -399,6 +400,12 @@ def _bad_files(d: Path):
         "zero dim": (_write(d / "zerodim.nii", _patched(raw, "<h", 44, 0)), "at least 2 voxels"),
         "unknown datatype": (_write(d / "dtype.nii", _patched(raw, "<h", 70, 1234)), "cannot read"),
         "vox_offset 1e20": (_write(d / "offset.nii", _patched(raw, "<f", 108, 1e20)), "truncated"),
+        # nibabel would read the header's own bytes as the first voxels
+        "vox_offset 0": (_write(d / "offset0.nii", _patched(raw, "<f", 108, 0.0)), "inside the header"),
+        "vox_offset 100": (
+            _write(d / "offset100.nii", _patched(raw, "<f", 108, 100.0)),
+            "too low",
+        ),  # nibabel's own check
         "bad magic": (_write(d / "magic.nii", raw[:344] + b"zzz\0" + raw[348:]), "cannot read"),
         "huge claim .nii": (_write(d / "huge.nii", _header_only((4000, 4000, 4000))), "larger than supported"),
         "huge claim .nii.gz": (
@@ -483,6 +490,35 @@ def test_a_file_without_orientation_is_loaded_with_a_warning(tmp_path, caplog, c
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(said) == 1 and said[0].startswith("moving") and "no orientation" in said[0], said
     np.testing.assert_allclose(loaded.spacing, [2.0, 2.0, 3.0])
+
+
+def test_sheared_grids_and_non_mm_units_load_with_a_warning(tmp_path, caplog):
+    """A gantry-tilted grid (non-orthogonal voxel axes) is registered in nibabel's world frame but ITK/ANTs
+    cannot represent it, and a header in metres or microns is read as mm where ITK converts: each loads
+    with a warning naming the input; an oblique but orthogonal grid and a header in mm load silently."""
+    import logging
+
+    from msode_sdk.io import load_image
+
+    arr = _good_array()
+    tilt = np.diag([1.0, 1.0, 2.5, 1.0])
+    tilt[1, 2] = 2.5 * np.tan(np.radians(15.0))  # each slice shifted along y: 15 degrees of tilt
+    oblique = np.eye(4)
+    oblique[:3, :3] = _rot(20.0)[:3, :3] @ np.diag([1.0, 1.2, 2.0])
+    metres = nib.Nifti1Image(arr, np.eye(4))
+    metres.header.set_xyzt_units("meter")
+    nib.save(metres, str(tmp_path / "metres.nii.gz"))
+    with caplog.at_level(logging.WARNING, logger="msode_sdk"):
+        load_image((arr, tilt), "tilted")
+        load_image(str(_save(tmp_path / "tilted.nii.gz", arr, tilt)), "tilted file")
+        load_image(str(tmp_path / "metres.nii.gz"), "metres")
+        load_image((arr, oblique), "oblique")
+        load_image(str(_save(tmp_path / "mm.nii.gz", arr, oblique)), "mm")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 3, said
+    assert said[0].startswith("tilted:") and "not orthogonal" in said[0] and "15.00 degrees" in said[0], said
+    assert said[1].startswith("tilted file") and "not orthogonal" in said[1]
+    assert said[2].startswith("metres") and "spatial unit is meter" in said[2]
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
@@ -651,6 +687,7 @@ def test_cli_output_path_is_a_file(files, tmp_path, capsys):
     target.write_text("keep me")
     rc, _, err = _cli(capsys, ["register", good, good, "-o", target, "--device", "cpu"])
     assert rc == 2 and err.count("\n") == 1 and "not a directory" in err
+    assert err.count("output path") == 1, err  # said once, not wrapped twice
     assert target.read_text() == "keep me"
     rc, _, err = _cli(capsys, ["register", good, good, "-o", target / "sub", "--plan", "nope", "-q"])
     assert rc == 2 and err.count("\n") == 1 and "not a directory" in err  # checked before the plan is loaded
@@ -819,6 +856,74 @@ def test_diverged_solve_is_registration_error(tiny, pair, tiny_result, monkeypat
     assert isinstance(ei.value, FloatingPointError) and isinstance(ei.value, MsodeError)
     monkeypatch.undo()
     assert _result_bits(tiny.register(*pair)) == _result_bits(tiny_result)
+
+
+def test_absurd_but_finite_results_are_registration_errors(tiny, pair, tiny_result, monkeypatch):
+    """A field that returns huge finite steps: the state stays finite but the matrix overflows, or the
+    translation leaves the model grid by metres (what the solve does on images with nothing in common):
+    a typed error naming the fault, never a NaN transform or an absurd one returned as a result."""
+    key = next(k for k in tiny._networks if k[0] == "rigid")
+    huge = torch.tensor([1e30, 0.0, 0.0, 0.0, 0.0, 0.0])
+    monkeypatch.setitem(tiny._networks, key, lambda warped, fixed, t: huge.expand(warped.shape[0], 6).clone())
+    with pytest.raises(RegistrationError, match="not finite"):
+        tiny.register(*pair)
+    far = torch.tensor([0.0, 0.0, 0.0, 0.0, 5000.0, 0.0])  # 5 m/unit time along y on a 200 mm grid
+    monkeypatch.setitem(tiny._networks, key, lambda warped, fixed, t: far.expand(warped.shape[0], 6).clone())
+    with pytest.raises(RegistrationError, match=r"beyond the model grid's extent \[200.0, 200.0, 160.0\] mm"):
+        tiny.register(*pair)
+    with pytest.raises(RegistrationError, match="no longer overlap"):
+        tiny.register_model_grid(*(tiny.prepare(x, n)[2] for x, n in zip(pair, ("moving", "fixed"))))
+    monkeypatch.undo()
+    assert _result_bits(tiny.register(*pair)) == _result_bits(tiny_result)
+
+
+def test_a_network_failing_at_run_time_is_a_plan_error(tiny, pair, tiny_result, monkeypatch):
+    """A plan member that raises inside its own code (a hostile or broken network) is the plan's fault:
+    PlanError naming the member and the error's own line, not a raw RuntimeError; the Registrar stays
+    usable. (Out of memory stays a ResourceError: test_out_of_memory_becomes_resource_error.)"""
+    from msode_sdk.errors import PlanError
+
+    key = next(k for k in tiny._networks if k[0] == "rigid")
+    runner = tiny._networks[key]
+
+    def broken(inputs):
+        raise RuntimeError(
+            "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript...\n"
+            "RuntimeError: index 7 is out of bounds"
+        )
+
+    monkeypatch.setattr(runner, "_run", broken)
+    with pytest.raises(
+        PlanError,
+        match=rf"network {re.escape(runner.member)} failed at run time: RuntimeError: "
+        "RuntimeError: index 7 is out of bounds$",
+    ) as ei:
+        tiny.register(*pair)
+    _one_line(str(ei.value))
+    monkeypatch.undo()
+    assert _result_bits(tiny.register(*pair)) == _result_bits(tiny_result)
+
+
+@pytest.mark.parametrize(
+    "pairs, expected",
+    [
+        ([None], "pair 0: expected \\(moving, fixed\\), got None"),
+        ([("a", "b", "c")], "pair 0: expected \\(moving, fixed\\), got a tuple of 3"),
+    ],
+)
+def test_register_many_malformed_pair(tiny, pairs, expected):
+    with pytest.raises(InputError, match=expected):
+        list(tiny.register_many(pairs))
+    out = list(tiny.register_many(pairs, errors="return"))
+    assert len(out) == 1 and isinstance(out[0], InputError)
+
+
+@pytest.mark.parametrize("plan", [None, 3, b"rigid_bspline.plan", "", "  "])
+def test_plan_argument_of_the_wrong_kind(plan):
+    from msode_sdk.errors import PlanError
+
+    with pytest.raises(PlanError, match="plan must be a path or a bundled plan's name.*bundled: \\["):
+        Registrar.load(plan)
 
 
 def test_cli_out_of_memory_exit_code(files, tiny_plan, tmp_path, capsys, monkeypatch):

@@ -57,6 +57,8 @@ def _cmd_register(args) -> int:
                 if not d.is_dir():
                     raise InputError(f"output path {out}: {d} exists and is not a directory")
                 break
+    except InputError:
+        raise
     except (OSError, ValueError) as exc:
         raise InputError(f"output path {_one_line(out)}: {exc}") from None
     moving = _io.load_image(args.moving, "moving")  # cheap, and before the plan is loaded

@@ -6,6 +6,18 @@ can catch one type and print a one-line message. Messages are single lines that 
 input, file, field or limit. Anything else escaping the SDK is a bug.
 """
 
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA OOM, Python/numpy MemoryError, torch's CPU allocator failure, ONNX Runtime's arena."""
+    import torch  # here, so that importing the error types stays light
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    from_backend = isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime")
+    return from_backend and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
 
 class MsodeError(Exception):
     """Base class of every error the SDK raises on purpose."""

@@ -254,6 +254,7 @@ def load_image(obj, name: str = "image") -> Image:
         arr = _validate_array(arr, name)
         affine = _validate_affine(affine, name)
         _check_world_extent(arr.shape, affine, name)
+        _warn_shear(affine, name)
         return Image(arr, affine, name)
     if isinstance(obj, np.ndarray):
         raise InputError(f"{name}: a bare array has no geometry; pass (array, affine 4x4 voxel->RAS mm)")
@@ -276,6 +277,8 @@ def _from_nibabel(img, name: str) -> Image:
     affine = _validate_affine(affine, name)
     _check_world_extent(shape, affine, name)
     _warn_without_orientation(img, name)
+    _warn_units(img, name)
+    _warn_shear(affine, name)
     arr = _validate_array(_read_voxels(img, name), name)
     return Image(arr, affine, name)
 
@@ -300,6 +303,47 @@ def _warn_without_orientation(img, name: str) -> None:
         )
 
 
+def _warn_units(img, name: str) -> None:
+    """The header's spatial unit is taken to be mm (as nibabel's affine does); ITK scales metres and microns
+    to mm, so a file in those units is read 1000x off by one tool or the other: say so."""
+    hdr = getattr(img, "header", None)
+    if not isinstance(hdr, nib.Nifti1Header):
+        return
+    try:
+        unit = hdr.get_xyzt_units()[0]
+    except Exception:  # an unreadable units field: unknown, as most files say
+        return
+    if unit in ("meter", "micron"):
+        _log.warning(
+            "%s: the header's spatial unit is %s; voxel sizes and positions are read as mm (nibabel), "
+            "as the outputs are written: ITK-based tools convert %s to mm, so they will disagree by 1000x",
+            name,
+            unit,
+            unit,
+        )
+
+
+#: a direction matrix whose columns are further than this (cosine) from orthogonal is sheared (gantry tilt)
+SHEAR_COSINE = 1e-3
+
+
+def _warn_shear(affine: np.ndarray, name: str) -> None:
+    """Non-orthogonal voxel axes (CT gantry tilt) are handled in world coordinates here, but ITK/ANTs
+    represent an image by spacing, origin and an orthonormal direction: they read such a grid (and the
+    outputs written on it) in another place, so the ITK-side use of the outputs would be wrong."""
+    d = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    cos = np.abs(d.T @ d - np.eye(3)).max()
+    if cos > SHEAR_COSINE:
+        _log.warning(
+            "%s: the voxel axes are not orthogonal (shear: %.2f degrees from square, e.g. a CT gantry tilt); "
+            "results are right in this file's world coordinates (nibabel), but ITK/ANTs cannot represent a "
+            "sheared grid and will place it, and displacement.nii.gz / warped.nii.gz written on it, "
+            "differently: resample the image onto an orthogonal grid first if ITK/ANTs will read the outputs",
+            name,
+            float(np.degrees(np.arcsin(min(cos, 1.0)))),
+        )
+
+
 def _read_voxels(img, name: str) -> np.ndarray:
     """The scaled voxel array of a nibabel image. File-backed NIfTI data is checked against the
     header: uncompressed files by their size before reading; gzip/bzip2 files are decompressed here
@@ -313,6 +357,13 @@ def _read_voxels(img, name: str) -> np.ndarray:
         shape, dtype, offset = tuple(int(n) for n in proxy.shape), np.dtype(proxy.dtype), int(proxy.offset)
         nbytes = math.prod(shape) * dtype.itemsize
         lower = file_like.lower()
+        header_end = _single_file_header_end(img)
+        if header_end is not None and offset < header_end:
+            # nibabel would read the header's own bytes as voxels: a silently wrong image
+            raise InputError(
+                f"{name}: vox_offset {offset} lies inside the header ({header_end} bytes): "
+                "the voxel data cannot start there"
+            )
         opener = gzip.open if lower.endswith(".gz") else bz2.open if lower.endswith(".bz2") else None
         if opener is None and lower.endswith((".nii", ".img")):
             size = os.path.getsize(file_like)
@@ -331,6 +382,15 @@ def _read_voxels(img, name: str) -> np.ndarray:
         raise
     except Exception as exc:  # truncated or corrupted gzip, short file, bad header sizes
         raise InputError(f"{name}: cannot read voxel data: {_first_line(exc)}") from None
+
+
+def _single_file_header_end(img) -> int | None:
+    """Bytes before a single-file NIfTI's voxel data can start (header + the 4-byte extension flag:
+    352 for NIfTI-1, 544 for NIfTI-2); None for header/image pairs and other formats."""
+    hdr = getattr(img, "header", None)
+    if not isinstance(hdr, nib.Nifti1Header) or bytes(hdr["magic"]).rstrip(b"\0") not in (b"n+1", b"n+2"):
+        return None
+    return int(hdr["sizeof_hdr"]) + 4
 
 
 def _gzip_may_hold(path: str, n: int) -> bool:

@@ -60,7 +60,16 @@ import torch.nn.functional as F
 from . import io as _io
 from . import world
 from .backends import BACKENDS, get_backend
-from .errors import BackendUnavailable, InputError, MsodeError, OutputError, PlanError, RegistrationError, ResourceError
+from .errors import (
+    BackendUnavailable,
+    InputError,
+    MsodeError,
+    OutputError,
+    PlanError,
+    RegistrationError,
+    ResourceError,
+    is_out_of_memory,
+)
 from .integrate import SegmentStats
 from .loop import INIT_MODES, RegistrationLoop, downsample, stage_runs
 from .loop import similarity as model_grid_similarity
@@ -105,6 +114,8 @@ def bundled_plans() -> list[str]:
 
 def resolve_plan_path(plan: str | os.PathLike) -> Path:
     """A path that exists, or the name of a bundled plan (with or without ``.plan``)."""
+    if not isinstance(plan, (str, os.PathLike)) or not str(plan).strip():
+        raise PlanError(f"plan must be a path or a bundled plan's name, got {plan!r}; bundled: {bundled_plans()}")
     p = Path(plan)
     if p.exists():
         return p
@@ -190,16 +201,6 @@ def _pick_backend(name: str, device: torch.device, plan: Plan):
 #: report.json's similarity: a registration whose final MI is below (1 - this) x the start's logs a warning
 SIMILARITY_DROP_WARNING = 0.1
 
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate memory")
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """torch's CUDA OOM, Python/numpy MemoryError, torch's CPU allocator failure, ONNX Runtime's arena."""
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    from_backend = isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime")
-    return from_backend and any(m in str(exc).lower() for m in _OOM_MARKERS)
-
 
 def _typed_failures(method):
     """Failures of ``method`` the caller can act on become typed :class:`MsodeError` s: a diverged
@@ -220,7 +221,7 @@ def _typed_failures(method):
                 f"far from what plan {self.name!r} was made for?)"
             ) from None
         except Exception as exc:
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'}"
             gpu = isinstance(exc, torch.cuda.OutOfMemoryError) or self.device.type == "cuda"
@@ -631,6 +632,7 @@ class Registrar:
             opts = self.cuda_graph if isinstance(self.cuda_graph, GraphOptions) else None
             res = run_graphed(self, moving, fixed, stages, options=opts, init=init)
             if res is not None:
+                self._check_overlap(res.chain)
                 res.images = (moving, fixed)
                 return res
         n = moving.shape[0]
@@ -664,6 +666,7 @@ class Registrar:
                     torch.cuda.synchronize(self.device)
                 reports.append(StageReport(st.name, st.transform, seg_stats, time.perf_counter() - t_start))
                 _log.info("stage %s done: %.1f ms, NFE %d", st.name, reports[-1].seconds * 1000, reports[-1].nfe)
+            self._check_overlap(chain)
             if not lazy_warp:
                 return ModelGridResult(chain, loop.final_warp(moving, chain), reports, images=(moving, fixed))
 
@@ -672,6 +675,28 @@ class Registrar:
                 return loop.final_warp(moving, chain)
 
         return ModelGridResult(chain, final_warp, reports, batch=n, device=moving.device, images=(moving, fixed))
+
+    def _check_overlap(self, chain: TransformChain) -> None:
+        """A rigid result that maps the fixed model grid's centre further than the grid's own extent (per
+        axis) has left the moving model grid entirely: the solve ran away (e.g. on images with nothing in
+        common) and its finite but absurd numbers must not come back as a result. ``FloatingPointError``:
+        the caller's RegistrationError. One small host read per registration."""
+        a = chain.affine_part()
+        if a is None:
+            return
+        t = a[:, :3, 3].detach().double().abs().cpu()  # (N, 3) mm: where the fixed centre maps to
+        extent = torch.tensor([n * sp for n, sp in zip(self.model_grid.shape_xyz, self.model_grid.spacing_xyz)])
+        finite = torch.isfinite(t).all(dim=1)
+        if not bool(finite.all()):  # a finite state whose matrix overflowed
+            raise FloatingPointError(f"the rigid result of pair {int((~finite).nonzero()[0, 0])} is not finite")
+        bad = (t > extent).any(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise FloatingPointError(
+                f"the rigid result of pair {i} moves the fixed image's centre by "
+                f"{[round(float(v), 1) for v in a[i, :3, 3].tolist()]} mm, beyond the model grid's extent "
+                f"{[round(float(v), 1) for v in extent.tolist()]} mm: the images no longer overlap"
+            )
 
     @staticmethod
     def _downsample(vol: torch.Tensor, grid: Grid, level_grid: Grid) -> torch.Tensor:
@@ -843,9 +868,13 @@ class Registrar:
             pending.clear()
 
         next_out = 0
-        for i, (moving, fixed) in enumerate(pairs):
+        for i, pair in enumerate(pairs):
             t0 = time.perf_counter()
             try:
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    what = f"a {type(pair).__name__} of {len(pair)}" if isinstance(pair, (tuple, list)) else repr(pair)
+                    raise InputError(f"pair {i}: expected (moving, fixed), got {what[:80]}")
+                moving, fixed = pair
                 prepared = (
                     self.prepare_image(_io.load_image(moving, "moving"), "moving"),
                     self.prepare_image(_io.load_image(fixed, "fixed"), "fixed"),
@@ -913,6 +942,11 @@ class Registrar:
                     0, 0
                 ]
                 matrix = t_m @ a_model @ t_f
+        # a finite state can still give a non-finite map (a huge step overflowing the matrix or the field);
+        # the field's sum is one cheap pass and is not finite if any value is (or if they are absurd)
+        for what, v in (("matrix", matrix), ("displacement field", disp.sum())):
+            if not bool(torch.isfinite(v).all()):
+                raise FloatingPointError(f"the {what} of the result is not finite")
         warped_img = nib.Nifti1Image(warped.cpu().numpy(), fix_img.affine)
         warped_img.set_qform(fix_img.affine, code=1)
         warped_img.set_sform(fix_img.affine, code=1)

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import BackendUnavailable, InputError, PlanError
+from ..errors import BackendUnavailable, InputError, MsodeError, PlanError, is_out_of_memory
 
 BACKENDS: dict[str, type["Backend"]] = {}
 
@@ -34,6 +34,23 @@ def check_input_names(member: str, names, kind: str) -> None:
         )
 
 
+def _run_member(run: RunFn, inputs: dict, what: str):
+    """A plan member's run: its own failures (a hostile or broken network raising inside TorchScript /
+    ONNX Runtime) are the plan's fault, so a :class:`PlanError` naming it; running out of memory is not
+    (the registrar turns that into a ResourceError), nor are the SDK's own typed errors."""
+    try:
+        return run(inputs)
+    except MsodeError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or ["no details"]
+        # TorchScript puts its own preamble and the script's traceback first, the error itself last
+        why = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+        raise PlanError(f"{what} failed at run time: {type(exc).__name__}: {why[:300]}") from exc
+
+
 class NetworkRunner:
     """One loaded per-scale vector field. Call with ``warped, fixed`` ``(N, C, D, H, W)`` float32 tensors
     on the level grid (the images, ``C = 1``, or for plans with feature members the feature maps) and the
@@ -46,7 +63,7 @@ class NetworkRunner:
 
     def __call__(self, warped: torch.Tensor, fixed: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((warped.shape[0],), float(t), dtype=torch.float32, device=warped.device)
-        out = self._run({"warped": warped, "fixed": fixed, "t": tt})
+        out = _run_member(self._run, {"warped": warped, "fixed": fixed, "t": tt}, f"network {self.member}")
         if not isinstance(out, torch.Tensor):
             raise PlanError(f"network {self.member} returned {type(out).__name__}, expected a tensor")
         return out
@@ -61,7 +78,7 @@ class FeatureRunner:
         self._run = run
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        out = self._run({"image": image})
+        out = _run_member(self._run, {"image": image}, f"feature network {self.member}")
         if not isinstance(out, torch.Tensor) or out.dim() != 5 or out.shape[0] != image.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise PlanError(
