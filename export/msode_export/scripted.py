@@ -59,7 +59,7 @@ from msode_sdk import world
 from msode_sdk.errors import PlanError
 from msode_sdk.initialize import choose_start, mutual_information, thetas_of_axes
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
-from msode_sdk.loop import SCALE_SEARCH_STRIDE, halves
+from msode_sdk.loop import FOV_MASKED, SCALE_SEARCH_STRIDE, erode, fov_cuts_content, fov_margin, halves
 from msode_sdk.plan import Plan, load_plan, write_plan
 from msode_sdk.transforms import (
     Grid,
@@ -162,9 +162,11 @@ _rigid_inverse = rigid_inverse
 _affine_bspline_coords = affine_bspline_coords
 # the native-image pipeline: the SDK's own msode_sdk.world functions, compiled into the module
 _world_image_centre = world.image_centre
-_world_resample = world.resample_to_grid
+_world_resample = world.resample_to_grid_with_fov
 _world_normalise = world.normalise_percentiles
 _world_outputs = world.world_outputs
+_erode = erode
+_fov_cuts_content = fov_cuts_content
 _apply_matrix = apply_matrix
 _bspline_kernel = bspline_kernel
 
@@ -337,6 +339,9 @@ class _Level(nn.Module):
     prior_rigid: int
     bparams: List[float]
     stride: int
+    masked: bool
+    margin: int
+    fpool: List[int]
 
     def __init__(
         self,
@@ -385,6 +390,10 @@ class _Level(nn.Module):
         self.prior_rigid = priors[0].index if prior_kinds == ["rigid"] else -1
         self.bparams = [float(v) for v in own.params] if kind == "bspline" else []
         self.stride = int(SCALE_SEARCH_STRIDE)
+        # fields of view (msode_sdk.loop, "Fields of view"): exact feature levels of the masked stage kinds
+        self.masked = kind in FOV_MASKED and features is not None and not self.feature_warp
+        self.margin = fov_margin(fg)
+        self.fpool = [a // b for a, b in zip(grid.shape_dhw, fg.shape_dhw)]
         if kind == "rigid" and not prior_kinds:
             self.fast = 1
         elif kind == "bspline" and not prior_kinds:
@@ -454,7 +463,27 @@ class _Level(nn.Module):
             start = mov
         return self.features(start), fix_feat, m0_inv
 
-    def field(self, t: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]) -> Tensor:
+    def prepare_masked(
+        self,
+        y: Tensor,
+        pyr_m: List[Tensor],
+        pyr_f: List[Tensor],
+        states: List[Tensor],
+        fov_m: List[Tensor],
+        fov_f: List[Tensor],
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`prepare` and the fixed field of view (empty without masks; ``fov_m`` / ``fov_f``: the
+        fields of view per pyramid level, empty lists when the pair's fields of view cut nothing)."""
+        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
+        if self.masked and len(fov_m) > 0:
+            return torch.cat([mov, fov_m[self.pyr]], 1), fix, m0_inv, fov_f[self.pyr]
+        return mov, fix, m0_inv, torch.zeros([0], dtype=mov.dtype, device=mov.device)
+
+    def field(
+        self, t: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, fov_f: Tensor, states: List[Tensor]
+    ) -> Tensor:
+        """One evaluation. ``fov_f``: the fixed field of view on the level (empty: no masking), ``mov`` then
+        holding the moving image and its field of view as two channels (msode_sdk.loop's ``f_fov``)."""
         if self.feature_warp:
             if self.rigid:
                 warped = _sample_coords(
@@ -471,7 +500,13 @@ class _Level(nn.Module):
                 warped = _sample(mov, self.fshape, self.fspacing, self.own.map_grid(y, self.fshape, self.fspacing))
         else:
             warped = self._warp(mov, y, states)
-            if self.has_features:
+            if fov_f.numel() > 0:
+                feat = self.features(warped[:, :1].contiguous())
+                joint = (warped[:, 1:] >= 0.999).to(feat.dtype) * fov_f
+                if self.fpool != [1, 1, 1]:
+                    joint = -F.max_pool3d(-joint, self.fpool)
+                warped = fix + _erode(joint, self.margin) * (feat - fix)
+            elif self.has_features:
                 warped = self.features(warped)
         tt = torch.full([warped.shape[0]], t, dtype=torch.float32, device=warped.device)
         v = self.network(warped, fix, tt)
@@ -542,16 +577,32 @@ class _FixedStepLevel(_Level):
         self.times = [float(v) for v in times]
 
     def step(
-        self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]
+        self,
+        t: float,
+        dt: float,
+        y: Tensor,
+        mov: Tensor,
+        fix: Tensor,
+        m0_inv: Tensor,
+        fov_f: Tensor,
+        states: List[Tensor],
     ) -> Tensor:
         raise NotImplementedError("subclass implements one step")
 
-    def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+    def integrate(
+        self,
+        y: Tensor,
+        pyr_m: List[Tensor],
+        pyr_f: List[Tensor],
+        states: List[Tensor],
+        fov_m: List[Tensor],
+        fov_f: List[Tensor],
+    ) -> Tensor:
         y = self.carried(y)
-        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
+        mov, fix, m0_inv, ff = self.prepare_masked(y, pyr_m, pyr_f, states, fov_m, fov_f)
         for i in range(len(self.times) - 1):
             ta = self.times[i]
-            y = self.step(ta, self.times[i + 1] - ta, y, mov, fix, m0_inv, states)
+            y = self.step(ta, self.times[i + 1] - ta, y, mov, fix, m0_inv, ff, states)
         return y
 
 
@@ -559,19 +610,35 @@ class _EulerLevel(_FixedStepLevel):
     """Forward Euler."""
 
     def step(
-        self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]
+        self,
+        t: float,
+        dt: float,
+        y: Tensor,
+        mov: Tensor,
+        fix: Tensor,
+        m0_inv: Tensor,
+        fov_f: Tensor,
+        states: List[Tensor],
     ) -> Tensor:
-        return y + dt * self.field(t, y, mov, fix, m0_inv, states)
+        return y + dt * self.field(t, y, mov, fix, m0_inv, fov_f, states)
 
 
 class _HeunLevel(_FixedStepLevel):
     """Heun's method (explicit trapezoid)."""
 
     def step(
-        self, t: float, dt: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, states: List[Tensor]
+        self,
+        t: float,
+        dt: float,
+        y: Tensor,
+        mov: Tensor,
+        fix: Tensor,
+        m0_inv: Tensor,
+        fov_f: Tensor,
+        states: List[Tensor],
     ) -> Tensor:
-        k1 = self.field(t, y, mov, fix, m0_inv, states)
-        k2 = self.field(t + dt, y + dt * k1, mov, fix, m0_inv, states)
+        k1 = self.field(t, y, mov, fix, m0_inv, fov_f, states)
+        k2 = self.field(t + dt, y + dt * k1, mov, fix, m0_inv, fov_f, states)
         return y + 0.5 * dt * (k1 + k2)
 
 
@@ -590,9 +657,17 @@ class _AdaptiveHeunLevel(_Level):
         self.tol = float(tol)
         self.max_steps = int(max_steps)
 
-    def integrate(self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+    def integrate(
+        self,
+        y: Tensor,
+        pyr_m: List[Tensor],
+        pyr_f: List[Tensor],
+        states: List[Tensor],
+        fov_m: List[Tensor],
+        fov_f: List[Tensor],
+    ) -> Tensor:
         y = self.carried(y)
-        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
+        mov, fix, m0_inv, ff = self.prepare_masked(y, pyr_m, pyr_f, states, fov_m, fov_f)
         t0 = self.t0
         t1 = self.t1
         span = t1 - t0
@@ -609,10 +684,10 @@ class _AdaptiveHeunLevel(_Level):
             attempts += 1
             dt = min(dt, t1 - t)
             if not have_k1:
-                k1 = self.field(t, y, mov, fix, m0_inv, states)
+                k1 = self.field(t, y, mov, fix, m0_inv, ff, states)
                 have_k1 = True
             y_new_euler = y + dt * k1
-            k2 = self.field(t + dt, y_new_euler, mov, fix, m0_inv, states)
+            k2 = self.field(t + dt, y_new_euler, mov, fix, m0_inv, ff, states)
             y_new = y + 0.5 * dt * (k1 + k2)
             ratio, factor = heun_step_control(0.5 * dt * (k2 - k1), y, y_new, self.tol)  # the SDK's controller
             if not math.isfinite(ratio):
@@ -658,7 +733,14 @@ class _Stage(nn.Module):
         self.init = init
         self.scale_search = [float(v) for v in (scale_search or [])]
 
-    def run(self, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor]) -> Tensor:
+    def run(
+        self,
+        pyr_m: List[Tensor],
+        pyr_f: List[Tensor],
+        states: List[Tensor],
+        fov_m: List[Tensor],
+        fov_f: List[Tensor],
+    ) -> Tensor:
         n = pyr_m[0].shape[0]
         shape = [n]
         for v in self.init_shape:
@@ -667,6 +749,7 @@ class _Stage(nn.Module):
         first = 0
         if self.init != "none":
             k = 5
+            no_fov: List[Tensor] = []  # rigid stages are not masked
             th = y.reshape(n, 1, 6).expand(n, k, 6)
             rep_m: List[Tensor] = []
             rep_f: List[Tensor] = []
@@ -685,7 +768,7 @@ class _Stage(nn.Module):
                     if self.init == "moments":  # score the raw starts on the first level
                         score = lv.mi_of(ends, rep_m[lv.pyr], rep_f[lv.pyr]).reshape(n, k)
                     else:  # multistart: integrate the first level from every start
-                        ends = lv.integrate(ends, rep_m, rep_f, states)
+                        ends = lv.integrate(ends, rep_m, rep_f, states, no_fov, no_fov)
             if self.init == "multistart":
                 for j, lvs in enumerate(self.levels):
                     if j == min(1, last):  # score the end points on the next level
@@ -694,7 +777,7 @@ class _Stage(nn.Module):
             y = ends.reshape(n, k, 6)[torch.arange(n, device=y.device), score.argmax(1)]
         for j, lvi in enumerate(self.levels):
             if j >= first:
-                y = lvi.integrate(y, pyr_m, pyr_f, states)
+                y = lvi.integrate(y, pyr_m, pyr_f, states, fov_m, fov_f)
         if len(self.scale_search) > 0:
             last = len(self.levels) - 1
             for j, lvl in enumerate(self.levels):
@@ -725,6 +808,7 @@ class RegistrarModule(nn.Module):
     centre_mode: str
     norm_low: float
     norm_high: float
+    fov_margin: int
 
     def __init__(
         self,
@@ -766,6 +850,7 @@ class RegistrarModule(nn.Module):
         self.centre_mode = str(grid_info.get("centre", "fov"))
         self.norm_low = float(norm.get("low", 0.5))
         self.norm_high = float(norm.get("high", 99.5))
+        self.fov_margin = fov_margin(model_grid)
 
     @torch.jit.export
     def describe(self) -> str:
@@ -788,21 +873,30 @@ class RegistrarModule(nn.Module):
             cur_spacing = steps_spacing[i]
         return cur
 
-    def _states(self, moving: Tensor, fixed: Tensor) -> List[Tensor]:
-        """Every stage's final state for model-grid inputs (the pyramid, then the stages in order)."""
+    def _states(
+        self, moving: Tensor, fixed: Tensor, fov_m: Optional[Tensor] = None, fov_f: Optional[Tensor] = None
+    ) -> List[Tensor]:
+        """Every stage's final state for model-grid inputs (the pyramid, then the stages in order).
+        ``fov_m`` / ``fov_f``: the fields of view on the model grid, given where they cut content (as
+        msode_sdk.loop's ``pyramid``): their levels go to the masked levels."""
         pyr_m: List[Tensor] = []
         pyr_f: List[Tensor] = []
+        lev_m: List[Tensor] = []
+        lev_f: List[Tensor] = []
         for p in range(len(self.pyr_shapes)):
             pyr_m.append(self._downsample(moving, p))
             pyr_f.append(self._downsample(fixed, p))
+            if fov_m is not None and fov_f is not None:
+                lev_m.append((self._downsample(fov_m, p) >= 0.999).to(fov_m.dtype))
+                lev_f.append((self._downsample(fov_f, p) >= 0.999).to(fov_f.dtype))
         states: List[Tensor] = []
         for st in self.stages:
-            states.append(st.run(pyr_m, pyr_f, states))
+            states.append(st.run(pyr_m, pyr_f, states, lev_m, lev_f))
         return states
 
-    def _prepare(self, image: Tensor, affine: Tensor, name: str) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(native (1, 1, X, Y, Z), centre RAS, model-grid volume)`` of a native image, as the SDK's
-        ``msode_sdk.io.prepare_image`` computes them (the same :mod:`msode_sdk.world` functions)."""
+    def _prepare(self, image: Tensor, affine: Tensor, name: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(native (1, 1, X, Y, Z), centre RAS, model-grid volume, its field of view)`` of a native image,
+        as the SDK's ``msode_sdk.io.prepare_image`` computes them (the same :mod:`msode_sdk.world` functions)."""
         if image.dim() != 3:
             raise ValueError("InputError: " + name + ": expected a 3-D (X, Y, Z) image, got " + str(image.shape))
         if list(affine.shape) != [4, 4]:
@@ -810,13 +904,13 @@ class RegistrarModule(nn.Module):
         native = image.to(torch.float32).contiguous().unsqueeze(0).unsqueeze(0)
         aff = affine.to(device=native.device, dtype=torch.float64)
         centre = _world_image_centre(native, aff, self.centre_mode)
-        vol = _world_resample(native, aff, self.shape, self.spacing, centre)
+        vol, fov = _world_resample(native, aff, self.shape, self.spacing, centre)
         flat = native.reshape(-1)
         sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels, as the SDK
         vol = _world_normalise(vol, sample, self.norm_low, self.norm_high, "InputError: " + name + ": ")
         if float(vol.max()) <= 0.0:
             raise ValueError("InputError: " + name + ": no image content inside the model grid around its centre")
-        return native, centre, vol
+        return native, centre, vol, fov
 
     @torch.jit.export
     def register_native(
@@ -831,9 +925,12 @@ class RegistrarModule(nn.Module):
         if not self.native_ok:
             raise RuntimeError("registrar.ts: register_native supports plans whose chain is [rigid?, bspline|dense?]")
         with torch.no_grad():
-            mov, c_m, vol_m = self._prepare(moving, moving_affine, "moving")
-            fix, c_f, vol_f = self._prepare(fixed, fixed_affine, "fixed")
-            states = self._states(vol_m, vol_f)
+            mov, c_m, vol_m, fov_m = self._prepare(moving, moving_affine, "moving")
+            fix, c_f, vol_f, fov_f = self._prepare(fixed, fixed_affine, "fixed")
+            if _fov_cuts_content(vol_m, fov_m, self.fov_margin) or _fov_cuts_content(vol_f, fov_f, self.fov_margin):
+                states = self._states(vol_m, vol_f, fov_m, fov_f)
+            else:
+                states = self._states(vol_m, vol_f)
             a = torch.eye(4, dtype=torch.float64, device=mov.device)
             first = True
             for j in self.rigid_indices:

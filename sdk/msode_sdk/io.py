@@ -556,13 +556,15 @@ def resample_to_model_grid(
 @dataclass(frozen=True)
 class PreparedImage:
     """An input on the plan's model grid: the validated ``image``, its ``centre`` (RAS mm; the model
-    frame's origin), ``vol`` ``(1, 1, D, H, W)`` normalised to [0, 1], and ``native`` (the image as
-    :func:`native_tensor`, on the same device, reused for the world outputs)."""
+    frame's origin), ``vol`` ``(1, 1, D, H, W)`` normalised to [0, 1], ``native`` (the image as
+    :func:`native_tensor`, on the same device, reused for the world outputs) and ``fov`` ``(1, 1, D, H, W)``
+    (1 inside the image's field of view, 0 where ``vol`` is padding; :mod:`msode_sdk.loop`, "Fields of view")."""
 
     image: Image
     centre: np.ndarray
     vol: torch.Tensor
     native: torch.Tensor
+    fov: torch.Tensor | None = None
 
 
 def prepare_image(
@@ -578,7 +580,7 @@ def prepare_image(
     native = native_tensor(img.array, device)
     affine = torch.from_numpy(np.asarray(img.affine, dtype=np.float64)).to(native.device)
     centre_t = world.image_centre(native, affine, centre_mode)
-    vol = world.resample_to_grid(native, affine, list(grid.shape_xyz), list(grid.spacing_xyz), centre_t)
+    vol, fov = world.resample_to_grid_with_fov(native, affine, list(grid.shape_xyz), list(grid.spacing_xyz), centre_t)
     centre = centre_t.cpu().numpy()
     flat = native.reshape(-1)
     sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
@@ -588,7 +590,7 @@ def prepare_image(
         raise InputError(f"{name}: {exc}") from None
     if float(vol.max()) <= 0.0:
         raise InputError(f"{name}: no image content inside the model grid around its centre")
-    return PreparedImage(img, centre, vol, native)
+    return PreparedImage(img, centre, vol, native, fov)
 
 
 def normalise_intensity(

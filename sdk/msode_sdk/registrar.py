@@ -71,7 +71,7 @@ from .errors import (
     is_out_of_memory,
 )
 from .integrate import SegmentStats
-from .loop import INIT_MODES, RegistrationLoop, downsample, stage_runs
+from .loop import INIT_MODES, RegistrationLoop, downsample, fov_cuts_content, fov_margin, stage_runs
 from .loop import similarity as model_grid_similarity
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain, jacobian_determinant
@@ -601,6 +601,7 @@ class Registrar:
         init: str | None = None,
         *,
         lazy_warp: bool = False,
+        fov: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ModelGridResult:
         """Register tensors already on the model grid: ``moving``, ``fixed`` ``(N, 1, D, H, W)`` float32,
         intensities normalised to [0, 1], both centred on their own image centre. Returns the chain
@@ -611,7 +612,10 @@ class Registrar:
         level from the identity and the 4 principal-axes candidates as one batch, the best end point by
         MI continues; rigid stage first only, else ``"moments"`` with a warning); default: the stage's
         plan parameter ``init``, else ``"none"``. ``lazy_warp``: the warped tensor is computed when first
-        read (eager path; callers that resample the native images themselves never pay for it)."""
+        read (eager path; callers that resample the native images themselves never pay for it). ``fov``: the
+        images' fields of view on the model grid ``(N, 1, D, H, W)`` (1 inside, 0 padding; :meth:`register`
+        passes them): where either cuts content, the deformable stages ignore what lies outside the joint
+        field of view (:mod:`msode_sdk.loop`, "Fields of view"); without them, no such masking."""
         if init not in (None, *INIT_MODES):
             raise InputError(f"unknown init {init!r}; valid: {list(INIT_MODES)}")
         grid = self.model_grid
@@ -626,7 +630,17 @@ class Registrar:
             raise InputError(f"moving and fixed batch sizes differ: {moving.shape[0]} vs {fixed.shape[0]}")
         moving = moving.to(self.device, torch.float32)
         fixed = fixed.to(self.device, torch.float32)
-        if self.cuda_graph and self.device.type == "cuda":
+        if fov is not None:
+            fov = (fov[0].to(self.device, torch.float32), fov[1].to(self.device, torch.float32))
+            for name, m, t in (("moving", fov[0], moving), ("fixed", fov[1], fixed)):
+                if m.shape != t.shape:
+                    raise InputError(f"{name} field of view: expected shape {tuple(t.shape)}, got {tuple(m.shape)}")
+            margin = fov_margin(self.model_grid)
+            if not (fov_cuts_content(moving, fov[0], margin) or fov_cuts_content(fixed, fov[1], margin)):
+                fov = None  # nothing cut: the plain loop, as registrar.ts and the CUDA graphs run it
+        if fov is not None and self.cuda_graph and self.device.type == "cuda":
+            _log.info("a field of view cuts the anatomy: eager loop with field-of-view masks, not the CUDA graphs")
+        elif self.cuda_graph and self.device.type == "cuda":
             from ._cuda_graph import GraphOptions, run_graphed
 
             opts = self.cuda_graph if isinstance(self.cuda_graph, GraphOptions) else None
@@ -640,7 +654,7 @@ class Registrar:
         chain = TransformChain()
         reports = []
         with torch.inference_mode():
-            pyr = loop.pyramid(moving, fixed)
+            pyr = loop.pyramid(moving, fixed, fov)
             for k, st in enumerate(loop.stages):
                 t_start = time.perf_counter()
                 y, seg_stats = loop.run_stage(k, pyr, chain, n)
@@ -772,7 +786,11 @@ class Registrar:
         mov = torch.cat([m.vol.to(dev) for m, _ in pairs]) if n > 1 else pairs[0][0].vol.to(dev)
         fix = torch.cat([f.vol.to(dev) for _, f in pairs]) if n > 1 else pairs[0][1].vol.to(dev)
         t1 = time.perf_counter()
-        res = self.register_model_grid(mov, fix, stages, init=init, lazy_warp=True)
+        fovs = [(m.fov, f.fov) for m, f in pairs]
+        fov = None
+        if all(a is not None and b is not None for a, b in fovs):
+            fov = (torch.cat([a.to(dev) for a, _ in fovs]), torch.cat([b.to(dev) for _, b in fovs]))
+        res = self.register_model_grid(mov, fix, stages, init=init, lazy_warp=True, fov=fov)
         t2 = time.perf_counter()
         out = []
         for i, (m, f) in enumerate(pairs):

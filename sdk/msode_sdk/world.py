@@ -168,6 +168,26 @@ def resample_to_grid(
     smaller than the grid's finest spacing, ``floor(r)`` voxels are first averaged (a strided box filter;
     the pooled voxel centres are tracked exactly in the affine), then a Gaussian of
     ``sigma = 0.5 * sqrt(r'^2 - 1)`` pooled voxels takes the remaining ratio ``r'``."""
+    vol, grid = _sampling(vol, affine, shape_xyz, spacing_xyz, centre)
+    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def resample_to_grid_with_fov(
+    vol: torch.Tensor, affine: torch.Tensor, shape_xyz: List[int], spacing_xyz: List[float], centre: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resample_to_grid` and the image's field of view on the grid ``(1, 1, D, H, W)`` float32: 1
+    where the sample had the image's data on all sides (inside its voxel box), 0 where it was padding."""
+    vol, grid = _sampling(vol, affine, shape_xyz, spacing_xyz, centre)
+    out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    fov = (grid.abs() <= 1.0 + 1e-4).all(dim=-1).unsqueeze(1).to(torch.float32)
+    return out, fov
+
+
+def _sampling(
+    vol: torch.Tensor, affine: torch.Tensor, shape_xyz: List[int], spacing_xyz: List[float], centre: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The anti-aliased volume and the ``grid_sample`` grid (normalised source coordinates) of
+    :func:`resample_to_grid`."""
     dev = vol.device
     affine = affine.to(torch.float64)
     src_spacing = torch.linalg.vector_norm(affine[:3, :3], dim=0)
@@ -204,7 +224,7 @@ def resample_to_grid(
     out_shape = [shape_xyz[2], shape_xyz[1], shape_xyz[0]]
     theta = sampling_theta(vox @ rev, out_shape, [int(vol.shape[2]), int(vol.shape[3]), int(vol.shape[4])])
     grid = F.affine_grid(theta, [1, 1, out_shape[0], out_shape[1], out_shape[2]], align_corners=True)
-    return F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return vol, grid
 
 
 def normalise_percentiles(
