@@ -54,8 +54,9 @@ def test_erode_is_a_box_minimum_with_the_grid_border_outside():
 
 
 def test_a_field_of_view_cuts_content_where_the_image_is_bright_at_its_edge():
-    """A bright ball well inside the field of view cuts nothing; the same ball with the field of view (or the
-    grid) ending through it does; a faint background (below FOV_CONTENT) at the edge does not count."""
+    """A bright ball well inside the field of view cuts nothing; the same ball with the field of view ending
+    through it does; a faint background (below FOV_CONTENT) at the edge does not count, nor does the model
+    grid's own border (a head larger than the grid)."""
     grid = Grid((40, 40, 30), (2.0, 2.0, 2.0))
     z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (30, 40, 40)), indexing="ij")
     ball = (((x - 20) ** 2 + (y - 20) ** 2 + (z - 15) ** 2) < 8**2).float()[None, None]
@@ -68,7 +69,11 @@ def test_a_field_of_view_cuts_content_where_the_image_is_bright_at_its_edge():
     slab[:, :, 18:] = 0.0  # the field of view ends 3 voxels above the ball's centre
     assert fov_cuts_content(vol * slab, slab, margin)
     shifted = torch.roll(ball, 13, dims=4)  # the ball crosses the grid's own x border
-    assert fov_cuts_content(0.9 * shifted, fov, margin)
+    assert not fov_cuts_content(0.9 * shifted, fov, margin)
+    part = fov.clone()
+    part[..., 36:] = 0.0  # ... unless the image's field of view ends inside the grid through it
+    assert fov_cuts_content(0.9 * shifted * part, part, margin)
+    assert torch.equal(erode(fov, 2, 1.0), fov) and not torch.equal(erode(fov, 2), fov)
 
 
 def _world_errors(res, points, truth, brain):

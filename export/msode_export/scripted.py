@@ -340,7 +340,6 @@ class _Level(nn.Module):
     bparams: List[float]
     stride: int
     masked: bool
-    margin: int
     fpool: List[int]
 
     def __init__(
@@ -392,7 +391,6 @@ class _Level(nn.Module):
         self.stride = int(SCALE_SEARCH_STRIDE)
         # fields of view (msode_sdk.loop, "Fields of view"): exact feature levels of the masked stage kinds
         self.masked = kind in FOV_MASKED and features is not None and not self.feature_warp
-        self.margin = fov_margin(fg)
         self.fpool = [a // b for a, b in zip(grid.shape_dhw, fg.shape_dhw)]
         if kind == "rigid" and not prior_kinds:
             self.fast = 1
@@ -502,10 +500,10 @@ class _Level(nn.Module):
             warped = self._warp(mov, y, states)
             if fov_f.numel() > 0:
                 feat = self.features(warped[:, :1].contiguous())
-                joint = (warped[:, 1:] >= 0.999).to(feat.dtype) * fov_f
+                inside = (warped[:, 1:] >= 0.999) & (fov_f > 0.5)
                 if self.fpool != [1, 1, 1]:
-                    joint = -F.max_pool3d(-joint, self.fpool)
-                warped = fix + _erode(joint, self.margin) * (feat - fix)
+                    inside = -F.max_pool3d(-inside.to(feat.dtype), self.fpool) > 0.5
+                warped = torch.where(inside, feat, fix)
             elif self.has_features:
                 warped = self.features(warped)
         tt = torch.full([warped.shape[0]], t, dtype=torch.float32, device=warped.device)
@@ -809,6 +807,7 @@ class RegistrarModule(nn.Module):
     norm_low: float
     norm_high: float
     fov_margin: int
+    pyr_margins: List[int]
 
     def __init__(
         self,
@@ -851,6 +850,7 @@ class RegistrarModule(nn.Module):
         self.norm_low = float(norm.get("low", 0.5))
         self.norm_high = float(norm.get("high", 99.5))
         self.fov_margin = fov_margin(model_grid)
+        self.pyr_margins = [fov_margin(steps[-1]) if steps else fov_margin(model_grid) for steps in pyramid]
 
     @torch.jit.export
     def describe(self) -> str:
@@ -886,9 +886,10 @@ class RegistrarModule(nn.Module):
         for p in range(len(self.pyr_shapes)):
             pyr_m.append(self._downsample(moving, p))
             pyr_f.append(self._downsample(fixed, p))
-            if fov_m is not None and fov_f is not None:
-                lev_m.append((self._downsample(fov_m, p) >= 0.999).to(fov_m.dtype))
-                lev_f.append((self._downsample(fov_f, p) >= 0.999).to(fov_f.dtype))
+            if fov_m is not None and fov_f is not None:  # each eroded once, as msode_sdk.loop's pyramid
+                margin = self.pyr_margins[p]
+                lev_m.append(_erode((self._downsample(fov_m, p) >= 0.999).to(fov_m.dtype), margin))
+                lev_f.append(_erode((self._downsample(fov_f, p) >= 0.999).to(fov_f.dtype), margin))
         states: List[Tensor] = []
         for st in self.stages:
             states.append(st.run(pyr_m, pyr_f, states, lev_m, lev_f))
