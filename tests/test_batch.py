@@ -2,10 +2,12 @@
 `Registrar.register_many` API, and sharding under torchrun (2 CPU processes, gloo)."""
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 from conftest import affine_from, render
-from msode_sdk import InputError, Registrar, cli
-from msode_sdk.batch import OUTPUT_FILES, read_pairs
+from msode_sdk import InputError, OutputError, Registrar, batch, cli
+from msode_sdk.batch import INPUTS_FILE, OUTPUT_FILES, read_pairs
 from msode_sdk.transforms import rigid_matrix
 
 ROT = [(0.10, -0.05, 0.12), (-0.08, 0.06, 0.04), (0.05, 0.09, -0.1), (0.0, -0.12, 0.07)]
@@ -264,3 +266,139 @@ def test_torchrun_two_cpu_processes_shard_and_merge(cohort, singles, analytic_pl
         got, ref = _outputs(out / f"s{k}"), _outputs(singles / f"s{k}")
         assert float(np.abs(got[1] - ref[1]).max()) <= 1e-4
     assert math.isfinite(float(rows["s3"]["seconds_total"]))
+
+
+def _no_part_files(folder):
+    return not [p for p in folder.rglob("*") if ".part" in p.name]
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"moving,fixed\na.nii.gz,b.nii.gz,extra\n", "3 fields, the header has 2"),
+        (b"moving,fixed\n\xe9.nii.gz,b.nii.gz\n", "not UTF-8"),  # Latin-1
+        (b"moving,fixed\n\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\n", "not UTF-8"),  # binary
+        (b'moving,fixed\n"' + b"a" * 200_000 + b'",b.nii.gz\n', "field limit"),
+        (b"moving,fixed\na\x00.nii.gz,b.nii.gz\n", "NUL character"),
+    ],
+    ids=["extra-column", "latin-1", "binary", "huge-field", "nul"],
+)
+def test_malformed_pair_list_names_file_and_line(tmp_path, body, why):
+    bad = tmp_path / "pairs.csv"
+    bad.write_bytes(body)
+    with pytest.raises(InputError, match=why) as info:
+        read_pairs(bad)
+    assert f"pair list {bad}, line 2:" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_malformed_pair_list_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("moving,fixed\na.nii.gz,b.nii.gz,extra\n")
+    assert cli.main(["batch", str(bad), "-o", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msode: error: pair list") and "line 2" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pair_id", ["summary.csv", "summary.rank0.csv", "Summary.Rank12.CSV"])
+def test_summary_names_are_reserved_ids(tmp_path, pair_id):
+    lst = tmp_path / "pairs.csv"
+    lst.write_text(f"id,moving,fixed\nok,a.nii.gz,b.nii.gz\n{pair_id},c.nii.gz,d.nii.gz\n")
+    with pytest.raises(InputError, match="reserved") as info:
+        read_pairs(lst)
+    assert f"{lst}, line 3" in str(info.value) and pair_id in str(info.value)
+
+
+def test_summary_write_failure_is_output_error_without_part_file(tmp_path):
+    (tmp_path / "summary.csv").mkdir()  # e.g. left by an older version's pair folder of that name
+    with pytest.raises(OutputError, match="summary.csv"):
+        batch._write_summary(tmp_path / "summary.csv", [])
+    assert _no_part_files(tmp_path) and (tmp_path / "summary.csv").is_dir()
+    batch._write_summary(tmp_path / "s.csv", [])
+    assert (tmp_path / "s.csv").read_text().startswith("id,status") and _no_part_files(tmp_path)
+
+
+def test_unusable_output_path_is_a_typed_error(cohort, analytic_plan, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    argv = ["batch", str(cohort / "pairs.csv"), "--plan", str(analytic_plan), "--device", "cpu", "-q", "-o"]
+    assert cli.main([*argv, str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msode: error: output path") and "afile exists and is not a directory" in err
+    with pytest.raises(InputError, match="not a directory"):
+        batch.run_batch(None, read_pairs(cohort / "pairs.csv"), tmp_path / "afile" / "sub")
+    if os.path.isdir("/proc"):  # cannot be created there (even as root)
+        assert cli.main([*argv, "/proc/msode_batch_test"]) == 2
+        assert capsys.readouterr().err.startswith("msode: error: cannot create the output directory /proc/")
+
+
+def test_ids_from_file_names_are_made_safe(tmp_path):
+    mdir, fdir = tmp_path / "m", tmp_path / "f"
+    for d in (mdir, fdir):
+        d.mkdir()
+        for name in ("sub 1.nii.gz", "sub-2.nii", "_x$y.nii.gz"):
+            (d / name).write_bytes(b"")
+    pairs = read_pairs(moving_dir=mdir, fixed_dir=fdir)
+    assert [(p.id, os.path.basename(p.moving)) for p in pairs] == [
+        ("x_y", "_x$y.nii.gz"),
+        ("sub_1", "sub 1.nii.gz"),
+        ("sub-2", "sub-2.nii"),
+    ]
+    (mdir / "sub_1.nii.gz").write_bytes(b"")  # now two names map to the id sub_1
+    (fdir / "sub_1.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="sub_1.*twice") as info:
+        read_pairs(moving_dir=mdir, fixed_dir=fdir)
+    assert "sub 1.nii.gz" in str(info.value) and "sub_1.nii.gz" in str(info.value)
+    lst = tmp_path / "pairs.csv"  # a CSV without ids: the same rule; an id given in the CSV is not altered
+    lst.write_text("moving,fixed\nm/sub 1.nii.gz,f/sub 1.nii.gz\n")
+    assert read_pairs(lst)[0].id == "sub_1"
+    lst.write_text("id,moving,fixed\nsub 1,m/sub 1.nii.gz,f/sub 1.nii.gz\n")
+    with pytest.raises(InputError, match="line 2: pair id 'sub 1' is not a safe folder name"):
+        read_pairs(lst)
+
+
+def test_rerun_redoes_a_pair_whose_inputs_changed(cohort, analytic_plan, tmp_path):
+    out, lst = tmp_path / "out", tmp_path / "pairs.csv"
+    argv = ["batch", str(lst), "-o", str(out), "--plan", str(analytic_plan), "--device", "cpu"]
+    argv += ["--workers", "0", "--stages", "rigid", "-q"]
+
+    def run(k):
+        lst.write_text(f"id,moving,fixed\np,{cohort}/moving{k}.nii.gz,{cohort}/fixed{k}.nii.gz\n")
+        assert cli.main(argv) == 0
+        return _summary(out)["p"]["status"]
+
+    assert run(0) == "ok"
+    record = json.loads((out / "p" / INPUTS_FILE).read_text())
+    assert record["moving"]["path"] == str(cohort / "moving0.nii.gz") and record["stages"] == ["rigid"]
+    assert run(0) == "skipped"
+    assert run(1) == "ok"  # the list now points at other files: the old results were stale
+    assert json.loads((out / "p" / INPUTS_FILE).read_text())["fixed"]["path"] == str(cohort / "fixed1.nii.gz")
+    (out / "p" / INPUTS_FILE).unlink()  # outputs of a version that recorded no inputs: kept
+    assert run(0) == "skipped"
+    assert _no_part_files(out)
+
+
+def test_saver_thread_holds_an_openmp_team_while_registering(cohort, analytic_plan, tmp_path, monkeypatch):
+    """The registration's intra-op threads must not spin-wait (10x slower on 2 busy cores): a live thread
+    that has run a parallel op (the saver) is there before the first pair is registered."""
+    events = []
+    start = batch._start_thread_team
+
+    def recording_start():
+        events.append(("team", threading.current_thread()))
+        start()
+
+    monkeypatch.setattr(batch, "_start_thread_team", recording_start)
+    reg = Registrar.load(analytic_plan, device="cpu")
+    register = reg.register_prepared_or_each
+
+    def recording_register(*args, **kwargs):
+        events.append(("register", [t.is_alive() for k, t in events if k == "team"]))
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "register_prepared_or_each", recording_register)
+    rows = batch.run_batch(
+        reg, read_pairs(cohort / "pairs.csv")[:1], tmp_path / "out", stages=["rigid"], progress=False
+    )
+    assert [r["status"] for r in rows] == ["ok"]
+    assert events[0][0] == "team" and events[0][1].name.startswith("msode-save")
+    assert events[1] == ("register", [True])

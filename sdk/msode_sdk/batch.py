@@ -5,12 +5,19 @@ Registers many pairs and writes each one's outputs as ``msode register`` does, i
 
 * the list: a CSV with columns ``moving``, ``fixed`` and optionally ``id`` (paths relative to the CSV's
   folder unless absolute), or ``--moving-dir M --fixed-dir F`` (files of the same name in both; ids from
-  the names). Ids must be unique and safe as folder names;
+  the names). Ids must be unique and safe as folder names; ``summary.csv`` and ``summary.rank<r>.csv``
+  (any case) are reserved. An id given in the CSV is refused when unsafe; an id made from a file name
+  (``--moving-dir``, or a CSV without ids) is made safe instead: unsafe characters become ``_``, leading
+  non-alphanumerics are dropped, at most 128 characters (``sub 1.nii.gz`` -> ``sub_1``), so one odd file
+  name does not stop the cohort (two names that map to one id are refused, naming both files);
 * loading, validation and resampling to the model grid run in ``--workers`` background processes (a torch
   ``DataLoader``); the registration runs ``--batch N`` pairs at a time on the model grid
   (:meth:`msode_sdk.Registrar.register_prepared`; on 2 CPU cores batch 1 is fastest, on a GPU larger
   batches pay); world outputs are computed per pair;
-* resumable: a pair whose folder already holds every output is skipped (``status skipped``); a pair's
+* resumable: a pair whose folder already holds every output is skipped (``status skipped``) unless its
+  ``inputs.json`` (written with the outputs: both files' absolute paths, sizes and modification times,
+  the plan's name, the stages and the init) differs from this run's, in which case the pair is
+  registered again; a folder without ``inputs.json`` (an earlier version's) is kept as it is. A pair's
   folder appears only complete (written to a temporary folder, then renamed);
 * a pair that fails (unreadable or hostile file, no content, out of memory) is recorded with its one-line
   error and the run goes on; the exit status is 0 when every pair succeeded or was skipped, 3 when some
@@ -25,7 +32,9 @@ Registers many pairs and writes each one's outputs as ``msode register`` does, i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import json
 import logging
 import os
 import re
@@ -35,15 +44,16 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from . import io as _io
-from .errors import InputError, MsodeError
+from .errors import InputError, MsodeError, OutputError
 
-__all__ = ["PairSpec", "read_pairs", "run_batch", "main", "OUTPUT_FILES", "SUMMARY_FIELDS"]
+__all__ = ["PairSpec", "read_pairs", "run_batch", "main", "OUTPUT_FILES", "INPUTS_FILE", "SUMMARY_FIELDS"]
 
 _log = logging.getLogger("msode_sdk")
 
@@ -62,7 +72,12 @@ SUMMARY_FIELDS = (
     "nfe",
     "error",
 )
+INPUTS_FILE = "inputs.json"  # what a pair's outputs were made from: a changed input redoes the pair
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# a pair folder of these names would stand where OUT/'s summaries are written (any case: macOS and Windows
+# file systems fold it)
+_RESERVED_ID_RE = re.compile(r"summary(\.rank[0-9]+)?\.csv", re.IGNORECASE)
+_UNSAFE_RUN_RE = re.compile(r"[^A-Za-z0-9_.\-]+")
 _NII = (".nii.gz", ".nii")
 
 
@@ -83,54 +98,138 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _derived_id(path: Path) -> str:
+    """An id made from a file name (see the module docstring): ``sub 1.nii.gz`` -> ``sub_1``."""
+    safe = _UNSAFE_RUN_RE.sub("_", _stem(path))
+    return re.sub(r"^[^A-Za-z0-9]+", "", safe)[:128]
+
+
+def _read_csv(path: Path) -> list[tuple[PairSpec, bool, str]]:
+    """The CSV's pairs, each with whether its id was given and where it is (for messages)."""
+    try:
+        data = path.read_bytes()  # decoded here, not by the csv reader, to name the line at fault
+    except OSError as exc:
+        raise InputError(f"pair list {path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"pair list {path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8"
+        ) from None
+    reader = csv.reader(StringIO(text, newline=""))
+    found: list[tuple[PairSpec, bool, str]] = []
+    try:
+        cols = [c.strip() for c in next(reader, [])]
+        if not {"moving", "fixed"} <= set(cols):
+            raise InputError(f"pair list {path}: needs the columns moving and fixed, has {cols}")
+        twice = sorted({c for c in cols if c and cols.count(c) > 1})
+        if twice:
+            raise InputError(f"pair list {path}, line 1: the column(s) {twice} appear more than once")
+        for record in reader:
+            where = f"pair list {path}, line {reader.line_num}"
+            if not any(field.strip() for field in record):
+                continue  # blank line
+            if len(record) > len(cols):
+                # DictReader would file the extras under None; a comma in an unquoted file name does this
+                raise InputError(
+                    f"{where}: {len(record)} fields, the header has {len(cols)} (quote names that hold commas)"
+                )
+            if any("\0" in field for field in record):  # no file name holds one (csv accepts it since 3.11)
+                raise InputError(f"{where}: a NUL character (a binary or UTF-16 file?)")
+            row = dict(zip(cols, (field.strip() for field in record)))
+            if not row.get("moving") or not row.get("fixed"):
+                raise InputError(f"{where}: moving and fixed are both required")
+            mov, fix = (row[c] if os.path.isabs(row[c]) else str(path.parent / row[c]) for c in ("moving", "fixed"))
+            given = row.get("id", "")
+            found.append((PairSpec(given or _derived_id(Path(mov)), mov, fix), bool(given), where))
+    except csv.Error as exc:  # a field over csv.field_size_limit(), a NUL byte, a stray quote
+        raise InputError(f"pair list {path}, line {reader.line_num}: {exc}") from None
+    return found
+
+
 def read_pairs(csv_path: str | os.PathLike | None = None, moving_dir=None, fixed_dir=None) -> list[PairSpec]:
     """The pair list from a CSV (``moving``, ``fixed``, optional ``id``) or from two folders matched by file
-    name. Raises :class:`InputError` for a missing column or folder, duplicate or unsafe ids, an empty list."""
-    pairs: list[PairSpec] = []
+    name (ids made from the names, see the module docstring). Raises :class:`InputError` naming the file
+    and line (or file name) for an unreadable or malformed list (not UTF-8, a missing column, extra fields,
+    a field over the csv module's limit), duplicate, unsafe or reserved ids, an empty list."""
+    found: list[tuple[PairSpec, bool, str]] = []  # (pair, id given, where it comes from)
     if csv_path is not None:
         path = Path(csv_path)
         if not path.is_file():
             raise InputError(f"pair list {path} is not a file")
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            if not {"moving", "fixed"} <= set(cols):
-                raise InputError(f"pair list {path}: needs the columns moving and fixed, has {cols}")
-            for k, row in enumerate(reader, start=2):
-                row = {(key or "").strip(): (val or "").strip() for key, val in row.items()}
-                if not row.get("moving") or not row.get("fixed"):
-                    raise InputError(f"pair list {path}, line {k}: moving and fixed are both required")
-                mov, fix = (
-                    str((path.parent / row[c]) if not os.path.isabs(row[c]) else row[c]) for c in ("moving", "fixed")
-                )
-                pairs.append(PairSpec(row.get("id") or _stem(Path(mov)), mov, fix))
+        found = _read_csv(path)
     elif moving_dir is not None and fixed_dir is not None:
         mdir, fdir = Path(moving_dir), Path(fixed_dir)
         for d in (mdir, fdir):
             if not d.is_dir():
                 raise InputError(f"{d} is not a directory")
-        fixed_by_name = {p.name: p for p in fdir.iterdir() if p.name.endswith(_NII)}
-        for p in sorted(q for q in mdir.iterdir() if q.name.endswith(_NII)):
+        try:
+            fixed_by_name = {p.name: p for p in fdir.iterdir() if p.name.endswith(_NII)}
+            moving = sorted(q for q in mdir.iterdir() if q.name.endswith(_NII))
+        except OSError as exc:
+            raise InputError(f"cannot list {exc.filename or mdir}: {exc.strerror or exc}") from None
+        for p in moving:
             if p.name in fixed_by_name:
-                pairs.append(PairSpec(_stem(p), str(p), str(fixed_by_name[p.name])))
+                found.append((PairSpec(_derived_id(p), str(p), str(fixed_by_name[p.name])), False, str(p)))
             else:
                 _log.warning("batch: %s has no file of the same name in %s; left out", p.name, fdir)
     else:
         raise InputError("give a pair list (CSV) or both --moving-dir and --fixed-dir")
-    if not pairs:
+    if not found:
         raise InputError("the pair list is empty")
-    seen: set[str] = set()
-    for spec in pairs:
-        if not _ID_RE.fullmatch(spec.id) or spec.id in (".", ".."):
-            raise InputError(f"pair id {spec.id!r} is not a safe folder name ([A-Za-z0-9_.-], at most 128)")
+    seen: dict[str, str] = {}
+    for spec, given, where in found:
+        if not spec.id:
+            raise InputError(f"{where}: no pair id can be made from the file name; give ids in a CSV")
+        if given and not _ID_RE.fullmatch(spec.id):
+            raise InputError(
+                f"{where}: pair id {spec.id!r} is not a safe folder name "
+                "([A-Za-z0-9_.-], starting with a letter or digit, at most 128)"
+            )
+        if _RESERVED_ID_RE.fullmatch(spec.id):
+            raise InputError(
+                f"{where}: pair id {spec.id!r} is reserved: its folder would collide with the summary file "
+                f"OUT/{spec.id} (reserved: summary.csv, summary.rank<r>.csv)"
+            )
         if spec.id in seen:
-            raise InputError(f"pair id {spec.id!r} appears twice in the list")
-        seen.add(spec.id)
-    return pairs
+            raise InputError(f"{where}: pair id {spec.id!r} appears twice in the list (also {seen[spec.id]})")
+        seen[spec.id] = where
+    return [spec for spec, _, _ in found]
 
 
-def _complete(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / f).is_file() for f in OUTPUT_FILES)
+def _input_record(spec: PairSpec, plan: str, stages: Sequence[str] | None, init: str | None) -> dict:
+    """What a pair's outputs are made from, as written to its ``inputs.json`` (JSON types only, so that a
+    record read back compares equal)."""
+
+    def one(name: str) -> dict:
+        entry: dict[str, Any] = {"path": os.path.abspath(name)}
+        try:
+            st = os.stat(name)
+        except (OSError, ValueError):  # missing or invalid: the load reports it; never equal to a record
+            return entry
+        return {**entry, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    return {
+        "moving": one(spec.moving),
+        "fixed": one(spec.fixed),
+        "plan": plan,
+        "stages": list(stages) if stages else None,
+        "init": init,
+    }
+
+
+def _done(folder: Path, record: dict) -> bool:
+    """Whether ``folder`` holds every output, made from the inputs of ``record``."""
+    try:
+        if not all((folder / f).is_file() for f in OUTPUT_FILES):
+            return False
+        old = json.loads((folder / INPUTS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:  # outputs of a version that recorded no inputs: cannot tell, kept as before
+        return True
+    except (OSError, ValueError):  # unreadable folder or record: redo the pair
+        return False
+    return old == record
 
 
 class _Prepared(torch.utils.data.Dataset):
@@ -163,12 +262,13 @@ def _one_line(exc: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _save_atomically(result, folder: Path) -> None:
-    """The pair's outputs appear in ``folder`` complete or not at all: written to a temporary sibling,
-    then renamed (an incomplete folder of an earlier run is replaced)."""
+def _save_atomically(result, folder: Path, record: dict) -> None:
+    """The pair's outputs (and its ``inputs.json``, ``record``) appear in ``folder`` complete or not at all:
+    written to a temporary sibling, then renamed (an earlier run's folder is replaced)."""
     tmp = folder.parent / f".{folder.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         result.save(tmp)
+        (tmp / INPUTS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -184,12 +284,52 @@ def _row(spec: PairSpec, status: str, out: Path, **kw) -> dict[str, Any]:
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".part-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(SUMMARY_FIELDS))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    """Write a summary atomically; :class:`OutputError` when it cannot be, and no temporary file is left.
+    The temporary name starts with a dot, which no pair id does."""
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        # backslashreplace: a file name that is not UTF-8 (a --moving-dir listing) cannot stop the summary
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            w = csv.DictWriter(f, fieldnames=list(SUMMARY_FIELDS))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the summary {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # gone already after the rename
+
+
+def _read_summaries(paths: Sequence[Path]) -> dict[str, dict]:
+    merged: dict[str, dict] = {}
+    for path in paths:
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    merged[row["id"]] = row
+        except (OSError, ValueError, csv.Error) as exc:  # a rank that died before writing its share
+            raise OutputError(f"cannot read the summary {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return merged
+
+
+def _start_thread_team() -> None:
+    """One multi-threaded CPU op on the calling thread: it leaves the thread an OpenMP team (see run_batch)."""
+    torch.ones(1 << 20).sum()
+
+
+def _check_output(out: Path) -> None:
+    """Before any work (as ``msode register``): the output must be, or be creatable as, a directory."""
+    try:
+        for d in (out, *out.parents):
+            if d.exists():
+                if not d.is_dir():
+                    raise InputError(f"output path {out}: {d} exists and is not a directory")
+                break
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+        raise InputError(f"output path {out}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def run_batch(
@@ -205,14 +345,20 @@ def run_batch(
     progress: bool = True,
 ) -> list[dict]:
     """Register this rank's share of ``pairs`` with ``reg`` into ``out_dir`` (see the module docstring);
-    returns the summary rows of that share, in list order."""
+    returns the summary rows of that share, in list order. :class:`OutputError` when ``out_dir`` cannot be
+    created."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory {out}: {exc.strerror or exc}") from None
     mine = [(i, p) for i, p in enumerate(pairs) if i % world == rank]
     rows: dict[int, dict] = {}
+    records = {i: _input_record(p, reg.name, stages, init) for i, p in mine}
     todo = []
     for i, p in mine:
-        if _complete(out / p.id):
+        if _done(out / p.id, records[i]):
             rows[i] = _row(p, "skipped", out)
         else:
             todo.append((i, p))
@@ -227,6 +373,13 @@ def run_batch(
     pending: list = []
     saving: list = []  # (index, load seconds, result, future) in list order
     saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msode-save")
+    # The saver thread (alive for the whole run) first runs one multi-threaded op and so keeps an OpenMP
+    # team, as Registrar.register's preparation threads do. libgomp (torch's OpenMP on Linux) then counts
+    # more threads than cores and lets a thread waiting at the end of a parallel region sleep soon instead
+    # of spinning ~300k rounds. Without it the registration's intra-op threads spun whenever anything else
+    # held a core (data-loading workers, the saver's gzip, another process): 11 s instead of 1.0 s for a
+    # rigid pair on 2 cores, until the saver's first save happened to leave a team.
+    saver.submit(_start_thread_team).result()
 
     def record_error(i: int, message: str, load: float = 0.0):
         rows[i] = _row(pairs[i], "error", out, output="", error=message, seconds_load=f"{load:.3f}")
@@ -247,7 +400,7 @@ def run_batch(
                 continue
             # written by a background thread (gzip of a 1 mm displacement takes seconds; zlib releases the
             # GIL), overlapping the next registration; at most two results wait in memory
-            saving.append((i, load, res, saver.submit(_save_atomically, res, out / pairs[i].id)))
+            saving.append((i, load, res, saver.submit(_save_atomically, res, out / pairs[i].id, records[i])))
             while len(saving) > 2:
                 finish_save()
 
@@ -325,7 +478,13 @@ def _distributed() -> tuple[int, int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="?", default=None, help="CSV with columns moving, fixed[, id]")
-    p.add_argument("-o", "--output", required=True, help="output directory (one folder per pair + summary.csv)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output directory (one folder per pair + summary.csv); a rerun skips the pairs already done there "
+        "and redoes those whose input files, plan, --stages or --init changed (recorded in OUT/<id>/inputs.json)",
+    )
     p.add_argument("--moving-dir", default=None, help="instead of a CSV: moving images, matched by file name ...")
     p.add_argument("--fixed-dir", default=None, help="... with the fixed images of this folder")
     p.add_argument("--plan", default=None, help="plan path or bundled name (default rigid_bspline.plan)")
@@ -345,10 +504,9 @@ def run(args) -> int:
 
     if args.batch < 1 or args.workers < 0:
         raise InputError(f"--batch must be >= 1 and --workers >= 0, got {args.batch} and {args.workers}")
-    pairs = read_pairs(args.pairs, args.moving_dir, args.fixed_dir)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a directory")
+    _check_output(out)
+    pairs = read_pairs(args.pairs, args.moving_dir, args.fixed_dir)
     rank, world, local_rank = _distributed()
     if not args.quiet:  # per-stage log lines would break the progress bar: warnings and errors only
         logging.getLogger("msode_sdk").setLevel(logging.WARNING)
@@ -387,11 +545,7 @@ def run(args) -> int:
             dist.barrier()
             if rank != 0:
                 return 0
-            merged: dict[str, dict] = {}
-            for r in range(world):
-                with open(out / f"summary.rank{r}.csv", newline="", encoding="utf-8") as f:
-                    for row in csv.DictReader(f):
-                        merged[row["id"]] = row
+            merged = _read_summaries([out / f"summary.rank{r}.csv" for r in range(world)])
             rows = [merged[p.id] for p in pairs if p.id in merged]
         _write_summary(out / "summary.csv", rows)
     finally:
