@@ -321,6 +321,17 @@ def test_documented_accepted_inputs(reg, pair, case):
     assert 0.0 <= float(vol.min()) and float(vol.max()) <= 1.0
 
 
+@pytest.mark.parametrize("offset", [-200.0, -1000.0, 5000.0])
+def test_an_image_whose_background_is_not_zero_registers_as_the_original(reg, pair, offset):
+    """Intensities shifted by a constant (a negative or z-scored image, CT's -1000 HU background): the model
+    grid's padding stands for the image's own low percentile, so the registration is the original's (before,
+    padding read as a raw 0 made a bright frame that the rigid stage aligned)."""
+    (m_arr, m_aff), fixed = pair
+    base = reg.register((m_arr, m_aff), fixed, stages=["rigid"]).matrix
+    moved = reg.register((m_arr + offset, m_aff), fixed, stages=["rigid"]).matrix
+    np.testing.assert_allclose(moved, base, atol=2e-3)
+
+
 def test_content_outside_the_model_grid(reg, pair):
     """A 1.2 m field of view whose only content sits in one corner, far outside the model grid
     around the FOV centre (the plan centres on the field of view)."""

@@ -162,8 +162,7 @@ _rigid_inverse = rigid_inverse
 _affine_bspline_coords = affine_bspline_coords
 # the native-image pipeline: the SDK's own msode_sdk.world functions, compiled into the module
 _world_image_centre = world.image_centre
-_world_resample = world.resample_to_grid_with_fov
-_world_normalise = world.normalise_percentiles
+_world_prepare = world.prepare_on_grid
 _world_outputs = world.world_outputs
 _erode = erode
 _fov_cuts_content = fov_cuts_content
@@ -905,10 +904,9 @@ class RegistrarModule(nn.Module):
         native = image.to(torch.float32).contiguous().unsqueeze(0).unsqueeze(0)
         aff = affine.to(device=native.device, dtype=torch.float64)
         centre = _world_image_centre(native, aff, self.centre_mode)
-        vol, fov = _world_resample(native, aff, self.shape, self.spacing, centre)
-        flat = native.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels, as the SDK
-        vol = _world_normalise(vol, sample, self.norm_low, self.norm_high, "InputError: " + name + ": ")
+        vol, fov = _world_prepare(
+            native, aff, self.shape, self.spacing, centre, self.norm_low, self.norm_high, "InputError: " + name + ": "
+        )
         if float(vol.max()) <= 0.0:
             raise ValueError("InputError: " + name + ": no image content inside the model grid around its centre")
         return native, centre, vol, fov

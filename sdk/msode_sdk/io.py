@@ -580,14 +580,19 @@ def prepare_image(
     native = native_tensor(img.array, device)
     affine = torch.from_numpy(np.asarray(img.affine, dtype=np.float64)).to(native.device)
     centre_t = world.image_centre(native, affine, centre_mode)
-    vol, fov = world.resample_to_grid_with_fov(native, affine, list(grid.shape_xyz), list(grid.spacing_xyz), centre_t)
-    centre = centre_t.cpu().numpy()
-    flat = native.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 2_000_000)]  # percentiles on <= 2M voxels: fast, stable
     try:
-        vol = normalise_intensity(vol, normalization["low"], normalization["high"], reference=sample)
-    except InputError as exc:
+        vol, fov = world.prepare_on_grid(
+            native,
+            affine,
+            list(grid.shape_xyz),
+            list(grid.spacing_xyz),
+            centre_t,
+            float(normalization["low"]),
+            float(normalization["high"]),
+        )
+    except ValueError as exc:  # no intensity range
         raise InputError(f"{name}: {exc}") from None
+    centre = centre_t.cpu().numpy()
     if float(vol.max()) <= 0.0:
         raise InputError(f"{name}: no image content inside the model grid around its centre")
     return PreparedImage(img, centre, vol, native, fov)

@@ -29,6 +29,9 @@ __all__ = [
     "image_centre",
     "resample_to_grid",
     "normalise_percentiles",
+    "percentile_range",
+    "prepare_on_grid",
+    "resample_to_grid_with_fov",
     "quantiles",
     "axis_permutation",
     "world_outputs",
@@ -227,13 +230,10 @@ def _sampling(
     return vol, grid
 
 
-def normalise_percentiles(
-    vol: torch.Tensor, sample: torch.Tensor, low_pct: float, high_pct: float, what: str = ""
-) -> torch.Tensor:
-    """Map intensities so that the ``low_pct`` / ``high_pct`` percentiles of ``sample`` (linear
-    interpolation, as numpy's default; float64) become 0 and 1, clipped to ``[0, 1]``; a degenerate range
-    falls back to the sample's min / max. Raises ``ValueError(what + "image has no intensity range ...")``
-    when that is degenerate too."""
+def percentile_range(sample: torch.Tensor, low_pct: float, high_pct: float, what: str = "") -> Tuple[float, float]:
+    """The ``low_pct`` / ``high_pct`` percentiles of ``sample`` (linear interpolation, as numpy's default;
+    float64); a degenerate range falls back to the sample's min / max. Raises ``ValueError(what + "image has
+    no intensity range ...")`` when that is degenerate too."""
     flat = sample.reshape(-1)
     q = quantiles(flat, [low_pct / 100.0, high_pct / 100.0])
     lo = q[0]
@@ -243,7 +243,40 @@ def normalise_percentiles(
         hi = float(flat.max())
     if not hi > lo:
         raise ValueError(what + "image has no intensity range to normalise")
+    return lo, hi
+
+
+def normalise_percentiles(
+    vol: torch.Tensor, sample: torch.Tensor, low_pct: float, high_pct: float, what: str = ""
+) -> torch.Tensor:
+    """Map intensities so that the ``low_pct`` / ``high_pct`` percentiles of ``sample`` (:func:`percentile_range`)
+    become 0 and 1, clipped to ``[0, 1]``."""
+    lo, hi = percentile_range(sample, low_pct, high_pct, what)
     return ((vol - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def prepare_on_grid(
+    native: torch.Tensor,
+    affine: torch.Tensor,
+    shape_xyz: List[int],
+    spacing_xyz: List[float],
+    centre: torch.Tensor,
+    low_pct: float,
+    high_pct: float,
+    what: str = "",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A native image ``(1, 1, n0, n1, n2)`` on the model grid (:func:`resample_to_grid_with_fov`),
+    normalised by its own percentiles (:func:`normalise_percentiles`, of at most 2 M voxels): ``(volume in
+    [0, 1], field of view)``. Outside its field of view the volume is 0, the normalised low percentile: the
+    image is shifted by that percentile before resampling, so padding reads as background whatever the
+    image's own background (CT's -1000 HU, a negative or z-scored image; padding with a raw 0 made a bright
+    frame there that the rigid stage aligned: 45 mm off on a -200-offset pair)."""
+    flat = native.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 2_000_000)]
+    lo, hi = percentile_range(sample, low_pct, high_pct, what)
+    src = native - lo if lo != 0.0 else native  # MRI's background is 0: no extra pass
+    vol, fov = resample_to_grid_with_fov(src, affine, shape_xyz, spacing_xyz, centre)
+    return (vol / (hi - lo)).clamp(0.0, 1.0), fov
 
 
 def axis_permutation(direction: torch.Tensor) -> List[int]:
