@@ -339,6 +339,7 @@ class _Level(nn.Module):
     bparams: List[float]
     stride: int
     masked: bool
+    margin: int
     fpool: List[int]
 
     def __init__(
@@ -390,6 +391,7 @@ class _Level(nn.Module):
         self.stride = int(SCALE_SEARCH_STRIDE)
         # fields of view (msode_sdk.loop, "Fields of view"): exact feature levels of the masked stage kinds
         self.masked = kind in FOV_MASKED and features is not None and not self.feature_warp
+        self.margin = fov_margin(grid)
         self.fpool = [a // b for a, b in zip(grid.shape_dhw, fg.shape_dhw)]
         if kind == "rigid" and not prior_kinds:
             self.fast = 1
@@ -472,8 +474,9 @@ class _Level(nn.Module):
         """:meth:`prepare` and the fixed field of view (empty without masks; ``fov_m`` / ``fov_f``: the
         fields of view per pyramid level, empty lists when the pair's fields of view cut nothing)."""
         mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
-        if self.masked and len(fov_m) > 0:
-            return torch.cat([mov, fov_m[self.pyr]], 1), fix, m0_inv, fov_f[self.pyr]
+        if self.masked and len(fov_m) > 0:  # eroded once per level; the moving mask warped with the image
+            moving_fov = _erode(fov_m[self.pyr], self.margin)
+            return torch.cat([mov, moving_fov], 1), fix, m0_inv, _erode(fov_f[self.pyr], self.margin)
         return mov, fix, m0_inv, torch.zeros([0], dtype=mov.dtype, device=mov.device)
 
     def field(
@@ -746,10 +749,10 @@ class _Stage(nn.Module):
         first = 0
         if self.init != "none":
             k = 5
-            no_fov: List[Tensor] = []  # rigid stages are not masked
             th = y.reshape(n, 1, 6).expand(n, k, 6)
             rep_m: List[Tensor] = []
             rep_f: List[Tensor] = []
+            no_fov: List[Tensor] = []  # rigid levels are not masked
             for i in range(len(pyr_m)):
                 rep_m.append(pyr_m[i].repeat_interleave(k, 0))
                 rep_f.append(pyr_f[i].repeat_interleave(k, 0))
@@ -806,7 +809,6 @@ class RegistrarModule(nn.Module):
     norm_low: float
     norm_high: float
     fov_margin: int
-    pyr_margins: List[int]
 
     def __init__(
         self,
@@ -849,7 +851,6 @@ class RegistrarModule(nn.Module):
         self.norm_low = float(norm.get("low", 0.5))
         self.norm_high = float(norm.get("high", 99.5))
         self.fov_margin = fov_margin(model_grid)
-        self.pyr_margins = [fov_margin(steps[-1]) if steps else fov_margin(model_grid) for steps in pyramid]
 
     @torch.jit.export
     def describe(self) -> str:
@@ -885,10 +886,9 @@ class RegistrarModule(nn.Module):
         for p in range(len(self.pyr_shapes)):
             pyr_m.append(self._downsample(moving, p))
             pyr_f.append(self._downsample(fixed, p))
-            if fov_m is not None and fov_f is not None:  # each eroded once, as msode_sdk.loop's pyramid
-                margin = self.pyr_margins[p]
-                lev_m.append(_erode((self._downsample(fov_m, p) >= 0.999).to(fov_m.dtype), margin))
-                lev_f.append(_erode((self._downsample(fov_f, p) >= 0.999).to(fov_f.dtype), margin))
+            if fov_m is not None and fov_f is not None:  # as msode_sdk.loop's pyramid
+                lev_m.append((self._downsample(fov_m, p) >= 0.999).to(fov_m.dtype))
+                lev_f.append((self._downsample(fov_f, p) >= 0.999).to(fov_f.dtype))
         states: List[Tensor] = []
         for st in self.stages:
             states.append(st.run(pyr_m, pyr_f, states, lev_m, lev_f))

@@ -53,14 +53,15 @@ where a field of view cuts the anatomy (a slab, an oblique field of view through
 edge the other does not, and a deformable stage deformed towards it (measured: a rigid pair whose fixed slab
 cut the brain got up to 9.7 mm of spurious deformation, 2.4 % of brain voxels > 5 mm). When either image's own
 field of view cuts content inside the model grid (:func:`fov_cuts_content`), :meth:`RegistrationLoop.pyramid`
-keeps both images' field-of-view masks per deformable level, each eroded by :data:`FOV_MARGIN_MM` (a feature
-that near the edge already sees the padding), and every evaluation of a deformable feature level replaces the
-moving features by the fixed ones outside the joint field of view (the fixed mask times the moving mask,
-warped with the image in the same call): there the residual is zero and nothing drives the deformation,
-inside nothing changes. Pairs whose fields of view cut nothing run exactly as before (no mask is kept), as
-the latency benchmark's do. Rigid stages are not masked (on heavily cut pairs masking them was worse). The
-scripted ``registrar.ts`` (C++) masks the same way in ``register_native``; its model-grid ``forward`` takes
-no masks.
+keeps both images' field-of-view masks on the deformable (:data:`FOV_MASKED`) exact feature levels; each level
+erodes them by :data:`FOV_MARGIN_MM` at its start (a feature that near the edge already sees the padding)
+and at every evaluation replaces the moving features by the fixed ones outside the joint field of view (the
+fixed mask times the moving mask, warped with the image in the same call): there the residual is zero and
+nothing drives the deformation, inside nothing changes. Pairs whose fields of view cut nothing run exactly as
+before (no mask is kept), as the latency benchmark's do. Rigid stages are not masked: replacing their features
+the same way was worse, and cutting the warped moving image to the fixed field of view helped on half of 8
+slab pairs and hurt badly on the other half. The scripted ``registrar.ts`` (C++) masks the same way in
+``register_native``; its model-grid ``forward`` takes no masks.
 
 Nothing here synchronises with the host except what a solver asks for (the adaptive solver's step
 control) and the eager path's per-stage timing and finiteness checks; with fixed-step solvers the whole
@@ -347,15 +348,11 @@ class RegistrationLoop:
             self.fov_levels = {}
             for st in self.stages:
                 for lv in st.levels:
-                    if st.transform in FOV_MASKED and lv.features is not None and lv.grid not in self.fov_levels:
-                        # a level voxel is inside where all the model-grid voxels it averages are; each mask
-                        # shrinks by the margin here, once (eroding the joint mask at every evaluation instead
-                        # cost 0.4 s a registration on 2 CPU cores; the moving mask is then warped eroded)
+                    masked = st.transform in FOV_MASKED and lv.features is not None and not lv.feature_warp
+                    if masked and lv.grid not in self.fov_levels:
+                        # a level voxel is inside where all the model-grid voxels it averages are
                         self.fov_levels[lv.grid] = tuple(
-                            erode(
-                                (downsample(m, self.grid, lv.grid, self.warp) >= 0.999).to(m.dtype), fov_margin(lv.grid)
-                            )
-                            for m in fov
+                            (downsample(m, self.grid, lv.grid, self.warp) >= 0.999).to(m.dtype) for m in fov
                         )
         return pyr
 
@@ -393,10 +390,11 @@ class RegistrationLoop:
         fg = lv.feature_grid
         fix_feat = lv.features(rep(fix))  # on the repeated batch, as registrar.ts computes it (same bits)
         self._check_features(lv, fix_feat)
-        fov = None if self.fov_levels is None or kind not in FOV_MASKED else self.fov_levels.get(lg)
-        if fov is not None and not lv.feature_warp:  # exact, outside the joint field of view the fixed features
-            both = rep(torch.cat((mov, fov[0]), 1))  # the image and its field of view warped by one call
-            fov_fix = rep(fov[1]) > 0.5
+        fov = None if self.fov_levels is None or lv.feature_warp or kind not in FOV_MASKED else self.fov_levels.get(lg)
+        if fov is not None and kind in FOV_MASKED:  # exact, outside the joint field of view the fixed features
+            margin = fov_margin(lg)  # each mask shrinks once per level, the moving one then warped eroded
+            both = rep(torch.cat((mov, erode(fov[0], margin)), 1))  # image and field of view warped by one call
+            fov_fix = rep(erode(fov[1], margin)) > 0.5
             features = lv.features
             pool = [a // b for a, b in zip(lg.shape_dhw, (fg or lg).shape_dhw)]
 
