@@ -391,7 +391,7 @@ class RegistrationLoop:
         fix_feat = lv.features(rep(fix))  # on the repeated batch, as registrar.ts computes it (same bits)
         self._check_features(lv, fix_feat)
         fov = None if self.fov_levels is None or lv.feature_warp or kind not in FOV_MASKED else self.fov_levels.get(lg)
-        if fov is not None and kind in FOV_MASKED:  # exact, outside the joint field of view the fixed features
+        if fov is not None:  # exact, outside the joint field of view the fixed features
             margin = fov_margin(lg)  # each mask shrinks once per level, the moving one then warped eroded
             both = rep(torch.cat((mov, erode(fov[0], margin)), 1))  # image and field of view warped by one call
             fov_fix = rep(erode(fov[1], margin)) > 0.5
