@@ -40,6 +40,26 @@ def test_fov_is_where_the_sample_had_the_native_voxel_box():
     assert float(out[0, 0][want == 0].min()) == 0.0  # beyond the box, padding
 
 
+def test_an_image_covering_the_grid_has_a_full_field_of_view():
+    """An oblique native image larger than the model grid on every side: every model voxel is inside (the
+    corner test's shortcut), as the voxel-wise test says."""
+    affine = torch.eye(4, dtype=torch.float64)
+    c, s_ = np.cos(np.radians(20.0)), np.sin(np.radians(20.0))
+    affine[:2, :2] = torch.tensor([[c, -s_], [s_, c]], dtype=torch.float64) * 2.0
+    affine[2, 2] = 2.0
+    shape = (90, 90, 60)
+    affine[:3, 3] = -(affine[:3, :3] @ torch.tensor([(n - 1) / 2.0 for n in shape], dtype=torch.float64))
+    vol = torch.rand(1, 1, *shape)
+    out, fov = world.resample_to_grid_with_fov(
+        vol, affine, [40, 40, 30], [3.0, 3.0, 3.0], torch.zeros(3, dtype=torch.float64)
+    )
+    assert torch.equal(fov, torch.ones_like(out))
+    _, part = world.resample_to_grid_with_fov(
+        vol, affine, [80, 80, 50], [3.0, 3.0, 3.0], torch.zeros(3, dtype=torch.float64)
+    )
+    assert 0.3 < float(part.mean()) < 1.0  # a larger grid reaches beyond the image: the voxel-wise test
+
+
 def test_erode_is_a_box_minimum_with_the_grid_border_outside():
     mask = torch.zeros(1, 1, 16, 16, 16)
     mask[..., 3:13, 4:14, 2:12] = 1.0

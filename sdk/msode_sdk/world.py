@@ -182,8 +182,13 @@ def resample_to_grid_with_fov(
     where the sample had the image's data on all sides (inside its voxel box), 0 where it was padding."""
     vol, grid = _sampling(vol, affine, shape_xyz, spacing_xyz, centre)
     out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    fov = (grid.abs() <= 1.0 + 1e-4).all(dim=-1).unsqueeze(1).to(torch.float32)
-    return out, fov
+    tol = 1.0 + 1e-4
+    corners = grid[:, :: grid.shape[1] - 1, :: grid.shape[2] - 1, :: grid.shape[3] - 1]
+    if bool((corners.abs() <= tol).all()):  # the grid is an affine box: all its corners inside, all inside
+        return out, torch.ones_like(out)
+    g = grid.abs()
+    fov = (g[..., 0] <= tol) & (g[..., 1] <= tol) & (g[..., 2] <= tol)
+    return out, fov.unsqueeze(1).to(torch.float32)
 
 
 def _sampling(
