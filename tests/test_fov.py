@@ -142,7 +142,10 @@ def test_a_slab_cutting_the_brain_drives_no_spurious_deformation(slab_pair, plan
 
     reg = Registrar.load(plan, device="cpu", backend="torch")
     (moving, fixed), points, truth, brain = slab_pair
-    masked = _world_errors(reg.register(moving, fixed), points, truth, brain)
+    res = reg.register(moving, fixed)
+    deformable = reg.stage_names[-1]
+    assert res.report()["fields_of_view"] == {"cut_content": True, "masked_stages": [deformable]}
+    masked = _world_errors(res, points, truth, brain)
     rigid = _world_errors(reg.register(moving, fixed, stages=["rigid"]), points, truth, brain)
     monkeypatch.setattr(registrar_module, "fov_cuts_content", lambda vol, fov, margin: False)
     unmasked = _world_errors(reg.register(moving, fixed), points, truth, brain)
@@ -168,6 +171,8 @@ def test_fields_of_view_that_cut_nothing_change_nothing():
     given = reg.register_model_grid(moving, fixed, fov=(ones, ones))
     for a, b in zip(plain.chain.transforms, given.chain.transforms):
         assert torch.equal(a.state, b.state)
+    assert plain.fields_of_view is None  # none given: nothing to say
+    assert given.fields_of_view == {"cut_content": False, "masked_stages": []}
 
 
 def test_registrar_ts_masks_as_the_sdk_does(slab_pair):

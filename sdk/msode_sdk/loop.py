@@ -356,6 +356,14 @@ class RegistrationLoop:
                         )
         return pyr
 
+    def fov_masks(self, st: StageRun) -> bool:
+        """Whether stage ``st`` masks by the fields of view in this registration (after :meth:`pyramid`)."""
+        return (
+            self.fov_levels is not None
+            and any(lv.grid in self.fov_levels for lv in st.levels)
+            and (st.transform in FOV_MASKED)
+        )
+
     def final_warp(self, moving: torch.Tensor, chain: TransformChain) -> torch.Tensor:
         return self.warp(moving, self.grid, chain, self.grid)
 

@@ -278,7 +278,9 @@ class ModelGridResult:
 
     ``warped`` may be given as a zero-argument function: it then runs on first access (``register``
     resamples the native moving image instead and never needs the model-grid one). ``images``: the
-    registered ``(moving, fixed)`` model-grid tensors, for :meth:`similarity`."""
+    registered ``(moving, fixed)`` model-grid tensors, for :meth:`similarity`. ``fields_of_view``:
+    ``{"cut_content": bool, "masked_stages": [names]}`` (:mod:`msode_sdk.loop`, "Fields of view"); None
+    when no fields of view were given."""
 
     def __init__(
         self,
@@ -288,10 +290,12 @@ class ModelGridResult:
         batch: int | None = None,
         device: torch.device | None = None,
         images: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fields_of_view: dict | None = None,
     ):
         self.chain = chain
         self.stages = stages
         self.images = images
+        self.fields_of_view = fields_of_view
         self._warped = warped
         if isinstance(warped, torch.Tensor):
             batch, device = warped.shape[0], warped.device
@@ -348,7 +352,9 @@ def _batch_item(res: ModelGridResult, chain: TransformChain, i: int) -> ModelGri
         return res.warped[i : i + 1]
 
     images = None if res.images is None else (res.images[0][i : i + 1], res.images[1][i : i + 1])
-    return ModelGridResult(chain, warped, res.stages, batch=1, device=res.device, images=images)
+    return ModelGridResult(
+        chain, warped, res.stages, batch=1, device=res.device, images=images, fields_of_view=res.fields_of_view
+    )
 
 
 @dataclass
@@ -398,12 +404,18 @@ class RegistrationResult:
             "stages": [s.to_dict() for s in self.stages],
             "matrix_ras": np.asarray(self.matrix).tolist(),
             **self._model_grid_measures(),
+            **self._fov_report(),
             "conventions": {
                 "matrix": "RAS mm, fixed point -> moving point",
                 "displacement": "LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)",
                 "transform.tfm": "ITK AffineTransform, LPS, fixed -> moving (rigid part)",
             },
         }
+
+    def _fov_report(self) -> dict:
+        """Which stages masked by the images' fields of view (:mod:`msode_sdk.loop`, "Fields of view")."""
+        fov = None if self.model_grid is None else self.model_grid.fields_of_view
+        return {} if fov is None else {"fields_of_view": copy.deepcopy(fov)}
 
     def _model_grid_measures(self) -> dict:
         if self._measures is None:
@@ -630,6 +642,7 @@ class Registrar:
             raise InputError(f"moving and fixed batch sizes differ: {moving.shape[0]} vs {fixed.shape[0]}")
         moving = moving.to(self.device, torch.float32)
         fixed = fixed.to(self.device, torch.float32)
+        given_fov = fov
         if fov is not None:
             fov = (fov[0].to(self.device, torch.float32), fov[1].to(self.device, torch.float32))
             for name, m, t in (("moving", fov[0], moving), ("fixed", fov[1], fixed)):
@@ -648,6 +661,7 @@ class Registrar:
             if res is not None:
                 self._check_overlap(res.chain)
                 res.images = (moving, fixed)
+                res.fields_of_view = None if given_fov is None else {"cut_content": False, "masked_stages": []}
                 return res
         n = moving.shape[0]
         loop = RegistrationLoop(stage_runs(self, self._select_stages(stages), init), self.model_grid)
@@ -681,14 +695,22 @@ class Registrar:
                 reports.append(StageReport(st.name, st.transform, seg_stats, time.perf_counter() - t_start))
                 _log.info("stage %s done: %.1f ms, NFE %d", st.name, reports[-1].seconds * 1000, reports[-1].nfe)
             self._check_overlap(chain)
+            masked = None
+            if given_fov is not None:
+                names = [st.name for st in loop.stages if loop.fov_masks(st)]
+                masked = {"cut_content": fov is not None, "masked_stages": names}
             if not lazy_warp:
-                return ModelGridResult(chain, loop.final_warp(moving, chain), reports, images=(moving, fixed))
+                return ModelGridResult(
+                    chain, loop.final_warp(moving, chain), reports, images=(moving, fixed), fields_of_view=masked
+                )
 
         def final_warp(chain: TransformChain = chain) -> torch.Tensor:
             with torch.inference_mode():
                 return loop.final_warp(moving, chain)
 
-        return ModelGridResult(chain, final_warp, reports, batch=n, device=moving.device, images=(moving, fixed))
+        return ModelGridResult(
+            chain, final_warp, reports, batch=n, device=moving.device, images=(moving, fixed), fields_of_view=masked
+        )
 
     def _check_overlap(self, chain: TransformChain) -> None:
         """A rigid result that maps the fixed model grid's centre further than the grid's own extent (per
