@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 
 import nibabel as nib
 import numpy as np
@@ -375,30 +374,3 @@ def test_rerun_redoes_a_pair_whose_inputs_changed(cohort, analytic_plan, tmp_pat
     (out / "p" / INPUTS_FILE).unlink()  # outputs of a version that recorded no inputs: kept
     assert run(0) == "skipped"
     assert _no_part_files(out)
-
-
-def test_saver_thread_holds_an_openmp_team_while_registering(cohort, analytic_plan, tmp_path, monkeypatch):
-    """The registration's intra-op threads must not spin-wait (10x slower on 2 busy cores): a live thread
-    that has run a parallel op (the saver) is there before the first pair is registered."""
-    events = []
-    start = batch._start_thread_team
-
-    def recording_start():
-        events.append(("team", threading.current_thread()))
-        start()
-
-    monkeypatch.setattr(batch, "_start_thread_team", recording_start)
-    reg = Registrar.load(analytic_plan, device="cpu")
-    register = reg.register_prepared_or_each
-
-    def recording_register(*args, **kwargs):
-        events.append(("register", [t.is_alive() for k, t in events if k == "team"]))
-        return register(*args, **kwargs)
-
-    monkeypatch.setattr(reg, "register_prepared_or_each", recording_register)
-    rows = batch.run_batch(
-        reg, read_pairs(cohort / "pairs.csv")[:1], tmp_path / "out", stages=["rigid"], progress=False
-    )
-    assert [r["status"] for r in rows] == ["ok"]
-    assert events[0][0] == "team" and events[0][1].name.startswith("msode-save")
-    assert events[1] == ("register", [True])

@@ -396,3 +396,19 @@ def test_a_registration_that_lowers_the_similarity_is_flagged(registrar, rigid_c
     assert sim["rigid"] < 0.9 * sim["start"] and good["rigid"] >= 0.9 * good["start"]
     assert sum("lowered" in r.getMessage() for r in caplog.records) == 1
     assert bad.report()["similarity"] == sim
+
+
+def test_loading_leaves_a_thread_holding_an_openmp_team(analytic_plan, monkeypatch):
+    """Registrar construction runs one parallel op on a long-lived preparation thread, once per process (why:
+    msode_sdk.registrar._hold_openmp_team; libgomp's spin-waiting made registrations 2-10x slower on busy
+    cores)."""
+    import threading
+
+    import msode_sdk.registrar as registrar_module
+
+    ran = []
+    monkeypatch.setattr(registrar_module, "_TEAM_HELD", False)
+    monkeypatch.setattr(registrar_module, "_team_op", lambda: ran.append(threading.current_thread()))
+    Registrar.load(analytic_plan, device="cpu")
+    Registrar.load(analytic_plan, device="cpu")
+    assert len(ran) == 1 and ran[0].name.startswith("msode-prepare") and ran[0].is_alive()

@@ -313,11 +313,6 @@ def _read_summaries(paths: Sequence[Path]) -> dict[str, dict]:
     return merged
 
 
-def _start_thread_team() -> None:
-    """One multi-threaded CPU op on the calling thread: it leaves the thread an OpenMP team (see run_batch)."""
-    torch.ones(1 << 20).sum()
-
-
 def _check_output(out: Path) -> None:
     """Before any work (as ``msode register``): the output must be, or be creatable as, a directory."""
     try:
@@ -373,13 +368,6 @@ def run_batch(
     pending: list = []
     saving: list = []  # (index, load seconds, result, future) in list order
     saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msode-save")
-    # The saver thread (alive for the whole run) first runs one multi-threaded op and so keeps an OpenMP
-    # team, as Registrar.register's preparation threads do. libgomp (torch's OpenMP on Linux) then counts
-    # more threads than cores and lets a thread waiting at the end of a parallel region sleep soon instead
-    # of spinning ~300k rounds. Without it the registration's intra-op threads spun whenever anything else
-    # held a core (data-loading workers, the saver's gzip, another process): 11 s instead of 1.0 s for a
-    # rigid pair on 2 cores, until the saver's first save happened to leave a team.
-    saver.submit(_start_thread_team).result()
 
     def record_error(i: int, message: str, load: float = 0.0):
         rows[i] = _row(pairs[i], "error", out, output="", error=message, seconds_load=f"{load:.3f}")

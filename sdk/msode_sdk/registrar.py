@@ -95,12 +95,34 @@ def _prepare_pool() -> ThreadPoolExecutor:
         return _PREPARE_POOL
 
 
+_TEAM_HELD = False
+
+
+def _team_op() -> None:
+    torch.ones(1 << 20).sum()  # large enough to run on every intra-op thread
+
+
+def _hold_openmp_team() -> None:
+    """Once per process, one multi-threaded CPU op on a long-lived preparation thread. Why: libgomp (torch's
+    OpenMP on Linux) lets a thread that waits at the end of a parallel region spin ~300k rounds unless it
+    counts more OpenMP threads than cores. With exactly as many, whenever anything else held a core (another
+    process, a data-loading worker, a gzip in a saving thread) the registration's threads spun through each
+    other's time slices: a rigid pair on 2 busy cores took 1.95-2.13 s instead of 0.95 s in register_many,
+    and 11 s instead of 1 s as msode batch's first pair. A live thread that ran a parallel op keeps its own
+    team and changes that count (setting OMP_WAIT_POLICY would too, but only before torch is imported)."""
+    global _TEAM_HELD
+    if not _TEAM_HELD:
+        _prepare_pool().submit(_team_op).result()
+        _TEAM_HELD = True
+
+
 def _forget_prepare_pool() -> None:
     """In a forked child the pool's threads do not exist: a new pool is made on first use (else a job
     submitted there would wait forever)."""
-    global _PREPARE_POOL, _PREPARE_POOL_LOCK
+    global _PREPARE_POOL, _PREPARE_POOL_LOCK, _TEAM_HELD
     _PREPARE_POOL = None
     _PREPARE_POOL_LOCK = threading.Lock()
+    _TEAM_HELD = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -550,6 +572,7 @@ class Registrar:
 
             ensure_kernels("cuda")  # build/load the fused warp kernels now, not in the first registration
         self.backend, (self._networks, self._features) = _pick_backend(backend, self.device, plan)
+        _hold_openmp_team()
         m = plan.manifest
         self.model_grid = Grid(m.model_grid.shape_xyz, m.model_grid.spacing_xyz_mm)
         if m.analytic:
