@@ -313,20 +313,6 @@ def _read_summaries(paths: Sequence[Path]) -> dict[str, dict]:
     return merged
 
 
-def _check_output(out: Path) -> None:
-    """Before any work (as ``msode register``): the output must be, or be creatable as, a directory."""
-    try:
-        for d in (out, *out.parents):
-            if d.exists():
-                if not d.is_dir():
-                    raise InputError(f"output path {out}: {d} exists and is not a directory")
-                break
-    except InputError:
-        raise
-    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
-        raise InputError(f"output path {out}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
 def run_batch(
     reg,
     pairs: Sequence[PairSpec],
@@ -343,7 +329,7 @@ def run_batch(
     returns the summary rows of that share, in list order. :class:`OutputError` when ``out_dir`` cannot be
     created."""
     out = Path(out_dir)
-    _check_output(out)
+    _io.check_output_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -493,7 +479,7 @@ def run(args) -> int:
     if args.batch < 1 or args.workers < 0:
         raise InputError(f"--batch must be >= 1 and --workers >= 0, got {args.batch} and {args.workers}")
     out = Path(args.output)
-    _check_output(out)
+    _io.check_output_dir(out)
     pairs = read_pairs(args.pairs, args.moving_dir, args.fixed_dir)
     rank, world, local_rank = _distributed()
     if not args.quiet:  # per-stage log lines would break the progress bar: warnings and errors only

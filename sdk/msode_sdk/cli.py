@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import InputError, MsodeError
+from .errors import MsodeError
 
 DEFAULT_PLAN = "rigid_bspline.plan"
 
@@ -51,16 +51,7 @@ def _cmd_register(args) -> int:
     from .registrar import Registrar
 
     out = Path(args.output)
-    try:
-        for d in (out, *out.parents):  # before any work: the output must be (creatable as) a directory
-            if d.exists():
-                if not d.is_dir():
-                    raise InputError(f"output path {out}: {d} exists and is not a directory")
-                break
-    except InputError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise InputError(f"output path {_one_line(out)}: {exc}") from None
+    _io.check_output_dir(out)  # before any work
     moving = _io.load_image(args.moving, "moving")  # cheap, and before the plan is loaded
     fixed = _io.load_image(args.fixed, "fixed")
     plan = args.plan or _default_plan()

@@ -87,6 +87,22 @@ def _show_path(path, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit // 2] + "..." + text[-limit // 2 :]
 
 
+def check_output_dir(out: Path) -> None:
+    """Before any work (``msode register``, ``msode batch``): ``out`` must be, or be creatable as, a
+    directory: :class:`InputError` naming the path when it or a parent is a file, or the path is invalid."""
+    try:
+        for d in (out, *out.parents):
+            if d.exists():
+                if not d.is_dir():
+                    raise InputError(f"output path {_show_path(out)}: {_show_path(d)} exists and is not a directory")
+                break
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise InputError(f"output path {_show_path(out)}: {why}") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
