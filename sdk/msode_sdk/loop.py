@@ -398,35 +398,28 @@ class RegistrationLoop:
         fg = lv.feature_grid
         fix_feat = lv.features(rep(fix))  # on the repeated batch, as registrar.ts computes it (same bits)
         self._check_features(lv, fix_feat)
-        fov = None if self.fov_levels is None or lv.feature_warp or kind not in FOV_MASKED else self.fov_levels.get(lg)
-        if fov is not None:  # exact, outside the joint field of view the fixed features
-            margin = fov_margin(lg)  # each mask shrinks once per level, the moving one then warped eroded
-            both = rep(torch.cat((mov, erode(fov[0], margin)), 1))  # image and field of view warped by one call
-            fov_fix = rep(erode(fov[1], margin)) > 0.5
+        if not lv.feature_warp:  # exact: features of the warped moving image at every evaluation
             features = lv.features
+            fov = None if self.fov_levels is None or kind not in FOV_MASKED else self.fov_levels.get(lg)
+            fov_fix = None
+            if fov is None:
+                src = rep(mov)
+            else:  # outside the joint field of view, the fixed features (module docstring, "Fields of view")
+                margin = fov_margin(lg)  # each mask shrinks once per level, the moving one then warped eroded
+                src = rep(torch.cat((mov, erode(fov[0], margin)), 1))  # image and field of view: one warp
+                fov_fix = rep(erode(fov[1], margin)) > 0.5
             pool = [a // b for a, b in zip(lg.shape_dhw, (fg or lg).shape_dhw)]
 
-            def f_fov(t, state):
-                warped = warp(both, lg, prior.then(self._transform(st, state, lg)), lg)
-                mov_feat = features(warped[:, :1].contiguous())
-                if mov_feat.shape != fix_feat.shape:
-                    self._check_features(lv, mov_feat)
-                inside = (warped[:, 1:] >= 0.999) & fov_fix
-                if pool != [1, 1, 1]:  # features on a pooled grid: inside where the whole pooled block is
-                    inside = -torch.nn.functional.max_pool3d(-inside.to(mov_feat.dtype), pool) > 0.5
-                mov_feat = torch.where(inside, mov_feat, fix_feat)
-                return checked_velocity(net, net(mov_feat, fix_feat, t), state, kind)
-
-            return f_fov
-        if not lv.feature_warp:  # exact: features of the warped moving image at every evaluation
-            mov = rep(mov)
-            features = lv.features
-
             def f_exact(t, state):
-                warped = warp(mov, lg, prior.then(self._transform(st, state, lg)), lg)
-                mov_feat = features(warped)
+                warped = warp(src, lg, prior.then(self._transform(st, state, lg)), lg)
+                mov_feat = features(warped if fov_fix is None else warped[:, :1].contiguous())
                 if mov_feat.shape != fix_feat.shape:
                     self._check_features(lv, mov_feat)
+                if fov_fix is not None:
+                    inside = (warped[:, 1:] >= 0.999) & fov_fix
+                    if pool != [1, 1, 1]:  # features on a pooled grid: inside where the whole pooled block is
+                        inside = -torch.nn.functional.max_pool3d(-inside.to(mov_feat.dtype), pool) > 0.5
+                    mov_feat = torch.where(inside, mov_feat, fix_feat)
                 return checked_velocity(net, net(mov_feat, fix_feat, t), state, kind)
 
             return f_exact
