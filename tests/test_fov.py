@@ -54,6 +54,10 @@ def test_an_image_covering_the_grid_has_a_full_field_of_view():
         vol, affine, [40, 40, 30], [3.0, 3.0, 3.0], torch.zeros(3, dtype=torch.float64)
     )
     assert torch.equal(fov, torch.ones_like(out))
+    _, flat = world.resample_to_grid_with_fov(
+        vol, affine, [40, 40, 1], [3.0, 3.0, 3.0], torch.zeros(3, dtype=torch.float64)
+    )
+    assert flat.shape == (1, 1, 1, 40, 40) and bool((flat == 1).all())  # a grid one voxel thick
     _, part = world.resample_to_grid_with_fov(
         vol, affine, [80, 80, 50], [3.0, 3.0, 3.0], torch.zeros(3, dtype=torch.float64)
     )

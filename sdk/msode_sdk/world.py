@@ -183,7 +183,8 @@ def resample_to_grid_with_fov(
     vol, grid = _sampling(vol, affine, shape_xyz, spacing_xyz, centre)
     out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     tol = 1.0 + 1e-4
-    corners = grid[:, :: grid.shape[1] - 1, :: grid.shape[2] - 1, :: grid.shape[3] - 1]
+    steps = [max(int(grid.shape[1]) - 1, 1), max(int(grid.shape[2]) - 1, 1), max(int(grid.shape[3]) - 1, 1)]
+    corners = grid[:, :: steps[0], :: steps[1], :: steps[2]]  # (a grid one voxel thick has one "corner")
     if bool((corners.abs() <= tol).all()):  # the grid is an affine box: all its corners inside, all inside
         return out, torch.ones_like(out)
     g = grid.abs()
