@@ -643,6 +643,8 @@ def _compare_outputs(cpp_dir: Path, sdk_dir: Path, fixed_path) -> dict:
         np.testing.assert_allclose(img.affine, fixed.affine, atol=1e-5)
         assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
         np.testing.assert_allclose(img.get_qform(), fixed.affine, atol=1e-4)
+    for img in (w_c, w_s):
+        assert img.header.get_xyzt_units()[0] == "mm"
     a, b = (np.asarray(i.dataobj, dtype=np.float64) for i in (w_c, w_s))
     rng = float(b.max() - b.min())
     out["warped"] = float(np.abs(a - b).max() / rng)
@@ -650,6 +652,7 @@ def _compare_outputs(cpp_dir: Path, sdk_dir: Path, fixed_path) -> dict:
     d_c, d_s = (nib.load(str(d / "displacement.nii.gz")) for d in (cpp_dir, sdk_dir))
     assert d_c.shape == d_s.shape == fixed.shape[:3] + (1, 3) and d_c.get_data_dtype() == np.float32
     assert int(d_c.header["intent_code"]) == 1007 and int(d_c.header["sform_code"]) == 1
+    assert d_c.header.get_xyzt_units()[0] == d_s.header.get_xyzt_units()[0] == "mm"
     np.testing.assert_allclose(d_c.affine, fixed.affine, atol=1e-5)
     a, b = (np.asarray(i.dataobj, dtype=np.float64) for i in (d_c, d_s))
     out["disp_rms_mm"] = float(np.sqrt(((a - b) ** 2).sum(-1).mean()))

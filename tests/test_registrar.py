@@ -131,6 +131,9 @@ def test_save_outputs_and_simpleitk_reproduces_warped(registrar, rigid_case, tmp
     assert disp.shape == fixed[0].shape + (1, 3) and disp.header["intent_code"] == 1007
     warped = nib.load(str(files["warped"]))
     np.testing.assert_allclose(warped.affine, fixed[1], atol=1e-5)
+    for img in (warped, disp):  # world outputs say their unit (an unknown unit is metres to some tools)
+        assert img.header.get_xyzt_units()[0] == "mm"
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
 
     mov_path = tmp_path / "moving.nii.gz"
     nib.save(nib.Nifti1Image(moving[0], moving[1]), str(mov_path))

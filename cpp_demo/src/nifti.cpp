@@ -762,6 +762,7 @@ void write_nifti_float32(const std::string& path, const std::vector<std::int64_t
   put<float>(h, 108, 352.0f);  // vox_offset
   put<float>(h, 112, 1.0f);    // scl_slope
   put<float>(h, 116, 0.0f);    // scl_inter
+  h[123] = 2;                  // xyzt_units: mm (an unknown unit reads as mm in ITK, as metres in some tools)
   std::memcpy(h + 148, description.data(), std::min<std::size_t>(description.size(), 79));
   put<std::int16_t>(h, 252, 1);  // qform_code: scanner
   put<std::int16_t>(h, 254, 1);  // sform_code: scanner

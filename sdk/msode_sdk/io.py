@@ -126,10 +126,7 @@ class Image:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
     def to_nifti(self) -> nib.Nifti1Image:
-        img = nib.Nifti1Image(self.array.astype(np.float32, copy=False), self.affine)
-        img.set_qform(self.affine, code=1)
-        img.set_sform(self.affine, code=1)
-        return img
+        return world_nifti(self.array.astype(np.float32, copy=False), self.affine)
 
 
 def _validate_affine(affine, name: str) -> np.ndarray:
@@ -678,8 +675,16 @@ def displacement_nifti(disp_xyz3: np.ndarray, affine: np.ndarray, vectors: str =
         d = np.asarray(disp_xyz3, dtype=np.float32)
     else:
         raise InputError(f"unknown vector convention {vectors!r}; valid: ['lps', 'ras']")
-    img = nib.Nifti1Image(d[:, :, :, None, :], affine)
+    img = world_nifti(d[:, :, :, None, :], affine)
     img.header.set_intent(1007, (), name="msode_disp")
+    return img
+
+
+def world_nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """An output image: ``array`` on the grid ``affine`` (voxel -> RAS mm), both xform codes "scanner" and
+    the spatial unit mm (viewers and ITK read an unknown unit as mm, some tools warn or assume metres)."""
+    img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    img.header.set_xyzt_units(xyz="mm")
     return img

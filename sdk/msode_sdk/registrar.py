@@ -1010,9 +1010,7 @@ class Registrar:
         for what, v in (("matrix", matrix), ("displacement field", disp.sum())):
             if not bool(torch.isfinite(v).all()):
                 raise FloatingPointError(f"the {what} of the result is not finite")
-        warped_img = nib.Nifti1Image(warped.cpu().numpy(), fix_img.affine)
-        warped_img.set_qform(fix_img.affine, code=1)
-        warped_img.set_sform(fix_img.affine, code=1)
+        warped_img = _io.world_nifti(warped.cpu().numpy(), fix_img.affine)
         disp_img = _io.displacement_nifti(disp.cpu().numpy(), fix_img.affine, vectors="lps")
         return warped_img, matrix.cpu().numpy(), disp_img
 
