@@ -661,6 +661,18 @@ def _compare_outputs(cpp_dir: Path, sdk_dir: Path, fixed_path) -> dict:
     for key in ("plan", "analytic_plan", "plan_kind", "conventions"):
         assert r_c[key] == r_s[key], key
     assert r_c["device"] == "cpu" and r_c["timings_s"]["register"] > 0
+    # the report's measures on the model grid (registrar.ts's register_native_measured vs the SDK's)
+    assert r_c["fields_of_view"] == r_s["fields_of_view"]
+    assert (
+        list(r_c["similarity"]) == list(r_s["similarity"]) == ["metric", "start", *[s["name"] for s in r_s["stages"]]]
+    )
+    for k in list(r_s["similarity"])[1:]:  # hard-binned MI of images equal to float rounding
+        assert r_c["similarity"][k] == pytest.approx(r_s["similarity"][k], rel=0.01, abs=0.01), k
+    assert ("jacobian_determinant" in r_c) == ("jacobian_determinant" in r_s)
+    if "jacobian_determinant" in r_s:
+        j_c, j_s = r_c["jacobian_determinant"], r_s["jacobian_determinant"]
+        assert j_c["domain"] == j_s["domain"] and j_c["min"] == pytest.approx(j_s["min"], abs=1e-3)
+        assert j_c["fraction_nonpositive"] == pytest.approx(j_s["fraction_nonpositive"], abs=1e-4)
     m_c, m_s = np.asarray(r_c["matrix_ras"]), np.asarray(r_s["matrix_ras"])
     out["matrix"] = float(np.abs(m_c - m_s).max())
     np.testing.assert_allclose(m_c, m_s, atol=1e-4)

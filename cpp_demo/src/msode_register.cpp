@@ -55,6 +55,12 @@ std::string one_line(std::string s) {
   return s;
 }
 
+std::string fixed3(double v) {  // Python's f"{v:.3f}"
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.3f", v);
+  return buf;
+}
+
 std::string mat_json(const msode::Mat4& m) {
   std::string out = "[";
   for (int i = 0; i < 4; ++i) {
@@ -106,7 +112,7 @@ int run_native(const Options& o) {
   msode::WorldResult res;
   std::vector<double> runs;
   for (int r = 0; r < o.repeat; ++r) {
-    res = reg.register_native(moving.view(), fixed.view());
+    res = reg.register_native(moving.view(), fixed.view(), /*measure=*/true);
     runs.push_back(res.timings.total_ms / 1000.0);
   }
   msode::ReportInfo info = reg.report_info();
@@ -119,6 +125,15 @@ int run_native(const Options& o) {
   auto t_save = Clock::now();
   msode::OutputPaths paths = msode::save_outputs(o.output, res, info);
   const double save_ms = ms_since(t_save);
+  if (!o.quiet && !res.measures.present)
+    std::cerr << "msode_register: warning: plan '" << reg.plan_name() << "': its registrar.ts predates the report's "
+              << "measures (similarity, folding, fields of view); report.json leaves them out (rebuild it with "
+              << "msode_export.scripted.add_registrar_ts)\n";
+  if (!o.quiet && res.measures.similarity_dropped())  // as the Python SDK warns (RegistrationResult.report)
+    std::cerr << "msode_register: warning: the registration lowered the images' mutual information ("
+              << fixed3(res.measures.similarity.front()) << " at the start, "
+              << fixed3(res.measures.similarity.back())
+              << " after it): check the result (inputs of the same anatomy? orientation headers?)\n";
   if (reg.analytic() && !o.quiet)  // after success: a failure prints exactly one line
     std::cerr << "msode_register: warning: plan '" << reg.plan_name()
               << "' is ANALYTIC: its 'networks' are SSD gradient descent, not trained models\n";

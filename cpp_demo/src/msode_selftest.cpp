@@ -101,6 +101,40 @@ int builtin() {
     }
     check(threw, "zip rejects junk");
   }
+  // report.json's measures (RegistrationResult.report's keys) and the similarity-drop rule
+  {
+    msode::WorldResult r;
+    r.matrix_ras = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+    msode::ReportInfo info;
+    info.stages = {"rigid", "bspline"};
+    info.model_grid_domain = "model grid 120x120x80 at 2x2x2 mm";
+    check(msode::parse_json(msode::report_json(r, info), "report").find("similarity") == nullptr,
+          "report without measures has no similarity");
+    r.measures.present = true;
+    r.measures.similarity = {0.5, 1.23456, 1.3};
+    r.measures.fov_cut = true;
+    r.measures.fov_masked_stages = {1};
+    r.measures.has_jacobian = true;
+    r.measures.jacobian_min = 0.25;
+    auto rep = msode::parse_json(msode::report_json(r, info), "report");
+    const auto* sim = rep.find("similarity");
+    check(sim && sim->find("start") && sim->find("start")->number == 0.5 && sim->find("rigid")->number == 1.2346 &&
+              sim->find("bspline")->number == 1.3 && sim->find("metric"),
+          "report similarity: start, then per stage, 4 decimals");
+    const auto* fov = rep.find("fields_of_view");
+    check(fov && fov->find("cut_content")->boolean && fov->find("masked_stages")->array.size() == 1 &&
+              fov->find("masked_stages")->array[0].string == "bspline",
+          "report fields_of_view names the masked stage");
+    const auto* jac = rep.find("jacobian_determinant");
+    check(jac && jac->find("min")->number == 0.25 && jac->find("fraction_nonpositive")->number == 0.0 &&
+              jac->find("domain")->string == info.model_grid_domain,
+          "report jacobian_determinant");
+    check(!r.measures.similarity_dropped(), "a registration that raised the similarity is not flagged");
+    r.measures.similarity = {1.0, 0.95};
+    check(!r.measures.similarity_dropped(), "a 5 % loss is within the margin");
+    r.measures.similarity = {1.0, 1.2, 0.85};
+    check(r.measures.similarity_dropped(), "a 15 % loss from the start is flagged");
+  }
   if (failures) return 1;
   std::cout << "ok\n";
   return 0;

@@ -85,7 +85,27 @@ std::string report_json(const WorldResult& r, const ReportInfo& info) {
     for (int j = 0; j < 4; ++j) js << (j ? ", " : "") << json_number(r.matrix_ras[4 * i + j]);
     js << "]";
   }
-  js << "\n  ],\n  \"conventions\": {\n"
+  js << "\n  ]";
+  const WorldMeasures& ms = r.measures;
+  if (ms.present) {  // as RegistrationResult.report(): values of similarity rounded to 4 decimals
+    if (ms.has_jacobian)
+      js << ",\n  \"jacobian_determinant\": {\"domain\": \"" << json_escape(info.model_grid_domain)
+         << "\", \"min\": " << json_number(ms.jacobian_min)
+         << ", \"fraction_nonpositive\": " << json_number(ms.jacobian_fraction_nonpositive) << "}";
+    js << ",\n  \"similarity\": {\"metric\": \"mutual information, nats, 32 bins, intensities normalised to [0, 1], "
+          "every 3rd voxel of the model grid; 'start': the images' centres aligned, then after each stage\"";
+    for (std::size_t i = 0; i < ms.similarity.size(); ++i) {
+      const std::string name = i == 0 ? "start" : (i - 1 < info.stages.size() ? info.stages[i - 1] : "stage" + std::to_string(i));
+      js << ", \"" << json_escape(name) << "\": " << json_number(std::round(ms.similarity[i] * 1e4) / 1e4);
+    }
+    js << "},\n  \"fields_of_view\": {\"cut_content\": " << (ms.fov_cut ? "true" : "false") << ", \"masked_stages\": [";
+    for (std::size_t i = 0; i < ms.fov_masked_stages.size(); ++i) {
+      const auto k = std::size_t(ms.fov_masked_stages[i]);
+      js << (i ? ", " : "") << "\"" << json_escape(k < info.stages.size() ? info.stages[k] : std::to_string(k)) << "\"";
+    }
+    js << "]}";
+  }
+  js << ",\n  \"conventions\": {\n"
         "    \"matrix\": \"RAS mm, fixed point -> moving point\",\n"
         "    \"displacement\": \"LPS mm (ITK/ANTs), fixed point p -> moving point p + d(p)\",\n"
         "    \"transform.tfm\": \"ITK AffineTransform, LPS, fixed -> moving (rigid part)\"\n  }\n}\n";

@@ -144,6 +144,7 @@ struct Registrar::Impl {
   std::string device_name;
   std::vector<std::string> stages;
   bool has_native = false;
+  bool has_measures = false;
   bool analytic = false;
   std::string rigid_init = "none";  // the first rigid stage's params.init (registrar.ts runs it)
   ModelGrid grid;
@@ -294,6 +295,7 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
   if (!m.module.find_method("forward"))
     throw Error(label + ": member 'registrar.ts' has no forward(moving, fixed) method");
   m.has_native = m.module.find_method("register_native").has_value();
+  m.has_measures = m.module.find_method("register_native_measured").has_value();
   m.load_ms = ms_since(t0);
 }
 
@@ -307,6 +309,7 @@ const std::string& Registrar::plan_kind() const { return impl_->kind; }
 std::vector<std::string> Registrar::stage_names() const { return impl_->stages; }
 const std::string& Registrar::device() const { return impl_->device_name; }
 bool Registrar::has_register_native() const { return impl_->has_native; }
+bool Registrar::has_measures() const { return impl_->has_measures; }
 ReportInfo Registrar::report_info() const {
   ReportInfo info;
   info.plan = impl_->name;
@@ -314,6 +317,10 @@ ReportInfo Registrar::report_info() const {
   info.analytic_plan = impl_->analytic;
   info.device = impl_->device.str();
   info.stages = impl_->stages;
+  const ModelGrid& g = impl_->grid;
+  info.model_grid_domain = "model grid " + std::to_string(g.shape_xyz[0]) + "x" + std::to_string(g.shape_xyz[1]) +
+                           "x" + std::to_string(g.shape_xyz[2]) + " at " + fmt_g(g.spacing_xyz_mm[0]) + "x" +
+                           fmt_g(g.spacing_xyz_mm[1]) + "x" + fmt_g(g.spacing_xyz_mm[2]) + " mm";
   return info;
 }
 bool Registrar::analytic() const { return impl_->analytic; }
@@ -407,7 +414,41 @@ Result Registrar::register_(const float* moving, const float* fixed,
   return res;
 }
 
-WorldResult Registrar::register_native(const ImageView& moving, const ImageView& fixed) const {
+namespace {
+
+/// register_native_measured's dictionary -> WorldMeasures (missing or malformed entries: Error).
+WorldMeasures read_measures(const torch::jit::IValue& value, const std::string& who) {
+  if (!value.isGenericDict()) throw Error(who + " returned measures of type " + value.tagKind() + ", expected a dict");
+  WorldMeasures out;
+  const auto dict = value.toGenericDict();
+  auto get = [&](const char* key, bool required) -> torch::Tensor {
+    auto it = dict.find(torch::jit::IValue(std::string(key)));
+    if (it == dict.end()) {
+      if (required) throw Error(who + " returned no '" + key + "' measure");
+      return {};
+    }
+    if (!it->value().isTensor()) throw Error(who + " returned a '" + key + "' measure that is not a tensor");
+    return it->value().toTensor().to(torch::kCPU).contiguous();
+  };
+  torch::Tensor sim = get("similarity", true).to(torch::kFloat64);
+  out.similarity.assign(sim.data_ptr<double>(), sim.data_ptr<double>() + sim.numel());
+  out.similarity_drop_warning = get("similarity_drop_warning", true).to(torch::kFloat64).item<double>();
+  out.fov_cut = get("fov_cut", true).item<bool>();
+  torch::Tensor masked = get("fov_masked_stages", true).to(torch::kInt64);
+  out.fov_masked_stages.assign(masked.data_ptr<std::int64_t>(), masked.data_ptr<std::int64_t>() + masked.numel());
+  torch::Tensor jmin = get("jacobian_min", false), jfrac = get("jacobian_fraction_nonpositive", false);
+  if (jmin.defined() && jfrac.defined()) {
+    out.has_jacobian = true;
+    out.jacobian_min = jmin.to(torch::kFloat64).item<double>();
+    out.jacobian_fraction_nonpositive = jfrac.to(torch::kFloat64).item<double>();
+  }
+  out.present = true;
+  return out;
+}
+
+}  // namespace
+
+WorldResult Registrar::register_native(const ImageView& moving, const ImageView& fixed, bool measure) const {
   auto t0 = Clock::now();
   const Impl& m = *impl_;
   if (!m.has_native)
@@ -442,16 +483,17 @@ WorldResult Registrar::register_native(const ImageView& moving, const ImageView&
     torch::jit::IValue out;
     {
       torch::jit::GraphOptimizerEnabledGuard optimize(m.jit_optimize);  // restores on exit
-      out = m.module.get_method("register_native")(std::move(args));
+      measure = measure && m.has_measures;
+      out = m.module.get_method(measure ? "register_native_measured" : "register_native")(std::move(args));
     }
     res.timings.register_ms = ms_since(t2);
 
     auto t3 = Clock::now();
     if (!out.isTuple()) throw Error(who + " returned " + out.tagKind() + ", expected a tuple");
     const auto& items = out.toTupleRef().elements();
-    if (items.size() != 3)
-      throw Error(who + " returned a " + std::to_string(items.size()) +
-                  "-tuple, expected (warped, displacement, matrix)");
+    if (items.size() != (measure ? 4u : 3u))
+      throw Error(who + " returned a " + std::to_string(items.size()) + "-tuple, expected (warped, displacement, matrix" +
+                  (measure ? ", measures)" : ")"));
     for (int i = 0; i < 3; ++i)
       if (!items[i].isTensor()) throw Error(who + " output " + std::to_string(i) + " is not a tensor");
     torch::Tensor warped = items[0].toTensor();
@@ -475,6 +517,7 @@ WorldResult Registrar::register_native(const ImageView& moving, const ImageView&
     res.warped.assign(warped.data_ptr<float>(), warped.data_ptr<float>() + N);
     res.displacement.assign(disp.data_ptr<float>(), disp.data_ptr<float>() + 3 * N);
     std::copy(mat.data_ptr<double>(), mat.data_ptr<double>() + 16, res.matrix_ras.begin());
+    if (measure) res.measures = read_measures(items[3], who);
     res.timings.output_ms = ms_since(t3);
   } catch (const Error&) {
     throw;

@@ -49,7 +49,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +61,14 @@ from msode_sdk.initialize import choose_start, mutual_information, thetas_of_axe
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
 from msode_sdk.loop import FOV_MASKED, SCALE_SEARCH_STRIDE, erode, fov_cuts_content, fov_margin, halves
 from msode_sdk.plan import Plan, load_plan, write_plan
+from msode_sdk.registrar import SIMILARITY_DROP_WARNING
 from msode_sdk.transforms import (
     Grid,
     affine_bspline_coords,
     apply_matrix,
     bspline_displacement_at,
     bspline_kernel,
+    jacobian_determinant,
     lattice_for,
     rigid_inverse,
     rigid_matrix_unchecked,
@@ -809,6 +811,10 @@ class RegistrarModule(nn.Module):
     norm_low: float
     norm_high: float
     fov_margin: int
+    fov_masked_indices: List[int]
+    deformable: bool
+    similarity_drop_warning: float
+    similarity_stride: int
 
     def __init__(
         self,
@@ -851,6 +857,12 @@ class RegistrarModule(nn.Module):
         self.norm_low = float(norm.get("low", 0.5))
         self.norm_high = float(norm.get("high", 99.5))
         self.fov_margin = fov_margin(model_grid)
+        # report measures (register_native_measured), as RegistrationResult.report() computes them
+        # a stage masks where one of its levels does (RegistrationLoop.fov_masks)
+        self.fov_masked_indices = [i for i, st in enumerate(stages) if any(lv.masked for lv in st.levels)]
+        self.deformable = any(k in ("bspline", "dense") for k in kinds)
+        self.similarity_drop_warning = float(SIMILARITY_DROP_WARNING)
+        self.similarity_stride = int(SCALE_SEARCH_STRIDE)
 
     @torch.jit.export
     def describe(self) -> str:
@@ -921,15 +933,37 @@ class RegistrarModule(nn.Module):
         displacement (X, Y, Z, 3) LPS mm: fixed point p -> moving point p + d(p), matrix (4, 4) float64
         RAS: the rigid part, fixed point -> moving point)``. Errors about the inputs start with
         ``InputError:``."""
+        warped, disp, matrix, _ = self._register_native(moving, moving_affine, fixed, fixed_affine, False)
+        return warped, disp, matrix
+
+    @torch.jit.export
+    def register_native_measured(
+        self, moving: Tensor, moving_affine: Tensor, fixed: Tensor, fixed_affine: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
+        """:meth:`register_native` and the measures of the SDK's ``report.json`` (``RegistrationResult.report``),
+        on the model grid: ``similarity`` float64 ``(1 + stages,)`` (mutual information, nats, at the start
+        then after each stage; ``msode_sdk.loop.similarity``), ``similarity_drop_warning`` (the fraction of
+        the start's value whose loss deserves a warning), ``fov_cut`` (bool: an image's field of view cuts
+        content), ``fov_masked_stages`` (int64 stage indices masked by the fields of view) and, when a
+        deformable stage ran, ``jacobian_min`` and ``jacobian_fraction_nonpositive``."""
+        return self._register_native(moving, moving_affine, fixed, fixed_affine, True)
+
+    def _register_native(
+        self, moving: Tensor, moving_affine: Tensor, fixed: Tensor, fixed_affine: Tensor, measure: bool
+    ) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
         if not self.native_ok:
             raise RuntimeError("registrar.ts: register_native supports plans whose chain is [rigid?, bspline|dense?]")
         with torch.no_grad():
             mov, c_m, vol_m, fov_m = self._prepare(moving, moving_affine, "moving")
             fix, c_f, vol_f, fov_f = self._prepare(fixed, fixed_affine, "fixed")
-            if _fov_cuts_content(vol_m, fov_m, self.fov_margin) or _fov_cuts_content(vol_f, fov_f, self.fov_margin):
+            cut = _fov_cuts_content(vol_m, fov_m, self.fov_margin) or _fov_cuts_content(vol_f, fov_f, self.fov_margin)
+            if cut:
                 states = self._states(vol_m, vol_f, fov_m, fov_f)
             else:
                 states = self._states(vol_m, vol_f)
+            measures: Dict[str, Tensor] = {}
+            if measure:
+                measures = self._measures(states, vol_m, vol_f, cut)
             a = torch.eye(4, dtype=torch.float64, device=mov.device)
             first = True
             for j in self.rigid_indices:
@@ -949,7 +983,7 @@ class RegistrarModule(nn.Module):
             half: List[float] = []
             for i in range(3):
                 half.append(self.spacing[i] / 2.0)
-            return _world_outputs(
+            warped, disp, matrix = _world_outputs(
                 a,
                 coeffs,
                 self.final_bparams,
@@ -963,6 +997,63 @@ class RegistrarModule(nn.Module):
                 c_f,
                 half,
             )
+            return warped, disp, matrix, measures
+
+    def _chain_grid(self, states: List[Tensor]) -> Tensor:
+        """The whole chain at every model-grid voxel ``(1, D, H, W, 3)`` mm: the innermost (last) stage
+        evaluated on the grid, then the others."""
+        pts = self.last.map_grid(states[len(states) - 1], self.shape, self.spacing)
+        for tr in self.outer:
+            pts = tr.map_points(states[tr.index], pts)
+        return pts
+
+    def _chain_first(self, k: int, states: List[Tensor], xs: Tensor, ys: Tensor, zs: Tensor) -> Tensor:
+        """The chain of the first ``k`` stages at the points ``xs x ys x zs`` ``(1, D, H, W, 3)`` mm
+        (TransformChain(transforms[:k]).map_axes)."""
+        n_final = len(states)
+        pts = _expand(_axes_points(xs, ys, zs), 1)
+        started = False
+        if k == n_final:
+            pts = self.last.map_axes(states[n_final - 1], xs, ys, zs)
+            started = True
+        position = n_final - 2  # self.outer holds the stages before the last, latest first
+        for tr in self.outer:
+            if position < k:
+                if started:
+                    pts = tr.map_points(states[tr.index], pts)
+                else:
+                    pts = tr.map_axes(states[tr.index], xs, ys, zs)
+                    started = True
+            position -= 1
+        return pts
+
+    def _measures(self, states: List[Tensor], vol_m: Tensor, vol_f: Tensor, cut: bool) -> Dict[str, Tensor]:
+        """register_native_measured's measures (RegistrationResult.report's, on the model grid)."""
+        k = self.similarity_stride
+        h = k // 2
+        dev = vol_f.device
+        xs = _axis_coords(self.shape[0], self.spacing[0], dev)[h::k]
+        ys = _axis_coords(self.shape[1], self.spacing[1], dev)[h::k]
+        zs = _axis_coords(self.shape[2], self.spacing[2], dev)[h::k]
+        fix_s = vol_f[:, :, h::k, h::k, h::k]
+        sims: List[Tensor] = []
+        for first in range(len(states) + 1):
+            pts = self._chain_first(first, states, xs, ys, zs)
+            sims.append(mutual_information(_sample(vol_m, self.shape, self.spacing, pts), fix_s))
+        masked: List[int] = []
+        if cut:
+            masked = self.fov_masked_indices
+        out: Dict[str, Tensor] = {
+            "similarity": torch.cat(sims),
+            "similarity_drop_warning": torch.tensor(self.similarity_drop_warning, dtype=torch.float64),
+            "fov_cut": torch.tensor(cut),
+            "fov_masked_stages": torch.tensor(masked, dtype=torch.long),
+        }
+        if self.deformable:
+            det = jacobian_determinant(self._chain_grid(states), self.spacing)[0]
+            out["jacobian_min"] = det.min().to(torch.float64)
+            out["jacobian_fraction_nonpositive"] = (det <= 0).to(torch.float64).mean()
+        return out
 
     def forward(self, moving: Tensor, fixed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         expect = [1, self.shape[2], self.shape[1], self.shape[0]]
@@ -987,10 +1078,7 @@ class RegistrarModule(nn.Module):
             fixed = fixed.to(torch.float32)
             n = moving.shape[0]
             states = self._states(moving, fixed)
-            # final chain on the model grid: innermost (last) stage evaluated on the grid, then the others
-            pts = self.last.map_grid(states[len(states) - 1], self.shape, self.spacing)
-            for tr in self.outer:
-                pts = tr.map_points(states[tr.index], pts)
+            pts = self._chain_grid(states)
             if pts.shape[0] != n:
                 pts = pts.expand([n, pts.shape[1], pts.shape[2], pts.shape[3], 3])
             if self.final_fast:

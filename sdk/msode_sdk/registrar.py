@@ -344,7 +344,7 @@ class ModelGridResult:
         differences, :func:`msode_sdk.transforms.jacobian_determinant`); <= 0 where the map folds."""
         with torch.inference_mode():
             pts = self.chain.map_grid(grid, self.batch, torch.float32, self.device)
-            return jacobian_determinant(pts, grid.spacing_xyz)
+            return jacobian_determinant(pts, list(grid.spacing_xyz))
 
     def similarity(self, grid: Grid) -> dict[str, list[float]] | None:
         """Mutual information (nats, 32 bins, every 3rd voxel of the model ``grid``; :func:`msode_sdk.loop.

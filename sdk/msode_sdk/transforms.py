@@ -581,7 +581,7 @@ def _grid_derivative(points: torch.Tensor, dim: int, spacing: float) -> torch.Te
     return torch.cat((lo, inner, hi), dim)
 
 
-def jacobian_determinant(points: torch.Tensor, spacing_xyz: Sequence[float]) -> torch.Tensor:
+def jacobian_determinant(points: torch.Tensor, spacing_xyz: List[float]) -> torch.Tensor:
     """Determinant of the Jacobian of a point map sampled on a grid: ``points`` ``(N, D, H, W, 3)`` mm
     (``phi`` at every voxel, e.g. :meth:`TransformChain.map_grid`; grid of ``spacing_xyz`` mm) ->
     ``(N, D, H, W)``, by finite differences (central inside, one-sided at the borders). 1 for rigid maps;

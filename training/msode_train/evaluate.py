@@ -176,7 +176,7 @@ def pair_metrics(pair, points: torch.Tensor) -> dict:
 def folding_fraction(points: torch.Tensor, grid: Grid, mask: torch.Tensor) -> float:
     """Fraction of the voxels in ``mask`` (``[1, 1,] D, H, W``) where the point map ``(1, D, H, W, 3)`` mm
     on ``grid`` has a Jacobian determinant <= 0 (folds)."""
-    det = jacobian_determinant(points.float(), grid.spacing_xyz)[0].cpu()
+    det = jacobian_determinant(points.float(), list(grid.spacing_xyz))[0].cpu()
     inside = mask.reshape(det.shape).to(torch.bool).cpu()
     return float((det[inside] <= 0).double().mean()) if bool(inside.any()) else 0.0
 

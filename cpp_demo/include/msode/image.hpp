@@ -82,6 +82,25 @@ struct WorldTimings {
   double total_ms = 0;
 };
 
+/// The SDK report's measures of a registration on the model grid (Registrar::register_native with
+/// measure = true; RegistrationResult.report() in Python): present only when asked for and the plan's
+/// registrar.ts computes them (register_native_measured).
+struct WorldMeasures {
+  bool present = false;
+  std::vector<double> similarity;        // mutual information (nats): at the start, then after each stage
+  double similarity_drop_warning = 0.1;  // a final value below (1 - this) x the start's deserves a warning
+  bool fov_cut = false;                  // an image's field of view cuts content (fields_of_view.cut_content)
+  std::vector<std::int64_t> fov_masked_stages;  // stage indices masked by the fields of view
+  bool has_jacobian = false;                    // a deformable stage ran
+  double jacobian_min = 1.0;                    // Jacobian determinant of the map over the model grid
+  double jacobian_fraction_nonpositive = 0.0;   // folding: the fraction of voxels with determinant <= 0
+  /// True when the registration lowered the similarity by more than similarity_drop_warning.
+  bool similarity_dropped() const {
+    return present && similarity.size() > 1 &&
+           similarity.back() < (1.0 - similarity_drop_warning) * similarity.front();
+  }
+};
+
 struct WorldResult {
   std::array<std::int64_t, 3> dims_xyz{};  // the fixed image's grid
   Mat4 fixed_affine{};                     // its voxel -> RAS affine
@@ -90,6 +109,7 @@ struct WorldResult {
                                            // each x fastest; LPS mm, fixed point p -> moving point p + d(p)
   Mat4 matrix_ras{};                       // rigid part, RAS mm, fixed point -> moving point
   WorldTimings timings;
+  WorldMeasures measures;                  // filled when asked for (register_native's `measure`)
   Mat4 matrix_lps() const { return ras_to_lps(matrix_ras); }
 };
 

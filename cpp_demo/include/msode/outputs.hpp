@@ -18,6 +18,7 @@ struct ReportInfo {
   std::string device = "cpu";
   std::string backend = "libtorch";  // registrar.ts run by LibTorch (C++)
   std::vector<std::string> stages;  // the plan's stage names, in order
+  std::string model_grid_domain;    // "model grid 120x120x80 at 2x2x2 mm" (where the measures are taken)
   std::vector<std::pair<std::string, double>> timings_s;  // in order
 };
 
@@ -26,8 +27,8 @@ struct ReportInfo {
 std::string itk_affine_text(const Mat4& matrix_ras);
 
 /// report.json (the keys of the SDK's RegistrationResult.report() that apply: plan, analytic_plan,
-/// plan_kind, backend, device, timings_s, stages, matrix_ras, conventions; no nfe: registrar.ts does not
-/// return it).
+/// plan_kind, backend, device, timings_s, stages, matrix_ras, conventions and, when the result carries
+/// measures, jacobian_determinant, similarity, fields_of_view; no nfe: registrar.ts does not return it).
 std::string report_json(const WorldResult& result, const ReportInfo& info);
 
 /// Throws msode::InputError when `out_dir` cannot become an output directory (it, or an ancestor, is a

@@ -121,8 +121,12 @@ class Registrar {
   /// (msode::validate_image; msode::InputError naming "moving" or "fixed"), then registrar.ts's
   /// register_native resamples, normalises, registers and maps the result back onto the fixed grid.
   /// Images with no intensity range or nothing inside the model grid raise msode::InputError too.
-  /// Throws msode::Error when the plan's registrar.ts predates register_native.
-  WorldResult register_native(const ImageView& moving, const ImageView& fixed) const;
+  /// Throws msode::Error when the plan's registrar.ts predates register_native. `measure`: also compute
+  /// the report's measures on the model grid (WorldResult::measures: similarity per stage, folding,
+  /// fields of view; a few tens of ms) where the plan's registrar.ts can (has_measures()).
+  WorldResult register_native(const ImageView& moving, const ImageView& fixed, bool measure = false) const;
+  /// True when registrar.ts computes the report's measures (plans built before them do not).
+  bool has_measures() const;
 
  private:
   struct Impl;
