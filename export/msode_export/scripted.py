@@ -49,7 +49,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -315,6 +315,18 @@ class _NoFeatures(nn.Module):
         return image
 
 
+class _LevelInputs(NamedTuple):
+    """What every evaluation on a level reads (:meth:`_Level.prepare_masked`): the moving source (with its
+    field of view as a 2nd channel when masked), the fixed input, the inverse level-start matrix, the fixed
+    field of view (empty: no masking) and the earlier stages' states."""
+
+    mov: Tensor
+    fix: Tensor
+    m0_inv: Tensor
+    fov_f: Tensor
+    states: List[Tensor]
+
+
 class _Level(nn.Module):
     """One pyramid level of one stage: network, grid, transform (its own, on the level grid), the
     earlier stages as fixed priors (``phi = prior_1 o ... o prior_k o own``), time segment, and (plan
@@ -472,20 +484,38 @@ class _Level(nn.Module):
         states: List[Tensor],
         fov_m: List[Tensor],
         fov_f: List[Tensor],
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> _LevelInputs:
         """:meth:`prepare` and the fixed field of view (empty without masks; ``fov_m`` / ``fov_f``: the
         fields of view per pyramid level, empty lists when the pair's fields of view cut nothing)."""
         mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
         if self.masked and len(fov_m) > 0:  # eroded once per level; the moving mask warped with the image
             moving_fov = _erode(fov_m[self.pyr], self.margin)
-            return torch.cat([mov, moving_fov], 1), fix, m0_inv, _erode(fov_f[self.pyr], self.margin)
-        return mov, fix, m0_inv, torch.zeros([0], dtype=mov.dtype, device=mov.device)
+            return _LevelInputs(
+                torch.cat([mov, moving_fov], 1), fix, m0_inv, _erode(fov_f[self.pyr], self.margin), states
+            )
+        return _LevelInputs(mov, fix, m0_inv, torch.zeros([0], dtype=mov.dtype, device=mov.device), states)
 
-    def field(
-        self, t: float, y: Tensor, mov: Tensor, fix: Tensor, m0_inv: Tensor, fov_f: Tensor, states: List[Tensor]
+    def integrate(
+        self,
+        y: Tensor,
+        pyr_m: List[Tensor],
+        pyr_f: List[Tensor],
+        states: List[Tensor],
+        fov_m: List[Tensor],
+        fov_f: List[Tensor],
     ) -> Tensor:
-        """One evaluation. ``fov_f``: the fixed field of view on the level (empty: no masking), ``mov`` then
-        holding the moving image and its field of view as two channels (msode_sdk.loop's ``f_fov``)."""
+        """This level's segment from the carried state: the level's inputs once, then the solver's
+        :meth:`solve` (template method: each solver class implements ``solve``)."""
+        y = self.carried(y)
+        return self.solve(y, self.prepare_masked(y, pyr_m, pyr_f, states, fov_m, fov_f))
+
+    def solve(self, y: Tensor, inp: _LevelInputs) -> Tensor:
+        raise NotImplementedError("a solver class implements solve")
+
+    def field(self, t: float, y: Tensor, inp: _LevelInputs) -> Tensor:
+        """One evaluation. ``inp.fov_f``: the fixed field of view on the level (empty: no masking), ``inp.mov``
+        then holding the moving image and its field of view as two channels (msode_sdk.loop's ``f_fov``)."""
+        mov, fix, m0_inv, fov_f, states = inp.mov, inp.fix, inp.m0_inv, inp.fov_f, inp.states
         if self.feature_warp:
             if self.rigid:
                 warped = _sample_coords(
@@ -578,69 +608,29 @@ class _FixedStepLevel(_Level):
         super().__init__(*args, **kwargs)
         self.times = [float(v) for v in times]
 
-    def step(
-        self,
-        t: float,
-        dt: float,
-        y: Tensor,
-        mov: Tensor,
-        fix: Tensor,
-        m0_inv: Tensor,
-        fov_f: Tensor,
-        states: List[Tensor],
-    ) -> Tensor:
+    def step(self, t: float, dt: float, y: Tensor, inp: _LevelInputs) -> Tensor:
         raise NotImplementedError("subclass implements one step")
 
-    def integrate(
-        self,
-        y: Tensor,
-        pyr_m: List[Tensor],
-        pyr_f: List[Tensor],
-        states: List[Tensor],
-        fov_m: List[Tensor],
-        fov_f: List[Tensor],
-    ) -> Tensor:
-        y = self.carried(y)
-        mov, fix, m0_inv, ff = self.prepare_masked(y, pyr_m, pyr_f, states, fov_m, fov_f)
+    def solve(self, y: Tensor, inp: _LevelInputs) -> Tensor:
         for i in range(len(self.times) - 1):
             ta = self.times[i]
-            y = self.step(ta, self.times[i + 1] - ta, y, mov, fix, m0_inv, ff, states)
+            y = self.step(ta, self.times[i + 1] - ta, y, inp)
         return y
 
 
 class _EulerLevel(_FixedStepLevel):
     """Forward Euler."""
 
-    def step(
-        self,
-        t: float,
-        dt: float,
-        y: Tensor,
-        mov: Tensor,
-        fix: Tensor,
-        m0_inv: Tensor,
-        fov_f: Tensor,
-        states: List[Tensor],
-    ) -> Tensor:
-        return y + dt * self.field(t, y, mov, fix, m0_inv, fov_f, states)
+    def step(self, t: float, dt: float, y: Tensor, inp: _LevelInputs) -> Tensor:
+        return y + dt * self.field(t, y, inp)
 
 
 class _HeunLevel(_FixedStepLevel):
     """Heun's method (explicit trapezoid)."""
 
-    def step(
-        self,
-        t: float,
-        dt: float,
-        y: Tensor,
-        mov: Tensor,
-        fix: Tensor,
-        m0_inv: Tensor,
-        fov_f: Tensor,
-        states: List[Tensor],
-    ) -> Tensor:
-        k1 = self.field(t, y, mov, fix, m0_inv, fov_f, states)
-        k2 = self.field(t + dt, y + dt * k1, mov, fix, m0_inv, fov_f, states)
+    def step(self, t: float, dt: float, y: Tensor, inp: _LevelInputs) -> Tensor:
+        k1 = self.field(t, y, inp)
+        k2 = self.field(t + dt, y + dt * k1, inp)
         return y + 0.5 * dt * (k1 + k2)
 
 
@@ -659,17 +649,7 @@ class _AdaptiveHeunLevel(_Level):
         self.tol = float(tol)
         self.max_steps = int(max_steps)
 
-    def integrate(
-        self,
-        y: Tensor,
-        pyr_m: List[Tensor],
-        pyr_f: List[Tensor],
-        states: List[Tensor],
-        fov_m: List[Tensor],
-        fov_f: List[Tensor],
-    ) -> Tensor:
-        y = self.carried(y)
-        mov, fix, m0_inv, ff = self.prepare_masked(y, pyr_m, pyr_f, states, fov_m, fov_f)
+    def solve(self, y: Tensor, inp: _LevelInputs) -> Tensor:
         t0 = self.t0
         t1 = self.t1
         span = t1 - t0
@@ -686,10 +666,10 @@ class _AdaptiveHeunLevel(_Level):
             attempts += 1
             dt = min(dt, t1 - t)
             if not have_k1:
-                k1 = self.field(t, y, mov, fix, m0_inv, ff, states)
+                k1 = self.field(t, y, inp)
                 have_k1 = True
             y_new_euler = y + dt * k1
-            k2 = self.field(t + dt, y_new_euler, mov, fix, m0_inv, ff, states)
+            k2 = self.field(t + dt, y_new_euler, inp)
             y_new = y + 0.5 * dt * (k1 + k2)
             ratio, factor = heun_step_control(0.5 * dt * (k2 - k1), y, y_new, self.tol)  # the SDK's controller
             if not math.isfinite(ratio):
