@@ -46,6 +46,12 @@ def test_cli_register_sample_pair(tmp_path, capsys):
     assert err.max() < 1.0, err.max()
     assert report["analytic_plan"] is True and report["nfe"]["rigid"] > 0
     assert report["plan_kind"] == "analytic"
+    # the printed timings cover the whole command: reading, the plan, the registration and writing
+    t = summary["timings_s"]
+    assert {"read", "load_plan", "total", "save", "wall"} <= set(t) and {"read", "load_plan"} <= set(
+        report["timings_s"]
+    )
+    assert t["wall"] >= t["read"] + t["load_plan"] + t["total"] + t["save"]
 
 
 def test_cli_bad_input_one_line_and_exit_code(tmp_path):

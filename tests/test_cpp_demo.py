@@ -653,6 +653,8 @@ def _compare_outputs(cpp_dir: Path, sdk_dir: Path, fixed_path) -> dict:
     assert d_c.shape == d_s.shape == fixed.shape[:3] + (1, 3) and d_c.get_data_dtype() == np.float32
     assert int(d_c.header["intent_code"]) == 1007 and int(d_c.header["sform_code"]) == 1
     assert d_c.header.get_xyzt_units()[0] == d_s.header.get_xyzt_units()[0] == "mm"
+    raw = (cpp_dir / "displacement.nii.gz").read_bytes()  # stored, as the SDK writes it (msode_sdk.io)
+    assert len(raw) >= len(gzip.decompress(raw))
     np.testing.assert_allclose(d_c.affine, fixed.affine, atol=1e-5)
     a, b = (np.asarray(i.dataobj, dtype=np.float64) for i in (d_c, d_s))
     out["disp_rms_mm"] = float(np.sqrt(((a - b) ** 2).sum(-1).mean()))

@@ -738,9 +738,7 @@ def test_save_failure_leaves_no_partial_outputs(tiny_result, tmp_path, monkeypat
     (out / "unrelated.txt").write_text("mine")
     boom = OSError(errno.EIO, "I/O error")
     if fail_at == "warped":
-        monkeypatch.setattr(
-            "msode_sdk.registrar.nib.save", lambda img, path: (Path(path).write_bytes(b"x"), _raise(boom))
-        )
+        monkeypatch.setattr(sdk_io, "save_nifti", lambda img, path, *a: (Path(path).write_bytes(b"x"), _raise(boom)))
     elif fail_at == "transform":
         monkeypatch.setattr(sdk_io, "write_itk_affine", lambda p, m: _raise(boom))
     elif fail_at == "report":

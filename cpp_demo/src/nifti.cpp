@@ -665,12 +665,12 @@ void qform_fields(const Mat4& A, double quat_bcd[3], double zooms[3], double& qf
 
 class Sink {
  public:
-  Sink(const std::string& path, bool gz) : path_(path), gz_(gz), out_(1 << 18) {
+  Sink(const std::string& path, bool gz, int level) : path_(path), gz_(gz), out_(1 << 18) {
     f_.reset(std::fopen(path.c_str(), "wb"));
     if (!f_) throw Error("output " + path + ": cannot open for writing: " + std::strerror(errno));
     if (gz_) {
       std::memset(&zs_, 0, sizeof zs_);
-      if (deflateInit2(&zs_, 1, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+      if (deflateInit2(&zs_, level, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
         throw Error("output " + path + ": zlib deflateInit2 failed");
       open_ = true;
     }
@@ -737,7 +737,8 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 void write_nifti_float32(const std::string& path, const std::vector<std::int64_t>& shape, const Mat4& affine,
                          const float* data, int intent_code, const std::string& intent_name,
-                         const std::string& description) {
+                         const std::string& description, int gzip_level) {
+  if (gzip_level < 0 || gzip_level > 9) throw Error("output " + path + ": gzip level must be 0..9");
   if (!host_little_endian()) throw Error("output " + path + ": this build writes on little-endian hosts only");
   if (shape.empty() || shape.size() > 7) throw Error("output " + path + ": 1 to 7 dimensions expected");
   std::int64_t n = 1;
@@ -780,7 +781,7 @@ void write_nifti_float32(const std::string& path, const std::vector<std::int64_t
                                   std::to_string(::getpid()) + "-" + std::to_string(rd() % 1000000)))
                               .string();
   try {
-    Sink sink(tmp, ends_with(path, ".gz"));
+    Sink sink(tmp, ends_with(path, ".gz"), gzip_level);
     sink.write(h, hb.size());
     sink.write(data, std::size_t(n) * sizeof(float));
     sink.close();

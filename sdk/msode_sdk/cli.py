@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .errors import MsodeError
@@ -50,12 +51,15 @@ def _cmd_register(args) -> int:
     from . import io as _io
     from .registrar import Registrar
 
+    t_start = time.perf_counter()
     out = Path(args.output)
     _io.check_output_dir(out)  # before any work
     moving = _io.load_image(args.moving, "moving")  # cheap, and before the plan is loaded
     fixed = _io.load_image(args.fixed, "fixed")
+    t_read = time.perf_counter()
     plan = args.plan or _default_plan()
     reg = Registrar.load(plan, device=args.device, backend=args.backend)
+    t_plan = time.perf_counter()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     _info(
         args,
@@ -63,11 +67,18 @@ def _cmd_register(args) -> int:
         f"backend {reg.backend.name} {reg.backend.providers()}, device {reg.device}",
     )
     res = reg.register(moving, fixed, stages=stages, init=args.init)
+    # the whole command, not only the registration (report.json gets what is known before it is written)
+    res.timings["read"] = t_read - t_start
+    res.timings["load_plan"] = t_plan - t_read
+    t_save = time.perf_counter()
     files = res.save(out, preview=args.preview)
+    res.timings["save"] = time.perf_counter() - t_save
+    res.timings["wall"] = time.perf_counter() - t_start
+    ms = {k: v * 1000 for k, v in res.timings.items()}
     _info(
         args,
-        f"msode: total    {res.timings['total'] * 1000:8.1f} ms (load {res.timings['load'] * 1000:.1f}, "
-        f"output {res.timings['output'] * 1000:.1f})",
+        f"msode: wall {ms['wall']:8.1f} ms: read {ms['read']:.1f}, plan {ms['load_plan']:.1f}, registration "
+        f"{ms['total']:.1f} (load {ms['load']:.1f}, output {ms['output']:.1f}), save {ms['save']:.1f}",
     )
     print(
         json.dumps(

@@ -521,9 +521,9 @@ class RegistrationResult:
         try:
             # nibabel keeps the open file in the image's file_map while saving: concurrent saves of one
             # result would share it ("can't seek backwards"), so each call saves its own image objects
-            nib.save(_own_image(self.warped), str(tmp["warped"]))
+            _io.save_nifti(_own_image(self.warped), tmp["warped"])
             _io.write_itk_affine(tmp["transform"], self.matrix)
-            nib.save(_own_image(self.displacement), str(tmp["displacement"]))
+            _io.save_nifti(_own_image(self.displacement), tmp["displacement"], _io.DISPLACEMENT_GZIP_LEVEL)
             tmp["report"].write_text(json.dumps(self.report(), indent=2))
             if preview:
                 from ._preview import write_preview

@@ -48,15 +48,16 @@ struct NiftiImage {
 /// voxels".
 NiftiImage read_nifti(const std::string& path, const std::string& role = "image");
 
-/// Writes a float32 NIfTI-1 image, little-endian, gzip-compressed when `path` ends in ".gz" (level 1,
-/// as nibabel). `shape`: up to 7 dims, x fastest (e.g. {X, Y, Z} or {X, Y, Z, 1, 3} for the
+/// Writes a float32 NIfTI-1 image, little-endian, gzip-compressed when `path` ends in ".gz" (at
+/// `gzip_level`: 1 as nibabel; 0 stores the data uncompressed in a valid gzip stream, which the SDK uses for
+/// displacement fields: their float noise leaves level 1 a 10 % gain for ~10x the time). `shape`: up to 7 dims, x fastest (e.g. {X, Y, Z} or {X, Y, Z, 1, 3} for the
 /// ITK/ANTs displacement layout); `affine` goes into both the sform and the qform (codes 1; the qform
 /// gets the nearest rotation, as nibabel's set_qform), pixdim the voxel sizes. `intent_code` /
 /// `intent_name` as given (1007 "msode_disp" for displacements). Written to a temporary file next to
 /// `path` and renamed into place.
 void write_nifti_float32(const std::string& path, const std::vector<std::int64_t>& shape, const Mat4& affine,
                          const float* data, int intent_code = 0, const std::string& intent_name = "",
-                         const std::string& description = "");
+                         const std::string& description = "", int gzip_level = 1);
 
 /// Legacy helper: `data` with the dims and affine of `geometry` (float32, NIfTI-1).
 void write_nifti_float32_like(const std::string& path, const NiftiImage& geometry, const std::vector<float>& data,
