@@ -148,7 +148,9 @@ def test_a_slab_cutting_the_brain_drives_no_spurious_deformation(slab_pair, plan
     (moving, fixed), points, truth, brain = slab_pair
     res = reg.register(moving, fixed)
     deformable = reg.stage_names[-1]
-    assert res.report()["fields_of_view"] == {"cut_content": True, "masked_stages": [deformable]}
+    fov = res.report()["fields_of_view"]
+    assert fov["cut_content"] is True and fov["masked_stages"] == [deformable]
+    assert 0.35 < fov["content_ratio"] < 0.9  # the slab holds most of the head's anatomy: no warning
     masked = _world_errors(res, points, truth, brain)
     rigid = _world_errors(reg.register(moving, fixed, stages=["rigid"]), points, truth, brain)
     monkeypatch.setattr(registrar_module, "fov_cuts_content", lambda vol, fov, margin: False)
@@ -198,11 +200,39 @@ def test_registrar_ts_masks_as_the_sdk_does(slab_pair):
         arr, aff = image
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), torch.from_numpy(aff)
 
-    _, disp_ts, _ = module.register_native(*native(moving), *native(fixed))
-    sdk = reg.register(moving, fixed).displacement.get_fdata()[..., 0, :]
+    _, disp_ts, _, measures = module.register_native_measured(*native(moving), *native(fixed))
+    res = reg.register(moving, fixed)
+    sdk = res.displacement.get_fdata()[..., 0, :]
+    assert float(measures["content_ratio"]) == pytest.approx(res.report()["fields_of_view"]["content_ratio"], abs=2e-3)
+    assert bool(measures["fov_cut"]) and not bool(measures["moving_content_smaller"])
     rms = float(np.sqrt(((disp_ts.numpy() - sdk) ** 2).sum(-1).mean()))
     assert rms <= 0.01, rms
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(registrar_module, "fov_cuts_content", lambda vol, fov, margin: False)
         unmasked = reg.register(moving, fixed).displacement.get_fdata()[..., 0, :]
     assert float(np.sqrt(((unmasked - sdk) ** 2).sum(-1).mean())) > 10 * rms + 0.05
+
+
+def test_a_small_field_of_view_is_flagged(slab_pair, caplog):
+    """A moving image cropped to a central box a fifth of the head on each axis holds a few % of the fixed
+    image's anatomy: the registration says so (a warning naming the moving image, report.json's
+    fields_of_view.content_ratio under the threshold); the slab pair (most of the head) gets no warning."""
+    import logging
+
+    from msode_sdk.loop import CONTENT_RATIO_WARNING
+
+    reg = Registrar.load("rigid_bspline.plan", device="cpu", backend="torch")
+    ((moving, aff), fixed), _, _, _ = slab_pair
+    lo = [int(0.4 * n) for n in moving.shape]
+    hi = [int(0.6 * n) for n in moving.shape]
+    box = np.ascontiguousarray(moving[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+    aff_box = aff.copy()
+    aff_box[:3, 3] += aff[:3, :3] @ np.asarray(lo, dtype=np.float64)
+    with caplog.at_level(logging.WARNING, logger="msode_sdk"):
+        res = reg.register((box, aff_box), fixed, stages=["rigid"])
+        small = [r.getMessage() for r in caplog.records if "field of view holds" in r.getMessage()]
+        caplog.clear()
+        reg.register((moving, aff), fixed, stages=["rigid"])
+        assert not [r for r in caplog.records if "field of view holds" in r.getMessage()]
+    ratio = res.report()["fields_of_view"]["content_ratio"]
+    assert ratio < CONTENT_RATIO_WARNING and len(small) == 1 and "the moving image" in small[0], (ratio, small)

@@ -129,6 +129,11 @@ int run_native(const Options& o) {
     std::cerr << "msode_register: warning: plan '" << reg.plan_name() << "': its registrar.ts predates the report's "
               << "measures (similarity, folding, fields of view); report.json leaves them out (rebuild it with "
               << "msode_export.scripted.add_registrar_ts)\n";
+  if (!o.quiet && res.measures.content_small())  // as the Python SDK warns (Registrar.register_prepared)
+    std::cerr << "msode_register: warning: the " << (res.measures.moving_content_smaller ? "moving" : "fixed")
+              << " image's field of view holds " << std::lround(100 * res.measures.content_ratio)
+              << " % of the anatomy the other image holds (model-grid voxels with content): a field of view this "
+                 "small registers unreliably; check the result\n";
   if (!o.quiet && res.measures.similarity_dropped())  // as the Python SDK warns (RegistrationResult.report)
     std::cerr << "msode_register: warning: the registration lowered the images' mutual information ("
               << fixed3(res.measures.similarity.front()) << " at the start, "

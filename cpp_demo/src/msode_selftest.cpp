@@ -123,7 +123,8 @@ int builtin() {
           "report similarity: start, then per stage, 4 decimals");
     const auto* fov = rep.find("fields_of_view");
     check(fov && fov->find("cut_content")->boolean && fov->find("masked_stages")->array.size() == 1 &&
-              fov->find("masked_stages")->array[0].string == "bspline",
+              fov->find("masked_stages")->array[0].string == "bspline" && fov->find("content_ratio") &&
+              fov->find("content_ratio")->number == 1.0,
           "report fields_of_view names the masked stage");
     const auto* jac = rep.find("jacobian_determinant");
     check(jac && jac->find("min")->number == 0.25 && jac->find("fraction_nonpositive")->number == 0.0 &&
@@ -134,6 +135,10 @@ int builtin() {
     check(!r.measures.similarity_dropped(), "a 5 % loss is within the margin");
     r.measures.similarity = {1.0, 1.2, 0.85};
     check(r.measures.similarity_dropped(), "a 15 % loss from the start is flagged");
+    r.measures.content_ratio_warning = 0.35;
+    check(!r.measures.content_small(), "equal content is not flagged");
+    r.measures.content_ratio = 0.1;
+    check(r.measures.content_small(), "a field of view holding a tenth of the other's anatomy is flagged");
   }
   if (failures) return 1;
   std::cout << "ok\n";

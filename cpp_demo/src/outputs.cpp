@@ -106,7 +106,7 @@ std::string report_json(const WorldResult& r, const ReportInfo& info) {
       const auto k = std::size_t(ms.fov_masked_stages[i]);
       js << (i ? ", " : "") << "\"" << json_escape(k < info.stages.size() ? info.stages[k] : std::to_string(k)) << "\"";
     }
-    js << "]}";
+    js << "], \"content_ratio\": " << json_number(std::round(ms.content_ratio * 1e3) / 1e3) << "}";
   }
   js << ",\n  \"conventions\": {\n"
         "    \"matrix\": \"RAS mm, fixed point -> moving point\",\n"

@@ -436,6 +436,9 @@ WorldMeasures read_measures(const torch::jit::IValue& value, const std::string& 
   out.fov_cut = get("fov_cut", true).item<bool>();
   torch::Tensor masked = get("fov_masked_stages", true).to(torch::kInt64);
   out.fov_masked_stages.assign(masked.data_ptr<std::int64_t>(), masked.data_ptr<std::int64_t>() + masked.numel());
+  out.content_ratio = get("content_ratio", true).to(torch::kFloat64).item<double>();
+  out.content_ratio_warning = get("content_ratio_warning", true).to(torch::kFloat64).item<double>();
+  out.moving_content_smaller = get("moving_content_smaller", true).item<bool>();
   torch::Tensor jmin = get("jacobian_min", false), jfrac = get("jacobian_fraction_nonpositive", false);
   if (jmin.defined() && jfrac.defined()) {
     out.has_jacobian = true;

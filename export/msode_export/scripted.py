@@ -59,7 +59,17 @@ from msode_sdk import world
 from msode_sdk.errors import PlanError
 from msode_sdk.initialize import choose_start, mutual_information, thetas_of_axes
 from msode_sdk.integrate import fixed_step_grid, heun_step_control
-from msode_sdk.loop import FOV_MASKED, SCALE_SEARCH_STRIDE, erode, fov_cuts_content, fov_margin, halves
+from msode_sdk.loop import (
+    CONTENT_RATIO_WARNING,
+    FOV_CONTENT,
+    FOV_MASKED,
+    SCALE_SEARCH_STRIDE,
+    content_ratio,
+    erode,
+    fov_cuts_content,
+    fov_margin,
+    halves,
+)
 from msode_sdk.plan import Plan, load_plan, write_plan
 from msode_sdk.registrar import SIMILARITY_DROP_WARNING
 from msode_sdk.transforms import (
@@ -168,6 +178,7 @@ _world_prepare = world.prepare_on_grid
 _world_outputs = world.world_outputs
 _erode = erode
 _fov_cuts_content = fov_cuts_content
+_content_ratio = content_ratio
 _apply_matrix = apply_matrix
 _bspline_kernel = bspline_kernel
 
@@ -795,6 +806,8 @@ class RegistrarModule(nn.Module):
     deformable: bool
     similarity_drop_warning: float
     similarity_stride: int
+    content_ratio_warning: float
+    fov_content: float
 
     def __init__(
         self,
@@ -843,6 +856,8 @@ class RegistrarModule(nn.Module):
         self.deformable = any(k in ("bspline", "dense") for k in kinds)
         self.similarity_drop_warning = float(SIMILARITY_DROP_WARNING)
         self.similarity_stride = int(SCALE_SEARCH_STRIDE)
+        self.content_ratio_warning = float(CONTENT_RATIO_WARNING)
+        self.fov_content = float(FOV_CONTENT)
 
     @torch.jit.export
     def describe(self) -> str:
@@ -924,7 +939,9 @@ class RegistrarModule(nn.Module):
         on the model grid: ``similarity`` float64 ``(1 + stages,)`` (mutual information, nats, at the start
         then after each stage; ``msode_sdk.loop.similarity``), ``similarity_drop_warning`` (the fraction of
         the start's value whose loss deserves a warning), ``fov_cut`` (bool: an image's field of view cuts
-        content), ``fov_masked_stages`` (int64 stage indices masked by the fields of view) and, when a
+        content), ``fov_masked_stages`` (int64 stage indices masked by the fields of view), ``content_ratio``
+        (``msode_sdk.loop.content_ratio``), ``content_ratio_warning`` (below it: a warning),
+        ``moving_content_smaller`` (bool: which image the warning names) and, when a
         deformable stage ran, ``jacobian_min`` and ``jacobian_fraction_nonpositive``."""
         return self._register_native(moving, moving_affine, fixed, fixed_affine, True)
 
@@ -1028,6 +1045,9 @@ class RegistrarModule(nn.Module):
             "similarity_drop_warning": torch.tensor(self.similarity_drop_warning, dtype=torch.float64),
             "fov_cut": torch.tensor(cut),
             "fov_masked_stages": torch.tensor(masked, dtype=torch.long),
+            "content_ratio": _content_ratio(vol_m, vol_f, self.fov_content)[0],
+            "content_ratio_warning": torch.tensor(self.content_ratio_warning, dtype=torch.float64),
+            "moving_content_smaller": (vol_m > self.fov_content).sum() < (vol_f > self.fov_content).sum(),
         }
         if self.deformable:
             det = jacobian_determinant(self._chain_grid(states), self.spacing)[0]

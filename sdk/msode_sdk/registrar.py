@@ -71,7 +71,17 @@ from .errors import (
     is_out_of_memory,
 )
 from .integrate import SegmentStats
-from .loop import INIT_MODES, RegistrationLoop, downsample, fov_cuts_content, fov_margin, stage_runs
+from .loop import (
+    CONTENT_RATIO_WARNING,
+    FOV_CONTENT,
+    INIT_MODES,
+    RegistrationLoop,
+    content_ratio,
+    downsample,
+    fov_cuts_content,
+    fov_margin,
+    stage_runs,
+)
 from .loop import similarity as model_grid_similarity
 from .plan import Plan, load_plan
 from .transforms import Grid, TransformChain, jacobian_determinant
@@ -844,6 +854,9 @@ class Registrar:
             native = m.native if m.native.device == dev else None
             warped, matrix, disp = self._to_world(chain, m.image, m.centre, f.image, f.centre, native)
             t4 = time.perf_counter()
+            item = res if n == 1 else _batch_item(res, chain, i)
+            if item.fields_of_view is not None:  # native inputs: how much of the anatomy each holds
+                item.fields_of_view = {**item.fields_of_view, "content_ratio": _content_ratio(m, f)}
             load = float(load_seconds[i]) if load_seconds is not None else 0.0
             timings = {"load": load, **{s.name: s.seconds / n for s in res.stages}, "output": t4 - t3}
             timings["total"] = load + (t2 - t1) / n + (t4 - t3)
@@ -862,7 +875,7 @@ class Registrar:
                     device=str(self.device),
                     analytic_plan=self.plan.manifest.analytic,
                     plan_kind=self.plan.manifest.kind,
-                    model_grid=res if n == 1 else _batch_item(res, chain, i),
+                    model_grid=item,
                     fixed_image=f.image,
                     moving_image=m.image,
                     grid=self.model_grid,
@@ -1013,6 +1026,22 @@ class Registrar:
         warped_img = _io.world_nifti(warped.cpu().numpy(), fix_img.affine)
         disp_img = _io.displacement_nifti(disp.cpu().numpy(), fix_img.affine, vectors="lps")
         return warped_img, matrix.cpu().numpy(), disp_img
+
+
+def _content_ratio(moving, fixed) -> float:
+    """:func:`msode_sdk.loop.content_ratio` of two prepared images (rounded), with a warning below
+    :data:`~msode_sdk.loop.CONTENT_RATIO_WARNING`."""
+    mov, fix = moving.vol, fixed.vol.to(moving.vol.device)
+    ratio = round(float(content_ratio(mov, fix)[0]), 3)
+    if ratio < CONTENT_RATIO_WARNING:
+        smaller = "moving" if int((mov > FOV_CONTENT).sum()) < int((fix > FOV_CONTENT).sum()) else "fixed"
+        _log.warning(
+            "the %s image's field of view holds %.0f %% of the anatomy the other image holds (model-grid voxels "
+            "with content): a field of view this small registers unreliably; check the result",
+            smaller,
+            100 * ratio,
+        )
+    return ratio
 
 
 def _chain_item(chain: TransformChain, i: int) -> TransformChain:

@@ -91,9 +91,14 @@ struct WorldMeasures {
   double similarity_drop_warning = 0.1;  // a final value below (1 - this) x the start's deserves a warning
   bool fov_cut = false;                  // an image's field of view cuts content (fields_of_view.cut_content)
   std::vector<std::int64_t> fov_masked_stages;  // stage indices masked by the fields of view
+  double content_ratio = 1.0;          // the smaller image's content over the larger's (msode_sdk.loop)
+  double content_ratio_warning = 0.0;  // below it the field of view is too small to trust the result
+  bool moving_content_smaller = false;
   bool has_jacobian = false;                    // a deformable stage ran
   double jacobian_min = 1.0;                    // Jacobian determinant of the map over the model grid
   double jacobian_fraction_nonpositive = 0.0;   // folding: the fraction of voxels with determinant <= 0
+  /// True when one image holds too little of the other's anatomy (a small field of view).
+  bool content_small() const { return present && content_ratio < content_ratio_warning; }
   /// True when the registration lowered the similarity by more than similarity_drop_warning.
   bool similarity_dropped() const {
     return present && similarity.size() > 1 &&
