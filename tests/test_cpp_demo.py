@@ -358,7 +358,7 @@ def test_bundled_plan(cpp_bin, pair, tmp_path, name):
     )
 
 
-def _expect_error(cpp_bin, args, *phrases, rc=1):
+def _expect_error(cpp_bin, args, *phrases, rc=2):
     out = Path(args[-1])
     r = _run(cpp_bin / "msode_register", *args)
     assert r.returncode == rc, (r.returncode, r.stdout, r.stderr)
@@ -382,7 +382,8 @@ def _corrupt_member(src, dst, member):
     return dst
 
 
-def test_bad_plans(cpp_bin, standin_plan, pair, analytic_plan, tmp_path):
+def test_bad_plans(cpp_bin, standin_plan, pair, analytic_plan, tmp_path, request):
+    scripted_plan = request.getfixturevalue("ts_plan")  # the real registrar.ts (or the stand-in without scripting)
     ts_plan = standin_plan
     m, f, w = pair["moving"], pair["fixed"], tmp_path / "w.nii"
     _expect_error(cpp_bin, [tmp_path / "nope.plan", m, f, w], "no such file")
@@ -411,6 +412,23 @@ def test_bad_plans(cpp_bin, standin_plan, pair, analytic_plan, tmp_path):
             zf.writestr(name, data)
         zf.writestr("../evil.txt", b"x")
     _expect_error(cpp_bin, [evil, m, f, w], "unsafe member name", "'..'")
+    # a manifest whose stages are not a list of named stages, or not those registrar.ts was built for
+    with zipfile.ZipFile(scripted_plan) as zf:
+        items = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    manifest = json.loads(dict(items)["manifest.json"])
+    cases = [
+        ("stages_int", 5, "manifest.stages: expected a non-empty list"),
+        ("stages_unnamed", [{"transform": "rigid"}], "manifest.stages[0].name: required field is missing"),
+    ]
+    if "registrar_ts" in manifest:
+        renamed = [{**st, "name": st["name"] + "_x"} for st in manifest["stages"]]
+        cases.append(("stages_renamed", renamed, "built for other stages"))
+    for name, stages, phrase in cases:
+        bad = tmp_path / f"{name}.plan"
+        with zipfile.ZipFile(bad, "w") as zf:
+            for member, data in items:
+                zf.writestr(member, json.dumps({**manifest, "stages": stages}) if member == "manifest.json" else data)
+        _expect_error(cpp_bin, [bad, m, f, w], phrase)
 
 
 def test_bad_images(cpp_bin, standin_plan, pair, tmp_path):
@@ -774,10 +792,11 @@ def test_native_standin_conventions(cpp_bin, native_standin_plan, native_pairs, 
 
 
 def _expect_native_error(cpp_bin, plan, moving, fixed, out: Path, *phrases):
-    """One line on stderr, exit 1, nothing on stdout, and no output folder (nor a temporary sibling)."""
+    """One line on stderr, exit 2 (as `msode register`), nothing on stdout, and no output folder (nor a
+    temporary sibling)."""
     before = sorted(p.name for p in out.parent.iterdir())
     r = _run(cpp_bin / "msode_register", plan, moving, fixed, "-o", out)
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("msode_register: error: "), r.stderr
     for phrase in phrases:
@@ -846,6 +865,10 @@ def test_native_hostile_files(cpp_bin, native_standin_plan, standin_plan, native
     cases.append((saved("constant.nii.gz", np.ones_like(vol)), ["constant"], "same"))
     (d / "junk.nii").write_text("not a NIfTI file at all\n" * 20)
     cases.append((d / "junk.nii", ["cannot read", "as NIfTI"], "refuses"))
+    inside = bytearray(Path(saved("vox_inside.nii", vol)).read_bytes())
+    struct.pack_into("<f", inside, 108, 100.0)  # vox_offset inside the 348-byte header
+    (d / "vox_inside.nii").write_bytes(bytes(inside))
+    cases.append((d / "vox_inside.nii", ["vox offset 100 too low"], "refuses"))
     for path, phrases, sdk in cases:
         line = _expect_native_error(cpp_bin, plan, path, good, out, *phrases)
         if sdk == "accepts":  # nibabel substitutes 1 mm for a zero pixdim; the C++ reader refuses the file
@@ -864,7 +887,7 @@ def test_native_hostile_files(cpp_bin, native_standin_plan, standin_plan, native
     # an output path that is a file
     (tmp_path / "file").write_text("x")
     r = _run(cpp_bin / "msode_register", plan, good, good, "-o", tmp_path / "file" / "sub")
-    assert r.returncode == 1 and "is not a directory" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 2 and "is not a directory" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_native_input_error_from_registrar_ts(cpp_bin, native_plan, native_pairs, tmp_path):

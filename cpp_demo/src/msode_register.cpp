@@ -317,10 +317,15 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // exit status as `msode register`: 2 for what the inputs, plan or outputs cause (msode::Error, its
+  // InputError), 1 for anything else (a bug or the system: bad_alloc, ...)
   try {
     return run(argc, argv);
-  } catch (const std::exception& e) {
+  } catch (const msode::Error& e) {
     std::cerr << "msode_register: error: " << one_line(e.what()) << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "msode_register: internal error: " << one_line(e.what()) << std::endl;
     return 1;
   } catch (...) {
     std::cerr << "msode_register: error: unknown failure" << std::endl;

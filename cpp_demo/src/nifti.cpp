@@ -510,7 +510,9 @@ NiftiImage read_nifti(const std::string& path, const std::string& role) {
   const double min_offset = double(hsize + 4);
   double off_d = hd.vox_offset;
   if (off_d == 0) throw InputError(not_nifti + "vox_offset is 0 (invalid for a single-file NIfTI)");
-  if (off_d < min_offset) off_d = min_offset;  // nibabel: "setting to minimum value"
+  if (off_d < min_offset)  // nibabel (so the SDK) refuses it: the voxels would overlap the header
+    throw InputError(not_nifti + "vox offset " + fmt_g(std::trunc(off_d), 17) +
+                     " too low for single file nifti1");
   if (off_d > 9.0e18) off_d = 9.0e18;
   const std::uint64_t offset = std::uint64_t(off_d);  // nibabel: int(vox_offset)
   const std::uint64_t nbytes = std::uint64_t(nvox) * ti.size;

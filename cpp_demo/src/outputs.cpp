@@ -157,8 +157,9 @@ OutputPaths save_outputs(const std::string& out_dir, const WorldResult& r, Repor
     created.insert(created.begin(), d);
     if (d == d.parent_path()) break;
   }
-  auto remove_created = [&] {
-    for (auto it = created.rbegin(); it != created.rend(); ++it) fs::remove(*it, ec);  // only if empty
+  auto remove_created = [&] {  // its own error code: the caller's still holds the reason to report
+    std::error_code ignored;
+    for (auto it = created.rbegin(); it != created.rend(); ++it) fs::remove(*it, ignored);  // only if empty
   };
   fs::create_directories(parent, ec);
   if (ec) {

@@ -206,16 +206,33 @@ Registrar::Registrar(const std::string& plan_path, const std::string& device, bo
   }
   // A rigid stage may start from an initialiser (params.init: moments | multistart); registrar.ts
   // runs it like the Python SDK. Recorded for callers (Registrar::rigid_init()) and the JSON report.
-  if (const Json* stages = root.opt("stages")) {
-    for (const Json& st : stages->array) {
-      const Json* sname = st.find("name");
-      if (sname && sname->type == Json::Type::String) m.stages.push_back(sname->string);
-      const Json* tr = st.find("transform");
-      const Json* params = st.find("params");
-      const Json* init = params ? params->find("init") : nullptr;
-      if (tr && tr->type == Json::Type::String && tr->string == "rigid" && init &&
-          init->type == Json::Type::String && init->string != "none")
-        m.rigid_init = init->string;
+  // stages: checked as msode_sdk.plan checks them (the report names stages by them), and against the stages
+  // registrar.ts was built for (manifest.registrar_ts.stages: the work is registrar.ts's)
+  Field stages = root.at("stages");
+  if (stages.v.type != Json::Type::Array || stages.v.array.empty()) stages.fail("expected a non-empty list");
+  for (std::size_t i = 0; i < stages.v.array.size(); ++i) {
+    Field st{stages.v.array[i], "manifest.stages[" + std::to_string(i) + "]", label};
+    if (!st.v.is_object()) st.fail("expected an object");
+    const std::string& sname = st.at("name").str();
+    if (sname.empty()) st.at("name").fail("expected a non-empty string");
+    m.stages.push_back(sname);
+    const std::string& transform = st.at("transform").str();
+    const Json* params = st.opt("params");
+    const Json* init = params ? params->find("init") : nullptr;
+    if (transform == "rigid" && init && init->type == Json::Type::String && init->string != "none")
+      m.rigid_init = init->string;
+  }
+  if (const Json* rts = root.opt("registrar_ts")) {
+    const Json* built = rts->find("stages");
+    if (built) {
+      std::vector<std::string> names;
+      if (built->type == Json::Type::Array)
+        for (const Json& b : built->array)
+          if (b.type == Json::Type::String) names.push_back(b.string);
+      if (built->type != Json::Type::Array || names.size() != built->array.size() || names != m.stages)
+        Field{*built, "manifest.registrar_ts.stages", label}.fail(
+            "registrar.ts was built for other stages than manifest.stages lists (rebuild it with "
+            "msode_export.scripted.add_registrar_ts)");
     }
   }
 
