@@ -79,6 +79,28 @@ def test_cli_bad_input_one_line_and_exit_code(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_cli_quiet_header_problem_is_one_line(tmp_path, capsys):
+    """A header nibabel complains about (vox_offset inside the header; an unknown datatype code): with -q the
+    error line alone, without it nibabel's message at most once (it logged through its own handler as well)."""
+    import struct
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32), np.eye(4))
+    nib.save(img, str(tmp_path / "ok.nii"))
+    raw = bytearray((tmp_path / "ok.nii").read_bytes())
+    struct.pack_into("<f", raw, 108, -5.0)
+    (tmp_path / "bad.nii").write_bytes(bytes(raw))
+    args = ["register", str(tmp_path / "bad.nii"), str(SAMPLE / "fixed_t1.nii.gz"), "-o", str(tmp_path / "o")]
+    assert cli.main([*args, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msode: error: moving") and "vox offset -5" in err[0], err
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # the error line and at most one copy of nibabel's message (where logging reaches stderr: not under pytest)
+    assert sum("vox offset -5" in line for line in err) <= 2 and err[-1].startswith("msode: error"), err
+
+
 def test_cli_plan_info_and_list(capsys):
     assert cli.main(["plan", "list"]) == 0
     assert "analytic_ssd.plan" in capsys.readouterr().out

@@ -196,6 +196,17 @@ def run_command(args, func) -> int:
     previous_level = sdk_log.level
     if getattr(args, "quiet", False):  # basicConfig does nothing when logging is already configured
         sdk_log.setLevel(logging.ERROR)
+    # nibabel's header checks log through a handler of their own and then propagate: each message came out
+    # twice, before the error line that already says it. Here they go through the CLI's handler once (none
+    # with -q: one line on failure)
+    from nibabel import imageglobals
+
+    nib_log = imageglobals.logger
+    nib_state = (list(nib_log.handlers), nib_log.level)
+    for handler in nib_state[0]:
+        nib_log.removeHandler(handler)
+    if getattr(args, "quiet", False):
+        nib_log.setLevel(logging.CRITICAL + 1)
     try:
         return int(func(args) or 0)
     except MsodeError as exc:
@@ -210,6 +221,9 @@ def run_command(args, func) -> int:
         return 1
     finally:
         sdk_log.setLevel(previous_level)
+        nib_log.setLevel(nib_state[1])
+        for handler in nib_state[0]:
+            nib_log.addHandler(handler)
 
 
 if __name__ == "__main__":
