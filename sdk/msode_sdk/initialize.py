@@ -215,9 +215,9 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) ->
     n = a.shape[0]
     x = a.reshape(n, -1)
     y = b.reshape(n, -1)
-    w = ((x > 0) | (y > 0)).to(torch.float64)
     ix = torch.round(x.clamp(0.0, 1.0) * (bins - 1)).long()
     iy = torch.round(y.clamp(0.0, 1.0) * (bins - 1)).long()
+    w = ((ix > 0) | (iy > 0)).to(torch.float64)
     joint = torch.zeros([n, bins * bins], dtype=torch.float64, device=a.device)
     joint = joint.scatter_add(1, ix * bins + iy, w).reshape(n, bins, bins)
     total = joint.sum(dim=(1, 2), keepdim=True)
