@@ -208,8 +208,10 @@ def candidate_thetas(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, thre
 
 
 def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
-    """MI ``(N,)`` float64 (nats) of intensities in [0, 1] over the voxels where either image is non-zero,
-    from a hard ``bins x bins`` joint histogram (intensities rounded to the nearest bin). Batched and
+    """MI ``(N,)`` float64 (nats) of intensities in [0, 1] over the voxels where either image falls in a
+    non-zero bin, from a hard ``bins x bins`` joint histogram (intensities rounded to the nearest bin; a
+    "non-zero value" rule let float noise of 1e-6 in the background, which two implementations or devices
+    need not share, move voxels in and out: 0.001 nats between registrar.ts and the SDK). Batched and
     with static shapes: the voxels outside both images weigh 0 in a fixed-size scatter-add; a pair with
     no such voxel scores 0."""
     n = a.shape[0]

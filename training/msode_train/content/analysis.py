@@ -20,7 +20,7 @@ def linear_binned_mi(a: torch.Tensor, b: torch.Tensor, bins: int = 32) -> torch.
     voxels, joint histogram with linear (triangular Parzen) binning; the classical MI of Maes et al.
     (every voxel of the fixed grid, background included, as registration tools use it unmasked). The MI
     of the content-encoder reports (:func:`similarity_landscape`). Not the same number as
-    ``msode_sdk.initialize.mutual_information`` (hard bins, only voxels where either image is non-zero)
+    ``msode_sdk.initialize.mutual_information`` (hard bins, only voxels where either image is in a non-zero bin)
     nor as the loss ``msode_train.losses.mi_loss`` (Gaussian Parzen window, negative)."""
     n = a.shape[0]
     a = a.reshape(n, -1).clamp(0, 1) * (bins - 1)
