@@ -74,3 +74,43 @@ def test_scale_search_keeps_each_pair_of_a_batch_apart():
         y, _ = loop.run_stage(0, loop.pyramid(moving, fixed), TransformChain(), 2)
     assert torch.allclose(y, truth, atol=1e-4 * float(truth.abs().max()))
     assert not math.isclose(float(y[0].abs().sum()), float(end[0].abs().sum()))
+
+
+def test_mutual_information_counts_nonzero_bins_inside_the_mask():
+    """MI counts the voxels where either image falls in a non-zero bin (float noise below half a bin in the
+    background changes nothing), and with a mask only those inside it: masking a region equals cutting it out."""
+    from msode_sdk.initialize import MI_BINS, mutual_information
+
+    a = _blobs(GRID)
+    b = torch.roll(a, 2, dims=-1)
+    noise = torch.rand(a.shape, generator=torch.Generator().manual_seed(0)) * (0.4 / (MI_BINS - 1))
+    base = mutual_information(a, b)
+    torch.testing.assert_close(mutual_information(a + noise * (a == 0), b + noise * (b == 0)), base)
+    half = torch.zeros_like(a)
+    half[..., : a.shape[-1] // 2] = 1.0
+    masked = mutual_information(a, b, mask=half)
+    cut = mutual_information(a[..., : a.shape[-1] // 2], b[..., : a.shape[-1] // 2])
+    torch.testing.assert_close(masked, cut)
+    assert not torch.allclose(masked, base)
+    torch.testing.assert_close(mutual_information(a, b, mask=torch.ones_like(a)), base)
+
+
+def test_similarity_counts_only_voxels_inside_both_fields_of_view():
+    """loop.similarity with fields of view: a fixed image blanked outside its own view scores as the
+    unblanked pair does over the same view, whatever the moving image holds outside it."""
+    from msode_sdk.loop import SCALE_SEARCH_STRIDE, similarity
+
+    moving = _blobs(GRID)
+    fov_f = torch.zeros_like(moving)
+    fov_f[:, :, 6:18] = 1.0  # a slab of the fixed grid
+    fixed = moving * fov_f
+    ones = torch.ones_like(moving)
+    chain = TransformChain()
+    inside = similarity(GRID, chain, moving, fixed, (ones, fov_f))
+    k = SCALE_SEARCH_STRIDE
+    from msode_sdk.initialize import mutual_information
+
+    sub = (slice(None), slice(None), slice(k // 2, None, k), slice(k // 2, None, k), slice(k // 2, None, k))
+    want = mutual_information(moving[sub], moving[sub], mask=fov_f[sub])
+    torch.testing.assert_close(inside, want)
+    assert float(similarity(GRID, chain, moving, fixed)) < float(inside)  # the blank counted as data

@@ -579,10 +579,19 @@ class _Level(nn.Module):
         return mutual_information(warped, fix)
 
     def scale_search(
-        self, y: Tensor, pyr_m: List[Tensor], pyr_f: List[Tensor], states: List[Tensor], scales: List[float]
+        self,
+        y: Tensor,
+        pyr_m: List[Tensor],
+        pyr_f: List[Tensor],
+        states: List[Tensor],
+        scales: List[float],
+        fov_m: List[Tensor],
+        fov_f: List[Tensor],
     ) -> Tensor:
         """A deformable stage's scale search on this (finest) level, as msode_sdk.loop's ``_scale_search``:
-        ``y`` times the factor whose chain gives the highest MI at every ``stride``-th voxel of each axis."""
+        ``y`` times the factor whose chain gives the highest MI at every ``stride``-th voxel of each axis;
+        where the fields of view cut content (``fov_m`` / ``fov_f`` per pyramid level, else empty) and this
+        level masks, only voxels inside both count (msode_sdk.loop.similarity)."""
         mov = pyr_m[self.pyr]
         k = self.stride
         xs = _axis_coords(self.shape[0], self.spacing[0], y.device)[k // 2 :: k]
@@ -598,7 +607,11 @@ class _Level(nn.Module):
             for pr in self.priors:
                 pts = pr.map_points(states[pr.index], pts)
             candidates.append(ya.reshape(n, -1))
-            scores.append(mutual_information(_sample(mov, self.shape, self.spacing, pts), fix_s))
+            mask: Optional[Tensor] = None
+            if self.masked and len(fov_m) > 0:
+                inside_m = _sample(fov_m[self.pyr], self.shape, self.spacing, pts) >= 0.999
+                mask = inside_m & (fov_f[self.pyr][:, :, k // 2 :: k, k // 2 :: k, k // 2 :: k] > 0.5)
+            scores.append(mutual_information(_sample(mov, self.shape, self.spacing, pts), fix_s, mask=mask))
         best, _ = choose_start(torch.stack(candidates, 1), torch.stack(scores, 1))
         return best.reshape(y.shape)
 
@@ -775,7 +788,7 @@ class _Stage(nn.Module):
             last = len(self.levels) - 1
             for j, lvl in enumerate(self.levels):
                 if j == last:
-                    y = lvl.scale_search(y, pyr_m, pyr_f, states, self.scale_search)
+                    y = lvl.scale_search(y, pyr_m, pyr_f, states, self.scale_search, fov_m, fov_f)
         if not bool(torch.isfinite(y).all()):
             raise RuntimeError("stage " + self.name + " produced non-finite parameters")
         return y

@@ -30,7 +30,7 @@ Points are model-frame mm (centre-relative, ``(x, y, z)``); tensors ``(N, 1, D, 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -207,11 +207,14 @@ def candidate_thetas(moving: torch.Tensor, fixed: torch.Tensor, grid: Grid, thre
     return thetas_of_axes(moving, fixed, *_grid_axes(grid, moving.device), threshold)
 
 
-def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
+def mutual_information(
+    a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """MI ``(N,)`` float64 (nats) of intensities in [0, 1] over the voxels where either image falls in a
     non-zero bin, from a hard ``bins x bins`` joint histogram (intensities rounded to the nearest bin; a
     "non-zero value" rule let float noise of 1e-6 in the background, which two implementations or devices
-    need not share, move voxels in and out: 0.001 nats between registrar.ts and the SDK). Batched and
+    need not share, move voxels in and out: 0.001 nats between registrar.ts and the SDK), and only where
+    ``mask`` (same shape as ``a``, optional) is > 0.5. Batched and
     with static shapes: the voxels outside both images weigh 0 in a fixed-size scatter-add; a pair with
     no such voxel scores 0."""
     n = a.shape[0]
@@ -219,7 +222,10 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) ->
     y = b.reshape(n, -1)
     ix = torch.round(x.clamp(0.0, 1.0) * (bins - 1)).long()
     iy = torch.round(y.clamp(0.0, 1.0) * (bins - 1)).long()
-    w = ((ix > 0) | (iy > 0)).to(torch.float64)
+    counted = (ix > 0) | (iy > 0)
+    if mask is not None:  # e.g. inside both fields of view: outside one, its zeros are not data
+        counted = counted & (mask.reshape(n, -1) > 0.5)
+    w = counted.to(torch.float64)
     joint = torch.zeros([n, bins * bins], dtype=torch.float64, device=a.device)
     joint = joint.scatter_add(1, ix * bins + iy, w).reshape(n, bins, bins)
     total = joint.sum(dim=(1, 2), keepdim=True)
