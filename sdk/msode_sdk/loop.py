@@ -199,7 +199,7 @@ def fov_cuts_content(vol: torch.Tensor, fov: torch.Tensor, margin: int, content:
 
 #: a pair whose smaller image holds less than this fraction of the larger one's content (:func:`content_ratio`)
 #: gets a warning: on a held-out T2 -> T1 pair at a paper-range rotation, central crops of 64 and 96 mm (ratio
-#: 0.07-0.31) failed by 41-98 mm, 128 mm (0.57-0.66) by 4-23 mm, 160 mm (0.79-0.90) registered (0.3-0.5 mm);
+#: 0.07-0.31) failed by 41-63 mm, 128 mm (0.57-0.66) by 4-23 mm, 160 mm (0.79-0.90) registered (0.3-0.5 mm);
 #: a skull-stripped brain against a whole head is ~0.4
 CONTENT_RATIO_WARNING = 0.35
 
