@@ -327,7 +327,7 @@ class _NoFeatures(nn.Module):
 
 
 class _LevelInputs(NamedTuple):
-    """What every evaluation on a level reads (:meth:`_Level.prepare_masked`): the moving source (with its
+    """What every evaluation on a level reads (:meth:`_Level.integrate` builds it): the moving source (with its
     field of view as a 2nd channel when masked), the fixed input, the inverse level-start matrix, the fixed
     field of view (empty: no masking) and the earlier stages' states."""
 
@@ -487,25 +487,6 @@ class _Level(nn.Module):
             start = mov
         return self.features(start), fix_feat, m0_inv
 
-    def prepare_masked(
-        self,
-        y: Tensor,
-        pyr_m: List[Tensor],
-        pyr_f: List[Tensor],
-        states: List[Tensor],
-        fov_m: List[Tensor],
-        fov_f: List[Tensor],
-    ) -> _LevelInputs:
-        """:meth:`prepare` and the fixed field of view (empty without masks; ``fov_m`` / ``fov_f``: the
-        fields of view per pyramid level, empty lists when the pair's fields of view cut nothing)."""
-        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
-        if self.masked and len(fov_m) > 0:  # eroded once per level; the moving mask warped with the image
-            moving_fov = _erode(fov_m[self.pyr], self.margin)
-            return _LevelInputs(
-                torch.cat([mov, moving_fov], 1), fix, m0_inv, _erode(fov_f[self.pyr], self.margin), states
-            )
-        return _LevelInputs(mov, fix, m0_inv, torch.zeros([0], dtype=mov.dtype, device=mov.device), states)
-
     def integrate(
         self,
         y: Tensor,
@@ -515,10 +496,20 @@ class _Level(nn.Module):
         fov_m: List[Tensor],
         fov_f: List[Tensor],
     ) -> Tensor:
-        """This level's segment from the carried state: the level's inputs once, then the solver's
-        :meth:`solve` (template method: each solver class implements ``solve``)."""
+        """This level's segment from the carried state: the level's inputs once (:meth:`prepare`; where the
+        pair's fields of view cut content, ``fov_m`` / ``fov_f`` per pyramid level, else empty lists, and this
+        level masks: the moving mask as a 2nd channel, warped with the image, and the fixed one, eroded once
+        per level), then the solver's :meth:`solve` (template method: each solver class implements it)."""
         y = self.carried(y)
-        return self.solve(y, self.prepare_masked(y, pyr_m, pyr_f, states, fov_m, fov_f))
+        mov, fix, m0_inv = self.prepare(y, pyr_m[self.pyr], pyr_f[self.pyr], states)
+        if self.masked and len(fov_m) > 0:
+            moving_fov = _erode(fov_m[self.pyr], self.margin)
+            inp = _LevelInputs(
+                torch.cat([mov, moving_fov], 1), fix, m0_inv, _erode(fov_f[self.pyr], self.margin), states
+            )
+        else:
+            inp = _LevelInputs(mov, fix, m0_inv, torch.zeros([0], dtype=mov.dtype, device=mov.device), states)
+        return self.solve(y, inp)
 
     def solve(self, y: Tensor, inp: _LevelInputs) -> Tensor:
         raise NotImplementedError("a solver class implements solve")
