@@ -1044,14 +1044,15 @@ class RegistrarModule(nn.Module):
         masked: List[int] = []
         if cut:
             masked = self.fov_masked_indices
+        ratio, moving_smaller = _content_ratio(vol_m, vol_f, self.fov_content)
         out: Dict[str, Tensor] = {
             "similarity": torch.cat(sims),
             "similarity_drop_warning": torch.tensor(self.similarity_drop_warning, dtype=torch.float64),
             "fov_cut": torch.tensor(cut),
             "fov_masked_stages": torch.tensor(masked, dtype=torch.long),
-            "content_ratio": _content_ratio(vol_m, vol_f, self.fov_content)[0],
+            "content_ratio": ratio[0],
             "content_ratio_warning": torch.tensor(self.content_ratio_warning, dtype=torch.float64),
-            "moving_content_smaller": (vol_m > self.fov_content).sum() < (vol_f > self.fov_content).sum(),
+            "moving_content_smaller": moving_smaller[0],
         }
         if self.deformable:
             det = jacobian_determinant(self._chain_grid(states), self.spacing)[0]

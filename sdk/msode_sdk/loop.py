@@ -73,7 +73,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Tuple
 
 import torch
 
@@ -204,13 +204,16 @@ def fov_cuts_content(vol: torch.Tensor, fov: torch.Tensor, margin: int, content:
 CONTENT_RATIO_WARNING = 0.35
 
 
-def content_ratio(moving: torch.Tensor, fixed: torch.Tensor, content: float = FOV_CONTENT) -> torch.Tensor:
-    """``(N,)`` float64: the smaller over the larger of the two model-grid images' content (voxels whose
-    normalised intensity is above ``content``), ``(N, 1, D, H, W)`` each; 0 when one has none. How much of
-    the anatomy a small field of view leaves to register. TorchScript-compatible (``registrar.ts``)."""
+def content_ratio(
+    moving: torch.Tensor, fixed: torch.Tensor, content: float = FOV_CONTENT
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(ratio (N,) float64, moving_smaller (N,) bool)``: the smaller over the larger of the two model-grid
+    images' content (voxels whose normalised intensity is above ``content``), ``(N, 1, D, H, W)`` each, 0 when
+    one has none, and whether the moving image is the smaller. How much of the anatomy a small field of view
+    leaves to register. TorchScript-compatible (``registrar.ts``)."""
     cm = (moving > content).flatten(1).sum(1).to(torch.float64)
     cf = (fixed > content).flatten(1).sum(1).to(torch.float64)
-    return torch.minimum(cm, cf) / torch.maximum(cm, cf).clamp(min=1.0)
+    return torch.minimum(cm, cf) / torch.maximum(cm, cf).clamp(min=1.0), cm < cf
 
 
 def checked_velocity(net, v: torch.Tensor, state: torch.Tensor, transform: str) -> torch.Tensor:

@@ -73,7 +73,6 @@ from .errors import (
 from .integrate import SegmentStats
 from .loop import (
     CONTENT_RATIO_WARNING,
-    FOV_CONTENT,
     INIT_MODES,
     RegistrationLoop,
     content_ratio,
@@ -1031,10 +1030,10 @@ class Registrar:
 def _content_ratio(moving, fixed) -> float:
     """:func:`msode_sdk.loop.content_ratio` of two prepared images (rounded), with a warning below
     :data:`~msode_sdk.loop.CONTENT_RATIO_WARNING`."""
-    mov, fix = moving.vol, fixed.vol.to(moving.vol.device)
-    ratio = round(float(content_ratio(mov, fix)[0]), 3)
+    ratios, moving_smaller = content_ratio(moving.vol, fixed.vol.to(moving.vol.device))
+    ratio = round(float(ratios[0]), 3)
     if ratio < CONTENT_RATIO_WARNING:
-        smaller = "moving" if int((mov > FOV_CONTENT).sum()) < int((fix > FOV_CONTENT).sum()) else "fixed"
+        smaller = "moving" if bool(moving_smaller[0]) else "fixed"
         _log.warning(
             "the %s image's field of view holds %.0f %% of the anatomy the other image holds (model-grid voxels "
             "with content): a field of view this small registers unreliably; check the result",
